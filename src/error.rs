@@ -1,0 +1,184 @@
+//! The crate's single error type.
+//!
+//! Every fallible public function returns [`Result<T>`]. Variants carry the
+//! structured facts a caller needs to react (which tensor, which shape, which
+//! block and layer), and their `Display` text is a complete sentence.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `vlmq`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A bit width outside the supported range 2..=8.
+    #[error("invalid bit width {bits}: supported widths are 2..=8")]
+    InvalidBits {
+        /// The rejected width.
+        bits: u32,
+    },
+    /// A group size that is zero or does not divide the number of input features.
+    #[error("invalid group size {group_size} for {in_features} input features: {reason}")]
+    InvalidGroupSize {
+        /// The rejected group size.
+        group_size: usize,
+        /// Input features of the layer it was applied to (0 when not yet known).
+        in_features: usize,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A configuration value outside its documented range.
+    #[error("invalid configuration: {field} = {value}: {reason}")]
+    InvalidConfig {
+        /// The field name.
+        field: &'static str,
+        /// The rejected value, formatted.
+        value: String,
+        /// The accepted range or rule.
+        reason: &'static str,
+    },
+    /// Two arrays whose shapes must agree do not.
+    #[error("shape mismatch in {what}: expected {expected:?}, got {actual:?}")]
+    ShapeMismatch {
+        /// What was being checked.
+        what: String,
+        /// The expected shape.
+        expected: Vec<usize>,
+        /// The shape that was passed.
+        actual: Vec<usize>,
+    },
+    /// NaN or infinity in an input.
+    #[error("non-finite value (NaN or infinity) in {what} at index {index:?}")]
+    NonFinite {
+        /// Which input.
+        what: String,
+        /// Position of the first offending value.
+        index: Vec<usize>,
+    },
+    /// An input that must not be empty is empty.
+    #[error("empty input: {what}")]
+    Empty {
+        /// Which input.
+        what: String,
+    },
+    /// The Hessian could not be factorized even after the damping retries.
+    #[error(
+        "Hessian of size {dim} is not positive definite even with damping {last_damp_percent} \
+         (x mean diagonal) after {attempts} attempts"
+    )]
+    IndefiniteHessian {
+        /// Size of the Hessian.
+        dim: usize,
+        /// The largest relative damping that was tried.
+        last_damp_percent: f64,
+        /// How many factorizations were attempted.
+        attempts: usize,
+    },
+    /// A negative or non-finite importance factor.
+    #[error("invalid importance factor {value} for token {token}: factors must be finite and >= 0")]
+    InvalidImportance {
+        /// Token index.
+        token: usize,
+        /// The rejected value.
+        value: f32,
+    },
+    /// A checkpoint file that is truncated, inconsistent or otherwise unreadable.
+    #[error("corrupt checkpoint {path:?}: {reason}")]
+    CorruptCheckpoint {
+        /// File involved (empty when reading from memory).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor that was expected in a checkpoint is missing.
+    #[error("tensor {name:?} is missing")]
+    MissingTensor {
+        /// Tensor name.
+        name: String,
+    },
+    /// A tensor with the wrong dtype.
+    #[error("tensor {name:?} has dtype {actual}, expected {expected}")]
+    DtypeMismatch {
+        /// Tensor name.
+        name: String,
+        /// Expected dtype(s).
+        expected: String,
+        /// Dtype found.
+        actual: String,
+    },
+    /// A quantized weight that cannot be stored in the requested format.
+    #[error("cannot encode {what}: {reason}")]
+    Unencodable {
+        /// What was being encoded.
+        what: String,
+        /// Why it cannot be.
+        reason: String,
+    },
+    /// A failure inside a model backend, with the block and layer it concerns.
+    #[error("backend error in block {block}{}: {reason}", layer.as_ref().map(|l| format!(", layer {l:?}")).unwrap_or_default())]
+    Backend {
+        /// Block index.
+        block: usize,
+        /// Layer name, when the failure concerns one layer.
+        layer: Option<String>,
+        /// What happened.
+        reason: String,
+    },
+    /// Pipeline state on disk that belongs to a different run.
+    #[error("cannot resume from {path:?}: {reason}")]
+    StateMismatch {
+        /// The state directory.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
+    /// A work unit was cancelled by the caller's progress callback.
+    #[error("cancelled by the caller")]
+    Cancelled,
+    /// An I/O failure.
+    #[error("I/O error on {path:?}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A safetensors-level parse or serialization failure.
+    #[error("safetensors error in {path:?}: {reason}")]
+    Safetensors {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying message.
+        reason: String,
+    },
+    /// A JSON config that is malformed or has inconsistent fields.
+    #[error("invalid JSON config {path:?}: {reason}")]
+    Json {
+        /// The file involved.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Shape-mismatch helper.
+    pub(crate) fn shape(what: impl Into<String>, expected: &[usize], actual: &[usize]) -> Self {
+        Error::ShapeMismatch {
+            what: what.into(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        }
+    }
+
+    /// I/O helper that records the path.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The integer grid: fitting scales and zero points, quantizing values,
+//! round-to-nearest (RTN) as the baseline, and the [`QuantizedWeight`] that
+//! every solver returns.
+
+mod grid;
+mod rtn;
+mod weight;
+
+pub use grid::{GridParams, GridFit};
+pub use rtn::quantize_rtn;
+pub use weight::QuantizedWeight;

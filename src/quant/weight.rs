@@ -1,0 +1,160 @@
+//! The quantized form of one linear layer's weight.
+
+use ndarray::{Array2, ArrayView1, ArrayView2};
+
+use crate::config::Bits;
+use crate::error::{Error, Result};
+
+/// A quantized weight `W[o, i] = scales[g_idx[i], o] * (codes[o, i] - zeros[g_idx[i], o])`.
+///
+/// Shapes: `codes` is `[out, in]` in natural column order, `scales` and
+/// `zeros` are `[groups, out]`, `g_idx` has one group index per input column
+/// (non-trivial under act-order). The fields are checked against each other
+/// on construction, so every `QuantizedWeight` can be dequantized and packed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedWeight {
+    bits: Bits,
+    symmetric: bool,
+    codes: Array2<u8>,
+    scales: Array2<f32>,
+    zeros: Array2<u8>,
+    g_idx: Vec<u32>,
+}
+
+impl QuantizedWeight {
+    /// Checks shapes, code and zero ranges, scales and `g_idx`, and builds the weight.
+    pub fn new(
+        bits: Bits,
+        symmetric: bool,
+        codes: Array2<u8>,
+        scales: Array2<f32>,
+        zeros: Array2<u8>,
+        g_idx: Vec<u32>,
+    ) -> Result<Self> {
+        let (out, inp) = codes.dim();
+        let groups = scales.nrows();
+        if scales.ncols() != out {
+            return Err(Error::shape("scales [groups, out]", &[groups, out], scales.shape()));
+        }
+        if zeros.dim() != (groups, out) {
+            return Err(Error::shape("zeros [groups, out]", &[groups, out], zeros.shape()));
+        }
+        if g_idx.len() != inp {
+            return Err(Error::shape("g_idx [in]", &[inp], &[g_idx.len()]));
+        }
+        if groups == 0 && inp > 0 {
+            return Err(Error::Empty {
+                what: "quantization groups".into(),
+            });
+        }
+        let max_code = bits.max_code() as u8;
+        if let Some(((o, i), _)) = codes.indexed_iter().find(|(_, &c)| c > max_code) {
+            return Err(Error::InvalidConfig {
+                field: "codes",
+                value: format!("{} at [{o}, {i}]", codes[[o, i]]),
+                reason: "code exceeds 2^bits - 1",
+            });
+        }
+        if let Some(((g, o), _)) = zeros.indexed_iter().find(|(_, &z)| z > max_code) {
+            return Err(Error::InvalidConfig {
+                field: "zeros",
+                value: format!("{} at [{g}, {o}]", zeros[[g, o]]),
+                reason: "zero point exceeds 2^bits - 1",
+            });
+        }
+        if let Some(((g, o), _)) = scales.indexed_iter().find(|(_, s)| !s.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "scales".into(),
+                index: vec![g, o],
+            });
+        }
+        if let Some(i) = g_idx.iter().position(|&g| g as usize >= groups) {
+            return Err(Error::InvalidConfig {
+                field: "g_idx",
+                value: format!("{} at input {i}", g_idx[i]),
+                reason: "group index out of range",
+            });
+        }
+        Ok(QuantizedWeight {
+            bits,
+            symmetric,
+            codes,
+            scales,
+            zeros,
+            g_idx,
+        })
+    }
+
+    /// Bit width.
+    pub fn bits(&self) -> Bits {
+        self.bits
+    }
+
+    /// Whether the grid was symmetric.
+    pub fn symmetric(&self) -> bool {
+        self.symmetric
+    }
+
+    /// Output features (rows of W).
+    pub fn out_features(&self) -> usize {
+        self.codes.nrows()
+    }
+
+    /// Input features (columns of W).
+    pub fn in_features(&self) -> usize {
+        self.codes.ncols()
+    }
+
+    /// Number of quantization groups.
+    pub fn groups(&self) -> usize {
+        self.scales.nrows()
+    }
+
+    /// Integer codes `[out, in]`.
+    pub fn codes(&self) -> ArrayView2<'_, u8> {
+        self.codes.view()
+    }
+
+    /// Scales `[groups, out]`.
+    pub fn scales(&self) -> ArrayView2<'_, f32> {
+        self.scales.view()
+    }
+
+    /// Zero points `[groups, out]`.
+    pub fn zeros(&self) -> ArrayView2<'_, u8> {
+        self.zeros.view()
+    }
+
+    /// Group of each input column.
+    pub fn g_idx(&self) -> ArrayView1<'_, u32> {
+        ArrayView1::from(&self.g_idx[..])
+    }
+
+    /// Columns per group if every group has the same size and columns are
+    /// assigned in order (`g_idx[i] = i / g`), else `None`.
+    pub fn contiguous_group_size(&self) -> Option<usize> {
+        let n = self.in_features();
+        let groups = self.groups();
+        if groups == 0 || n % groups != 0 {
+            return None;
+        }
+        let g = n / groups;
+        self.g_idx
+            .iter()
+            .enumerate()
+            .all(|(i, &gi)| gi as usize == i / g)
+            .then_some(g)
+    }
+
+    /// The dense weight `[out, in]` these codes stand for.
+    pub fn dequantize(&self) -> Array2<f32> {
+        let (out, inp) = self.codes.dim();
+        let mut w = Array2::<f32>::zeros((out, inp));
+        for ((o, i), v) in w.indexed_iter_mut() {
+            let g = self.g_idx[i] as usize;
+            let code = f32::from(self.codes[[o, i]]);
+            *v = self.scales[[g, o]] * (code - f32::from(self.zeros[[g, o]]));
+        }
+        w
+    }
+}
