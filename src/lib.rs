@@ -11,11 +11,18 @@
 //! See `docs/ALGORITHMS.md` for the math as implemented and
 //! `docs/ARCHITECTURE.md` for the module map.
 
+pub mod backend;
 pub mod config;
 pub mod error;
+pub mod hessian;
+pub mod linalg;
 pub mod quant;
+pub mod solver;
 mod validate;
 
+pub use backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
 pub use config::{Bits, Damping, GptqConfig, GroupSize, MseClip, QuantScheme};
 pub use error::{Error, Result};
+pub use hessian::{HessianAccumulator, LayerStatistics};
 pub use quant::{quantize_rtn, GridFit, GridParams, QuantizedWeight};
+pub use solver::{solve_layer, LayerSolution, Method, SolveReport};

@@ -1,0 +1,63 @@
+//! Per-token metadata of calibration samples: modality and validity.
+
+/// The modality of one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Modality {
+    /// An image patch / vision token.
+    Vision,
+    /// A text token.
+    Text,
+    /// Anything else (special tokens, registers, ...).
+    Other,
+}
+
+/// Modality and validity of every token of one sample (one entry per row).
+///
+/// Invalid tokens (padding) never enter a Hessian: their importance is 0.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenInfo {
+    /// Modality of each token.
+    pub modality: Vec<Modality>,
+    /// `false` for padding tokens.
+    pub valid: Vec<bool>,
+}
+
+impl TokenInfo {
+    /// All tokens valid, with the given modalities.
+    pub fn new(modality: Vec<Modality>) -> Self {
+        let valid = vec![true; modality.len()];
+        TokenInfo { modality, valid }
+    }
+
+    /// `n` valid tokens of one modality.
+    pub fn uniform(modality: Modality, n: usize) -> Self {
+        TokenInfo::new(vec![modality; n])
+    }
+
+    /// Sets the validity mask.
+    pub fn with_valid(mut self, valid: Vec<bool>) -> Self {
+        self.valid = valid;
+        self
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.modality.len()
+    }
+
+    /// Whether there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.modality.is_empty()
+    }
+
+    /// Number of valid tokens.
+    pub fn valid_count(&self) -> usize {
+        self.valid.iter().filter(|&&v| v).count()
+    }
+
+    /// Appends another sample's tokens (used when stacking samples).
+    pub fn extend(&mut self, other: &TokenInfo) {
+        self.modality.extend_from_slice(&other.modality);
+        self.valid.extend_from_slice(&other.valid);
+    }
+}

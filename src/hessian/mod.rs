@@ -1,0 +1,8 @@
+//! Streaming accumulation of the (importance-weighted) layer Hessian and of
+//! GPTAQ's asymmetric cross term.
+
+mod accumulate;
+mod stats;
+
+pub use accumulate::HessianAccumulator;
+pub use stats::LayerStatistics;

@@ -1,0 +1,13 @@
+//! Dense linear algebra on faer: zero-copy views of ndarray arrays, a
+//! deterministic parallel matrix product, symmetric Gram products, and the
+//! damped inverse-Cholesky factor GPTQ needs.
+
+mod cholesky;
+mod gram;
+mod matmul;
+mod view;
+
+pub use cholesky::{inverse_cholesky_upper, InverseCholesky};
+pub use gram::{gram_upper_into, Scalar};
+pub use matmul::{matmul, matmul_into};
+pub(crate) use view::{faer_mut, faer_ref};

@@ -1,0 +1,18 @@
+//! GPTQ-family solvers sharing one blocked column kernel.
+//!
+//! [`solve_layer`] quantizes one linear layer from its weight and the
+//! [`LayerStatistics`](crate::hessian::LayerStatistics) of its calibration
+//! inputs. The [`Method`] is data: plain GPTQ, or GPTAQ's asymmetric
+//! correction; VLMQ is GPTQ (or GPTAQ) on importance-weighted statistics, so
+//! it needs no code path of its own.
+
+mod kernel;
+mod objective;
+mod plan;
+mod report;
+mod solve;
+
+pub use objective::{asymmetric_objective, hessian_objective};
+pub use plan::act_order_permutation;
+pub use report::{LayerSolution, SolveReport};
+pub use solve::{solve_layer, Method};

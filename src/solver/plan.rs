@@ -1,0 +1,120 @@
+//! The column order, lazy-update blocks and group layout of one solve.
+
+use std::ops::Range;
+
+use ndarray::ArrayView2;
+
+/// Column order of act-order: decreasing Hessian diagonal, ties kept in
+/// natural order (a stable sort), so the permutation is deterministic.
+/// Returns `perm` with `perm[p]` = original column at position `p`.
+pub fn act_order_permutation(hessian: ArrayView2<'_, f32>) -> Vec<usize> {
+    let diag = hessian.diag();
+    let mut perm: Vec<usize> = (0..diag.len()).collect();
+    perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
+    perm
+}
+
+/// Everything about the column walk that does not depend on the weights.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// `perm[p]` = original column processed at position `p`.
+    pub perm: Vec<usize>,
+    /// Lazy-update blocks over positions; no dynamic group straddles a block end.
+    pub blocks: Vec<Range<usize>>,
+    /// Columns per group.
+    pub group_cols: usize,
+    /// Groups are fitted once on the original weight, by original column.
+    pub static_groups: bool,
+}
+
+impl Plan {
+    pub fn new(perm: Vec<usize>, block_size: usize, group_cols: usize, static_groups: bool) -> Self {
+        let n = perm.len();
+        let blocks = block_ranges(n, block_size, group_cols, static_groups);
+        Plan {
+            perm,
+            blocks,
+            group_cols,
+            static_groups,
+        }
+    }
+
+    /// Group of the column at position `p`.
+    #[inline]
+    pub fn group_at(&self, p: usize) -> usize {
+        if self.static_groups {
+            self.perm[p] / self.group_cols
+        } else {
+            p / self.group_cols
+        }
+    }
+
+    /// Whether a dynamic group is fitted when position `p` is reached.
+    #[inline]
+    pub fn fits_group_at(&self, p: usize) -> bool {
+        !self.static_groups && p % self.group_cols == 0
+    }
+
+    /// Group index of each original column (`g_idx`).
+    pub fn g_idx(&self) -> Vec<u32> {
+        let mut g = vec![0u32; self.perm.len()];
+        for (p, &c) in self.perm.iter().enumerate() {
+            g[c] = self.group_at(p) as u32;
+        }
+        g
+    }
+}
+
+/// Block boundaries. A dynamic group is fitted on fully updated columns
+/// only if it never straddles a block end, so: with groups no wider than a
+/// block, blocks are the largest multiple of the group width not above
+/// `block_size`; with wider groups, every group start also starts a block
+/// (at a block start, all earlier updates have reached every later column).
+fn block_ranges(n: usize, block_size: usize, group_cols: usize, static_groups: bool) -> Vec<Range<usize>> {
+    let mut blocks = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let mut end = if static_groups || group_cols > block_size {
+            start + block_size
+        } else {
+            start + (block_size / group_cols) * group_cols
+        };
+        if !static_groups && group_cols > block_size {
+            end = end.min((start / group_cols + 1) * group_cols);
+        }
+        let end = end.min(n);
+        blocks.push(start..end);
+        start = end;
+    }
+    blocks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_align_with_narrow_groups() {
+        let b = block_ranges(100, 30, 8, false);
+        assert_eq!(b[0], 0..24);
+        assert!(b.iter().all(|r| r.start % 8 == 0));
+        assert_eq!(b.last().unwrap().end, 100);
+    }
+
+    #[test]
+    fn wide_groups_start_blocks() {
+        let b = block_ranges(96, 20, 48, false);
+        assert_eq!(b, vec![0..20, 20..40, 40..48, 48..68, 68..88, 88..96]);
+    }
+
+    #[test]
+    fn static_groups_use_plain_blocks() {
+        assert_eq!(block_ranges(10, 4, 2, true), vec![0..4, 4..8, 8..10]);
+    }
+
+    #[test]
+    fn act_order_is_stable_descending() {
+        let h = ndarray::array![[1.0f32, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]];
+        assert_eq!(act_order_permutation(h.view()), vec![1, 0, 2]);
+    }
+}

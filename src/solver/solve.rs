@@ -1,0 +1,228 @@
+//! The single entry point: one linear layer, one method.
+
+use std::time::Instant;
+
+use ndarray::{s, Array2, ArrayView2, Axis};
+use rayon::prelude::*;
+
+use super::kernel::{solve_chunk, ChunkResult, Shared, ROW_CHUNK};
+use super::objective::hessian_objective;
+use super::plan::{act_order_permutation, Plan};
+use super::report::{LayerSolution, SolveReport};
+use crate::config::GptqConfig;
+use crate::error::{Error, Result};
+use crate::hessian::LayerStatistics;
+use crate::linalg::{inverse_cholesky_upper, matmul};
+use crate::quant::{GridFit, GridParams, QuantizedWeight};
+use crate::validate::check_finite;
+
+/// Which column-walk corrections a solve applies. VLMQ is not a variant:
+/// it is either method run on importance-weighted [`LayerStatistics`].
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Method {
+    /// GPTQ: `min_Q sum_t alpha_t ||(W - Q) x_t||^2`.
+    #[default]
+    Gptq,
+    /// GPTAQ: `min_Q sum_t alpha_t ||Q x~_t - W x_t||^2`, which needs the
+    /// statistics' cross term. `strength` scales the correction matrix `P`
+    /// (0.25 in the published method).
+    Gptaq {
+        /// Scale of `P`.
+        strength: f32,
+    },
+}
+
+impl Method {
+    /// GPTAQ with the published strength 0.25.
+    pub fn gptaq() -> Self {
+        Method::Gptaq { strength: 0.25 }
+    }
+}
+
+/// Quantizes one linear layer `w` (`[out, in]`) given the statistics of its
+/// calibration inputs.
+///
+/// Dead columns (zero Hessian diagonal) are quantized as zero; the Hessian is
+/// damped (with retries, see [`Damping`](crate::Damping)); columns are walked
+/// in act-order when configured; dynamic groups are fitted on the updated
+/// columns when a group starts, static groups on the original weight.
+///
+/// ```
+/// use ndarray::Array2;
+/// use vlmq::hessian::HessianAccumulator;
+/// use vlmq::solver::{solve_layer, Method};
+/// use vlmq::{Bits, GptqConfig, QuantScheme};
+///
+/// let w = Array2::from_shape_fn((8, 16), |(i, j)| ((i * 7 + j * 3) % 11) as f32 - 5.0);
+/// let x = Array2::from_shape_fn((64, 16), |(t, j)| ((t * 5 + j) % 13) as f32 / 13.0);
+/// let mut acc = HessianAccumulator::<f32>::new(16);
+/// acc.add(x.view(), None)?;
+/// let cfg = GptqConfig::new(QuantScheme::new(Bits::new(4)?));
+/// let sol = solve_layer(w.view(), &acc.finish()?, &cfg, Method::Gptq)?;
+/// assert_eq!(sol.dequantized.dim(), (8, 16));
+/// # Ok::<(), vlmq::Error>(())
+/// ```
+pub fn solve_layer(
+    w: ArrayView2<'_, f32>,
+    stats: &LayerStatistics,
+    cfg: &GptqConfig,
+    method: Method,
+) -> Result<LayerSolution> {
+    let start = Instant::now();
+    cfg.validate()?;
+    let (m, n) = w.dim();
+    if m == 0 || n == 0 {
+        return Err(Error::Empty {
+            what: "weight".into(),
+        });
+    }
+    if stats.hessian.dim() != (n, n) {
+        return Err(Error::shape("Hessian", &[n, n], stats.hessian.shape()));
+    }
+    check_finite("weight", w)?;
+    check_finite("Hessian", stats.hessian.view())?;
+    let group_cols = cfg.scheme.group_size.columns_for(n)?;
+    let groups = n / group_cols;
+    let strength = match method {
+        Method::Gptq => None,
+        Method::Gptaq { strength } => {
+            if !strength.is_finite() {
+                return Err(Error::InvalidConfig {
+                    field: "gptaq.strength",
+                    value: strength.to_string(),
+                    reason: "must be finite",
+                });
+            }
+            Some(strength)
+        }
+    };
+    let cross = match (strength, stats.cross.as_ref()) {
+        (None, _) => None,
+        (Some(_), Some(c)) if c.dim() == (n, n) => {
+            check_finite("GPTAQ cross term", c.view())?;
+            Some(c)
+        }
+        (Some(_), Some(c)) => return Err(Error::shape("GPTAQ cross term", &[n, n], c.shape())),
+        (Some(_), None) => {
+            return Err(Error::InvalidConfig {
+                field: "method",
+                value: "GPTAQ".into(),
+                reason: "GPTAQ needs statistics with a cross term (paired inputs)",
+            })
+        }
+    };
+
+    // Dead columns: never activated, so any value is free; quantize them as 0.
+    let mut h = stats.hessian.clone();
+    let mut w_work = w.to_owned();
+    let mut dead_columns = 0;
+    for i in 0..n {
+        if h[[i, i]] == 0.0 {
+            h[[i, i]] = 1.0;
+            w_work.column_mut(i).fill(0.0);
+            dead_columns += 1;
+        }
+    }
+
+    let perm: Vec<usize> = if cfg.act_order {
+        act_order_permutation(h.view())
+    } else {
+        (0..n).collect()
+    };
+    let h_perm = Array2::from_shape_fn((n, n), |(i, j)| h[[perm[i], perm[j]]]);
+    let factor = inverse_cholesky_upper(h_perm.view(), &cfg.damping)?;
+    let p = match (strength, cross) {
+        (Some(a), Some(c)) => Some(gptaq_correction(c.view(), &perm, factor.u.view(), a)),
+        _ => None,
+    };
+
+    let plan = Plan::new(perm, cfg.block_size, group_cols, cfg.static_groups);
+    let fit = GridFit::new(cfg.scheme);
+    let static_params = cfg
+        .static_groups
+        .then(|| static_group_params(w_work.view(), &fit, group_cols));
+    let shared = Shared {
+        plan: &plan,
+        u: factor.u.view(),
+        p: p.as_ref().map(|p| p.view()),
+        fit,
+        static_params: static_params.as_ref(),
+    };
+    let chunks: Vec<ChunkResult> = w_work
+        .axis_chunks_iter(Axis(0), ROW_CHUNK)
+        .into_par_iter()
+        .enumerate()
+        .map(|(c, rows)| solve_chunk(&shared, rows, c * ROW_CHUNK, groups))
+        .collect();
+
+    let mut codes = Array2::<u8>::zeros((m, n));
+    let mut dequantized = Array2::<f32>::zeros((m, n));
+    let mut scales = Array2::<f32>::zeros((groups, m));
+    let mut zeros = Array2::<u8>::zeros((groups, m));
+    let mut obs_loss = 0.0;
+    for (c, chunk) in chunks.iter().enumerate() {
+        let rows = c * ROW_CHUNK..c * ROW_CHUNK + chunk.codes.nrows();
+        codes.slice_mut(s![rows.clone(), ..]).assign(&chunk.codes);
+        dequantized.slice_mut(s![rows.clone(), ..]).assign(&chunk.dequantized);
+        scales
+            .slice_mut(s![.., rows.clone()])
+            .assign(&chunk.params.mapv(|p| p.scale));
+        zeros.slice_mut(s![.., rows]).assign(&chunk.params.mapv(|p| p.zero));
+        obs_loss += chunk.obs_loss;
+    }
+    let weight = QuantizedWeight::new(
+        cfg.scheme.bits,
+        cfg.scheme.symmetric,
+        codes,
+        scales,
+        zeros,
+        plan.g_idx(),
+    )?;
+    let objective = if cfg.compute_objective {
+        Some(hessian_objective(w, dequantized.view(), stats.hessian.view())?)
+    } else {
+        None
+    };
+    Ok(LayerSolution {
+        weight,
+        dequantized,
+        report: SolveReport {
+            obs_loss,
+            objective,
+            damp_percent: factor.damp_percent,
+            damp_absolute: factor.damp_absolute,
+            attempts: factor.attempts,
+            dead_columns,
+            elapsed: start.elapsed(),
+        },
+    })
+}
+
+/// GPTAQ's `P = strength * triu(C U^T, 1) U` in plan order, with `C` the
+/// cross term permuted like the Hessian.
+fn gptaq_correction(cross: ArrayView2<'_, f32>, perm: &[usize], u: ArrayView2<'_, f32>, strength: f32) -> Array2<f32> {
+    let n = perm.len();
+    let c = Array2::from_shape_fn((n, n), |(i, j)| cross[[perm[i], perm[j]]]);
+    let mut cu = matmul(c.view(), u.t());
+    for ((i, j), v) in cu.indexed_iter_mut() {
+        if j <= i {
+            *v = 0.0;
+        } else {
+            *v *= strength;
+        }
+    }
+    matmul(cu.view(), u)
+}
+
+/// Grid parameters `[groups, out]` fitted on the original weight, by original column.
+fn static_group_params(w: ArrayView2<'_, f32>, fit: &GridFit, group_cols: usize) -> Array2<GridParams> {
+    let (m, n) = w.dim();
+    let groups = n / group_cols;
+    let mut row = vec![0.0f32; group_cols];
+    Array2::from_shape_fn((groups, m), |(g, o)| {
+        for (k, v) in row.iter_mut().enumerate() {
+            *v = w[[o, g * group_cols + k]];
+        }
+        fit.fit(&row)
+    })
+}
