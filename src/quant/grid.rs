@@ -61,7 +61,7 @@ impl GridFit {
     /// Asymmetric: the range `[min, max]` is widened to include 0, `scale =
     /// (max - min) / max_code`, `zero = round(-min / scale)`. Symmetric:
     /// `scale = 2 max|w| / max_code`, `zero = (max_code + 1) / 2`. An all-zero
-    /// row uses the range `[-1, 1]`. Scales are rounded to f16 precision so a
+    /// row uses the range `[-1, 1]`. Scales are rounded up to f16 precision so a
     /// GPTQ checkpoint (f16 scales) reproduces the solver's weights exactly.
     /// With MSE clip search, the range is shrunk on a grid and the fit with
     /// the lowest `sum |q - w|^norm` is kept.
@@ -115,12 +115,18 @@ impl GridFit {
     }
 }
 
-/// Rounds a positive scale to the nearest f16 value, kept within f16's
-/// positive finite range so it never becomes 0 or infinity.
+/// Rounds a positive scale up to the next f16 value (within f16's positive
+/// finite range), so the stored grid still spans the fitted range: rounding to
+/// nearest could shrink it and clip the extreme weights.
 fn f16_representable(scale: f32) -> f32 {
     let min = half::f16::from_bits(1).to_f32();
     let max = half::f16::MAX.to_f32();
-    half::f16::from_f32(scale.clamp(min, max)).to_f32()
+    let scale = scale.clamp(min, max);
+    let mut h = half::f16::from_f32(scale);
+    if h.to_f32() < scale {
+        h = half::f16::from_bits(h.to_bits() + 1);
+    }
+    h.to_f32()
 }
 
 #[cfg(test)]
