@@ -10,19 +10,23 @@
 //!
 //! See `docs/ALGORITHMS.md` for the math as implemented and
 //! `docs/ARCHITECTURE.md` for the module map.
+//!
+#![doc = include_str!("../README.md")]
 
 pub mod backend;
 pub mod config;
 pub mod error;
 pub mod hessian;
 pub mod linalg;
+pub mod pipeline;
 pub mod quant;
 pub mod solver;
 mod validate;
 
-pub use backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
+pub use backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo, WeightPerturbation};
 pub use config::{Bits, Damping, GptqConfig, GroupSize, MseClip, QuantScheme};
 pub use error::{Error, Result};
 pub use hessian::{HessianAccumulator, LayerStatistics};
+pub use pipeline::{quantize_model, PipelineConfig, PipelineReport, Progress, QuantMethod};
 pub use quant::{quantize_rtn, GridFit, GridParams, QuantizedWeight};
 pub use solver::{solve_layer, LayerSolution, Method, SolveReport};

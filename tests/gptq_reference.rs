@@ -22,7 +22,7 @@
 mod common;
 
 use common::{inputs, weight, Rng};
-use ndarray::{Array2, ArrayView2};
+use ndarray::Array2;
 use proptest::prelude::*;
 use vlmq::hessian::HessianAccumulator;
 use vlmq::solver::act_order_permutation;
@@ -97,7 +97,8 @@ fn check_params(fit: &GridFit, vals: &[f64], got: GridParams) -> Result<(), Test
     let want = fit.fit(&v32);
     let ulp = half::f16::from_f32(want.scale).to_f32() * 2f32.powi(-10);
     prop_assert!(
-        (want.scale - got.scale).abs() <= ulp * 1.01 && (i32::from(want.zero) - i32::from(got.zero)).abs() <= 1,
+        (want.scale - got.scale).abs() <= ulp * 1.01
+            && (i32::from(want.zero) - i32::from(got.zero)).abs() <= 1,
         "group parameters differ: reference {want:?}, solver {got:?}"
     );
     Ok(())
@@ -130,7 +131,9 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
     };
     let damp = case.cfg.damping.initial_percent() * h.diag().sum() / n as f64;
     prop_assert_eq!(sol.report.attempts, 1);
-    let hp = Array2::from_shape_fn((n, n), |(i, j)| h[[perm[i], perm[j]]] + if i == j { damp } else { 0.0 });
+    let hp = Array2::from_shape_fn((n, n), |(i, j)| {
+        h[[perm[i], perm[j]]] + if i == j { damp } else { 0.0 }
+    });
     let hinv = spd_inverse(&hp);
     let u = cholesky(&hinv).reversed_axes(); // H^-1 = U^T U, U upper
     let p = match (case.method, &stats.cross) {
@@ -158,28 +161,44 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
             for grp in 0..n / g {
                 let vals: Vec<f32> = (0..g).map(|k| w[[r, grp * g + k]] as f32).collect();
                 let want = fit.fit(&vals);
-                let got = GridParams { scale: scales[[grp, r]], zero: zeros[[grp, r]] };
+                let got = GridParams {
+                    scale: scales[[grp, r]],
+                    zero: zeros[[grp, r]],
+                };
                 prop_assert_eq!(want, got, "static group {} row {}", grp, r);
             }
         }
         for i in 0..n {
             let col = perm[i];
             let grp = g_idx[col] as usize;
-            let expected_grp = if case.cfg.static_groups { col / g } else { i / g };
+            let expected_grp = if case.cfg.static_groups {
+                col / g
+            } else {
+                i / g
+            };
             prop_assert_eq!(grp, expected_grp);
-            let prm = GridParams { scale: scales[[grp, r]], zero: zeros[[grp, r]] };
+            let prm = GridParams {
+                scale: scales[[grp, r]],
+                zero: zeros[[grp, r]],
+            };
             if !case.cfg.static_groups && i % g == 0 {
                 check_params(&fit, &wr[i..i + g], prm)?;
             }
             let x = wr[i] / f64::from(prm.scale);
-            let want = (x.round_ties_even() + f64::from(prm.zero)).clamp(0.0, f64::from(max_code)) as u8;
+            let want =
+                (x.round_ties_even() + f64::from(prm.zero)).clamp(0.0, f64::from(max_code)) as u8;
             let got = codes[[r, col]];
             if want != got {
                 let boundary = (f64::from(want.min(got)) - f64::from(prm.zero)) + 0.5;
                 prop_assert!(
                     (x - boundary).abs() < TIE && want.abs_diff(got) == 1,
                     "row {} col {} (position {}): reference code {} (x/scale = {}), solver {}",
-                    r, col, i, want, x, got
+                    r,
+                    col,
+                    i,
+                    want,
+                    x,
+                    got
                 );
             }
             let q = f64::from(prm.value(got));
@@ -198,7 +217,34 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn make_case(seed: u64, m: usize, n: usize, bits: u32, group: Option<usize>, block: usize, act_order: bool, static_groups: bool, symmetric: bool, gptaq: bool) -> Case {
+/// The knobs of one generated case.
+#[derive(Clone, Copy)]
+struct Spec {
+    seed: u64,
+    m: usize,
+    n: usize,
+    bits: u32,
+    group: Option<usize>,
+    block: usize,
+    act_order: bool,
+    static_groups: bool,
+    symmetric: bool,
+    gptaq: bool,
+}
+
+fn make_case(spec: Spec) -> Case {
+    let Spec {
+        seed,
+        m,
+        n,
+        bits,
+        group,
+        block,
+        act_order,
+        static_groups,
+        symmetric,
+        gptaq,
+    } = spec;
     let mut rng = Rng::new(seed);
     let w = weight(&mut rng, m, n);
     let mut x = inputs(&mut rng, 4 * n, n);
@@ -217,7 +263,13 @@ fn make_case(seed: u64, m: usize, n: usize, bits: u32, group: Option<usize>, blo
         .with_static_groups(static_groups)
         .with_damping(Damping::percent(0.01).unwrap());
     let method = if gptaq { Method::gptaq() } else { Method::Gptq };
-    Case { w, x, xq, cfg, method }
+    Case {
+        w,
+        x,
+        xq,
+        cfg,
+        method,
+    }
 }
 
 fn solve(case: &Case) -> LayerSolution {
@@ -237,7 +289,19 @@ fn solve(case: &Case) -> LayerSolution {
     solve_layer(case.w.view(), &stats, &case.cfg, case.method).unwrap()
 }
 
-fn params() -> impl Strategy<Value = (u64, usize, usize, u32, Option<usize>, usize, bool, bool, bool)> {
+fn params() -> impl Strategy<
+    Value = (
+        u64,
+        usize,
+        usize,
+        u32,
+        Option<usize>,
+        usize,
+        bool,
+        bool,
+        bool,
+    ),
+> {
     (
         any::<u64>(),
         1usize..7,
@@ -260,14 +324,14 @@ proptest! {
 
     #[test]
     fn gptq_matches_unblocked_obs((seed, m, n, bits, group, block, ao, sg, sym) in params()) {
-        let case = make_case(seed, m, n, bits, group, block, ao, sg && group.is_some(), sym, false);
+        let case = make_case(Spec { seed, m, n, bits, group, block, act_order: ao, static_groups: sg && group.is_some(), symmetric: sym, gptaq: false });
         let sol = solve(&case);
         compare(&case, &sol)?;
     }
 
     #[test]
     fn gptaq_matches_unblocked_obs((seed, m, n, bits, group, block, ao, sg, sym) in params()) {
-        let case = make_case(seed, m, n, bits, group, block, ao, sg && group.is_some(), sym, true);
+        let case = make_case(Spec { seed, m, n, bits, group, block, act_order: ao, static_groups: sg && group.is_some(), symmetric: sym, gptaq: true });
         let sol = solve(&case);
         compare(&case, &sol)?;
     }
@@ -276,16 +340,44 @@ proptest! {
 #[test]
 fn block_size_does_not_change_the_result_beyond_ties() {
     for seed in 0..8 {
-        let a = make_case(seed, 16, 64, 3, Some(16), 128, true, false, false, false);
-        let mut b = make_case(seed, 16, 64, 3, Some(16), 128, true, false, false, false);
+        let a = make_case(Spec {
+            seed,
+            m: 16,
+            n: 64,
+            bits: 3,
+            group: Some(16),
+            block: 128,
+            act_order: true,
+            static_groups: false,
+            symmetric: false,
+            gptaq: false,
+        });
+        let mut b = make_case(Spec {
+            seed,
+            m: 16,
+            n: 64,
+            bits: 3,
+            group: Some(16),
+            block: 128,
+            act_order: true,
+            static_groups: false,
+            symmetric: false,
+            gptaq: false,
+        });
         b.cfg = b.cfg.with_block_size(5);
         let (sa, sb) = (solve(&a), solve(&b));
-        let differ = sa.weight.codes().iter().zip(sb.weight.codes()).filter(|(x, y)| x != y).count();
+        let differ = sa
+            .weight
+            .codes()
+            .iter()
+            .zip(sb.weight.codes())
+            .filter(|(x, y)| x != y)
+            .count();
         // Both are checked against the reference above; here they must agree
         // on all but a vanishing number of tie-breaks (and their cascades).
-        assert!(differ <= 16, "seed {seed}: {differ} of 1024 codes differ between block sizes");
+        assert!(
+            differ <= 16,
+            "seed {seed}: {differ} of 1024 codes differ between block sizes"
+        );
     }
 }
-
-#[allow(dead_code)]
-fn unused(_: ArrayView2<'_, f32>) {}

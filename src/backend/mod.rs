@@ -21,6 +21,10 @@ use ndarray::{Array2, ArrayView2};
 
 use crate::error::Result;
 
+/// Maps a linear's name and weight to a perturbed copy (block-local importance).
+pub type WeightPerturbation<'a> =
+    dyn Fn(&str, ArrayView2<'_, f32>) -> Result<Array2<f32>> + Sync + 'a;
+
 /// One quantizable linear layer: `y = x W^T (+ b)` with `W` of shape
 /// `[out_features, in_features]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -125,10 +129,36 @@ pub trait QuantizableModel: Sync {
         sample: &Self::Sample,
     ) -> Result<Option<(f32, Self::Hidden)>>;
 
+    /// Block-local perturbation pass (the alternative importance source):
+    /// with `perturb` mapping each linear's weight to a perturbed copy (e.g.
+    /// rounded to the nearest grid point), backpropagates
+    /// `L = 1/2 sum_t ||B~(x)_t - B(x)_t||^2` through the perturbed block only
+    /// and calls `sink` with the gradient at each linear's output. The default
+    /// reports that the backend does not support it.
+    fn block_local_backward(
+        &self,
+        block: usize,
+        input: &Self::Hidden,
+        sample: &Self::Sample,
+        perturb: &WeightPerturbation<'_>,
+        sink: &mut dyn RowSink,
+    ) -> Result<()> {
+        let _ = (input, sample, perturb, sink);
+        Err(crate::error::Error::Backend {
+            block,
+            layer: None,
+            reason: "this backend does not implement the block-local importance pass".into(),
+        })
+    }
+
     /// The current weight `[out, in]` of a linear.
     fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>>;
 
     /// Replaces a linear's weight (`[out, in]`), e.g. with its dequantized form.
-    fn set_linear_weight(&mut self, block: usize, layer: &str, weight: ArrayView2<'_, f32>)
-        -> Result<()>;
+    fn set_linear_weight(
+        &mut self,
+        block: usize,
+        layer: &str,
+        weight: ArrayView2<'_, f32>,
+    ) -> Result<()>;
 }

@@ -1,0 +1,24 @@
+//! The block-by-block quantization driver.
+//!
+//! [`quantize_model`] takes any [`QuantizableModel`](crate::QuantizableModel)
+//! and its calibration samples and, block by block: runs the calibration
+//! streams, accumulates the (importance-weighted) Hessian of every input
+//! group, solves the group's layers in true-sequential order, writes the
+//! quantized weights back and replays the block to feed the next one. When
+//! the method needs importance factors, one block-wise backward pass of the
+//! task loss through the full-precision model comes first.
+
+mod config;
+mod driver;
+mod factors;
+mod progress;
+mod report;
+mod saliency;
+mod state;
+
+pub use config::{BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod};
+pub use driver::quantize_model;
+pub use factors::{FactorSource, SaliencyFactors, UniformFactors};
+pub use progress::Progress;
+pub use report::{LayerReport, PipelineReport, QuantizedModel};
+pub use saliency::{SaliencyMaps, SaliencyPower};

@@ -1,0 +1,221 @@
+//! What a pipeline run reports and returns.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ndarray::ArrayView2;
+
+use crate::backend::{Modality, TokenInfo};
+use crate::quant::QuantizedWeight;
+
+use super::config::QuantMethod;
+
+/// Share of the Hessian trace contributed by each modality, before and
+/// after importance weighting, and the mean factor per modality. Token `t`
+/// contributes `alpha_t ||x_t||^2` to the trace.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TraceShares {
+    /// Vision share of the trace with uniform weights.
+    pub vision_before: f64,
+    /// Vision share with the run's weights.
+    pub vision_after: f64,
+    /// Text share with uniform weights.
+    pub text_before: f64,
+    /// Text share with the run's weights.
+    pub text_after: f64,
+    /// Mean factor of valid vision tokens.
+    pub mean_alpha_vision: f64,
+    /// Mean factor of valid text tokens.
+    pub mean_alpha_text: f64,
+}
+
+/// Running sums behind [`TraceShares`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TraceTally {
+    before: [f64; 3],
+    after: [f64; 3],
+    alpha_sum: [f64; 3],
+    count: [f64; 3],
+}
+
+impl TraceTally {
+    pub(crate) fn add(
+        &mut self,
+        rows: ArrayView2<'_, f32>,
+        info: &TokenInfo,
+        alpha: Option<&[f32]>,
+    ) {
+        for (t, row) in rows.outer_iter().enumerate() {
+            if !info.valid[t] {
+                continue;
+            }
+            let k = match info.modality[t] {
+                Modality::Vision => 0,
+                Modality::Text => 1,
+                Modality::Other => 2,
+            };
+            let a = alpha.map_or(1.0, |a| f64::from(a[t]));
+            let norm: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            self.before[k] += norm;
+            self.after[k] += a * norm;
+            self.alpha_sum[k] += a;
+            self.count[k] += 1.0;
+        }
+    }
+
+    pub(crate) fn shares(&self) -> TraceShares {
+        let share = |v: &[f64; 3], k: usize| {
+            let total: f64 = v.iter().sum();
+            if total > 0.0 {
+                v[k] / total
+            } else {
+                0.0
+            }
+        };
+        let mean = |k: usize| {
+            if self.count[k] > 0.0 {
+                self.alpha_sum[k] / self.count[k]
+            } else {
+                0.0
+            }
+        };
+        TraceShares {
+            vision_before: share(&self.before, 0),
+            vision_after: share(&self.after, 0),
+            text_before: share(&self.before, 1),
+            text_after: share(&self.after, 1),
+            mean_alpha_vision: mean(0),
+            mean_alpha_text: mean(1),
+        }
+    }
+}
+
+/// Facts about one quantized layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerReport {
+    /// Block index.
+    pub block: usize,
+    /// Block name.
+    pub block_name: String,
+    /// Layer name.
+    pub layer: String,
+    /// Bit width.
+    pub bits: u32,
+    /// Group size in the GPTQ convention (-1 = per channel).
+    pub group_size: i64,
+    /// Calibration tokens in the layer's statistics.
+    pub tokens: usize,
+    /// `tr((W - Q) H (W - Q)^T)` on the layer's (weighted) Hessian.
+    pub objective: f64,
+    /// Objective on the unweighted Hessian (comparable across methods).
+    pub objective_unweighted: f64,
+    /// Relative damping used (0 for RTN).
+    pub damp_percent: f64,
+    /// Seconds spent solving the layer.
+    pub seconds: f64,
+    /// Modality trace shares.
+    pub shares: TraceShares,
+}
+
+/// The report of a whole run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineReport {
+    /// The method.
+    pub method: QuantMethod,
+    /// One entry per quantized layer, in order.
+    pub layers: Vec<LayerReport>,
+    /// Seconds spent on the importance (gradient) pass.
+    pub importance_seconds: f64,
+    /// Seconds for the whole run.
+    pub total_seconds: f64,
+    /// Blocks restored from a saved state instead of being recomputed.
+    pub resumed_blocks: usize,
+}
+
+impl PipelineReport {
+    /// Sum of the per-layer unweighted objectives.
+    pub fn total_objective(&self) -> f64 {
+        self.layers.iter().map(|l| l.objective_unweighted).sum()
+    }
+
+    /// The report as a JSON value.
+    pub fn to_json(&self) -> serde_json::Value {
+        let layers: Vec<serde_json::Value> = self
+            .layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "block": l.block, "block_name": l.block_name, "layer": l.layer,
+                    "bits": l.bits, "group_size": l.group_size, "tokens": l.tokens,
+                    "objective": l.objective, "objective_unweighted": l.objective_unweighted,
+                    "damp_percent": l.damp_percent, "seconds": l.seconds,
+                    "vision_trace_share_before": l.shares.vision_before,
+                    "vision_trace_share_after": l.shares.vision_after,
+                    "text_trace_share_before": l.shares.text_before,
+                    "text_trace_share_after": l.shares.text_after,
+                    "mean_alpha_vision": l.shares.mean_alpha_vision,
+                    "mean_alpha_text": l.shares.mean_alpha_text,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "method": self.method.name(),
+            "importance_seconds": self.importance_seconds,
+            "total_seconds": self.total_seconds,
+            "resumed_blocks": self.resumed_blocks,
+            "layers": layers,
+        })
+    }
+}
+
+impl fmt::Display for PipelineReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<12} {:<10} {:>4} {:>6} {:>12} {:>12} {:>8} {:>13} {:>7}",
+            "block",
+            "layer",
+            "bits",
+            "group",
+            "objective",
+            "obj(unif.)",
+            "damp",
+            "vision share",
+            "time"
+        )?;
+        for l in &self.layers {
+            writeln!(
+                f,
+                "{:<12} {:<10} {:>4} {:>6} {:>12.4e} {:>12.4e} {:>8.3} {:>6.2}->{:<5.2} {:>6.3}s",
+                l.block_name,
+                l.layer,
+                l.bits,
+                l.group_size,
+                l.objective,
+                l.objective_unweighted,
+                l.damp_percent,
+                l.shares.vision_before,
+                l.shares.vision_after,
+                l.seconds
+            )?;
+        }
+        write!(
+            f,
+            "{}: {} layers, importance pass {:.2}s, total {:.2}s",
+            self.method,
+            self.layers.len(),
+            self.importance_seconds,
+            self.total_seconds
+        )
+    }
+}
+
+/// The result of a run: the report and every layer's quantized weight, keyed
+/// by `(block, layer name)` (the model itself holds the dequantized weights).
+#[derive(Debug, Clone)]
+pub struct QuantizedModel {
+    /// The run's report.
+    pub report: PipelineReport,
+    /// Quantized weights by `(block index, layer name)`.
+    pub weights: BTreeMap<(usize, String), QuantizedWeight>,
+}

@@ -1,0 +1,216 @@
+//! Per-token saliency from one block-wise backward pass.
+
+use std::collections::HashMap;
+
+use ndarray::{Array1, ArrayView1, ArrayView2};
+use rayon::prelude::*;
+
+use crate::backend::{QuantizableModel, RowSink};
+use crate::error::{Error, Result};
+
+/// How a gradient row becomes a saliency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SaliencyPower {
+    /// `||g_t||_2` (power 1).
+    Norm,
+    /// `||g_t||_2^2` (power 2, Fisher-style; the default).
+    #[default]
+    Squared,
+}
+
+impl SaliencyPower {
+    fn finish(self, sum_sq: f32) -> f32 {
+        match self {
+            SaliencyPower::Norm => sum_sq.sqrt(),
+            SaliencyPower::Squared => sum_sq,
+        }
+    }
+}
+
+/// Raw per-token saliency of every calibration sample, per block and input
+/// group (from the gradients at the group's linear outputs) and per block
+/// (from the gradient at the block output). `None` for samples without targets.
+#[derive(Debug, Clone, Default)]
+pub struct SaliencyMaps {
+    groups: Vec<Vec<Vec<Option<Array1<f32>>>>>,
+    blocks: Vec<Vec<Option<Array1<f32>>>>,
+}
+
+impl SaliencyMaps {
+    /// Saliency of `sample` for input group `group` of `block`.
+    pub fn group(&self, block: usize, group: usize, sample: usize) -> Option<ArrayView1<'_, f32>> {
+        self.groups
+            .get(block)?
+            .get(group)?
+            .get(sample)?
+            .as_ref()
+            .map(|a| a.view())
+    }
+
+    /// Saliency of `sample` at the output of `block`.
+    pub fn block(&self, block: usize, sample: usize) -> Option<ArrayView1<'_, f32>> {
+        self.blocks
+            .get(block)?
+            .get(sample)?
+            .as_ref()
+            .map(|a| a.view())
+    }
+
+    /// Maps for one block only (the block-local source computes them block by block).
+    pub(crate) fn single_block(
+        groups: Vec<Vec<Option<Array1<f32>>>>,
+        blocks: Vec<Option<Array1<f32>>>,
+    ) -> Self {
+        SaliencyMaps {
+            groups: vec![groups],
+            blocks: vec![blocks],
+        }
+    }
+}
+
+/// Collects one sample's per-group saliency from the gradient rows a block shows.
+pub(crate) struct GroupSink<'a> {
+    group_of: &'a HashMap<String, usize>,
+    sums: Vec<Option<Array1<f32>>>,
+    unknown: Option<String>,
+}
+
+impl<'a> GroupSink<'a> {
+    pub(crate) fn new(group_of: &'a HashMap<String, usize>, groups: usize) -> Self {
+        GroupSink {
+            group_of,
+            sums: vec![None; groups],
+            unknown: None,
+        }
+    }
+
+    pub(crate) fn finish(
+        self,
+        block: usize,
+        power: SaliencyPower,
+    ) -> Result<Vec<Option<Array1<f32>>>> {
+        if let Some(layer) = self.unknown {
+            return Err(Error::Backend {
+                block,
+                layer: Some(layer),
+                reason: "the block showed a gradient for a layer it does not list".into(),
+            });
+        }
+        Ok(self
+            .sums
+            .into_iter()
+            .map(|s| s.map(|a| a.mapv(|v| power.finish(v))))
+            .collect())
+    }
+}
+
+impl RowSink for GroupSink<'_> {
+    fn rows(&mut self, layer: &str, rows: ArrayView2<'_, f32>) {
+        let Some(&g) = self.group_of.get(layer) else {
+            self.unknown.get_or_insert_with(|| layer.to_string());
+            return;
+        };
+        let sq = rows.map_axis(ndarray::Axis(1), |r| r.iter().map(|v| v * v).sum::<f32>());
+        match &mut self.sums[g] {
+            Some(acc) if acc.len() == sq.len() => *acc += &sq,
+            Some(_) => {
+                self.unknown
+                    .get_or_insert_with(|| format!("{layer} (token count changed)"));
+            }
+            slot => *slot = Some(sq),
+        }
+    }
+}
+
+/// Layer name -> input-group index for a block.
+pub(crate) fn group_index<M: QuantizableModel>(model: &M, block: usize) -> HashMap<String, usize> {
+    model
+        .linear_groups(block)
+        .iter()
+        .enumerate()
+        .flat_map(|(g, layers)| layers.iter().map(move |l| (l.name.clone(), g)))
+        .collect()
+}
+
+fn row_saliency<M: QuantizableModel>(
+    model: &M,
+    grad: &M::Hidden,
+    power: SaliencyPower,
+) -> Array1<f32> {
+    let rows = model.hidden_rows(grad);
+    rows.map_axis(ndarray::Axis(1), |r| {
+        power.finish(r.iter().map(|v| v * v).sum::<f32>())
+    })
+}
+
+/// One sample's backward result: input gradient, group saliencies, block saliency.
+type BackwardOut<H> = (Option<H>, Vec<Option<Array1<f32>>>, Option<Array1<f32>>);
+
+/// The task-loss source: forward through the full-precision model keeping
+/// each block's input, then walk the blocks in reverse applying each block's
+/// backward (recomputed from its stored input) and recording saliencies.
+pub(crate) fn task_loss_saliency<M: QuantizableModel>(
+    model: &M,
+    samples: &[M::Sample],
+    power: SaliencyPower,
+) -> Result<SaliencyMaps> {
+    let nb = model.num_blocks();
+    let mut hidden: Vec<M::Hidden> = samples
+        .par_iter()
+        .map(|s| model.embed(s))
+        .collect::<Result<_>>()?;
+    let mut inputs: Vec<Vec<M::Hidden>> = Vec::with_capacity(nb);
+    for b in 0..nb {
+        let next: Vec<M::Hidden> = hidden
+            .par_iter()
+            .zip(samples.par_iter())
+            .map(|(h, s)| model.block_forward(b, h, s, None))
+            .collect::<Result<_>>()?;
+        inputs.push(std::mem::replace(&mut hidden, next));
+    }
+    let mut grads: Vec<Option<M::Hidden>> = hidden
+        .par_iter()
+        .zip(samples.par_iter())
+        .map(|(h, s)| Ok(model.loss_and_grad(h, s)?.map(|(_, g)| g)))
+        .collect::<Result<_>>()?;
+    if grads.iter().all(Option::is_none) {
+        return Err(Error::Empty {
+            what: "calibration samples with targets (the task-loss importance needs at least one)"
+                .into(),
+        });
+    }
+    let mut groups = vec![Vec::new(); nb];
+    let mut blocks = vec![Vec::new(); nb];
+    for b in (0..nb).rev() {
+        let block_inputs = inputs.pop().expect("one stored input per block");
+        let group_of = group_index(model, b);
+        let n_groups = model.linear_groups(b).len();
+        let results: Vec<BackwardOut<M::Hidden>> = grads
+            .par_iter()
+            .zip(block_inputs.par_iter())
+            .zip(samples.par_iter())
+            .map(|((g, x), s)| {
+                let Some(g) = g else {
+                    return Ok((None, vec![None; n_groups], None));
+                };
+                let out_sal = row_saliency(model, g, power);
+                let mut sink = GroupSink::new(&group_of, n_groups);
+                let gin = model.block_backward(b, x, s, g, Some(&mut sink))?;
+                Ok((Some(gin), sink.finish(b, power)?, Some(out_sal)))
+            })
+            .collect::<Result<_>>()?;
+        let mut per_group = vec![Vec::with_capacity(samples.len()); n_groups];
+        let mut per_block = Vec::with_capacity(samples.len());
+        grads = Vec::with_capacity(samples.len());
+        for (gin, gs, bs) in results {
+            grads.push(gin);
+            for (k, v) in gs.into_iter().enumerate() {
+                per_group[k].push(v);
+            }
+            per_block.push(bs);
+        }
+        groups[b] = per_group;
+        blocks[b] = per_block;
+    }
+    Ok(SaliencyMaps { groups, blocks })
+}

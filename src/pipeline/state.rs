@@ -1,0 +1,378 @@
+//! Saved pipeline state: a run interrupted after block `b` resumes at `b + 1`.
+//!
+//! The state directory holds `manifest.json` (fingerprints of the model,
+//! the calibration set and the configuration, and the number of completed
+//! blocks) and, per completed block, `block_{b}.safetensors` (codes, scales,
+//! zero points, g_idx of its layers) and `block_{b}.json` (their reports).
+//! Every file is written under a temporary name and renamed into place, and
+//! the manifest is updated last, so an interruption never leaves a block
+//! half recorded.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ndarray::Array2;
+use safetensors::tensor::{Dtype, TensorView};
+
+use super::config::PipelineConfig;
+use super::report::{LayerReport, TraceShares};
+use crate::backend::QuantizableModel;
+use crate::config::Bits;
+use crate::error::{Error, Result};
+use crate::quant::QuantizedWeight;
+
+/// FNV-1a, 64 bit: a small stable hash for fingerprints (not for security).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 ^= u64::from(x);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn floats(&mut self, v: impl IntoIterator<Item = f32>) {
+        for x in v {
+            self.bytes(&x.to_le_bytes());
+        }
+    }
+    fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// A saved block: its layers' quantized weights and their reports.
+pub(crate) type SavedBlock = (Vec<(String, QuantizedWeight)>, Vec<LayerReport>);
+
+/// The state of a resumable run.
+pub(crate) struct RunState {
+    dir: PathBuf,
+    fingerprints: [(String, String); 3],
+    completed: usize,
+}
+
+impl RunState {
+    /// Opens (or creates) the state in `dir`, refusing a state written for
+    /// another model, calibration set or configuration.
+    pub(crate) fn open<M: QuantizableModel>(
+        dir: &Path,
+        model: &M,
+        samples: &[M::Sample],
+        cfg: &PipelineConfig,
+    ) -> Result<Self> {
+        let fingerprints = [
+            ("model".to_string(), model_fingerprint(model)?),
+            (
+                "calibration".to_string(),
+                calibration_fingerprint(model, samples)?,
+            ),
+            ("configuration".to_string(), config_fingerprint(cfg)),
+        ];
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let manifest = dir.join("manifest.json");
+        let completed = if manifest.exists() {
+            let text = fs::read_to_string(&manifest).map_err(|e| Error::io(&manifest, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+                path: manifest.clone(),
+                reason: e.to_string(),
+            })?;
+            for (what, fp) in &fingerprints {
+                let saved = json.get(what).and_then(|v| v.as_str()).unwrap_or("");
+                if saved != fp {
+                    return Err(Error::StateMismatch {
+                        path: dir.to_path_buf(),
+                        reason: format!("the saved state was written for a different {what}"),
+                    });
+                }
+            }
+            json.get("completed_blocks")
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| Error::Json {
+                    path: manifest.clone(),
+                    reason: "missing completed_blocks".into(),
+                })? as usize
+        } else {
+            0
+        };
+        if completed > model.num_blocks() {
+            return Err(Error::StateMismatch {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "{completed} completed blocks but the model has {}",
+                    model.num_blocks()
+                ),
+            });
+        }
+        let state = RunState {
+            dir: dir.to_path_buf(),
+            fingerprints,
+            completed,
+        };
+        state.write_manifest(completed)?;
+        Ok(state)
+    }
+
+    /// Blocks already completed.
+    pub(crate) fn completed_blocks(&self) -> usize {
+        self.completed
+    }
+
+    fn write_manifest(&self, completed: usize) -> Result<()> {
+        let mut json = serde_json::Map::new();
+        for (k, v) in &self.fingerprints {
+            json.insert(k.clone(), serde_json::Value::String(v.clone()));
+        }
+        json.insert("completed_blocks".into(), completed.into());
+        json.insert("version".into(), 1.into());
+        let text =
+            serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("plain JSON");
+        write_atomic(&self.dir.join("manifest.json"), text.as_bytes())
+    }
+
+    /// Records block `b` as completed with its layers.
+    pub(crate) fn save_block(
+        &mut self,
+        b: usize,
+        layers: &[(String, QuantizedWeight, LayerReport)],
+    ) -> Result<()> {
+        let mut tensors: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = Vec::new();
+        let mut meta = HashMap::new();
+        for (name, qw, _) in layers {
+            meta.insert(format!("{name}.bits"), qw.bits().get().to_string());
+            meta.insert(format!("{name}.symmetric"), qw.symmetric().to_string());
+            let codes = qw.codes();
+            tensors.push((
+                format!("{name}.codes"),
+                codes.iter().copied().collect(),
+                Dtype::U8,
+                codes.shape().to_vec(),
+            ));
+            let scales = qw.scales();
+            tensors.push((
+                format!("{name}.scales"),
+                scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Dtype::F32,
+                scales.shape().to_vec(),
+            ));
+            let zeros = qw.zeros();
+            tensors.push((
+                format!("{name}.zeros"),
+                zeros.iter().copied().collect(),
+                Dtype::U8,
+                zeros.shape().to_vec(),
+            ));
+            let g = qw.g_idx();
+            tensors.push((
+                format!("{name}.g_idx"),
+                g.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Dtype::U32,
+                vec![g.len()],
+            ));
+        }
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, data, dt, shape)| {
+                (
+                    n.clone(),
+                    TensorView::new(*dt, shape.clone(), data).expect("consistent tensor"),
+                )
+            })
+            .collect();
+        let path = self.dir.join(format!("block_{b}.safetensors"));
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, &bytes)?;
+        let reports: Vec<serde_json::Value> =
+            layers.iter().map(|(_, _, r)| report_to_json(r)).collect();
+        let json_path = self.dir.join(format!("block_{b}.json"));
+        write_atomic(
+            &json_path,
+            serde_json::to_string(&reports)
+                .expect("plain JSON")
+                .as_bytes(),
+        )?;
+        self.completed = b + 1;
+        self.write_manifest(self.completed)
+    }
+
+    /// The layers and reports saved for block `b`.
+    pub(crate) fn load_block(&self, b: usize) -> Result<SavedBlock> {
+        let json_path = self.dir.join(format!("block_{b}.json"));
+        let corrupt = |path: &Path, reason: String| Error::CorruptCheckpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+        let reports: Vec<serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| corrupt(&json_path, e.to_string()))?;
+        let reports: Vec<LayerReport> = reports
+            .iter()
+            .map(|v| {
+                report_from_json(v)
+                    .ok_or_else(|| corrupt(&json_path, "malformed layer report".into()))
+            })
+            .collect::<Result<_>>()?;
+        let path = self.dir.join(format!("block_{b}.safetensors"));
+        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| corrupt(&path, e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| corrupt(&path, e.to_string()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let mut layers = Vec::new();
+        for r in &reports {
+            let name = &r.layer;
+            let get = |suffix: &str, dtype: Dtype| -> Result<(Vec<u8>, Vec<usize>)> {
+                let t = st
+                    .tensor(&format!("{name}.{suffix}"))
+                    .map_err(|e| corrupt(&path, e.to_string()))?;
+                if t.dtype() != dtype {
+                    return Err(corrupt(
+                        &path,
+                        format!("{name}.{suffix} has dtype {:?}", t.dtype()),
+                    ));
+                }
+                Ok((t.data().to_vec(), t.shape().to_vec()))
+            };
+            let bits: u32 = meta
+                .get(&format!("{name}.bits"))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| corrupt(&path, format!("{name}: missing bit width")))?;
+            let symmetric = meta
+                .get(&format!("{name}.symmetric"))
+                .is_some_and(|v| v == "true");
+            let shape2 = |data: Vec<u8>, shape: Vec<usize>| -> Result<Array2<u8>> {
+                match shape[..] {
+                    [r, c] => Array2::from_shape_vec((r, c), data)
+                        .map_err(|e| corrupt(&path, e.to_string())),
+                    _ => Err(corrupt(&path, format!("{name}: expected a matrix"))),
+                }
+            };
+            let (cd, cs) = get("codes", Dtype::U8)?;
+            let (zd, zs) = get("zeros", Dtype::U8)?;
+            let (sd, ss) = get("scales", Dtype::F32)?;
+            let (gd, _) = get("g_idx", Dtype::U32)?;
+            let scales_flat: Vec<f32> = sd
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let scales = match ss[..] {
+                [r, c] => Array2::from_shape_vec((r, c), scales_flat)
+                    .map_err(|e| corrupt(&path, e.to_string()))?,
+                _ => return Err(corrupt(&path, format!("{name}: scales must be a matrix"))),
+            };
+            let g_idx = gd
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let qw = QuantizedWeight::new(
+                Bits::new(bits)?,
+                symmetric,
+                shape2(cd, cs)?,
+                scales,
+                shape2(zd, zs)?,
+                g_idx,
+            )?;
+            layers.push((name.clone(), qw));
+        }
+        Ok((layers, reports))
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn model_fingerprint<M: QuantizableModel>(model: &M) -> Result<String> {
+    let mut h = Fnv::new();
+    for b in 0..model.num_blocks() {
+        h.bytes(model.block_name(b).as_bytes());
+        for group in model.linear_groups(b) {
+            h.bytes(b"|group");
+            for l in group {
+                h.bytes(l.name.as_bytes());
+                h.bytes(&(l.in_features as u64).to_le_bytes());
+                h.bytes(&(l.out_features as u64).to_le_bytes());
+                h.floats(model.linear_weight(b, &l.name)?.iter().copied());
+            }
+        }
+    }
+    Ok(h.hex())
+}
+
+fn calibration_fingerprint<M: QuantizableModel>(
+    model: &M,
+    samples: &[M::Sample],
+) -> Result<String> {
+    let mut h = Fnv::new();
+    for s in samples {
+        let info = model.token_info(0, s);
+        for (m, v) in info.modality.iter().zip(&info.valid) {
+            h.bytes(&[*m as u8, u8::from(*v)]);
+        }
+        h.floats(model.hidden_rows(&model.embed(s)?).iter().copied());
+    }
+    Ok(h.hex())
+}
+
+fn config_fingerprint(cfg: &PipelineConfig) -> String {
+    let mut h = Fnv::new();
+    let text = format!(
+        "{:?}|{:?}|{}|{:?}|{:?}|{:?}",
+        cfg.method, cfg.solver, cfg.gptaq_strength, cfg.importance, cfg.blocks, cfg.layer_overrides
+    );
+    h.bytes(text.as_bytes());
+    h.hex()
+}
+
+fn report_to_json(r: &LayerReport) -> serde_json::Value {
+    serde_json::json!({
+        "block": r.block, "block_name": r.block_name, "layer": r.layer, "bits": r.bits,
+        "group_size": r.group_size, "tokens": r.tokens, "objective": r.objective,
+        "objective_unweighted": r.objective_unweighted, "damp_percent": r.damp_percent,
+        "seconds": r.seconds,
+        "shares": [r.shares.vision_before, r.shares.vision_after, r.shares.text_before,
+                   r.shares.text_after, r.shares.mean_alpha_vision, r.shares.mean_alpha_text],
+    })
+}
+
+fn report_from_json(v: &serde_json::Value) -> Option<LayerReport> {
+    let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
+    let shares: Vec<f64> = v
+        .get("shares")?
+        .as_array()?
+        .iter()
+        .filter_map(|x| x.as_f64())
+        .collect();
+    if shares.len() != 6 {
+        return None;
+    }
+    Some(LayerReport {
+        block: v.get("block")?.as_u64()? as usize,
+        block_name: v.get("block_name")?.as_str()?.to_string(),
+        layer: v.get("layer")?.as_str()?.to_string(),
+        bits: v.get("bits")?.as_u64()? as u32,
+        group_size: v.get("group_size")?.as_i64()?,
+        tokens: v.get("tokens")?.as_u64()? as usize,
+        objective: f("objective")?,
+        objective_unweighted: f("objective_unweighted")?,
+        damp_percent: f("damp_percent")?,
+        seconds: f("seconds")?,
+        shares: TraceShares {
+            vision_before: shares[0],
+            vision_after: shares[1],
+            text_before: shares[2],
+            text_after: shares[3],
+            mean_alpha_vision: shares[4],
+            mean_alpha_text: shares[5],
+        },
+    })
+}
