@@ -53,15 +53,17 @@ pub fn inverse_cholesky_upper(
     ));
     for attempt in 1..=damping.max_attempts() {
         let damp = percent * scale;
-        // Flipped copy: a[i, j] = h[n-1-i, n-1-j] (+ damp on the diagonal).
-        let mut a = Mat::<f32>::from_fn(n, n, |i, j| {
-            let v = h[[n - 1 - i, n - 1 - j]];
-            if i == j {
-                (f64::from(v) + damp) as f32
-            } else {
-                v
+        // Flipped copy a[i, j] = h[n-1-i, n-1-j] = h[n-1-j, n-1-i] (symmetry),
+        // filled column by column so both sides are read and written in order.
+        let mut a = Mat::<f32>::zeros(n, n);
+        for j in 0..n {
+            let src = h.row(n - 1 - j);
+            let mut dst = a.col_mut(j);
+            for i in 0..n {
+                dst[i] = src[n - 1 - i];
             }
-        });
+            dst[j] = (f64::from(dst[j]) + damp) as f32;
+        }
         let factored = cholesky_in_place(
             a.as_mut(),
             Default::default(),
@@ -70,19 +72,21 @@ pub fn inverse_cholesky_upper(
             Spec::default(),
         );
         if factored.is_ok() {
-            let mut linv = Mat::<f32>::zeros(n, n);
+            // L^-1 written straight into a row-major array, so that row i of
+            // U = J L^-1 J is row n-1-i of it, reversed: a contiguous copy.
+            let mut linv = Array2::<f32>::zeros((n, n));
             faer::linalg::triangular_inverse::invert_lower_triangular(
-                linv.as_mut(),
+                crate::linalg::faer_mut(linv.view_mut()),
                 a.as_ref(),
                 Par::Seq,
             );
-            let u = Array2::from_shape_fn((n, n), |(i, j)| {
-                if j >= i {
-                    linv[(n - 1 - i, n - 1 - j)]
-                } else {
-                    0.0
+            let mut u = Array2::<f32>::zeros((n, n));
+            for (i, mut row) in u.outer_iter_mut().enumerate() {
+                let src = linv.row(n - 1 - i);
+                for j in i..n {
+                    row[j] = src[n - 1 - j];
                 }
-            });
+            }
             let healthy = u.diag().iter().all(|&d| d.is_finite() && d > 0.0)
                 && u.iter().all(|v| v.is_finite());
             if healthy {

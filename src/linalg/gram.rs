@@ -44,7 +44,7 @@ impl Scalar for f64 {
 
 /// Side of the square tiles of a Gram product (fixed: results do not depend
 /// on the thread count).
-const TILE: usize = 128;
+const TILE: usize = 256;
 
 /// `acc[I, J] += a[:, I]^T b[:, J]` for every tile pair with `J >= I`, where
 /// `a` and `b` are `[tokens, n]`. Only the upper triangle of `acc` (tile

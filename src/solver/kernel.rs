@@ -16,7 +16,7 @@ use crate::linalg::{faer_mut, faer_ref};
 use crate::quant::{GridFit, GridParams};
 
 /// Rows solved together by one task.
-pub(crate) const ROW_CHUNK: usize = 64;
+pub(crate) const ROW_CHUNK: usize = 256;
 
 /// Read-only inputs shared by every chunk.
 pub(crate) struct Shared<'a> {
