@@ -13,9 +13,11 @@
 
 pub mod config;
 pub mod error;
+pub mod pack;
 pub mod quant;
 mod validate;
 
 pub use config::{Bits, Damping, GptqConfig, GroupSize, MseClip, QuantScheme};
 pub use error::{Error, Result};
+pub use pack::{Checkpoint, CheckpointFormat, CheckpointWriter, PackedLinear};
 pub use quant::{quantize_rtn, GridFit, GridParams, QuantizedWeight};
