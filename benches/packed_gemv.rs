@@ -31,7 +31,8 @@ fn bench(c: &mut Criterion) {
     let w = Array2::from_shape_fn((N, N), |(o, i)| {
         (((o * 7919 + i * 104729) % 2003) as f32 / 1001.0 - 1.0) * 0.05
     });
-    let scheme = QuantScheme::new(Bits::new(4).unwrap()).with_group_size(GroupSize::new(128).unwrap());
+    let scheme =
+        QuantScheme::new(Bits::new(4).unwrap()).with_group_size(GroupSize::new(128).unwrap());
     let q = quantize_rtn(w.view(), &scheme).unwrap();
     let packed = PackedLinear::new(&q, None).unwrap();
     assert!(packed.uses_fast_kernel());
@@ -62,6 +63,26 @@ fn bench(c: &mut Criterion) {
     g.bench_function("dense_f32_rayon_rows", |b| {
         b.iter(|| {
             dense_rows(dense, black_box(xs), &mut y);
+            black_box(&y);
+        })
+    });
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    g.bench_function("packed_4bit_g128_1thread", |b| {
+        b.iter(|| one.install(|| black_box(packed.gemv(black_box(x.view())).unwrap())))
+    });
+    g.bench_function("dense_f32_faer_1thread", |b| {
+        b.iter(|| {
+            matmul(
+                ColMut::from_slice_mut(&mut y),
+                Accum::Replace,
+                MatRef::from_row_major_slice(dense, N, N),
+                ColRef::from_slice(black_box(xs)),
+                1.0f32,
+                Par::Seq,
+            );
             black_box(&y);
         })
     });
