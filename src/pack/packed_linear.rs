@@ -8,12 +8,15 @@
 //! `y_o += scale[g, o] * (sum_{i in g} code_i x_i - zero[g, o] * sum_{i in g} x_i)`,
 //! with the group sums of `x` computed once per token.
 //!
-//! Two GEMV kernels: a vectorizable one for 2, 4 and 8 bits when every group
-//! boundary falls on a block of four words (it unpacks the same field of four
-//! consecutive words with one shift, against a copy of `x` shuffled to match),
-//! and a general one (any width, any boundaries) that extracts field by field.
+//! GEMV kernels: for 2, 4 and 8 bits when every group boundary falls on a
+//! block of four words, a block kernel that unpacks the same field of four
+//! consecutive words with one shift against a copy of `x` shuffled to match
+//! (an AVX2 build chosen at run time, else a portable one); otherwise a
+//! general kernel (any width, any boundaries) that extracts field by field.
 //! Rows are split over rayon tasks; each row is computed by one task in a
-//! fixed order, so results do not depend on the thread count.
+//! fixed order, so results do not depend on the thread count. The AVX2 and
+//! portable kernels sum in different orders, so results may differ in the
+//! last bits between CPUs with and without AVX2. Figures: `docs/PERFORMANCE.md`.
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use rayon::prelude::*;
