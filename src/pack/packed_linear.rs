@@ -444,7 +444,11 @@ mod tests {
         let x: Vec<f32> = (0..n).map(|i| ((i * 7) % 13) as f32 / 4.0 - 1.5).collect();
         let want: f32 = (0..n).map(|i| field(&words, B, i) as f32 * x[i]).sum();
         let xs = shuffle(&x, V);
-        assert_eq!(dot_portable::<B, V>(&words, &xs), want, "portable, {B} bits");
+        assert_eq!(
+            dot_portable::<B, V>(&words, &xs),
+            want,
+            "portable, {B} bits"
+        );
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: AVX2 support was just checked.
