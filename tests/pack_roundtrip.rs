@@ -124,7 +124,7 @@ proptest! {
         let (a, b) = (back.dequantize(), w.dequantize());
         prop_assert!(a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()));
         prop_assert_eq!(ck.bias("blk.proj").unwrap().unwrap().to_f32(), bias.into_dyn());
-        prop_assert_eq!(ck.tensor_names(), vec!["embed".to_string()]);
+        prop_assert_eq!(ck.tensor_names(), vec!["embed"]);
         let is_bf16 = matches!(ck.tensor("embed").unwrap(), DenseTensor::BF16(_));
         prop_assert!(is_bf16, "embed keeps its dtype");
     }

@@ -57,6 +57,7 @@ pub struct Checkpoint {
     meta: Metadata,
     config: QuantizeConfig,
     layers: BTreeMap<String, LayerShape>,
+    passthrough: Vec<String>,
 }
 
 impl Checkpoint {
@@ -87,6 +88,7 @@ impl Checkpoint {
             meta,
             config,
             layers: BTreeMap::new(),
+            passthrough: Vec::new(),
         };
         ck.index_layers()?;
         Ok(ck)
@@ -103,15 +105,8 @@ impl Checkpoint {
     }
 
     /// Names of the passthrough (unquantized) tensors, sorted.
-    pub fn tensor_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .meta
-            .tensors()
-            .into_keys()
-            .filter(|n| self.owning_layer(n).is_none())
-            .collect();
-        v.sort();
-        v
+    pub fn tensor_names(&self) -> Vec<&str> {
+        self.passthrough.iter().map(String::as_str).collect()
     }
 
     fn owning_layer<'a>(&self, name: &'a str) -> Option<&'a str> {
@@ -295,6 +290,12 @@ impl Checkpoint {
             }
         }
         self.layers = layers;
+        let mut passthrough: Vec<String> = names
+            .into_iter()
+            .filter(|n| self.owning_layer(n).is_none())
+            .collect();
+        passthrough.sort();
+        self.passthrough = passthrough;
         Ok(())
     }
 
