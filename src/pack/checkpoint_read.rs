@@ -255,7 +255,9 @@ impl Checkpoint {
         )
     }
 
-    /// Decodes layer `name` with its bias into a [`PackedLinear`].
+    /// Decodes layer `name` with its bias into a [`PackedLinear`]. The codes
+    /// pass through an unpacked `[out, in]` byte array on the way (freed
+    /// before returning).
     pub fn packed_linear(&self, name: &str) -> Result<PackedLinear> {
         let w = self.layer(name)?;
         let bias = match self.bias(name)? {
