@@ -1,12 +1,12 @@
 //! Fuzz-style tests: truncated, corrupted or inconsistent checkpoints must give
 //! a typed error (never a panic, never a wrong answer).
 
-mod common;
+mod pack_common;
 
 use std::path::Path;
 
-use common::{copy_dir, fixtures, TempDir};
 use half::f16;
+use pack_common::{copy_dir, fixtures, TempDir};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};

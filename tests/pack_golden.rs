@@ -1,10 +1,10 @@
 //! Golden vectors for the GPTQ bit layout, and the checkpoints packed by the
 //! Python ecosystem (GPTQModel 7.7.0) in `tests/fixtures/gptq-golden`.
 
-mod common;
+mod pack_common;
 
-use common::{fixtures, TempDir};
 use ndarray::{Array1, Array2, ArrayView2};
+use pack_common::{fixtures, TempDir};
 use safetensors::{Dtype, SafeTensors};
 use vlmq::pack::{
     pack_qzeros, pack_stream, qzeros_v2_to_v1, unpack_stream, Checkpoint, CheckpointFormat,

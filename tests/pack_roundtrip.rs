@@ -1,11 +1,11 @@
 //! Property tests: packing round-trips, checkpoint write -> read, and the
 //! packed matmul against the dense matmul of the dequantized weight.
 
-mod common;
+mod pack_common;
 
-use common::TempDir;
 use half::f16;
 use ndarray::{Array1, Array2};
+use pack_common::TempDir;
 use proptest::prelude::*;
 use vlmq::pack::{
     pack_qweight, pack_qzeros, pack_stream, qzeros_v1_to_v2, qzeros_v2_to_v1, unpack_qweight,
