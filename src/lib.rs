@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod hessian;
 pub mod linalg;
+pub mod pack;
 pub mod pipeline;
 pub mod quant;
 pub mod solver;
@@ -27,6 +28,7 @@ pub use backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo, We
 pub use config::{Bits, Damping, GptqConfig, GroupSize, MseClip, QuantScheme};
 pub use error::{Error, Result};
 pub use hessian::{HessianAccumulator, LayerStatistics};
+pub use pack::{Checkpoint, CheckpointFormat, CheckpointWriter, PackedLinear};
 pub use pipeline::{quantize_model, PipelineConfig, PipelineReport, Progress, QuantMethod};
 pub use quant::{quantize_rtn, GridFit, GridParams, QuantizedWeight};
 pub use solver::{solve_layer, LayerSolution, Method, SolveReport};

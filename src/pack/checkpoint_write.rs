@@ -1,0 +1,375 @@
+//! Writing GPTQ checkpoints: `model.safetensors`, `quantize_config.json` and
+//! the `quantization_config` block of `config.json`, each atomically.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use half::f16;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use serde_json::Value;
+
+use crate::config::{Bits, GroupSize};
+use crate::error::{Error, Result};
+use crate::quant::QuantizedWeight;
+
+use super::bits::{check_checkpoint_bits, pack_qweight, pack_qzeros, qzeros_v2_to_v1, words_for};
+use super::config_json::{CheckpointFormat, QuantizeConfig};
+use super::tensor::DenseTensor;
+
+/// Suffixes of the tensors that make up one quantized layer.
+pub(crate) const LAYER_SUFFIXES: [&str; 5] = ["qweight", "qzeros", "scales", "g_idx", "bias"];
+
+/// Collects quantized layers and passthrough tensors, then writes a GPTQ
+/// checkpoint directory.
+///
+/// All quantized layers must share bit width, symmetry and group size (the
+/// format has one checkpoint-wide config). `desc_act` is inferred: true when
+/// any layer's `g_idx` is not the in-order assignment `i / group_size`.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointWriter {
+    format: Option<CheckpointFormat>,
+    static_groups: bool,
+    model_config: Option<Value>,
+    layers: Vec<(String, QuantizedWeight, Option<DenseTensor>)>,
+    tensors: Vec<(String, DenseTensor)>,
+    names: BTreeSet<String>,
+}
+
+impl CheckpointWriter {
+    /// An empty writer with the automatic format: v2 (`gptq_v2`) when the
+    /// layers are asymmetric, v1 (`gptq`) when they are symmetric.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forces a zero-point format instead of the automatic choice.
+    pub fn with_format(mut self, format: CheckpointFormat) -> Self {
+        self.format = Some(format);
+        self
+    }
+
+    /// Records `static_groups` in the config (metadata only).
+    pub fn with_static_groups(mut self, static_groups: bool) -> Self {
+        self.static_groups = static_groups;
+        self
+    }
+
+    /// The model's own `config.json` object, into which the
+    /// `quantization_config` block is inserted. Without it, an existing
+    /// `config.json` in the target directory is updated, or a new one holding
+    /// only the block is created.
+    pub fn with_model_config(mut self, config: Value) -> Self {
+        self.model_config = Some(config);
+        self
+    }
+
+    fn claim(&mut self, names: &[String]) -> Result<()> {
+        for n in names {
+            if n.is_empty()
+                || self.names.contains(n)
+                || names.iter().filter(|m| *m == n).count() > 1
+            {
+                return Err(Error::InvalidConfig {
+                    field: "tensor name",
+                    value: format!("{n:?}"),
+                    reason: "tensor names must be non-empty and unique",
+                });
+            }
+        }
+        self.names.extend(names.iter().cloned());
+        Ok(())
+    }
+
+    /// Adds a quantized linear layer stored as `name.qweight`, `name.qzeros`,
+    /// `name.scales`, `name.g_idx` and, when given, `name.bias` (a 1-D tensor
+    /// of `out_features` values, stored in its own dtype).
+    pub fn add_layer(
+        &mut self,
+        name: &str,
+        weight: QuantizedWeight,
+        bias: Option<DenseTensor>,
+    ) -> Result<()> {
+        let bits = weight.bits();
+        check_checkpoint_bits(bits)?;
+        let (out, inp) = (weight.out_features(), weight.in_features());
+        if words_for(inp, bits).is_none() || words_for(out, bits).is_none() || inp == 0 || out == 0
+        {
+            return Err(Error::Unencodable {
+                what: format!("layer {name:?} [{out}, {inp}] at {} bits", bits.get()),
+                reason: "input and output features times bits must be positive multiples of 32"
+                    .into(),
+            });
+        }
+        if let Some(b) = &bias {
+            if b.shape() != [out] {
+                return Err(Error::shape(format!("bias of {name:?}"), &[out], b.shape()));
+            }
+        }
+        if let Some(((g, o), s)) = weight
+            .scales()
+            .indexed_iter()
+            .find(|(_, &s)| f16::from_f32(s).to_f32() != s)
+        {
+            return Err(Error::Unencodable {
+                what: format!("scale {s} at [{g}, {o}] of {name:?}"),
+                reason: "scales are stored as f16 and this value is not representable".into(),
+            });
+        }
+        let mut names: Vec<String> = LAYER_SUFFIXES[..4]
+            .iter()
+            .map(|s| format!("{name}.{s}"))
+            .collect();
+        if bias.is_some() {
+            names.push(format!("{name}.bias"));
+        }
+        self.claim(&names)?;
+        self.layers.push((name.to_string(), weight, bias));
+        Ok(())
+    }
+
+    /// Adds an unquantized tensor that is stored unchanged.
+    pub fn add_tensor(&mut self, name: &str, tensor: DenseTensor) -> Result<()> {
+        self.claim(&[name.to_string()])?;
+        self.tensors.push((name.to_string(), tensor));
+        Ok(())
+    }
+
+    /// The checkpoint-wide config these layers imply, or the reason they
+    /// cannot share one.
+    pub fn quantize_config(&self) -> Result<QuantizeConfig> {
+        let Some((_, first, _)) = self.layers.first() else {
+            return Err(Error::Empty {
+                what: "quantized layers of the checkpoint".into(),
+            });
+        };
+        let (bits, sym) = (first.bits(), first.symmetric());
+        let mut group: Option<usize> = None;
+        for (name, w, _) in &self.layers {
+            if w.bits() != bits || w.symmetric() != sym {
+                return Err(mixed(name, "bit width and symmetry"));
+            }
+            if w.groups() > 1 {
+                if w.in_features() % w.groups() != 0 {
+                    return Err(Error::Unencodable {
+                        what: format!("layer {name:?}"),
+                        reason: "its groups do not divide the input features evenly".into(),
+                    });
+                }
+                let g = w.in_features() / w.groups();
+                if group.is_some_and(|h| h != g) {
+                    return Err(mixed(name, "group size"));
+                }
+                group = Some(g);
+            }
+        }
+        let group_size = match group {
+            None => GroupSize::PerChannel,
+            Some(g) => GroupSize::Columns(g),
+        };
+        let mut desc_act = false;
+        for (name, w, _) in &self.layers {
+            if w.groups() == 1 && group.is_some_and(|g| g != w.in_features()) {
+                return Err(mixed(name, "group size"));
+            }
+            let g = group_size
+                .columns_for(w.in_features())
+                .unwrap_or(w.in_features());
+            desc_act |= w
+                .g_idx()
+                .iter()
+                .enumerate()
+                .any(|(i, &gi)| gi as usize != i / g);
+        }
+        let format = self.format.unwrap_or(if sym {
+            CheckpointFormat::V1
+        } else {
+            CheckpointFormat::V2
+        });
+        Ok(QuantizeConfig {
+            bits,
+            group_size,
+            desc_act,
+            sym,
+            static_groups: self.static_groups,
+            format,
+        })
+    }
+
+    /// Writes `model.safetensors`, `quantize_config.json` and `config.json`
+    /// into `dir` (created if needed) and returns the config written.
+    ///
+    /// Each file is written under a temporary name, flushed to disk and then
+    /// renamed over the target, so a failure never leaves a partial file.
+    pub fn write(&self, dir: impl AsRef<Path>) -> Result<QuantizeConfig> {
+        let dir = dir.as_ref();
+        let config = self.quantize_config()?;
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, w, bias) in &self.layers {
+            encode_layer(name, w, bias.as_ref(), &config, &mut owned)?;
+        }
+        for (name, t) in &self.tensors {
+            owned.push((name.clone(), t.dtype(), t.shape().to_vec(), t.to_le_bytes()));
+        }
+        let mut views = Vec::with_capacity(owned.len());
+        for (name, dtype, shape, bytes) in &owned {
+            let v =
+                TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| Error::Safetensors {
+                    path: dir.join("model.safetensors"),
+                    reason: format!("{name}: {e}"),
+                })?;
+            views.push((name.as_str(), v));
+        }
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let target = dir.join("model.safetensors");
+        atomic_write(&target, |tmp| {
+            safetensors::serialize_to_file(views, Some(meta), tmp).map_err(|e| Error::Safetensors {
+                path: target.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+        let qc = config.to_json();
+        write_json(&dir.join("quantize_config.json"), &qc)?;
+        let config_path = dir.join("config.json");
+        let mut model = match &self.model_config {
+            Some(v) => v.clone(),
+            None if config_path.exists() => {
+                let text =
+                    fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+                serde_json::from_str(&text).map_err(|e| Error::Json {
+                    path: config_path.clone(),
+                    reason: e.to_string(),
+                })?
+            }
+            None => Value::Object(Default::default()),
+        };
+        let obj = model.as_object_mut().ok_or_else(|| Error::Json {
+            path: config_path.clone(),
+            reason: "the model config is not a JSON object".into(),
+        })?;
+        obj.insert("quantization_config".into(), qc);
+        write_json(&config_path, &model)?;
+        Ok(config)
+    }
+}
+
+fn mixed(name: &str, what: &str) -> Error {
+    Error::Unencodable {
+        what: format!("layer {name:?}"),
+        reason: format!(
+            "its {what} differs from the other layers; a GPTQ checkpoint has one config"
+        ),
+    }
+}
+
+type Owned = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+fn i32_bytes<'a>(it: impl Iterator<Item = &'a i32>) -> Vec<u8> {
+    it.flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn encode_layer(
+    name: &str,
+    w: &QuantizedWeight,
+    bias: Option<&DenseTensor>,
+    config: &QuantizeConfig,
+    owned: &mut Owned,
+) -> Result<()> {
+    let bits: Bits = config.bits;
+    let qweight = pack_qweight(w.codes(), bits)?;
+    let mut qzeros = pack_qzeros(w.zeros(), bits)?;
+    if config.format == CheckpointFormat::V1 {
+        if let Some(((g, o), _)) = w.zeros().indexed_iter().find(|(_, &z)| z == 0) {
+            return Err(Error::Unencodable {
+                what: format!("zero point 0 at [{g}, {o}] of layer {name:?}"),
+                reason: "format v1 stores zero - 1, which loses a zero point of 0; write format v2 (gptq_v2)"
+                    .into(),
+            });
+        }
+        qzeros_v2_to_v1(&mut qzeros, bits)?;
+    }
+    let scales: Vec<u8> = w
+        .scales()
+        .iter()
+        .flat_map(|&s| f16::from_f32(s).to_le_bytes())
+        .collect();
+    let g_idx: Vec<u8> = w
+        .g_idx()
+        .iter()
+        .flat_map(|&g| (g as i32).to_le_bytes())
+        .collect();
+    owned.push((
+        format!("{name}.qweight"),
+        Dtype::I32,
+        qweight.shape().to_vec(),
+        i32_bytes(qweight.iter()),
+    ));
+    owned.push((
+        format!("{name}.qzeros"),
+        Dtype::I32,
+        qzeros.shape().to_vec(),
+        i32_bytes(qzeros.iter()),
+    ));
+    owned.push((
+        format!("{name}.scales"),
+        Dtype::F16,
+        w.scales().shape().to_vec(),
+        scales,
+    ));
+    owned.push((
+        format!("{name}.g_idx"),
+        Dtype::I32,
+        vec![w.in_features()],
+        g_idx,
+    ));
+    if let Some(b) = bias {
+        owned.push((
+            format!("{name}.bias"),
+            b.dtype(),
+            b.shape().to_vec(),
+            b.to_le_bytes(),
+        ));
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    atomic_write(path, |tmp| {
+        let mut f = fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| Error::io(tmp, e))?;
+        f.write_all(b"\n").map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// Runs `fill` on a fresh temporary path next to `target`, syncs it and
+/// renames it over `target`; removes the temporary file on any failure.
+fn atomic_write(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let file_name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("checkpoint");
+    let tmp: PathBuf =
+        target.with_file_name(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
+    let result = fill(&tmp).and_then(|()| {
+        let f = fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        fs::rename(&tmp, target).map_err(|e| Error::io(target, e))
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
