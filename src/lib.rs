@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod hessian;
 pub mod linalg;
+pub mod nn;
 pub mod quant;
 pub mod solver;
 mod validate;
