@@ -30,6 +30,7 @@ mod model;
 mod norm;
 mod params;
 mod rope;
+mod sample;
 
 pub use activation::{Activation, ActivationCache};
 pub use adam::Adam;
@@ -43,7 +44,8 @@ pub use io::{
 };
 pub use linear::{Linear, LinearCache, LinearKernel, LinearWeight};
 pub use mlp::{Mlp, MlpCache};
-pub use model::{Block, Projector, Sample, SequenceModel, Vision};
+pub use model::{Block, Projector, SequenceModel};
 pub use norm::{LayerNorm, Norm, NormCache, NormKind, RmsNorm};
 pub use params::{Grads, Module};
 pub use rope::Rope;
+pub use sample::{Sample, Vision};
