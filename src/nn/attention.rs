@@ -116,6 +116,34 @@ impl Attention {
         })
     }
 
+    /// Checks the configuration against the projection shapes (the fields
+    /// are public, so they may have been edited after construction).
+    pub fn check(&self) -> Result<()> {
+        let cfg = &self.config;
+        cfg.validate()?;
+        let (d, q, kv) = (
+            cfg.d_model,
+            cfg.n_heads * cfg.head_dim,
+            cfg.n_kv_heads * cfg.head_dim,
+        );
+        for (name, lin, out, inp) in [
+            ("q", &self.q, q, d),
+            ("k", &self.k, kv, d),
+            ("v", &self.v, kv, d),
+            ("o", &self.o, d, q),
+        ] {
+            let actual = [lin.out_features(), lin.in_features()];
+            if actual != [out, inp] {
+                return Err(Error::shape(
+                    format!("attn.{name} weight"),
+                    &[out, inp],
+                    &actual,
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The projection called `name` (`"q"`, `"k"`, `"v"` or `"o"`).
     pub fn linear(&self, name: &str) -> Option<&Linear> {
         match name {
@@ -148,6 +176,7 @@ impl Attention {
         mut sink: Option<&mut dyn RowSink>,
     ) -> Result<(Array2<f32>, AttentionCache)> {
         let cfg = &self.config;
+        self.check()?;
         let t = x.nrows();
         if let Some(v) = valid {
             if v.len() != t {

@@ -198,7 +198,10 @@ impl TransformerBlock {
         }
     }
 
-    /// Replaces the dense weight of linear `name` (shape-checked).
+    /// Replaces the dense weight of linear `name` (shape-checked; the error
+    /// names the layer). An unknown name is an [`Error::Backend`] with block
+    /// 0, since a block does not know its index; [`SequenceModel`](super::SequenceModel)
+    /// reports the real index.
     pub fn set_linear_weight(&mut self, name: &str, w: ArrayView2<'_, f32>) -> Result<()> {
         let lin = self.linear_mut(name).ok_or_else(|| Self::unknown(name))?;
         lin.set_weight(w).map_err(|e| rename(e, name))

@@ -17,6 +17,21 @@ use crate::linalg::{matmul, matmul_into};
 /// type (a few lines that forward to its own matmul and dequantizer) and
 /// install it with [`Linear::set_kernel`] (or
 /// [`TransformerBlock::set_linear_kernel`](super::TransformerBlock::set_linear_kernel)).
+/// For the crate's packed linear that is, in outline:
+///
+/// ```ignore
+/// impl LinearKernel for PackedLinear {
+///     fn in_features(&self) -> usize { self.in_features() }
+///     fn out_features(&self) -> usize { self.out_features() }
+///     fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> { PackedLinear::forward(self, x) }
+///     fn dense_weight(&self) -> Result<Array2<f32>> { Ok(self.dequantize()) }
+/// }
+/// block.set_linear_kernel("mlp.down", Arc::new(packed))?;
+/// ```
+///
+/// A kernel linear is frozen: it gets no parameter gradients and is skipped
+/// by [`Module`] visits (so by Adam and the safetensors io); its bias, if
+/// any, is still added by the [`Linear`].
 pub trait LinearKernel: Send + Sync {
     /// Input features.
     fn in_features(&self) -> usize;

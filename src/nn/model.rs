@@ -19,6 +19,39 @@
 //!
 //! Either way, positions in [`Sample::targets`] and [`Sample::valid`] index
 //! the language-model sequence `[vision tokens; text tokens]`.
+//!
+//! ```
+//! use ndarray::Array2;
+//! use vlmq::nn::*;
+//! use vlmq::QuantizableModel;
+//!
+//! let mut rng = Rng::new(0);
+//! let (d_vit, d_lm, vocab, patch_dim) = (16, 32, 50, 12);
+//! let mut blocks = Vec::new();
+//! for _ in 0..2 {
+//!     // ViT encoder: bidirectional attention over the patch tokens.
+//!     blocks.push(Block::Transformer(TransformerBlock::init(&mut rng, BlockConfig::encoder(d_vit, 2, 64))?));
+//! }
+//! blocks.push(Block::Projector(Projector { proj: Linear::init(&mut rng, d_vit, d_lm, true) }));
+//! for _ in 0..2 {
+//!     // Causal LM over [vision tokens; text tokens].
+//!     blocks.push(Block::Transformer(TransformerBlock::init(&mut rng, BlockConfig::decoder(d_lm, 4, 86))?));
+//! }
+//! let model = SequenceModel::new(
+//!     Some(PatchEmbedding::init(&mut rng, patch_dim, d_vit, 16)),
+//!     Embedding::init(&mut rng, vocab, d_lm),
+//!     blocks,
+//!     Norm::new(NormKind::Rms, d_lm),
+//!     LmHead::init(&mut rng, d_lm, vocab),
+//! )?;
+//! // 4 patches, then 3 text tokens; predict token 9 after the last text token.
+//! let sample = Sample::text(vec![3, 7, 1])
+//!     .with_vision(Vision::Patches(Array2::zeros((4, patch_dim))))
+//!     .with_targets(vec![(6, 9)]);
+//! assert_eq!(model.num_blocks(), 5);
+//! assert!(model.loss(&sample)?.is_finite());
+//! # Ok::<(), vlmq::Error>(())
+//! ```
 
 use ndarray::{concatenate, s, Array2, ArrayView2, ArrayViewD, ArrayViewMutD, Axis};
 
@@ -42,6 +75,10 @@ pub struct Projector {
 }
 
 /// One entry of a [`SequenceModel`]'s block list.
+// A model holds a handful of blocks, each owning megabytes of weights on the
+// heap: the inline size difference is irrelevant and boxing would only make
+// matching on blocks noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Block {
     /// A pre-norm transformer block.
@@ -69,7 +106,7 @@ pub struct SequenceModel {
 
 /// A block's forward cache inside [`SequenceModel::loss_and_grads`].
 enum StepCache {
-    Transformer(BlockCache),
+    Transformer(Box<BlockCache>),
     Projector(LinearCache),
 }
 
@@ -292,7 +329,7 @@ impl SequenceModel {
             let (y, c) = match b {
                 Block::Transformer(t) => {
                     let (y, c) = t.forward(h.view(), mask.as_deref(), None)?;
-                    (y, StepCache::Transformer(c))
+                    (y, StepCache::Transformer(Box::new(c)))
                 }
                 Block::Projector(p) => {
                     let (y, c) = self.projector_forward(p, h.view(), sample)?;
