@@ -264,6 +264,36 @@ proptest! {
     }
 
     #[test]
+    fn perturbed_source_gradients(seed in 0u64..1000, t in 1usize..6) {
+        let mut rng = Rng::new(seed);
+        let block = TransformerBlock::init(&mut rng, BlockConfig::decoder(8, 2, 12)).unwrap();
+        let x = rand_matrix(&mut rng, t, 8);
+        let rtn = |_: &str, w: ArrayView2<'_, f32>| w.mapv(|v| (v * 2.0).round() / 2.0);
+        let mut seen: BTreeMap<String, Array2<f32>> = BTreeMap::new();
+        let mut sink = |name: &str, rows: ArrayView2<'_, f32>| {
+            seen.insert(name.to_string(), rows.to_owned());
+        };
+        block.perturbed_output_grads(x.view(), None, &rtn, &mut sink).unwrap();
+        let reference = block.forward(x.view(), None, None).unwrap().0;
+        let mut perturbed = block.clone();
+        for name in seen.keys() {
+            let w = block.linear(name).unwrap().dense_weight().unwrap();
+            perturbed.set_linear_weight(name, rtn(name, w.view()).view()).unwrap();
+        }
+        for (name, grad) in &seen {
+            let w = perturbed.linear(name).unwrap().dense_weight().unwrap();
+            let delta = rand_matrix(&mut rng, t, w.nrows());
+            let loss = |s: f32| {
+                let mut b = perturbed.clone();
+                b.set_linear_kernel(name, Arc::new(Offset { w: w.clone(), delta: &delta * s })).unwrap();
+                let d = b.forward(x.view(), None, None).unwrap().0 - &reference;
+                0.5 * d.iter().map(|v| *v as f64 * *v as f64).sum::<f64>()
+            };
+            assert_close(name, dot(grad, &delta), richardson(loss));
+        }
+    }
+
+    #[test]
     fn two_stage_model_through_the_backend_trait(seed in 0u64..1000, patches in 1usize..5, text in 1usize..5, pad: bool) {
         let mut rng = Rng::new(seed);
         let model = tiny_vlm(&mut rng);
