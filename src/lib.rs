@@ -20,8 +20,10 @@ pub mod hessian;
 pub mod linalg;
 pub mod pack;
 pub mod pipeline;
+pub mod nn;
 pub mod quant;
 pub mod solver;
+pub mod toy;
 mod validate;
 
 pub use backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo, WeightPerturbation};
