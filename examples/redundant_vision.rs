@@ -26,7 +26,11 @@ fn main() -> vlmq::Result<()> {
     let (n, m, vision, text) = (128, 64, 448, 64);
     let first = redundant_layer(0, n, m, vision, text);
     let mut diag = ImportanceDiagnostics::new();
-    diag.add(first.x.view(), &first.tokens, first.informative_factors().view())?;
+    diag.add(
+        first.x.view(),
+        &first.tokens,
+        first.informative_factors().view(),
+    )?;
     println!("Hessian trace and factors by modality (seed 0):\n{diag}");
     println!("held-out text-token relative output error, mean over {seeds} seeds");
     println!("bits      RTN     GPTQ     VLMQ  VLMQ/GPTQ  VLMQ wins");

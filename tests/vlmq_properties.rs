@@ -9,11 +9,16 @@ use ndarray::{Array1, Array2, Axis};
 use vlmq::hessian::HessianAccumulator;
 use vlmq::importance::{SampleSignals, TokenImportance, Uniform};
 use vlmq::solver::{asymmetric_objective, hessian_objective};
-use vlmq::{solve_layer, Bits, GptqConfig, GroupSize, LayerSolution, LayerStatistics, Method, Modality, QuantScheme, TokenInfo};
+use vlmq::{
+    solve_layer, Bits, GptqConfig, GroupSize, LayerSolution, LayerStatistics, Method, Modality,
+    QuantScheme, TokenInfo,
+};
 
 fn cfg(bits: u32, act_order: bool) -> GptqConfig {
     let s = QuantScheme::new(Bits::new(bits).unwrap()).with_group_size(GroupSize::new(16).unwrap());
-    GptqConfig::new(s).with_act_order(act_order).with_block_size(32)
+    GptqConfig::new(s)
+        .with_act_order(act_order)
+        .with_block_size(32)
 }
 
 fn stats(x: &Array2<f32>, alpha: Option<&Array1<f32>>) -> LayerStatistics {
@@ -24,13 +29,17 @@ fn stats(x: &Array2<f32>, alpha: Option<&Array1<f32>>) -> LayerStatistics {
 
 fn paired(xq: &Array2<f32>, xf: &Array2<f32>, alpha: Option<&Array1<f32>>) -> LayerStatistics {
     let mut acc = HessianAccumulator::<f32>::with_cross_term(xq.ncols());
-    acc.add_paired(xq.view(), xf.view(), alpha.map(|a| a.view())).unwrap();
+    acc.add_paired(xq.view(), xf.view(), alpha.map(|a| a.view()))
+        .unwrap();
     acc.finish().unwrap()
 }
 
 fn assert_same(a: &LayerSolution, b: &LayerSolution, what: &str) {
     assert_eq!(a.weight, b.weight, "{what}: codes / grid differ");
-    assert_eq!(a.dequantized, b.dequantized, "{what}: dequantized weights differ");
+    assert_eq!(
+        a.dequantized, b.dequantized,
+        "{what}: dequantized weights differ"
+    );
 }
 
 /// Heavy-tailed positive factors (log-normal, spread over ~2 decades).
@@ -54,7 +63,11 @@ fn uniform_importance_is_exactly_gptq() {
         assert_eq!(a.hessian, b.hessian);
         let c = cfg(2 + seed as u32 % 3, seed % 2 == 0);
         let sa = solve_layer(w.view(), &a, &c, Method::Gptq).unwrap();
-        assert_same(&sa, &solve_layer(w.view(), &b, &c, Method::Gptq).unwrap(), "uniform vs none");
+        assert_same(
+            &sa,
+            &solve_layer(w.view(), &b, &c, Method::Gptq).unwrap(),
+            "uniform vs none",
+        );
         let xf = &x + &inputs(&mut rng, tokens, n).mapv(|v| 0.1 * v);
         let (pa, pb) = (paired(&x, &xf, None), paired(&x, &xf, Some(&alpha)));
         assert_eq!((&pa.hessian, &pa.cross), (&pb.hessian, &pb.cross));
@@ -84,7 +97,11 @@ fn scaling_all_factors_changes_nothing() {
         for scale in [0.25f32, 8.0, 2f32.powi(-12), 2f32.powi(20)] {
             let scaled = stats(&x, Some(&alpha.mapv(|a| a * scale)));
             assert_eq!(scaled.hessian, base.hessian, "scale {scale}");
-            assert_same(&sol, &solve_layer(w.view(), &scaled, &c, Method::Gptq).unwrap(), "power-of-two scale");
+            assert_same(
+                &sol,
+                &solve_layer(w.view(), &scaled, &c, Method::Gptq).unwrap(),
+                "power-of-two scale",
+            );
         }
         let odd = stats(&x, Some(&alpha.mapv(|a| a * 3.7)));
         let max_diag = base.hessian.diag().fold(0.0f32, |a, &b| a.max(b.abs()));
@@ -111,7 +128,11 @@ fn zero_weight_tokens_equal_dropped_tokens() {
             }
         }
         let keep: Vec<usize> = (0..tokens).filter(|&t| alpha[t] > 0.0).collect();
-        let (xk, xfk, ak) = (x.select(Axis(0), &keep), xf.select(Axis(0), &keep), alpha.select(Axis(0), &keep));
+        let (xk, xfk, ak) = (
+            x.select(Axis(0), &keep),
+            xf.select(Axis(0), &keep),
+            alpha.select(Axis(0), &keep),
+        );
         let (a, b) = (stats(&x, Some(&alpha)), stats(&xk, Some(&ak)));
         assert_eq!(a.hessian, b.hessian);
         assert_eq!(a.weight_sum, b.weight_sum);
@@ -173,7 +194,9 @@ fn gptaq_lowers_the_asymmetric_objective() {
         wins += usize::from(oa < og);
     }
     let mean = ratio_sum / seeds as f64;
-    println!("GPTAQ/GPTQ asymmetric objective: mean ratio {mean:.4}, GPTAQ lower on {wins}/{seeds}");
+    println!(
+        "GPTAQ/GPTQ asymmetric objective: mean ratio {mean:.4}, GPTAQ lower on {wins}/{seeds}"
+    );
     assert!(mean < GPTAQ_MAX_MEAN_RATIO, "mean ratio {mean}");
     assert!(wins >= GPTAQ_MIN_WINS, "GPTAQ lower on {wins}/{seeds}");
 }
@@ -201,8 +224,10 @@ fn vlmq_lowers_the_weighted_objective() {
         let c = cfg(3, false);
         let g = solve_layer(w.view(), &stats(&x, None), &c, Method::Gptq).unwrap();
         let v = solve_layer(w.view(), &weighted, &c, Method::Gptq).unwrap();
-        let og = hessian_objective(w.view(), g.dequantized.view(), weighted.hessian.view()).unwrap();
-        let ov = hessian_objective(w.view(), v.dequantized.view(), weighted.hessian.view()).unwrap();
+        let og =
+            hessian_objective(w.view(), g.dequantized.view(), weighted.hessian.view()).unwrap();
+        let ov =
+            hessian_objective(w.view(), v.dequantized.view(), weighted.hessian.view()).unwrap();
         ratio_sum += ov / og;
         wins += usize::from(ov < og);
     }

@@ -16,7 +16,8 @@ use vlmq::{quantize_rtn, solve_layer, Bits, GptqConfig, GroupSize, Method, Quant
 fn vlmq_preserves_text_outputs_better_than_gptq() {
     let seeds = 8u64;
     for bits in [2u32, 3] {
-        let scheme = QuantScheme::new(Bits::new(bits).unwrap()).with_group_size(GroupSize::new(32).unwrap());
+        let scheme =
+            QuantScheme::new(Bits::new(bits).unwrap()).with_group_size(GroupSize::new(32).unwrap());
         let cfg = GptqConfig::new(scheme);
         let (mut ratio_sum, mut wins) = (0.0, 0);
         let (mut g_sum, mut v_sum, mut r_sum) = (0.0, 0.0, 0.0);
@@ -27,8 +28,10 @@ fn vlmq_preserves_text_outputs_better_than_gptq() {
             let mut vlmq = HessianAccumulator::<f32>::new(128);
             let alpha = layer.informative_factors();
             vlmq.add(layer.x.view(), Some(alpha.view())).unwrap();
-            let qg = solve_layer(layer.w.view(), &gptq.finish().unwrap(), &cfg, Method::Gptq).unwrap();
-            let qv = solve_layer(layer.w.view(), &vlmq.finish().unwrap(), &cfg, Method::Gptq).unwrap();
+            let qg =
+                solve_layer(layer.w.view(), &gptq.finish().unwrap(), &cfg, Method::Gptq).unwrap();
+            let qv =
+                solve_layer(layer.w.view(), &vlmq.finish().unwrap(), &cfg, Method::Gptq).unwrap();
             let rtn = quantize_rtn(layer.w.view(), &scheme).unwrap().dequantize();
             let (eg, ev, er) = (
                 layer.text_error(&qg.dequantized),
@@ -49,7 +52,13 @@ fn vlmq_preserves_text_outputs_better_than_gptq() {
             g_sum / n,
             v_sum / n
         );
-        assert!(mean_ratio < 0.75, "{bits}-bit: VLMQ/GPTQ text error ratio {mean_ratio}");
-        assert!(wins as u64 >= seeds - 1, "{bits}-bit: VLMQ better on only {wins}/{seeds}");
+        assert!(
+            mean_ratio < 0.75,
+            "{bits}-bit: VLMQ/GPTQ text error ratio {mean_ratio}"
+        );
+        assert!(
+            wins as u64 >= seeds - 1,
+            "{bits}-bit: VLMQ better on only {wins}/{seeds}"
+        );
     }
 }

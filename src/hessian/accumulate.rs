@@ -67,7 +67,11 @@ impl<T: Scalar> HessianAccumulator<T> {
 
     /// Adds a batch `x` of shape `[tokens, dim]` with optional per-token
     /// importance `alpha` (finite, >= 0; `None` means all ones).
-    pub fn add(&mut self, x: ArrayView2<'_, f32>, alpha: Option<ArrayView1<'_, f32>>) -> Result<()> {
+    pub fn add(
+        &mut self,
+        x: ArrayView2<'_, f32>,
+        alpha: Option<ArrayView1<'_, f32>>,
+    ) -> Result<()> {
         if self.cross.is_some() {
             return Err(Error::InvalidConfig {
                 field: "accumulator",
@@ -110,7 +114,11 @@ impl<T: Scalar> HessianAccumulator<T> {
         let batch_tokens = quantized.nrows();
         let kept = positive_rows(quantized, Some(full), alpha);
         let (quantized, full, alpha) = match &kept {
-            Some((q, f, a)) => (q.view(), f.as_ref().map_or(full, |f| f.view()), Some(a.view())),
+            Some((q, f, a)) => (
+                q.view(),
+                f.as_ref().map_or(full, |f| f.view()),
+                Some(a.view()),
+            ),
             None => (quantized, full, alpha),
         };
         let (xq, weighted, wsum) = self.prepare(quantized, alpha);
@@ -129,7 +137,11 @@ impl<T: Scalar> HessianAccumulator<T> {
     /// Adds another accumulator's sums (same dimension and kind).
     pub fn merge(&mut self, other: &HessianAccumulator<T>) -> Result<()> {
         if other.dim != self.dim {
-            return Err(Error::shape("merged accumulator", &[self.dim], &[other.dim]));
+            return Err(Error::shape(
+                "merged accumulator",
+                &[self.dim],
+                &[other.dim],
+            ));
         }
         if other.cross.is_some() != self.cross.is_some() {
             return Err(Error::InvalidConfig {
@@ -158,7 +170,11 @@ impl<T: Scalar> HessianAccumulator<T> {
         let norm = 2.0 / self.weight_sum;
         let n = self.dim;
         let hessian = Array2::from_shape_fn((n, n), |(i, j)| {
-            let v = if i <= j { self.sum[[i, j]] } else { self.sum[[j, i]] };
+            let v = if i <= j {
+                self.sum[[i, j]]
+            } else {
+                self.sum[[j, i]]
+            };
             (v.wide() * norm) as f32
         });
         let cross = self
@@ -187,7 +203,11 @@ impl<T: Scalar> HessianAccumulator<T> {
             if a.len() != x.nrows() {
                 return Err(Error::shape("importance factors", &[x.nrows()], &[a.len()]));
             }
-            if let Some((token, &value)) = a.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
+            if let Some((token, &value)) = a
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+            {
                 return Err(Error::InvalidImportance { token, value });
             }
         }
@@ -245,7 +265,11 @@ fn positive_rows(
 }
 
 /// `cross += delta^T weighted` (full, non-symmetric), in fixed row tiles.
-fn cross_into<T: Scalar>(cross: &mut Array2<T>, delta: ArrayView2<'_, T>, weighted: ArrayView2<'_, T>) {
+fn cross_into<T: Scalar>(
+    cross: &mut Array2<T>,
+    delta: ArrayView2<'_, T>,
+    weighted: ArrayView2<'_, T>,
+) {
     use crate::linalg::{faer_mut, faer_ref};
     use rayon::prelude::*;
     const TILE: usize = 128;

@@ -106,7 +106,12 @@ impl ImportanceDiagnostics {
 
     /// Adds one sample: its layer inputs `x` (`[tokens, features]`), token
     /// info and factors.
-    pub fn add(&mut self, x: ArrayView2<'_, f32>, tokens: &TokenInfo, alpha: ArrayView1<'_, f32>) -> Result<()> {
+    pub fn add(
+        &mut self,
+        x: ArrayView2<'_, f32>,
+        tokens: &TokenInfo,
+        alpha: ArrayView1<'_, f32>,
+    ) -> Result<()> {
         super::check_tokens(tokens)?;
         let n = tokens.len();
         if x.nrows() != n {
@@ -116,7 +121,11 @@ impl ImportanceDiagnostics {
             return Err(Error::shape("importance factors", &[n], &[alpha.len()]));
         }
         check_finite("layer inputs", x)?;
-        if let Some((token, &value)) = alpha.iter().enumerate().find(|(_, a)| !(a.is_finite() && **a >= 0.0)) {
+        if let Some((token, &value)) = alpha
+            .iter()
+            .enumerate()
+            .find(|(_, a)| !(a.is_finite() && **a >= 0.0))
+        {
             return Err(Error::InvalidImportance { token, value });
         }
         for (t, row) in x.rows().into_iter().enumerate() {
@@ -188,7 +197,15 @@ impl fmt::Display for ImportanceDiagnostics {
         writeln!(
             f,
             "{:<8} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            "modality", "tokens", "tr before", "tr after", "a mean", "a min", "a p50", "a p90", "a max"
+            "modality",
+            "tokens",
+            "tr before",
+            "tr after",
+            "a mean",
+            "a min",
+            "a p50",
+            "a p90",
+            "a max"
         )?;
         for r in self.report() {
             let Some(a) = r.alpha else { continue };

@@ -3,7 +3,9 @@
 use ndarray::Array1;
 
 use super::rng::SplitMix64;
-use super::{check_tokens, check_weight, raw_saliency, SaliencyPower, SampleSignals, TokenImportance};
+use super::{
+    check_tokens, check_weight, raw_saliency, SaliencyPower, SampleSignals, TokenImportance,
+};
 use crate::backend::Modality;
 use crate::error::{Error, Result};
 
@@ -65,7 +67,8 @@ impl PilotScorer {
 
     /// Indices of the valid vision tokens to down-weight.
     fn chosen(&self, sample: &SampleSignals<'_>, vision: &[usize]) -> Result<Vec<usize>> {
-        let k = ((f64::from(self.fraction) * vision.len() as f64).round() as usize).min(vision.len());
+        let k =
+            ((f64::from(self.fraction) * vision.len() as f64).round() as usize).min(vision.len());
         match self.selection {
             PilotSelection::Random { seed } => {
                 let mut pool = vision.to_vec();
@@ -113,7 +116,11 @@ impl TokenImportance for PilotScorer {
         let vision: Vec<usize> = (0..tokens.len())
             .filter(|&t| tokens.valid[t] && tokens.modality[t] == Modality::Vision)
             .collect();
-        let mut alpha: Array1<f32> = tokens.valid.iter().map(|&v| if v { 1.0 } else { 0.0 }).collect();
+        let mut alpha: Array1<f32> = tokens
+            .valid
+            .iter()
+            .map(|&v| if v { 1.0 } else { 0.0 })
+            .collect();
         for t in self.chosen(sample, &vision)? {
             alpha[t] = self.low_weight;
         }

@@ -31,7 +31,10 @@ pub enum SaliencyPower {
 /// assert_eq!(s.to_vec(), vec![5.0, 1.0]);
 /// # Ok::<(), vlmq::Error>(())
 /// ```
-pub fn raw_saliency(gradients: &[ArrayView2<'_, f32>], power: SaliencyPower) -> Result<Array1<f32>> {
+pub fn raw_saliency(
+    gradients: &[ArrayView2<'_, f32>],
+    power: SaliencyPower,
+) -> Result<Array1<f32>> {
     let Some(first) = gradients.first() else {
         return Err(Error::Empty {
             what: "per-token gradients for gradient saliency".into(),
@@ -49,7 +52,10 @@ pub fn raw_saliency(gradients: &[ArrayView2<'_, f32>], power: SaliencyPower) -> 
         }
         check_finite("per-token gradients", *g)?;
         for (a, row) in acc.iter_mut().zip(g.rows()) {
-            *a += row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+            *a += row
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>();
         }
     }
     Ok(acc

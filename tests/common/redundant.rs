@@ -29,7 +29,13 @@ pub struct RedundantLayer {
 
 /// Builds the layer: `vision` tokens around `prototypes` centres, `text`
 /// informative tokens, `n` input and `m` output features.
-pub fn redundant_layer(seed: u64, n: usize, m: usize, vision: usize, text: usize) -> RedundantLayer {
+pub fn redundant_layer(
+    seed: u64,
+    n: usize,
+    m: usize,
+    vision: usize,
+    text: usize,
+) -> RedundantLayer {
     let mut rng = Rng::new(seed);
     let w = Array2::from_shape_fn((m, n), |_| rng.normal());
     let prototypes = 4;
@@ -85,8 +91,16 @@ impl RedundantLayer {
     /// `sum_t ||(W - Q) x_t||^2 / sum_t ||W x_t||^2`.
     pub fn text_error(&self, q: &Array2<f32>) -> f64 {
         let d = &self.w - q;
-        let err = self.text_eval.dot(&d.t()).mapv(|v| f64::from(v).powi(2)).sum();
-        let base = self.text_eval.dot(&self.w.t()).mapv(|v| f64::from(v).powi(2)).sum();
+        let err = self
+            .text_eval
+            .dot(&d.t())
+            .mapv(|v| f64::from(v).powi(2))
+            .sum();
+        let base = self
+            .text_eval
+            .dot(&self.w.t())
+            .mapv(|v| f64::from(v).powi(2))
+            .sum();
         err / base
     }
 }
