@@ -198,6 +198,7 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn make_case(seed: u64, m: usize, n: usize, bits: u32, group: Option<usize>, block: usize, act_order: bool, static_groups: bool, symmetric: bool, gptaq: bool) -> Case {
     let mut rng = Rng::new(seed);
     let w = weight(&mut rng, m, n);

@@ -104,7 +104,7 @@ impl GridFit {
     fn params_for_range(&self, lo: f32, hi: f32) -> GridParams {
         let scale = f16_representable((hi - lo) / self.max_code as f32);
         let zero = if self.scheme.symmetric {
-            (self.max_code + 1) / 2
+            self.max_code.div_ceil(2)
         } else {
             ((-lo / scale).round_ties_even().clamp(0.0, self.max_code as f32)) as u32
         };

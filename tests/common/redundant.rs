@@ -43,7 +43,7 @@ pub fn redundant_layer(
     // Text lives mostly in its own random subspace, with per-feature scales.
     let rank = n / 8;
     let basis = Array2::from_shape_fn((rank, n), |_| rng.normal() / (rank as f32).sqrt());
-    let mut text_row = |rng: &mut Rng| -> Array1<f32> {
+    let text_row = |rng: &mut Rng| -> Array1<f32> {
         let c = Array1::from_shape_fn(rank, |_| rng.normal());
         c.dot(&basis) + &Array1::from_shape_fn(n, |_| 0.1 * rng.normal())
     };
@@ -57,8 +57,7 @@ pub fn redundant_layer(
         let r = text_row(&mut rng);
         x.row_mut(vision + t).assign(&r);
     }
-    let text_eval = Array2::from_shape_fn((256, n), |_| 0.0);
-    let mut text_eval = text_eval;
+    let mut text_eval = Array2::<f32>::zeros((256, n));
     for t in 0..256 {
         let r = text_row(&mut rng);
         text_eval.row_mut(t).assign(&r);
