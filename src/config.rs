@@ -239,7 +239,11 @@ impl Damping {
             return Err(invalid("damping.growth", growth, "must be finite and > 1"));
         }
         if max_attempts == 0 {
-            return Err(invalid("damping.max_attempts", max_attempts, "must be >= 1"));
+            return Err(invalid(
+                "damping.max_attempts",
+                max_attempts,
+                "must be >= 1",
+            ));
         }
         Ok(Damping {
             percent,

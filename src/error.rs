@@ -77,7 +77,9 @@ pub enum Error {
         attempts: usize,
     },
     /// A negative or non-finite importance factor.
-    #[error("invalid importance factor {value} for token {token}: factors must be finite and >= 0")]
+    #[error(
+        "invalid importance factor {value} for token {token}: factors must be finite and >= 0"
+    )]
     InvalidImportance {
         /// Token index.
         token: usize,

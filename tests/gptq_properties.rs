@@ -7,8 +7,8 @@ use ndarray::{Array2, Axis};
 use vlmq::hessian::HessianAccumulator;
 use vlmq::solver::hessian_objective;
 use vlmq::{
-    quantize_rtn, solve_layer, Bits, Damping, Error, GptqConfig, GroupSize, LayerStatistics, Method,
-    QuantScheme,
+    quantize_rtn, solve_layer, Bits, Damping, Error, GptqConfig, GroupSize, LayerStatistics,
+    Method, QuantScheme,
 };
 
 fn stats_of(x: &Array2<f32>) -> LayerStatistics {
@@ -33,11 +33,24 @@ fn identity_hessian_gives_rtn() {
         let w = weight(&mut rng, m, n);
         let c = 0.1 + rng.uniform() as f32 * 10.0;
         let h = Array2::from_diag(&ndarray::Array1::from_elem(n, c));
-        for (bits, group, sym) in [(2, None, false), (3, Some(8), true), (4, Some(16), false), (8, Some(4), false)] {
+        for (bits, group, sym) in [
+            (2, None, false),
+            (3, Some(8), true),
+            (4, Some(16), false),
+            (8, Some(4), false),
+        ] {
             let s = scheme(bits, group).with_symmetric(sym);
             for static_groups in [false, true] {
-                let cfg = GptqConfig::new(s).with_static_groups(static_groups && group.is_some()).with_block_size(5);
-                let sol = solve_layer(w.view(), &LayerStatistics::from_hessian(h.clone()), &cfg, Method::Gptq).unwrap();
+                let cfg = GptqConfig::new(s)
+                    .with_static_groups(static_groups && group.is_some())
+                    .with_block_size(5);
+                let sol = solve_layer(
+                    w.view(),
+                    &LayerStatistics::from_hessian(h.clone()),
+                    &cfg,
+                    Method::Gptq,
+                )
+                .unwrap();
                 let rtn = quantize_rtn(w.view(), &s).unwrap();
                 assert_eq!(sol.weight, rtn, "seed {seed} bits {bits} group {group:?}");
             }
@@ -71,8 +84,14 @@ fn gptq_objective_beats_rtn_across_seeds() {
     }
     let mean_ratio = ratio_sum / seeds as f64;
     println!("GPTQ/RTN objective: mean ratio {mean_ratio:.3}, GPTQ better on {wins}/{seeds} seeds");
-    assert!(wins as f64 >= 0.95 * seeds as f64, "GPTQ better on only {wins}/{seeds}");
-    assert!(mean_ratio < 0.8, "mean GPTQ/RTN objective ratio {mean_ratio}");
+    assert!(
+        wins as f64 >= 0.95 * seeds as f64,
+        "GPTQ better on only {wins}/{seeds}"
+    );
+    assert!(
+        mean_ratio < 0.8,
+        "mean GPTQ/RTN objective ratio {mean_ratio}"
+    );
 }
 
 /// At 8 bits every code is the nearest grid point of the value it was given
@@ -103,8 +122,16 @@ fn eight_bit_reproduces_the_weight_within_the_grid_step() {
             // RTN: nearest grid point; f32 rounding of w / scale allows 1e-4 step.
             assert!((rtn_deq[[o, i]] - w[[o, i]]).abs() <= rstep * (0.5 + 1e-4));
         }
-        assert!(mean_dev <= 1.0, "seed {seed}: mean deviation {mean_dev} steps");
-        let out = hessian_objective(w.view(), Array2::zeros(w.dim()).view(), stats.hessian.view()).unwrap();
+        assert!(
+            mean_dev <= 1.0,
+            "seed {seed}: mean deviation {mean_dev} steps"
+        );
+        let out = hessian_objective(
+            w.view(),
+            Array2::zeros(w.dim()).view(),
+            stats.hessian.view(),
+        )
+        .unwrap();
         let rel = sol.report.objective.unwrap() / out;
         assert!(rel < 1e-4, "seed {seed}: relative output error {rel}");
     }
@@ -146,12 +173,34 @@ fn indefinite_hessian_is_retried_then_reported() {
     let h = ndarray::array![[1.0f32, 10.0], [10.0, 1.0]];
     let w = ndarray::array![[0.3f32, -0.2]];
     let cfg = GptqConfig::new(scheme(4, None)).with_damping(Damping::new(0.01, 10.0, 5).unwrap());
-    let sol = solve_layer(w.view(), &LayerStatistics::from_hessian(h.clone()), &cfg, Method::Gptq).unwrap();
+    let sol = solve_layer(
+        w.view(),
+        &LayerStatistics::from_hessian(h.clone()),
+        &cfg,
+        Method::Gptq,
+    )
+    .unwrap();
     assert_eq!(sol.report.attempts, 4);
     assert!((sol.report.damp_percent - 10.0).abs() < 1e-9);
     let cfg = cfg.with_damping(Damping::new(0.01, 10.0, 3).unwrap());
-    let err = solve_layer(w.view(), &LayerStatistics::from_hessian(h), &cfg, Method::Gptq).unwrap_err();
-    assert!(matches!(err, Error::IndefiniteHessian { dim: 2, attempts: 3, .. }), "{err}");
+    let err = solve_layer(
+        w.view(),
+        &LayerStatistics::from_hessian(h),
+        &cfg,
+        Method::Gptq,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::IndefiniteHessian {
+                dim: 2,
+                attempts: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -160,15 +209,33 @@ fn bad_inputs_give_typed_errors() {
     let h = Array2::<f32>::eye(12);
     let stats = LayerStatistics::from_hessian(h.clone());
     let cfg = GptqConfig::new(scheme(4, Some(5)));
-    assert!(matches!(solve_layer(w.view(), &stats, &cfg, Method::Gptq), Err(Error::InvalidGroupSize { group_size: 5, in_features: 12, .. })));
+    assert!(matches!(
+        solve_layer(w.view(), &stats, &cfg, Method::Gptq),
+        Err(Error::InvalidGroupSize {
+            group_size: 5,
+            in_features: 12,
+            ..
+        })
+    ));
     let cfg = GptqConfig::new(scheme(4, None));
     let mut bad = w.clone();
     bad[[2, 3]] = f32::NAN;
-    assert!(matches!(solve_layer(bad.view(), &stats, &cfg, Method::Gptq), Err(Error::NonFinite { ref index, .. }) if index == &vec![2, 3]));
+    assert!(
+        matches!(solve_layer(bad.view(), &stats, &cfg, Method::Gptq), Err(Error::NonFinite { ref index, .. }) if index == &vec![2, 3])
+    );
     let small = LayerStatistics::from_hessian(Array2::eye(11));
-    assert!(matches!(solve_layer(w.view(), &small, &cfg, Method::Gptq), Err(Error::ShapeMismatch { .. })));
-    assert!(matches!(solve_layer(w.view(), &stats, &cfg, Method::gptaq()), Err(Error::InvalidConfig { .. })));
-    assert!(matches!(solve_layer(w.view(), &stats, &cfg.with_block_size(0), Method::Gptq), Err(Error::InvalidConfig { .. })));
+    assert!(matches!(
+        solve_layer(w.view(), &small, &cfg, Method::Gptq),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        solve_layer(w.view(), &stats, &cfg, Method::gptaq()),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        solve_layer(w.view(), &stats, &cfg.with_block_size(0), Method::Gptq),
+        Err(Error::InvalidConfig { .. })
+    ));
     assert!(matches!(Bits::new(1), Err(Error::InvalidBits { bits: 1 })));
     assert!(Damping::percent(1.0).is_err() && Damping::percent(0.0).is_err());
 }
@@ -180,7 +247,10 @@ fn result_does_not_depend_on_the_thread_count() {
     let x = inputs(&mut rng, 512, 256);
     let cfg = GptqConfig::new(scheme(3, Some(32))).with_act_order(true);
     let run = |threads| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         pool.install(|| {
             let st = stats_of(&x);
             let sol = solve_layer(w.view(), &st, &cfg, Method::Gptq).unwrap();

@@ -97,7 +97,8 @@ fn check_params(fit: &GridFit, vals: &[f64], got: GridParams) -> Result<(), Test
     let want = fit.fit(&v32);
     let ulp = half::f16::from_f32(want.scale).to_f32() * 2f32.powi(-10);
     prop_assert!(
-        (want.scale - got.scale).abs() <= ulp * 1.01 && (i32::from(want.zero) - i32::from(got.zero)).abs() <= 1,
+        (want.scale - got.scale).abs() <= ulp * 1.01
+            && (i32::from(want.zero) - i32::from(got.zero)).abs() <= 1,
         "group parameters differ: reference {want:?}, solver {got:?}"
     );
     Ok(())
@@ -130,7 +131,9 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
     };
     let damp = case.cfg.damping.initial_percent() * h.diag().sum() / n as f64;
     prop_assert_eq!(sol.report.attempts, 1);
-    let hp = Array2::from_shape_fn((n, n), |(i, j)| h[[perm[i], perm[j]]] + if i == j { damp } else { 0.0 });
+    let hp = Array2::from_shape_fn((n, n), |(i, j)| {
+        h[[perm[i], perm[j]]] + if i == j { damp } else { 0.0 }
+    });
     let hinv = spd_inverse(&hp);
     let u = cholesky(&hinv).reversed_axes(); // H^-1 = U^T U, U upper
     let p = match (case.method, &stats.cross) {
@@ -158,28 +161,44 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
             for grp in 0..n / g {
                 let vals: Vec<f32> = (0..g).map(|k| w[[r, grp * g + k]] as f32).collect();
                 let want = fit.fit(&vals);
-                let got = GridParams { scale: scales[[grp, r]], zero: zeros[[grp, r]] };
+                let got = GridParams {
+                    scale: scales[[grp, r]],
+                    zero: zeros[[grp, r]],
+                };
                 prop_assert_eq!(want, got, "static group {} row {}", grp, r);
             }
         }
         for i in 0..n {
             let col = perm[i];
             let grp = g_idx[col] as usize;
-            let expected_grp = if case.cfg.static_groups { col / g } else { i / g };
+            let expected_grp = if case.cfg.static_groups {
+                col / g
+            } else {
+                i / g
+            };
             prop_assert_eq!(grp, expected_grp);
-            let prm = GridParams { scale: scales[[grp, r]], zero: zeros[[grp, r]] };
+            let prm = GridParams {
+                scale: scales[[grp, r]],
+                zero: zeros[[grp, r]],
+            };
             if !case.cfg.static_groups && i % g == 0 {
                 check_params(&fit, &wr[i..i + g], prm)?;
             }
             let x = wr[i] / f64::from(prm.scale);
-            let want = (x.round_ties_even() + f64::from(prm.zero)).clamp(0.0, f64::from(max_code)) as u8;
+            let want =
+                (x.round_ties_even() + f64::from(prm.zero)).clamp(0.0, f64::from(max_code)) as u8;
             let got = codes[[r, col]];
             if want != got {
                 let boundary = (f64::from(want.min(got)) - f64::from(prm.zero)) + 0.5;
                 prop_assert!(
                     (x - boundary).abs() < TIE && want.abs_diff(got) == 1,
                     "row {} col {} (position {}): reference code {} (x/scale = {}), solver {}",
-                    r, col, i, want, x, got
+                    r,
+                    col,
+                    i,
+                    want,
+                    x,
+                    got
                 );
             }
             let q = f64::from(prm.value(got));
@@ -199,7 +218,18 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn make_case(seed: u64, m: usize, n: usize, bits: u32, group: Option<usize>, block: usize, act_order: bool, static_groups: bool, symmetric: bool, gptaq: bool) -> Case {
+fn make_case(
+    seed: u64,
+    m: usize,
+    n: usize,
+    bits: u32,
+    group: Option<usize>,
+    block: usize,
+    act_order: bool,
+    static_groups: bool,
+    symmetric: bool,
+    gptaq: bool,
+) -> Case {
     let mut rng = Rng::new(seed);
     let w = weight(&mut rng, m, n);
     let mut x = inputs(&mut rng, 4 * n, n);
@@ -218,7 +248,13 @@ fn make_case(seed: u64, m: usize, n: usize, bits: u32, group: Option<usize>, blo
         .with_static_groups(static_groups)
         .with_damping(Damping::percent(0.01).unwrap());
     let method = if gptaq { Method::gptaq() } else { Method::Gptq };
-    Case { w, x, xq, cfg, method }
+    Case {
+        w,
+        x,
+        xq,
+        cfg,
+        method,
+    }
 }
 
 fn solve(case: &Case) -> LayerSolution {
@@ -238,7 +274,19 @@ fn solve(case: &Case) -> LayerSolution {
     solve_layer(case.w.view(), &stats, &case.cfg, case.method).unwrap()
 }
 
-fn params() -> impl Strategy<Value = (u64, usize, usize, u32, Option<usize>, usize, bool, bool, bool)> {
+fn params() -> impl Strategy<
+    Value = (
+        u64,
+        usize,
+        usize,
+        u32,
+        Option<usize>,
+        usize,
+        bool,
+        bool,
+        bool,
+    ),
+> {
     (
         any::<u64>(),
         1usize..7,
@@ -281,10 +329,19 @@ fn block_size_does_not_change_the_result_beyond_ties() {
         let mut b = make_case(seed, 16, 64, 3, Some(16), 128, true, false, false, false);
         b.cfg = b.cfg.with_block_size(5);
         let (sa, sb) = (solve(&a), solve(&b));
-        let differ = sa.weight.codes().iter().zip(sb.weight.codes()).filter(|(x, y)| x != y).count();
+        let differ = sa
+            .weight
+            .codes()
+            .iter()
+            .zip(sb.weight.codes())
+            .filter(|(x, y)| x != y)
+            .count();
         // Both are checked against the reference above; here they must agree
         // on all but a vanishing number of tie-breaks (and their cascades).
-        assert!(differ <= 16, "seed {seed}: {differ} of 1024 codes differ between block sizes");
+        assert!(
+            differ <= 16,
+            "seed {seed}: {differ} of 1024 codes differ between block sizes"
+        );
     }
 }
 

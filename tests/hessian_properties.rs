@@ -27,7 +27,11 @@ fn assert_within_reordering(a: &Array2<f32>, b: &Array2<f32>, x: &Array2<f32>) {
     for ((i, j), &va) in a.indexed_iter() {
         let tol = 2.0 * n_tok * eps * abs_sum[[i, j]] + 1e-30;
         let d = (f64::from(va) - f64::from(b[[i, j]])).abs();
-        assert!(d <= tol, "[{i},{j}]: {va} vs {} (tolerance {tol})", b[[i, j]]);
+        assert!(
+            d <= tol,
+            "[{i},{j}]: {va} vs {} (tolerance {tol})",
+            b[[i, j]]
+        );
     }
 }
 
@@ -92,7 +96,11 @@ fn accumulation_is_thread_count_invariant() {
     let mut rng = Rng::new(11);
     let x = inputs(&mut rng, 333, 300);
     let run = |t| {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap().install(|| one_batch(&x, None))
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap()
+            .install(|| one_batch(&x, None))
     };
     let one = run(1);
     assert_eq!(one, run(2));
@@ -120,7 +128,9 @@ fn flip_route_factor_inverts_the_damped_hessian() {
             hd[[i, i]] += f.damp_absolute;
         }
         let prod = u.t().dot(&u).dot(&hd);
-        let err = (&prod - &Array2::<f64>::eye(n)).iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let err = (&prod - &Array2::<f64>::eye(n))
+            .iter()
+            .fold(0.0f64, |m, v| m.max(v.abs()));
         // f32 factor: residual ~ n * 2^-24 * cond(H + dI); cond <= ~1/damp ~ 100 here.
         assert!(err < 1e-3, "seed {seed} n {n}: max |U^T U H - I| = {err}");
     }
@@ -134,9 +144,15 @@ fn invalid_batches_are_rejected() {
     x[[1, 2]] = f32::INFINITY;
     assert!(acc.add(x.view(), None).is_err());
     let ok = Array2::<f32>::ones((2, 3));
-    assert!(acc.add(ok.view(), Some(Array1::from(vec![1.0, -1.0]).view())).is_err());
-    assert!(acc.add(ok.view(), Some(Array1::from(vec![1.0]).view())).is_err());
+    assert!(acc
+        .add(ok.view(), Some(Array1::from(vec![1.0, -1.0]).view()))
+        .is_err());
+    assert!(acc
+        .add(ok.view(), Some(Array1::from(vec![1.0]).view()))
+        .is_err());
     assert!(acc.finish().is_err(), "no tokens were accepted");
     let mut paired = HessianAccumulator::<f32>::with_cross_term(3);
-    assert!(paired.add_paired(ok.view(), Array2::<f32>::ones((3, 3)).view(), None).is_err());
+    assert!(paired
+        .add_paired(ok.view(), Array2::<f32>::ones((3, 3)).view(), None)
+        .is_err());
 }

@@ -129,6 +129,10 @@ pub trait QuantizableModel: Sync {
     fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>>;
 
     /// Replaces a linear's weight (`[out, in]`), e.g. with its dequantized form.
-    fn set_linear_weight(&mut self, block: usize, layer: &str, weight: ArrayView2<'_, f32>)
-        -> Result<()>;
+    fn set_linear_weight(
+        &mut self,
+        block: usize,
+        layer: &str,
+        weight: ArrayView2<'_, f32>,
+    ) -> Result<()>;
 }

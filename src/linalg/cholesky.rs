@@ -29,7 +29,10 @@ pub struct InverseCholesky {
 /// is not finite) `percent` grows by the policy's factor, up to its attempt
 /// limit, after which [`Error::IndefiniteHessian`] is returned. `h` must be
 /// symmetric and finite (only its lower triangle is read, after the flip).
-pub fn inverse_cholesky_upper(h: ArrayView2<'_, f32>, damping: &Damping) -> Result<InverseCholesky> {
+pub fn inverse_cholesky_upper(
+    h: ArrayView2<'_, f32>,
+    damping: &Damping,
+) -> Result<InverseCholesky> {
     let n = h.nrows();
     if h.ncols() != n {
         return Err(Error::shape("Hessian", &[n, n], h.shape()));
@@ -43,7 +46,11 @@ pub fn inverse_cholesky_upper(h: ArrayView2<'_, f32>, damping: &Damping) -> Resu
     let mean_diag = h.diag().iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
     let scale = if mean_diag > 0.0 { mean_diag } else { 1.0 };
     let mut percent = damping.initial_percent();
-    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(n, Par::Seq, Spec::default()));
+    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(
+        n,
+        Par::Seq,
+        Spec::default(),
+    ));
     for attempt in 1..=damping.max_attempts() {
         let damp = percent * scale;
         // Flipped copy: a[i, j] = h[n-1-i, n-1-j] (+ damp on the diagonal).

@@ -8,13 +8,7 @@ use super::view::{faer_mut, faer_ref};
 
 /// Floating-point types the accumulators can store (f32 and f64).
 pub trait Scalar:
-    faer::traits::RealField
-    + num_traits::Float
-    + Default
-    + Send
-    + Sync
-    + std::fmt::Debug
-    + 'static
+    faer::traits::RealField + num_traits::Float + Default + Send + Sync + std::fmt::Debug + 'static
 {
     /// Widens or narrows an f32.
     fn widen(v: f32) -> Self;

@@ -52,7 +52,14 @@ pub fn matmul_into(
     let (m, k) = a.dim();
     let n = b.ncols();
     if m * k * n <= SERIAL_WORK || m <= ROW_TILE {
-        faer::linalg::matmul::matmul(faer_mut(c), accum, faer_ref(a), faer_ref(b), alpha, Par::Seq);
+        faer::linalg::matmul::matmul(
+            faer_mut(c),
+            accum,
+            faer_ref(a),
+            faer_ref(b),
+            alpha,
+            Par::Seq,
+        );
         return;
     }
     c.axis_chunks_iter_mut(Axis(0), ROW_TILE)

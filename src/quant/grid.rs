@@ -106,7 +106,9 @@ impl GridFit {
         let zero = if self.scheme.symmetric {
             self.max_code.div_ceil(2)
         } else {
-            ((-lo / scale).round_ties_even().clamp(0.0, self.max_code as f32)) as u32
+            ((-lo / scale)
+                .round_ties_even()
+                .clamp(0.0, self.max_code as f32)) as u32
         };
         GridParams {
             scale,
@@ -173,7 +175,9 @@ mod tests {
 
     #[test]
     fn mse_search_never_increases_error() {
-        let vals: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 20.0) / 7.0).collect();
+        let vals: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 - 20.0) / 7.0)
+            .collect();
         let base = QuantScheme::new(Bits::new(3).unwrap());
         let plain = GridFit::new(base).fit(&vals);
         let clip = GridFit::new(base.with_mse(Default::default())).fit(&vals);

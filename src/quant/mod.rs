@@ -6,6 +6,6 @@ mod grid;
 mod rtn;
 mod weight;
 
-pub use grid::{GridParams, GridFit};
+pub use grid::{GridFit, GridParams};
 pub use rtn::quantize_rtn;
 pub use weight::QuantizedWeight;

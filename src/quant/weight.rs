@@ -34,10 +34,18 @@ impl QuantizedWeight {
         let (out, inp) = codes.dim();
         let groups = scales.nrows();
         if scales.ncols() != out {
-            return Err(Error::shape("scales [groups, out]", &[groups, out], scales.shape()));
+            return Err(Error::shape(
+                "scales [groups, out]",
+                &[groups, out],
+                scales.shape(),
+            ));
         }
         if zeros.dim() != (groups, out) {
-            return Err(Error::shape("zeros [groups, out]", &[groups, out], zeros.shape()));
+            return Err(Error::shape(
+                "zeros [groups, out]",
+                &[groups, out],
+                zeros.shape(),
+            ));
         }
         if g_idx.len() != inp {
             return Err(Error::shape("g_idx [in]", &[inp], &[g_idx.len()]));

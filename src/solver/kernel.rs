@@ -40,7 +40,12 @@ pub(crate) struct ChunkResult {
 }
 
 /// Solves rows `row0 .. row0 + w.nrows()` of the layer (`w` in natural order).
-pub(crate) fn solve_chunk(shared: &Shared<'_>, w: ArrayView2<'_, f32>, row0: usize, groups: usize) -> ChunkResult {
+pub(crate) fn solve_chunk(
+    shared: &Shared<'_>,
+    w: ArrayView2<'_, f32>,
+    row0: usize,
+    groups: usize,
+) -> ChunkResult {
     let plan = shared.plan;
     let (r, n) = w.dim();
     let max_code = shared.fit.max_code();
@@ -51,7 +56,10 @@ pub(crate) fn solve_chunk(shared: &Shared<'_>, w: ArrayView2<'_, f32>, row0: usi
     let mut codes_p = Array2::<u8>::zeros((r, n));
     let mut err = Array2::<f32>::zeros((r, width));
     let mut saved = shared.p.map(|_| Array2::<f32>::zeros((r, width)));
-    let placeholder = GridParams { scale: 1.0, zero: 0 };
+    let placeholder = GridParams {
+        scale: 1.0,
+        zero: 0,
+    };
     let mut params = Array2::from_elem((groups, r), placeholder);
     if let Some(sp) = shared.static_params {
         params.assign(&sp.slice(s![.., row0..row0 + r]));
@@ -72,9 +80,15 @@ pub(crate) fn solve_chunk(shared: &Shared<'_>, w: ArrayView2<'_, f32>, row0: usi
                     // A group inside the block has its in-block updates in `blk`;
                     // a wider group starts at the block start, where `wc` is current.
                     let fitted = if end <= b1 {
-                        shared.fit.fit(blk.slice(s![row, k..end - b0]).as_slice().expect("contiguous"))
+                        shared.fit.fit(
+                            blk.slice(s![row, k..end - b0])
+                                .as_slice()
+                                .expect("contiguous"),
+                        )
                     } else {
-                        shared.fit.fit(wc.slice(s![row, i..end]).as_slice().expect("contiguous"))
+                        shared
+                            .fit
+                            .fit(wc.slice(s![row, i..end]).as_slice().expect("contiguous"))
                     };
                     params[[group, row]] = fitted;
                 }

@@ -38,7 +38,11 @@ pub fn asymmetric_objective(
         return Err(Error::shape("quantized weight", w.shape(), q.shape()));
     }
     if x_full.dim() != x_quantized.dim() || x_full.ncols() != w.ncols() {
-        return Err(Error::shape("paired inputs", x_full.shape(), x_quantized.shape()));
+        return Err(Error::shape(
+            "paired inputs",
+            x_full.shape(),
+            x_quantized.shape(),
+        ));
     }
     let yq = matmul(x_quantized, q.t());
     let yw = matmul(x_full, w.t());

@@ -28,7 +28,12 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    pub fn new(perm: Vec<usize>, block_size: usize, group_cols: usize, static_groups: bool) -> Self {
+    pub fn new(
+        perm: Vec<usize>,
+        block_size: usize,
+        group_cols: usize,
+        static_groups: bool,
+    ) -> Self {
         let n = perm.len();
         let blocks = block_ranges(n, block_size, group_cols, static_groups);
         Plan {
@@ -70,7 +75,12 @@ impl Plan {
 /// block, blocks are the largest multiple of the group width not above
 /// `block_size`; with wider groups, every group start also starts a block
 /// (at a block start, all earlier updates have reached every later column).
-fn block_ranges(n: usize, block_size: usize, group_cols: usize, static_groups: bool) -> Vec<Range<usize>> {
+fn block_ranges(
+    n: usize,
+    block_size: usize,
+    group_cols: usize,
+    static_groups: bool,
+) -> Vec<Range<usize>> {
     let mut blocks = Vec::new();
     let mut start = 0;
     while start < n {

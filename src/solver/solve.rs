@@ -163,11 +163,15 @@ pub fn solve_layer(
     for (c, chunk) in chunks.iter().enumerate() {
         let rows = c * ROW_CHUNK..c * ROW_CHUNK + chunk.codes.nrows();
         codes.slice_mut(s![rows.clone(), ..]).assign(&chunk.codes);
-        dequantized.slice_mut(s![rows.clone(), ..]).assign(&chunk.dequantized);
+        dequantized
+            .slice_mut(s![rows.clone(), ..])
+            .assign(&chunk.dequantized);
         scales
             .slice_mut(s![.., rows.clone()])
             .assign(&chunk.params.mapv(|p| p.scale));
-        zeros.slice_mut(s![.., rows]).assign(&chunk.params.mapv(|p| p.zero));
+        zeros
+            .slice_mut(s![.., rows])
+            .assign(&chunk.params.mapv(|p| p.zero));
         obs_loss += chunk.obs_loss;
     }
     let weight = QuantizedWeight::new(
@@ -179,7 +183,11 @@ pub fn solve_layer(
         plan.g_idx(),
     )?;
     let objective = if cfg.compute_objective {
-        Some(hessian_objective(w, dequantized.view(), stats.hessian.view())?)
+        Some(hessian_objective(
+            w,
+            dequantized.view(),
+            stats.hessian.view(),
+        )?)
     } else {
         None
     };
@@ -200,7 +208,12 @@ pub fn solve_layer(
 
 /// GPTAQ's `P = strength * triu(C U^T, 1) U` in plan order, with `C` the
 /// cross term permuted like the Hessian.
-fn gptaq_correction(cross: ArrayView2<'_, f32>, perm: &[usize], u: ArrayView2<'_, f32>, strength: f32) -> Array2<f32> {
+fn gptaq_correction(
+    cross: ArrayView2<'_, f32>,
+    perm: &[usize],
+    u: ArrayView2<'_, f32>,
+    strength: f32,
+) -> Array2<f32> {
     let n = perm.len();
     let c = Array2::from_shape_fn((n, n), |(i, j)| cross[[perm[i], perm[j]]]);
     let mut cu = matmul(c.view(), u.t());
@@ -215,7 +228,11 @@ fn gptaq_correction(cross: ArrayView2<'_, f32>, perm: &[usize], u: ArrayView2<'_
 }
 
 /// Grid parameters `[groups, out]` fitted on the original weight, by original column.
-fn static_group_params(w: ArrayView2<'_, f32>, fit: &GridFit, group_cols: usize) -> Array2<GridParams> {
+fn static_group_params(
+    w: ArrayView2<'_, f32>,
+    fit: &GridFit,
+    group_cols: usize,
+) -> Array2<GridParams> {
     let (m, n) = w.dim();
     let groups = n / group_cols;
     let mut row = vec![0.0f32; group_cols];

@@ -47,7 +47,9 @@ pub fn weight(rng: &mut Rng, m: usize, n: usize) -> Array2<f32> {
 pub fn inputs(rng: &mut Rng, tokens: usize, n: usize) -> Array2<f32> {
     let rank = (n / 4).max(1);
     let basis = Array2::from_shape_fn((rank, n), |_| rng.normal());
-    let scale: Vec<f32> = (0..n).map(|_| 10f32.powf(rng.uniform() as f32 - 0.5)).collect();
+    let scale: Vec<f32> = (0..n)
+        .map(|_| 10f32.powf(rng.uniform() as f32 - 0.5))
+        .collect();
     let mut x = Array2::<f32>::zeros((tokens, n));
     for t in 0..tokens {
         let coef: Vec<f32> = (0..rank).map(|_| rng.normal()).collect();
