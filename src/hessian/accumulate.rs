@@ -66,7 +66,10 @@ impl<T: Scalar> HessianAccumulator<T> {
     }
 
     /// Adds a batch `x` of shape `[tokens, dim]` with optional per-token
-    /// importance `alpha` (finite, >= 0; `None` means all ones).
+    /// importance `alpha` (finite, >= 0; `None` means all ones). Tokens of
+    /// weight 0 are dropped before the products: they count in
+    /// [`tokens`](Self::tokens) but the sums are bit-identical to never
+    /// having added them.
     pub fn add(
         &mut self,
         x: ArrayView2<'_, f32>,
