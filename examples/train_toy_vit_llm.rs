@@ -10,7 +10,9 @@ use vlmq::toy::{accuracy, build_model, examples, train, Split, ToyConfig, TrainC
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() -> vlmq::Result<()> {
@@ -30,14 +32,24 @@ fn main() -> vlmq::Result<()> {
         |step| examples(seed, Split::Train, (step * batch) as u64, batch),
         &mut |step, loss| {
             if step % 50 == 0 {
-                eprintln!("step {step:>5}  loss {loss:.4}  {:.0}s", start.elapsed().as_secs_f64());
+                eprintln!(
+                    "step {step:>5}  loss {loss:.4}  {:.0}s",
+                    start.elapsed().as_secs_f64()
+                );
             }
         },
     )?;
     let acc = accuracy(&model, &eval)?;
-    eprintln!("held-out accuracy {:.2}% after {:.0}s", 100.0 * acc, start.elapsed().as_secs_f64());
+    eprintln!(
+        "held-out accuracy {:.2}% after {:.0}s",
+        100.0 * acc,
+        start.elapsed().as_secs_f64()
+    );
     if let Some(dir) = std::path::Path::new(&out).parent() {
-        std::fs::create_dir_all(dir).map_err(|e| vlmq::Error::Io { path: dir.into(), source: e })?;
+        std::fs::create_dir_all(dir).map_err(|e| vlmq::Error::Io {
+            path: dir.into(),
+            source: e,
+        })?;
     }
     save_safetensors(&model, &out, StoreDtype::F32)?;
     eprintln!("wrote {out}");

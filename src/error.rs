@@ -176,7 +176,7 @@ impl Error {
         }
     }
 
-    /// I/O helper that records the path.
+    /// I/O helper that records the path (for the checkpoint and pipeline modules).
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -1,6 +1,6 @@
 //! The streaming accumulator.
 
-use ndarray::{Array2, ArrayView1, ArrayView2, Axis, Zip};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, Zip};
 
 use super::LayerStatistics;
 use crate::error::{Error, Result};
@@ -66,7 +66,10 @@ impl<T: Scalar> HessianAccumulator<T> {
     }
 
     /// Adds a batch `x` of shape `[tokens, dim]` with optional per-token
-    /// importance `alpha` (finite, >= 0; `None` means all ones).
+    /// importance `alpha` (finite, >= 0; `None` means all ones). Tokens of
+    /// weight 0 are dropped before the products: they count in
+    /// [`tokens`](Self::tokens) but the sums are bit-identical to never
+    /// having added them.
     pub fn add(
         &mut self,
         x: ArrayView2<'_, f32>,
@@ -80,9 +83,15 @@ impl<T: Scalar> HessianAccumulator<T> {
             });
         }
         self.check_batch("layer input", x, alpha)?;
+        let batch_tokens = x.nrows();
+        let kept = positive_rows(x, None, alpha);
+        let (x, alpha) = match &kept {
+            Some((x, _, a)) => (x.view(), Some(a.view())),
+            None => (x, alpha),
+        };
         let (xt, weighted, wsum) = self.prepare(x, alpha);
         gram_upper_into(&mut self.sum, weighted.view(), xt.view());
-        self.tokens += x.nrows();
+        self.tokens += batch_tokens;
         self.weight_sum += wsum;
         Ok(())
     }
@@ -105,6 +114,16 @@ impl<T: Scalar> HessianAccumulator<T> {
         }
         self.check_batch("quantized-path layer input", quantized, alpha)?;
         check_finite("full-precision layer input", full)?;
+        let batch_tokens = quantized.nrows();
+        let kept = positive_rows(quantized, Some(full), alpha);
+        let (quantized, full, alpha) = match &kept {
+            Some((q, f, a)) => (
+                q.view(),
+                f.as_ref().map_or(full, |f| f.view()),
+                Some(a.view()),
+            ),
+            None => (quantized, full, alpha),
+        };
         let (xq, weighted, wsum) = self.prepare(quantized, alpha);
         gram_upper_into(&mut self.sum, weighted.view(), xq.view());
         if let Some(cross) = self.cross.as_mut() {
@@ -113,7 +132,7 @@ impl<T: Scalar> HessianAccumulator<T> {
                 .map_collect(|&f, &q| T::widen(f) - T::widen(q));
             cross_into(cross, delta.view(), weighted.view());
         }
-        self.tokens += quantized.nrows();
+        self.tokens += batch_tokens;
         self.weight_sum += wsum;
         Ok(())
     }
@@ -221,6 +240,31 @@ impl<T: Scalar> HessianAccumulator<T> {
             }
         }
     }
+}
+
+/// Rows with positive weight (of `x`, of `paired` when given, and of
+/// `alpha`) when some token has weight 0; `None` when every token is kept.
+///
+/// Dropping zero-weight tokens before the products (instead of multiplying
+/// them by 0) makes a token with `alpha = 0` bit-identical to a token never
+/// seen, whatever the product kernel's summation order, and skips the work
+/// for padding.
+#[allow(clippy::type_complexity)]
+fn positive_rows(
+    x: ArrayView2<'_, f32>,
+    paired: Option<ArrayView2<'_, f32>>,
+    alpha: Option<ArrayView1<'_, f32>>,
+) -> Option<(Array2<f32>, Option<Array2<f32>>, Array1<f32>)> {
+    let a = alpha?;
+    if a.iter().all(|&v| v > 0.0) {
+        return None;
+    }
+    let keep: Vec<usize> = (0..a.len()).filter(|&t| a[t] > 0.0).collect();
+    Some((
+        x.select(Axis(0), &keep),
+        paired.map(|p| p.select(Axis(0), &keep)),
+        a.select(Axis(0), &keep),
+    ))
 }
 
 /// `cross += delta^T weighted` (full, non-symmetric), in fixed row tiles.

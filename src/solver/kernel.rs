@@ -96,7 +96,11 @@ pub(crate) fn solve_chunk(
             let d = u[[i, i]];
             let u_row = u.slice(s![i, i + 1..b1]);
             let u_row = u_row.as_slice().expect("row-major factor");
-            let p_row = shared.p.map(|p| p.slice_move(s![i, i + 1..b1]));
+            let p_row = shared.p.map(|p| {
+                p.slice_move(s![i, i + 1..b1])
+                    .to_slice()
+                    .expect("row-major correction")
+            });
             for row in 0..r {
                 let prm = params[[group, row]];
                 let mut br = blk.row_mut(row);
@@ -110,13 +114,19 @@ pub(crate) fn solve_chunk(
                 err[[row, k]] = e;
                 br[k] = q;
                 let rest = &mut br[k + 1..];
-                for (x, &uv) in rest.iter_mut().zip(u_row) {
-                    *x -= e * uv;
-                }
-                if let (Some(pr), Some(sv)) = (p_row.as_ref(), saved.as_mut()) {
-                    sv[[row, k]] = wv;
-                    for (x, &pv) in rest.iter_mut().zip(pr.iter()) {
-                        *x += wv * pv;
+                match (p_row, saved.as_mut()) {
+                    (Some(pr), Some(sv)) => {
+                        // One pass over slices; same roundings as GPTQ's
+                        // update followed by GPTAQ's.
+                        sv[[row, k]] = wv;
+                        for ((x, &uv), &pv) in rest.iter_mut().zip(u_row).zip(pr) {
+                            *x = *x - e * uv + wv * pv;
+                        }
+                    }
+                    _ => {
+                        for (x, &uv) in rest.iter_mut().zip(u_row) {
+                            *x -= e * uv;
+                        }
                     }
                 }
             }

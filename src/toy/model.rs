@@ -8,8 +8,8 @@ use rayon::prelude::*;
 use super::task::{vocab, VqaExample, PATCH_DIM, VISION_TOKENS};
 use crate::error::Result;
 use crate::nn::{
-    Adam, Block, BlockConfig, Embedding, Grads, LmHead, Linear, Norm, NormKind, PatchEmbedding, Projector, Rng,
-    Sample, SequenceModel, TransformerBlock, Vision,
+    Adam, Block, BlockConfig, Embedding, Grads, Linear, LmHead, Norm, NormKind, PatchEmbedding,
+    Projector, Rng, Sample, SequenceModel, TransformerBlock, Vision,
 };
 
 /// Sizes of the toy model.
@@ -59,7 +59,12 @@ pub fn build_model(cfg: ToyConfig, seed: u64) -> Result<SequenceModel> {
         blocks.push(Block::Transformer(TransformerBlock::init(&mut rng, bc)?));
     }
     SequenceModel::new(
-        Some(PatchEmbedding::init(&mut rng, PATCH_DIM, cfg.d_vit, VISION_TOKENS)),
+        Some(PatchEmbedding::init(
+            &mut rng,
+            PATCH_DIM,
+            cfg.d_vit,
+            VISION_TOKENS,
+        )),
         Embedding::init(&mut rng, vocab::SIZE, cfg.d_lm),
         blocks,
         Norm::new(NormKind::Rms, cfg.d_lm),

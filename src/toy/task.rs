@@ -13,7 +13,7 @@
 use ndarray::Array2;
 
 /// Patches per side.
-pub const GRID: usize = 12;
+pub const GRID: usize = 8;
 /// Pixels per patch side.
 pub const PATCH: usize = 4;
 /// Values per flattened patch (RGB).
@@ -204,7 +204,11 @@ fn try_example(rng: &mut Rng) -> Option<VqaExample> {
         ),
         _ => return None,
     };
-    let bg = [0.3 + 0.2 * rng.uniform(), 0.3 + 0.2 * rng.uniform(), 0.3 + 0.2 * rng.uniform()];
+    let bg = [
+        0.3 + 0.2 * rng.uniform(),
+        0.3 + 0.2 * rng.uniform(),
+        0.3 + 0.2 * rng.uniform(),
+    ];
     let mut patches = Array2::<f32>::zeros((VISION_TOKENS, PATCH_DIM));
     for (cell, mut row) in patches.outer_iter_mut().enumerate() {
         let obj = objects.iter().find(|o| o.cell == cell);
@@ -229,7 +233,9 @@ fn try_example(rng: &mut Rng) -> Option<VqaExample> {
 
 /// `count` consecutive examples of a split.
 pub fn examples(seed: u64, split: Split, start: u64, count: usize) -> Vec<VqaExample> {
-    (0..count as u64).map(|i| example(seed, split, start + i)).collect()
+    (0..count as u64)
+        .map(|i| example(seed, split, start + i))
+        .collect()
 }
 
 #[cfg(test)]
