@@ -479,3 +479,37 @@ fn bad_inputs_are_typed_errors_naming_block_and_layer() {
     .unwrap_err();
     assert!(matches!(err, Error::Backend { .. }), "{err}");
 }
+
+#[test]
+fn any_token_importance_scorer_plugs_in() {
+    use vlmq::importance::{ModalityWeights, PilotScorer, PilotSelection};
+    let data = samples(11, 6, 16);
+    let cfg = config(QuantMethod::Vlmq);
+    let down = ModalityWeights::new(0.1, 1.0, 1.0).unwrap();
+    let mut model = TinyModel::new(12, 16, 24, 2);
+    let out = quantize_model(&mut model, &data, &cfg, Some(&down), &mut |_| {}).unwrap();
+    let s = out.report.layers[0].shares;
+    assert!(s.vision_after < s.vision_before, "{s:?}");
+    assert!(
+        (s.mean_alpha_vision - 0.1).abs() < 1e-6 && (s.mean_alpha_text - 1.0).abs() < 1e-6,
+        "{s:?}"
+    );
+
+    // The pilot scorer that down-weights the lowest-saliency half of the vision tokens.
+    let pilot = PilotScorer::new(0.5, 0.1, PilotSelection::LowestSaliency).unwrap();
+    let mut model = TinyModel::new(12, 16, 24, 2);
+    let out = quantize_model(&mut model, &data, &cfg, Some(&pilot), &mut |_| {}).unwrap();
+    assert!(out.report.layers[0].shares.mean_alpha_vision < 1.0);
+
+    // Methods without importance ignore the scorer: plain GPTQ weights.
+    let mut a = TinyModel::new(12, 16, 24, 2);
+    let mut b = TinyModel::new(12, 16, 24, 2);
+    let gptq = config(QuantMethod::Gptq);
+    let wa = quantize_model(&mut a, &data, &gptq, Some(&down), &mut |_| {})
+        .unwrap()
+        .weights;
+    let wb = quantize_model(&mut b, &data, &gptq, None, &mut |_| {})
+        .unwrap()
+        .weights;
+    assert_eq!(wa, wb);
+}

@@ -228,6 +228,34 @@ impl SequenceModel {
         })
     }
 
+    /// Runs linear `layer` of block `block` through `kernel` (e.g. a packed
+    /// linear) instead of its dense weight; the bias is kept.
+    pub fn set_linear_kernel(
+        &mut self,
+        block: usize,
+        layer: &str,
+        kernel: std::sync::Arc<dyn super::linear::LinearKernel>,
+    ) -> Result<()> {
+        self.block(block)?;
+        match &mut self.blocks[block] {
+            Block::Transformer(t) => t.set_linear_kernel(layer, kernel),
+            Block::Projector(p) if layer == "proj" => p.proj.set_kernel(kernel),
+            Block::Projector(_) => Err(Error::Backend {
+                block,
+                layer: Some(layer.to_string()),
+                reason: "no such linear".into(),
+            }),
+        }
+        .map_err(|e| match e {
+            Error::Backend { layer, reason, .. } => Error::Backend {
+                block,
+                layer,
+                reason,
+            },
+            other => other,
+        })
+    }
+
     /// The key padding mask at block `block`'s input, after checking the sample.
     fn mask(&self, block: usize, sample: &Sample) -> Result<Option<Vec<bool>>> {
         let Some(valid) = &sample.valid else {

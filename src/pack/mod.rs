@@ -29,6 +29,7 @@ mod bits;
 mod checkpoint_read;
 mod checkpoint_write;
 mod config_json;
+mod packed_kernel;
 mod packed_linear;
 mod tensor;
 

@@ -7,7 +7,7 @@ use crate::config::{GptqConfig, QuantScheme};
 use crate::error::{Error, Result};
 use crate::solver::Method;
 
-use super::saliency::SaliencyPower;
+use crate::importance::{Normalization, SaliencyPower};
 
 /// The quantization method of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -114,12 +114,11 @@ pub struct ImportanceOptions {
     pub source: GradientSource,
     /// Per input group (default) or one factor set per block from the block-output gradient.
     pub per_block: bool,
-    /// Saliency power: squared gradient (Fisher-style, default) or its L2 norm.
+    /// Saliency power of the default scorer: squared gradient norm
+    /// (Fisher-style, default) or the norm itself.
     pub power: SaliencyPower,
-    /// Smallest factor after the per-sample mean-1 normalization.
-    pub floor: f32,
-    /// Optional largest factor.
-    pub cap: Option<f32>,
+    /// Per-sample mean-1 normalization, floor and cap of the default scorer.
+    pub normalization: Normalization,
 }
 
 impl Default for ImportanceOptions {
@@ -127,9 +126,8 @@ impl Default for ImportanceOptions {
         ImportanceOptions {
             source: GradientSource::TaskLoss,
             per_block: false,
-            power: SaliencyPower::Squared,
-            floor: 0.05,
-            cap: None,
+            power: SaliencyPower::Two,
+            normalization: Normalization::default(),
         }
     }
 }
@@ -190,23 +188,6 @@ impl PipelineConfig {
                 value: self.gptaq_strength.to_string(),
                 reason: "must be finite",
             });
-        }
-        let o = &self.importance;
-        if !(o.floor.is_finite() && o.floor >= 0.0) {
-            return Err(Error::InvalidConfig {
-                field: "importance.floor",
-                value: o.floor.to_string(),
-                reason: "must be finite and >= 0",
-            });
-        }
-        if let Some(cap) = o.cap {
-            if !(cap.is_finite() && cap >= o.floor.max(1.0)) {
-                return Err(Error::InvalidConfig {
-                    field: "importance.cap",
-                    value: cap.to_string(),
-                    reason: "must be finite and >= max(floor, 1)",
-                });
-            }
         }
         Ok(())
     }

@@ -7,23 +7,29 @@ use ndarray::{concatenate, Array1, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
 use super::config::{GradientSource, PipelineConfig};
-use super::factors::{FactorSource, SaliencyFactors, UniformFactors};
 use super::progress::Progress;
-use super::report::{LayerReport, PipelineReport, QuantizedModel, TraceTally};
+use super::report::{LayerReport, PipelineReport, QuantizedModel, TraceShares};
 use super::saliency::{group_index, task_loss_saliency, GroupSink, SaliencyMaps};
 use super::state::RunState;
 use crate::backend::{LinearInfo, QuantizableModel, RowSink, TokenInfo};
 use crate::config::GptqConfig;
 use crate::error::{Error, Result};
 use crate::hessian::{HessianAccumulator, LayerStatistics};
+use crate::importance::{
+    GradientSaliency, ImportanceDiagnostics, SampleSignals, TokenImportance, Uniform,
+};
 use crate::quant::{quantize_rtn, QuantizedWeight};
 use crate::solver::{hessian_objective, solve_layer};
 
 /// Quantizes `model` block by block with calibration `samples`.
 ///
-/// `factors` overrides how VLMQ methods turn saliency into token weights
-/// (default: [`SaliencyFactors`] with the configured floor and cap); it is
-/// ignored by methods without importance. `progress` is called after every
+/// `scorer` overrides how VLMQ methods weight tokens (default:
+/// [`GradientSaliency`] with the configured power and normalization); any
+/// [`TokenImportance`] works, e.g. the pilot-study or per-modality scorers.
+/// Gradient-driven scorers see, per token, the root of the summed squared
+/// gradients of the layers being quantized (one column), so their power-1 and
+/// power-2 saliencies are the gradient norm and its square. Methods without
+/// importance ignore `scorer` and weight every valid token 1. `progress` is called after every
 /// quantized layer. On success the model holds the dequantized weights and the
 /// returned [`QuantizedModel`] holds codes and grids for packing.
 ///
@@ -34,7 +40,7 @@ pub fn quantize_model<M: QuantizableModel>(
     model: &mut M,
     samples: &[M::Sample],
     cfg: &PipelineConfig,
-    factors: Option<&dyn FactorSource>,
+    scorer: Option<&dyn TokenImportance>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<QuantizedModel> {
     let start = Instant::now();
@@ -70,19 +76,16 @@ pub fn quantize_model<M: QuantizableModel>(
     let needs_imp = cfg.method.needs_importance();
     let imp_start = Instant::now();
     let saliency = if needs_imp && cfg.importance.source == GradientSource::TaskLoss {
-        Some(task_loss_saliency(&*model, samples, cfg.importance.power)?)
+        Some(task_loss_saliency(&*model, samples)?)
     } else {
         None
     };
     let importance_seconds = imp_start.elapsed().as_secs_f64();
-    let default_factors = SaliencyFactors {
-        floor: cfg.importance.floor,
-        cap: cfg.importance.cap,
-    };
-    let factor_src: &dyn FactorSource = if needs_imp {
-        factors.unwrap_or(&default_factors)
+    let default_scorer = GradientSaliency::new(cfg.importance.power, cfg.importance.normalization);
+    let scorer: &dyn TokenImportance = if needs_imp {
+        scorer.unwrap_or(&default_scorer)
     } else {
-        &UniformFactors
+        &Uniform
     };
 
     let mut q_stream: Vec<M::Hidden> = samples
@@ -143,7 +146,7 @@ pub fn quantize_model<M: QuantizableModel>(
         for (k, group) in groups.iter().enumerate() {
             let (q_caps, _) = capture(&*model, b, &q_stream, samples, &group_inputs[k..=k], false)?;
             let x = stack_rows(b, &group[0], q_caps.iter().map(|c| c[0].as_ref()), &infos)?;
-            let alpha = sample_factors(factor_src, &infos, |i| {
+            let alpha = sample_factors(scorer, &infos, |i| {
                 if cfg.importance.per_block {
                     match (&saliency, &local_saliency) {
                         (Some(s), _) => s.block(b, i),
@@ -158,17 +161,20 @@ pub fn quantize_model<M: QuantizableModel>(
                     }
                 }
             })?;
-            let mut tally = TraceTally::default();
+            let mut diagnostics = ImportanceDiagnostics::new();
             let mut offset = 0;
             for info in &infos {
-                let rows = x.slice(ndarray::s![offset..offset + info.len(), ..]);
-                tally.add(
-                    rows,
-                    info,
-                    Some(&alpha.as_slice().expect("contiguous")[offset..offset + info.len()]),
-                );
+                let rows = offset..offset + info.len();
+                diagnostics
+                    .add(
+                        x.slice(ndarray::s![rows.clone(), ..]),
+                        info,
+                        alpha.slice(ndarray::s![rows]),
+                    )
+                    .map_err(|e| in_layer(b, &group[0].name, e))?;
                 offset += info.len();
             }
+            let shares = TraceShares::from_diagnostics(&diagnostics);
             let stats = match &fp_caps {
                 Some(fc) => {
                     let xf = stack_rows(b, &group[0], fc.iter().map(|c| c[k].as_ref()), &infos)?;
@@ -184,8 +190,7 @@ pub fn quantize_model<M: QuantizableModel>(
             }
             .map_err(|e| in_layer(b, &group[0].name, e))?;
             let unweighted = if needs_imp {
-                let ones = UniformFactors;
-                let a = sample_factors(&ones, &infos, |_| None)?;
+                let a = sample_factors(&Uniform, &infos, |_| None)?;
                 let mut acc = HessianAccumulator::<f32>::new(x.ncols());
                 acc.add(x.view(), Some(a.view()))?;
                 Some(acc.finish().map_err(|e| in_layer(b, &group[0].name, e))?)
@@ -237,7 +242,7 @@ pub fn quantize_model<M: QuantizableModel>(
                     objective_unweighted,
                     damp_percent: damp,
                     seconds: t0.elapsed().as_secs_f64(),
-                    shares: tally.shares(),
+                    shares,
                 };
                 done += 1;
                 let elapsed = start.elapsed();
@@ -419,15 +424,22 @@ fn stack_rows<'a>(
     concatenate(Axis(0), &views).map_err(|e| fail(e.to_string()))
 }
 
-/// Concatenated factors of every sample, checked.
+/// Concatenated factors of every sample, checked. `saliency(i)` is sample
+/// `i`'s per-token sum of squared gradients, when there is one.
 fn sample_factors<'s>(
-    src: &dyn FactorSource,
+    scorer: &dyn TokenImportance,
     infos: &[TokenInfo],
     saliency: impl Fn(usize) -> Option<ndarray::ArrayView1<'s, f32>>,
 ) -> Result<Array1<f32>> {
     let mut all = Vec::new();
     for (i, info) in infos.iter().enumerate() {
-        let f = src.factors(info, saliency(i), i)?;
+        let norms = scorer.needs_gradients().then(|| match saliency(i) {
+            Some(s) => s.mapv(f32::sqrt).insert_axis(Axis(1)),
+            None => Array2::zeros((info.len(), 1)),
+        });
+        let views: Vec<ArrayView2<'_, f32>> = norms.iter().map(|n| n.view()).collect();
+        let signals = SampleSignals::new(info, i as u64).with_gradients(&views);
+        let f = scorer.factors(&signals)?;
         if f.len() != info.len() {
             return Err(Error::shape(
                 format!("importance factors of sample {i}"),
@@ -464,7 +476,7 @@ fn block_local_saliency<M: QuantizableModel>(
         .map(|(h, s)| {
             let mut sink = GroupSink::new(&group_of, n_groups);
             model.block_local_backward(b, h, s, &perturb, &mut sink)?;
-            sink.finish(b, cfg.importance.power)
+            sink.finish(b)
         })
         .collect::<Result<_>>()?;
     let mut groups = vec![Vec::with_capacity(samples.len()); n_groups];

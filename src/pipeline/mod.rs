@@ -10,7 +10,6 @@
 
 mod config;
 mod driver;
-mod factors;
 mod progress;
 mod report;
 mod saliency;
@@ -18,7 +17,6 @@ mod state;
 
 pub use config::{BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod};
 pub use driver::quantize_model;
-pub use factors::{FactorSource, SaliencyFactors, UniformFactors};
 pub use progress::Progress;
-pub use report::{LayerReport, PipelineReport, QuantizedModel};
-pub use saliency::{SaliencyMaps, SaliencyPower};
+pub use report::{LayerReport, PipelineReport, QuantizedModel, TraceShares};
+pub use saliency::SaliencyMaps;

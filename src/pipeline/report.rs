@@ -3,9 +3,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use ndarray::ArrayView2;
-
-use crate::backend::{Modality, TokenInfo};
+use crate::backend::Modality;
+use crate::importance::ImportanceDiagnostics;
 use crate::quant::QuantizedWeight;
 
 use super::config::QuantMethod;
@@ -29,63 +28,23 @@ pub struct TraceShares {
     pub mean_alpha_text: f64,
 }
 
-/// Running sums behind [`TraceShares`].
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct TraceTally {
-    before: [f64; 3],
-    after: [f64; 3],
-    alpha_sum: [f64; 3],
-    count: [f64; 3],
-}
-
-impl TraceTally {
-    pub(crate) fn add(
-        &mut self,
-        rows: ArrayView2<'_, f32>,
-        info: &TokenInfo,
-        alpha: Option<&[f32]>,
-    ) {
-        for (t, row) in rows.outer_iter().enumerate() {
-            if !info.valid[t] {
-                continue;
-            }
-            let k = match info.modality[t] {
-                Modality::Vision => 0,
-                Modality::Text => 1,
-                Modality::Other => 2,
-            };
-            let a = alpha.map_or(1.0, |a| f64::from(a[t]));
-            let norm: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-            self.before[k] += norm;
-            self.after[k] += a * norm;
-            self.alpha_sum[k] += a;
-            self.count[k] += 1.0;
-        }
-    }
-
-    pub(crate) fn shares(&self) -> TraceShares {
-        let share = |v: &[f64; 3], k: usize| {
-            let total: f64 = v.iter().sum();
-            if total > 0.0 {
-                v[k] / total
-            } else {
-                0.0
-            }
-        };
-        let mean = |k: usize| {
-            if self.count[k] > 0.0 {
-                self.alpha_sum[k] / self.count[k]
-            } else {
-                0.0
-            }
+impl TraceShares {
+    /// The shares and mean factors recorded by `d`.
+    pub fn from_diagnostics(d: &ImportanceDiagnostics) -> Self {
+        let mean_alpha = |m: Modality| {
+            d.report()
+                .iter()
+                .find(|r| r.modality == m)
+                .and_then(|r| r.alpha)
+                .map_or(0.0, |a| a.mean)
         };
         TraceShares {
-            vision_before: share(&self.before, 0),
-            vision_after: share(&self.after, 0),
-            text_before: share(&self.before, 1),
-            text_after: share(&self.after, 1),
-            mean_alpha_vision: mean(0),
-            mean_alpha_text: mean(1),
+            vision_before: d.trace_share_before(Modality::Vision),
+            vision_after: d.trace_share_after(Modality::Vision),
+            text_before: d.trace_share_before(Modality::Text),
+            text_after: d.trace_share_after(Modality::Text),
+            mean_alpha_vision: mean_alpha(Modality::Vision),
+            mean_alpha_text: mean_alpha(Modality::Text),
         }
     }
 }

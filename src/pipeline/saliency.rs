@@ -8,28 +8,11 @@ use rayon::prelude::*;
 use crate::backend::{QuantizableModel, RowSink};
 use crate::error::{Error, Result};
 
-/// How a gradient row becomes a saliency.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SaliencyPower {
-    /// `||g_t||_2` (power 1).
-    Norm,
-    /// `||g_t||_2^2` (power 2, Fisher-style; the default).
-    #[default]
-    Squared,
-}
-
-impl SaliencyPower {
-    fn finish(self, sum_sq: f32) -> f32 {
-        match self {
-            SaliencyPower::Norm => sum_sq.sqrt(),
-            SaliencyPower::Squared => sum_sq,
-        }
-    }
-}
-
-/// Raw per-token saliency of every calibration sample, per block and input
-/// group (from the gradients at the group's linear outputs) and per block
-/// (from the gradient at the block output). `None` for samples without targets.
+/// Per-token squared gradient norms of every calibration sample, per block
+/// and input group (summed over the gradients at the group's linear
+/// outputs) and per block (the gradient at the block output). `None` for
+/// samples without targets. Storing `sum g^2` keeps one float per token
+/// whatever power a scorer applies later.
 #[derive(Debug, Clone, Default)]
 pub struct SaliencyMaps {
     groups: Vec<Vec<Vec<Option<Array1<f32>>>>>,
@@ -84,11 +67,7 @@ impl<'a> GroupSink<'a> {
         }
     }
 
-    pub(crate) fn finish(
-        self,
-        block: usize,
-        power: SaliencyPower,
-    ) -> Result<Vec<Option<Array1<f32>>>> {
+    pub(crate) fn finish(self, block: usize) -> Result<Vec<Option<Array1<f32>>>> {
         if let Some(layer) = self.unknown {
             return Err(Error::Backend {
                 block,
@@ -96,11 +75,7 @@ impl<'a> GroupSink<'a> {
                 reason: "the block showed a gradient for a layer it does not list".into(),
             });
         }
-        Ok(self
-            .sums
-            .into_iter()
-            .map(|s| s.map(|a| a.mapv(|v| power.finish(v))))
-            .collect())
+        Ok(self.sums)
     }
 }
 
@@ -132,15 +107,9 @@ pub(crate) fn group_index<M: QuantizableModel>(model: &M, block: usize) -> HashM
         .collect()
 }
 
-fn row_saliency<M: QuantizableModel>(
-    model: &M,
-    grad: &M::Hidden,
-    power: SaliencyPower,
-) -> Array1<f32> {
+fn row_saliency<M: QuantizableModel>(model: &M, grad: &M::Hidden) -> Array1<f32> {
     let rows = model.hidden_rows(grad);
-    rows.map_axis(ndarray::Axis(1), |r| {
-        power.finish(r.iter().map(|v| v * v).sum::<f32>())
-    })
+    rows.map_axis(ndarray::Axis(1), |r| r.iter().map(|v| v * v).sum::<f32>())
 }
 
 /// One sample's backward result: input gradient, group saliencies, block saliency.
@@ -152,7 +121,6 @@ type BackwardOut<H> = (Option<H>, Vec<Option<Array1<f32>>>, Option<Array1<f32>>)
 pub(crate) fn task_loss_saliency<M: QuantizableModel>(
     model: &M,
     samples: &[M::Sample],
-    power: SaliencyPower,
 ) -> Result<SaliencyMaps> {
     let nb = model.num_blocks();
     let mut hidden: Vec<M::Hidden> = samples
@@ -193,10 +161,10 @@ pub(crate) fn task_loss_saliency<M: QuantizableModel>(
                 let Some(g) = g else {
                     return Ok((None, vec![None; n_groups], None));
                 };
-                let out_sal = row_saliency(model, g, power);
+                let out_sal = row_saliency(model, g);
                 let mut sink = GroupSink::new(&group_of, n_groups);
                 let gin = model.block_backward(b, x, s, g, Some(&mut sink))?;
-                Ok((Some(gin), sink.finish(b, power)?, Some(out_sal)))
+                Ok((Some(gin), sink.finish(b)?, Some(out_sal)))
             })
             .collect::<Result<_>>()?;
         let mut per_group = vec![Vec::with_capacity(samples.len()); n_groups];

@@ -118,7 +118,7 @@ impl Default for TrainConfig {
         TrainConfig {
             steps: 1500,
             batch: 32,
-            lr: 3e-3,
+            lr: 5e-3,
             weight_decay: 0.01,
         }
     }

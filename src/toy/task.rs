@@ -7,8 +7,9 @@
 //! vision token per patch). The background is one dull colour with faint
 //! noise; 1 to 4 objects each fill one patch with a saturated colour in one
 //! of four shapes. Questions: the colour of a shape, the shape of a colour,
-//! how many objects have a colour, and which quadrant a shape is in. Every
-//! sample is a pure function of `(seed, index)`.
+//! and which quadrant a shape is in (always about an object that is unique
+//! in what the question names). Every sample is a pure function of
+//! `(seed, index)`.
 
 use ndarray::Array2;
 
@@ -41,31 +42,25 @@ const MASKS: [[u8; 16]; 4] = [
 ];
 /// Quadrant answers.
 pub const QUADRANTS: [&str; 4] = ["top-left", "top-right", "bottom-left", "bottom-right"];
-/// Largest count asked about.
-pub const MAX_COUNT: usize = 3;
 
-/// Token ids of the task's vocabulary.
+/// Token ids of the task's vocabulary. A question is one token that names
+/// both what is asked and about which object (e.g. "colour of the cross"),
+/// so answering takes one attention hop from the question to the object.
 pub mod vocab {
-    /// "what colour is the <shape>"
-    pub const Q_COLOR: usize = 0;
-    /// "what shape is the <colour> object"
-    pub const Q_SHAPE: usize = 1;
-    /// "how many <colour> objects"
-    pub const Q_COUNT: usize = 2;
-    /// "where is the <shape>"
-    pub const Q_WHERE: usize = 3;
-    /// First colour token (6 follow).
-    pub const COLOR0: usize = 4;
-    /// First shape token (4 follow).
-    pub const SHAPE0: usize = 10;
-    /// First count token, 0..=3 (4 follow).
-    pub const COUNT0: usize = 14;
-    /// First quadrant token (4 follow).
-    pub const QUAD0: usize = 18;
-    /// The question mark that ends a question; the answer is predicted there.
-    pub const ASK: usize = 22;
+    /// "what colour is the <shape>": 4 tokens, one per shape.
+    pub const ASK_COLOR0: usize = 0;
+    /// "what shape is the <colour> object": 6 tokens, one per colour.
+    pub const ASK_SHAPE0: usize = 4;
+    /// "where is the <shape>": 4 tokens, one per shape.
+    pub const ASK_WHERE0: usize = 10;
+    /// First colour answer (6 follow).
+    pub const COLOR0: usize = 14;
+    /// First shape answer (4 follow).
+    pub const SHAPE0: usize = 20;
+    /// First quadrant answer (4 follow).
+    pub const QUAD0: usize = 24;
     /// Vocabulary size.
-    pub const SIZE: usize = 23;
+    pub const SIZE: usize = 28;
 }
 
 /// The kind of a question.
@@ -75,8 +70,6 @@ pub enum QuestionKind {
     ColorOf,
     /// Shape of a colour.
     ShapeOf,
-    /// Number of objects of a colour.
-    Count,
     /// Quadrant of a shape.
     Where,
 }
@@ -86,7 +79,7 @@ pub enum QuestionKind {
 pub struct VqaExample {
     /// Flattened patches `[VISION_TOKENS, PATCH_DIM]`.
     pub patches: Array2<f32>,
-    /// Question tokens (ending with [`vocab::ASK`]).
+    /// Question tokens (one token; the answer is predicted at the last one).
     pub question: Vec<usize>,
     /// The answer token.
     pub answer: usize,
@@ -174,32 +167,20 @@ fn try_example(rng: &mut Rng) -> Option<VqaExample> {
     let unique_shape = |s: usize| objects.iter().filter(|o| o.shape == s).count() == 1;
     let unique_color = |c: usize| objects.iter().filter(|o| o.color == c).count() == 1;
     let pick = objects[rng.below(n_obj)];
-    let (kind, question, answer) = match rng.below(4) {
+    let (kind, question, answer) = match rng.below(3) {
         0 if unique_shape(pick.shape) => (
             QuestionKind::ColorOf,
-            vec![vocab::Q_COLOR, vocab::SHAPE0 + pick.shape, vocab::ASK],
+            vec![vocab::ASK_COLOR0 + pick.shape],
             vocab::COLOR0 + pick.color,
         ),
         1 if unique_color(pick.color) => (
             QuestionKind::ShapeOf,
-            vec![vocab::Q_SHAPE, vocab::COLOR0 + pick.color, vocab::ASK],
+            vec![vocab::ASK_SHAPE0 + pick.color],
             vocab::SHAPE0 + pick.shape,
         ),
-        2 => {
-            let color = rng.below(COLORS.len());
-            let count = objects.iter().filter(|o| o.color == color).count();
-            if count > MAX_COUNT {
-                return None;
-            }
-            (
-                QuestionKind::Count,
-                vec![vocab::Q_COUNT, vocab::COLOR0 + color, vocab::ASK],
-                vocab::COUNT0 + count,
-            )
-        }
-        3 if unique_shape(pick.shape) => (
+        2 if unique_shape(pick.shape) => (
             QuestionKind::Where,
-            vec![vocab::Q_WHERE, vocab::SHAPE0 + pick.shape, vocab::ASK],
+            vec![vocab::ASK_WHERE0 + pick.shape],
             vocab::QUAD0 + quadrant(pick.cell),
         ),
         _ => return None,
@@ -255,15 +236,22 @@ mod tests {
     #[test]
     fn answers_are_consistent_with_questions() {
         for ex in examples(3, Split::Train, 0, 200) {
-            assert_eq!(ex.question.len(), 3);
-            assert_eq!(*ex.question.last().unwrap(), vocab::ASK);
-            let range = match ex.kind {
-                QuestionKind::ColorOf => vocab::COLOR0..vocab::SHAPE0,
-                QuestionKind::ShapeOf => vocab::SHAPE0..vocab::COUNT0,
-                QuestionKind::Count => vocab::COUNT0..vocab::QUAD0,
-                QuestionKind::Where => vocab::QUAD0..vocab::ASK,
+            assert_eq!(ex.question.len(), 1);
+            let (asks, answers) = match ex.kind {
+                QuestionKind::ColorOf => (
+                    vocab::ASK_COLOR0..vocab::ASK_SHAPE0,
+                    vocab::COLOR0..vocab::SHAPE0,
+                ),
+                QuestionKind::ShapeOf => (
+                    vocab::ASK_SHAPE0..vocab::ASK_WHERE0,
+                    vocab::SHAPE0..vocab::QUAD0,
+                ),
+                QuestionKind::Where => {
+                    (vocab::ASK_WHERE0..vocab::COLOR0, vocab::QUAD0..vocab::SIZE)
+                }
             };
-            assert!(range.contains(&ex.answer));
+            assert!(asks.contains(&ex.question[0]));
+            assert!(answers.contains(&ex.answer));
         }
     }
 

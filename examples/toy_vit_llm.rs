@@ -1,0 +1,243 @@
+//! The main example: loads the trained toy ViT-LLM, quantizes it with RTN,
+//! GPTQ, GPTAQ, VLMQ and VLMQ+GPTAQ, and prints held-out accuracy (with
+//! fake-quantized weights and through the packed layers), the summed layer
+//! objective and the time of every method, averaged over calibration seeds.
+//!
+//! Run: `cargo run --release --example toy_vit_llm -- [flags]`
+//!
+//! Flags (defaults in brackets):
+//!   --bits 4,3,2        bit widths [4,3,2]
+//!   --group N           group size, 0 for per channel [32]
+//!   --calib N           calibration samples per seed [64]
+//!   --seeds N           calibration seeds (different calibration subsets) [3]
+//!   --eval N            held-out examples [600]
+//!   --blocks lm|all     quantize the language model only, or also the ViT and projector [all]
+//!   --methods a,b,...   subset of rtn,gptq,gptaq,vlmq,vlmq+gptaq [all]
+//!   --weights PATH      model weights [assets/toy_vit_llm.safetensors]
+//!   --out DIR           write the GPTQ checkpoint of the last VLMQ run to DIR
+//!   --quiet             no progress lines
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vlmq::nn::{load_safetensors, Module, SequenceModel};
+use vlmq::pack::{CheckpointWriter, DenseTensor};
+use vlmq::pipeline::{quantize_model, BlockSelection, PipelineConfig, QuantMethod};
+use vlmq::toy::{accuracy, build_model, examples, to_sample, Split, ToyConfig, VqaExample};
+use vlmq::{Bits, GptqConfig, GroupSize, PackedLinear, QuantScheme, QuantizableModel};
+
+const DATA_SEED: u64 = 7;
+
+struct Args {
+    bits: Vec<u32>,
+    group: usize,
+    calib: usize,
+    seeds: u64,
+    eval: usize,
+    lm_only: bool,
+    methods: Vec<QuantMethod>,
+    weights: String,
+    out: Option<String>,
+    quiet: bool,
+}
+
+fn parse_args() -> Args {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let get = |name: &str| {
+        argv.iter()
+            .position(|a| a == name)
+            .and_then(|i| argv.get(i + 1))
+            .cloned()
+    };
+    let num = |name: &str, default: usize| {
+        get(name).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+    };
+    let methods = get("--methods").map_or(QuantMethod::ALL.to_vec(), |list| {
+        list.split(',')
+            .map(|m| match m.to_ascii_lowercase().as_str() {
+                "rtn" => QuantMethod::Rtn,
+                "gptq" => QuantMethod::Gptq,
+                "gptaq" => QuantMethod::Gptaq,
+                "vlmq" => QuantMethod::Vlmq,
+                "vlmq+gptaq" => QuantMethod::VlmqGptaq,
+                other => panic!("unknown method {other}"),
+            })
+            .collect()
+    });
+    Args {
+        bits: get("--bits").map_or(vec![4, 3, 2], |b| {
+            b.split(',')
+                .map(|x| x.parse().expect("--bits takes numbers"))
+                .collect()
+        }),
+        group: num("--group", 32),
+        calib: num("--calib", 64),
+        seeds: num("--seeds", 3) as u64,
+        eval: num("--eval", 600),
+        lm_only: get("--blocks").is_some_and(|b| b == "lm"),
+        methods,
+        weights: get("--weights").unwrap_or_else(|| "assets/toy_vit_llm.safetensors".into()),
+        out: get("--out"),
+        quiet: argv.iter().any(|a| a == "--quiet"),
+    }
+}
+
+/// Mean and sample standard deviation.
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// The model with every quantized linear running from packed codes.
+fn packed_model(
+    base: &SequenceModel,
+    weights: &BTreeMap<(usize, String), vlmq::QuantizedWeight>,
+) -> vlmq::Result<SequenceModel> {
+    let mut m = base.clone();
+    for ((b, layer), qw) in weights {
+        m.set_linear_kernel(*b, layer, Arc::new(PackedLinear::new(qw, None)?))?;
+    }
+    Ok(m)
+}
+
+fn write_checkpoint(
+    dir: &str,
+    model: &SequenceModel,
+    weights: &BTreeMap<(usize, String), vlmq::QuantizedWeight>,
+) -> vlmq::Result<()> {
+    let mut w = CheckpointWriter::new();
+    let mut quantized = std::collections::HashSet::new();
+    for ((b, layer), qw) in weights {
+        let name = format!("blocks.{b}.{layer}");
+        quantized.insert(format!("{name}.weight"));
+        w.add_layer(&name, qw.clone(), None)?;
+    }
+    let mut rest = Vec::new();
+    model.visit_params("", &mut |name, t| {
+        if !quantized.contains(name) {
+            rest.push((name.to_string(), t.to_owned()));
+        }
+    });
+    for (name, t) in rest {
+        w.add_tensor(&name, DenseTensor::F32(t))?;
+    }
+    w.write(dir)?;
+    Ok(())
+}
+
+fn main() -> vlmq::Result<()> {
+    let args = parse_args();
+    let mut base = build_model(ToyConfig::default(), 0)?;
+    load_safetensors(&mut base, &args.weights)?;
+    let eval: Vec<VqaExample> = examples(DATA_SEED, Split::Eval, 0, args.eval);
+    let start = Instant::now();
+    let fp = accuracy(&base, &eval)?;
+    let n_blocks = base.num_blocks();
+    let projector = base.projector_index().unwrap_or(0);
+    println!(
+        "toy ViT-LLM: {} blocks (ViT 0..{projector}, projector {projector}, LM {}..{n_blocks}), {} held-out examples",
+        n_blocks,
+        projector + 1,
+        eval.len()
+    );
+    println!(
+        "full precision: {:.2}% held-out accuracy ({:.1}s)",
+        100.0 * fp,
+        start.elapsed().as_secs_f64()
+    );
+    let group = if args.group == 0 {
+        GroupSize::PerChannel
+    } else {
+        GroupSize::new(args.group)?
+    };
+    let blocks = if args.lm_only {
+        BlockSelection::Indices(((projector + 1)..n_blocks).collect())
+    } else {
+        BlockSelection::All
+    };
+
+    println!();
+    println!(
+        "| bits | method | accuracy % (fake-quant) | accuracy % (packed) | vs GPTQ (pp) | layer objective | time (s) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for &bits in &args.bits {
+        let scheme = QuantScheme::new(Bits::new(bits)?).with_group_size(group);
+        let mut gptq_acc: Option<Vec<f64>> = None;
+        for &method in &args.methods {
+            let mut accs = Vec::new();
+            let mut packed_accs = Vec::new();
+            let mut objectives = Vec::new();
+            let mut times = Vec::new();
+            for seed in 0..args.seeds {
+                let calib: Vec<_> =
+                    examples(DATA_SEED, Split::Calibration, seed * 10_000, args.calib)
+                        .iter()
+                        .map(to_sample)
+                        .collect();
+                let mut cfg =
+                    PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true));
+                cfg.blocks = blocks.clone();
+                let mut model = base.clone();
+                let t0 = Instant::now();
+                let quiet = args.quiet;
+                let out = quantize_model(&mut model, &calib, &cfg, None, &mut |p| {
+                    if !quiet {
+                        eprint!("\r  W{bits} {method:<10} seed {seed}: {p}        ");
+                    }
+                })?;
+                times.push(t0.elapsed().as_secs_f64());
+                accs.push(100.0 * accuracy(&model, &eval)?);
+                packed_accs.push(100.0 * accuracy(&packed_model(&base, &out.weights)?, &eval)?);
+                objectives.push(out.report.total_objective());
+                if method == QuantMethod::Vlmq && seed + 1 == args.seeds {
+                    if let Some(dir) = &args.out {
+                        write_checkpoint(dir, &model, &out.weights)?;
+                    }
+                }
+            }
+            if !args.quiet {
+                eprint!("\r{:100}\r", "");
+            }
+            if method == QuantMethod::Gptq {
+                gptq_acc = Some(accs.clone());
+            }
+            let (acc, acc_sd) = mean_std(&accs);
+            let (pacc, pacc_sd) = mean_std(&packed_accs);
+            let (obj, _) = mean_std(&objectives);
+            let (t, _) = mean_std(&times);
+            let delta = gptq_acc
+                .as_ref()
+                .filter(|_| method != QuantMethod::Gptq)
+                .map_or("".to_string(), |g| {
+                    let diffs: Vec<f64> = accs.iter().zip(g).map(|(a, b)| a - b).collect();
+                    let (d, sd) = mean_std(&diffs);
+                    let wins = diffs.iter().filter(|&&x| x > 0.0).count();
+                    format!("{d:+.2} ± {sd:.2} ({wins}/{} seeds better)", diffs.len())
+                });
+            println!(
+                "| W{bits} g{} | {method} | {acc:.2} ± {acc_sd:.2} | {pacc:.2} ± {pacc_sd:.2} | {delta} | {obj:.4e} | {t:.2} |",
+                args.group
+            );
+        }
+    }
+    println!();
+    println!(
+        "full precision {:.2}%; means ± sample std over {} calibration seeds of {} samples; total {:.1}s",
+        100.0 * fp,
+        args.seeds,
+        args.calib,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
