@@ -13,9 +13,24 @@
 //! `h = 1e-2` the difference quotient carries ~1e-4 relative noise. Moving
 //! every parameter at once makes the O(h^2) truncation term of a plain
 //! central difference reach a few percent for products such as SwiGLU, so
-//! we extrapolate over `h` and `h/2` (Richardson), leaving O(h^4) ~ 1e-6. A relative tolerance of 1e-2 (plus an absolute floor of
-//! 2e-3 for near-zero derivatives) is therefore ~100x above the expected
-//! error while still catching any wrong term (which errs by O(1)).
+//! we extrapolate over `h` (Richardson). A relative tolerance of 1e-2 (plus
+//! an absolute floor of 2e-3 for near-zero derivatives) is ~100x above the
+//! expected error while still catching any wrong term (which errs by O(1)).
+//!
+//! Step size: a fixed `h` only works when the loss is smooth on the scale of
+//! `h` along `v`. That fails for some samples: a row with a small norm
+//! entering a LayerNorm/RMSNorm changes direction quickly when all
+//! parameters move at once (e.g. the two-stage model at seed 902, where the
+//! loss along `v` wiggles on a scale of ~0.02 in `s`, so the `h = 1e-2` /
+//! `h/2` Richardson estimate is 4% off while the difference quotients
+//! converge to the analytic value as `h -> 0`). We therefore use Ridders'
+//! method: a Richardson tableau over `h = 1e-2, 5e-3, ..., 6.25e-4` that
+//! keeps the extrapolation whose neighbours agree best. It converges to the
+//! true directional derivative, so a wrong gradient term still fails by O(1)
+//! (scaling the analytic value by 1.03 makes the seed-902 case fail); only
+//! the step is adaptive, the tolerance is not. Steps stop at `H / 16`:
+//! below that, f32 rounding noise in `L` (~1e-3 in the quotient at
+//! `h = 1e-4`) would dominate the higher-order extrapolations.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,11 +62,41 @@ fn assert_close(what: &str, analytic: f64, fd: f64) {
     );
 }
 
-/// Central difference of `f` at 0 with Richardson extrapolation over steps
-/// `H` and `H/2`, which cancels the `O(h^2)` truncation term.
-fn richardson(f: impl Fn(f32) -> f64) -> f64 {
+/// Directional derivative of `f` at 0 by Ridders' method (Numerical Recipes,
+/// `dfridr`): central differences at steps `H / 2^i` extrapolated to zero
+/// step in a Richardson tableau (each column cancels the next even power of
+/// `h`). The estimate kept is the one whose error estimate (distance to its
+/// two lower-order neighbours) is smallest. Unlike `dfridr` there is no
+/// early exit when a diagonal entry jumps: with a loss that curves sharply
+/// near 0 the large-step columns are far from asymptotic and jump by O(1)
+/// (seed 482 of the two-stage model), which `dfridr` mistakes for noise;
+/// the step floor (see the module docs) keeps rounding noise in check
+/// instead. For a loss smooth on the scale of `H` the first extrapolations
+/// already agree; for a sharply curved one the smaller steps win.
+fn ridders(f: impl Fn(f32) -> f64) -> f64 {
+    const STEPS: usize = 5; // H down to H / 16 ~ 6e-4
     let d = |h: f32| (f(h) - f(-h)) / (2.0 * h as f64);
-    (4.0 * d(H / 2.0) - d(H)) / 3.0
+    let mut table = [[0.0f64; STEPS]; STEPS];
+    let mut h = H;
+    table[0][0] = d(h);
+    let (mut best, mut err) = (table[0][0], f64::INFINITY);
+    for i in 1..STEPS {
+        h /= 2.0;
+        table[0][i] = d(h);
+        let mut fac = 4.0;
+        for j in 1..=i {
+            table[j][i] = (table[j - 1][i] * fac - table[j - 1][i - 1]) / (fac - 1.0);
+            fac *= 4.0;
+            let e = (table[j][i] - table[j - 1][i])
+                .abs()
+                .max((table[j][i] - table[j - 1][i - 1]).abs());
+            if e <= err {
+                err = e;
+                best = table[j][i];
+            }
+        }
+    }
+    best
 }
 
 /// Checks `<dx, v>` against central differences of `loss` around `x`.
@@ -63,7 +108,7 @@ fn check_input(
     loss: impl Fn(&Array2<f32>) -> f64,
 ) {
     let v = rand_matrix(rng, x.nrows(), x.ncols());
-    let fd = richardson(|s| loss(&(x + &(&v * s))));
+    let fd = ridders(|s| loss(&(x + &(&v * s))));
     assert_close(what, dot(dx, &v), fd);
 }
 
@@ -96,7 +141,7 @@ fn check_params<M: Module + Clone>(
         c.visit_params_mut("", &mut |name, mut t| t.scaled_add(s, &dirs[name]));
         c
     };
-    let fd = richardson(|s| loss(&shifted(s)));
+    let fd = ridders(|s| loss(&shifted(s)));
     assert_close(what, analytic, fd);
 }
 
@@ -122,6 +167,17 @@ proptest! {
         let mut norm = Norm::new(if rms { NormKind::Rms } else { NormKind::Layer }, d);
         norm.visit_params_mut("", &mut |_, mut p| p.mapv_inplace(|v| v + 0.3));
         let x = rand_matrix(&mut rng, t, d);
+        // A norm is singular where a row is zero (RMSNorm) or constant
+        // (LayerNorm): there its output jumps, smoothed only over ~sqrt(eps).
+        // Within ~0.1 of that set (common for small `d`, e.g. seed 249, d = 2,
+        // a row [1.064, 1.102]) the loss curves too sharply for f32 finite
+        // differences (noise ~5e-3 at the small steps needed), so such inputs
+        // are not a meaningful check of the formula and are skipped.
+        let spread = |row: ndarray::ArrayView1<'_, f32>| {
+            let m = if rms { 0.0 } else { row.mean().unwrap() };
+            (row.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / d as f32).sqrt()
+        };
+        prop_assume!(x.rows().into_iter().all(|row| spread(row) > 0.1));
         let r = rand_matrix(&mut rng, t, d);
         let (_, cache) = norm.forward(x.view()).unwrap();
         let mut grads = Grads::new();
@@ -258,7 +314,7 @@ proptest! {
                 b.set_linear_kernel(&name, Arc::new(k)).unwrap();
                 dot(&b.forward(x.view(), None, None).unwrap().0, &r)
             };
-            let fd = richardson(loss);
+            let fd = ridders(loss);
             assert_close(&name, dot(&seen[&name], &delta), fd);
         }
     }
@@ -289,41 +345,69 @@ proptest! {
                 let d = b.forward(x.view(), None, None).unwrap().0 - &reference;
                 0.5 * d.iter().map(|v| *v as f64 * *v as f64).sum::<f64>()
             };
-            assert_close(name, dot(grad, &delta), richardson(loss));
+            assert_close(name, dot(grad, &delta), ridders(loss));
         }
     }
 
     #[test]
     fn two_stage_model_through_the_backend_trait(seed in 0u64..1000, patches in 1usize..5, text in 1usize..5, pad: bool) {
-        let mut rng = Rng::new(seed);
-        let model = tiny_vlm(&mut rng);
-        let tokens: Vec<usize> = (0..text).map(|_| rng.below(7)).collect();
-        let n = patches + text;
-        let targets: Vec<(usize, usize)> = (patches..n).map(|p| (p, rng.below(7))).collect();
-        let mut sample = Sample::text(tokens)
-            .with_vision(Vision::Patches(rand_matrix(&mut rng, patches, 5)))
-            .with_targets(targets);
-        if pad {
-            let mut v = vec![true; n];
-            v[0] = false;
-            sample = sample.with_valid(v);
-        }
-        let mut grads = Grads::new();
-        let loss = model.loss_and_grads(&sample, &mut grads).unwrap();
-        prop_assert!((loss - model.loss(&sample).unwrap()).abs() <= 1e-5 * loss.abs().max(1.0));
-        check_params("vlm params", &model, &grads, &mut rng, |m| m.loss(&sample).unwrap() as f64);
-
-        let x0 = model.embed(&sample).unwrap();
-        let backend_grad = trait_input_grad(&model, &sample, &x0).unwrap();
-        let with_input = |x: &Array2<f32>| {
-            let mut h = x.clone();
-            for b in 0..model.num_blocks() {
-                h = model.block_forward(b, &h, &sample, None).unwrap();
-            }
-            model.loss_and_grad(&h, &sample).unwrap().unwrap().0 as f64
-        };
-        check_input("vlm embedding", &x0, &backend_grad, &mut rng, with_input);
+        two_stage_model_case(seed, patches, text, pad);
     }
+}
+
+/// Regression: here the loss along the random parameter direction curves
+/// sharply within `|s| < 0.02` (the single valid vision token reaches the
+/// language model as a row of norm 0.37 that the direction moves by ~20 per
+/// unit `s`, so its RMS-normalized direction swings fast). A fixed-step
+/// Richardson estimate gave 9.358 against the (correct) analytic 9.732; the
+/// plain central differences reach 9.732 at `h = 1e-4`.
+#[test]
+fn two_stage_model_seed_902_sharp_curvature() {
+    two_stage_model_case(902, 2, 4, true);
+}
+
+/// Regression: the same kind of sample without padding; here the fixed-step
+/// estimate had the wrong sign (+2.257 against the analytic -1.195), and the
+/// loss along `v` curves on a scale of ~3e-3 in `s`.
+#[test]
+fn two_stage_model_seed_482_sharp_curvature() {
+    two_stage_model_case(482, 3, 3, false);
+}
+
+/// One sample of the two-stage (ViT, projector, causal LM) model: parameter
+/// gradients of the full model and the input gradient through the
+/// [`QuantizableModel`] block interface, both against finite differences.
+fn two_stage_model_case(seed: u64, patches: usize, text: usize, pad: bool) {
+    let mut rng = Rng::new(seed);
+    let model = tiny_vlm(&mut rng);
+    let tokens: Vec<usize> = (0..text).map(|_| rng.below(7)).collect();
+    let n = patches + text;
+    let targets: Vec<(usize, usize)> = (patches..n).map(|p| (p, rng.below(7))).collect();
+    let mut sample = Sample::text(tokens)
+        .with_vision(Vision::Patches(rand_matrix(&mut rng, patches, 5)))
+        .with_targets(targets);
+    if pad {
+        let mut v = vec![true; n];
+        v[0] = false;
+        sample = sample.with_valid(v);
+    }
+    let mut grads = Grads::new();
+    let loss = model.loss_and_grads(&sample, &mut grads).unwrap();
+    assert!((loss - model.loss(&sample).unwrap()).abs() <= 1e-5 * loss.abs().max(1.0));
+    check_params("vlm params", &model, &grads, &mut rng, |m| {
+        m.loss(&sample).unwrap() as f64
+    });
+
+    let x0 = model.embed(&sample).unwrap();
+    let backend_grad = trait_input_grad(&model, &sample, &x0).unwrap();
+    let with_input = |x: &Array2<f32>| {
+        let mut h = x.clone();
+        for b in 0..model.num_blocks() {
+            h = model.block_forward(b, &h, &sample, None).unwrap();
+        }
+        model.loss_and_grad(&h, &sample).unwrap().unwrap().0 as f64
+    };
+    check_input("vlm embedding", &x0, &backend_grad, &mut rng, with_input);
 }
 
 /// Walks the blocks the way the quantization pipeline does: forward storing
