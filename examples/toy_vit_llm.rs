@@ -18,6 +18,7 @@
 //!   --quiet             no progress lines
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -190,12 +191,19 @@ fn main() -> vlmq::Result<()> {
                 cfg.blocks = blocks.clone();
                 let mut model = base.clone();
                 let t0 = Instant::now();
-                let quiet = args.quiet;
+                let live = !args.quiet && std::io::stderr().is_terminal();
                 let out = quantize_model(&mut model, &calib, &cfg, None, &mut |p| {
-                    if !quiet {
+                    if live {
                         eprint!("\r  W{bits} {method:<10} seed {seed}: {p}        ");
                     }
                 })?;
+                if !args.quiet && !live {
+                    eprintln!(
+                        "  W{bits} {method} seed {seed}: {} layers in {:.2}s",
+                        out.report.layers.len(),
+                        out.report.total_seconds
+                    );
+                }
                 times.push(t0.elapsed().as_secs_f64());
                 accs.push(100.0 * accuracy(&model, &eval)?);
                 packed_accs.push(100.0 * accuracy(&packed_model(&base, &out.weights)?, &eval)?);
@@ -206,7 +214,7 @@ fn main() -> vlmq::Result<()> {
                     }
                 }
             }
-            if !args.quiet {
+            if !args.quiet && std::io::stderr().is_terminal() {
                 eprint!("\r{:100}\r", "");
             }
             if method == QuantMethod::Gptq {

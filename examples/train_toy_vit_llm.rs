@@ -1,7 +1,9 @@
 //! Trains the toy ViT-LLM on the synthetic VQA task and writes its weights.
 //!
-//! Run: `cargo run --release --example train_toy_vit_llm -- [--steps N] [--out PATH]`
-//! (default output: `assets/toy_vit_llm.safetensors`).
+//! Run: `cargo run --release --example train_toy_vit_llm -- [--steps N] [--lr X]
+//! [--init PATH --offset STEPS] [--save-every N] [--out PATH]` (default output:
+//! `assets/toy_vit_llm.safetensors`). `--init` continues from saved weights;
+//! `--offset` skips the training batches the earlier run used.
 
 use std::time::Instant;
 
@@ -22,23 +24,46 @@ fn main() -> vlmq::Result<()> {
         cfg.steps = s.parse().expect("--steps takes a number");
     }
     let out = arg("--out").unwrap_or_else(|| "assets/toy_vit_llm.safetensors".into());
+    if let Some(lr) = arg("--lr") {
+        cfg.lr = lr.parse().expect("--lr takes a number");
+    }
     let mut model = build_model(ToyConfig::default(), seed)?;
+    if let Some(init) = arg("--init") {
+        vlmq::nn::load_safetensors(&mut model, &init)?;
+    }
+    // Continuing a run draws fresh training examples after the ones already seen.
+    let offset: usize = arg("--offset").map_or(0, |o| o.parse().expect("--offset takes a number"));
     let eval = examples(seed, Split::Eval, 0, 500);
     let start = Instant::now();
     let batch = cfg.batch;
+    let save_every: usize =
+        arg("--save-every").map_or(0, |v| v.parse().expect("--save-every takes a number"));
+    let mut losses = Vec::new();
+    let mut snapshot_error = None;
     train(
         &mut model,
         cfg,
-        |step| examples(seed, Split::Train, (step * batch) as u64, batch),
-        &mut |step, loss| {
-            if step % 50 == 0 {
+        |step| examples(seed, Split::Train, ((offset + step) * batch) as u64, batch),
+        &mut |step, loss, m| {
+            losses.push(loss);
+            if step % 50 == 49 {
+                let mean = losses[losses.len() - 50..].iter().sum::<f32>() / 50.0;
                 eprintln!(
-                    "step {step:>5}  loss {loss:.4}  {:.0}s",
+                    "step {:>5}  mean loss of the last 50 steps {mean:.4}  {:.0}s",
+                    step + 1,
                     start.elapsed().as_secs_f64()
                 );
             }
+            if save_every > 0 && (step + 1) % save_every == 0 {
+                if let Err(e) = save_safetensors(m, &out, StoreDtype::F32) {
+                    snapshot_error.get_or_insert(e);
+                }
+            }
         },
     )?;
+    if let Some(e) = snapshot_error {
+        return Err(e);
+    }
     let acc = accuracy(&model, &eval)?;
     eprintln!(
         "held-out accuracy {:.2}% after {:.0}s",

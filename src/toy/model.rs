@@ -124,14 +124,14 @@ impl Default for TrainConfig {
     }
 }
 
-/// Trains `model` on batches drawn by `batch_of(step)`; `on_step(step, loss)`
-/// sees the mean batch loss. Per-example gradients are computed in parallel
+/// Trains `model` on batches drawn by `batch_of(step)`; `on_step(step, loss,
+/// model)` sees the mean batch loss and the updated model (e.g. to save snapshots). Per-example gradients are computed in parallel
 /// and summed in example order, so training does not depend on the thread count.
 pub fn train(
     model: &mut SequenceModel,
     cfg: TrainConfig,
     batch_of: impl Fn(usize) -> Vec<VqaExample>,
-    on_step: &mut dyn FnMut(usize, f32),
+    on_step: &mut dyn FnMut(usize, f32, &SequenceModel),
 ) -> Result<()> {
     let mut adam = Adam::new(cfg.lr).with_weight_decay(cfg.weight_decay);
     let warmup = (cfg.steps / 20).max(1);
@@ -162,7 +162,7 @@ pub fn train(
             cfg.lr * 0.5 * (1.0 + (std::f32::consts::PI * progress).cos())
         };
         adam.step(model, &grads);
-        on_step(step, loss / n);
+        on_step(step, loss / n, model);
     }
     Ok(())
 }
