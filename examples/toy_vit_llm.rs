@@ -15,6 +15,13 @@
 //!   --methods a,b,...   subset of rtn,gptq,gptaq,vlmq,vlmq+gptaq [all]
 //!   --weights PATH      model weights [assets/toy_vit_llm.safetensors]
 //!   --out DIR           write the GPTQ checkpoint of the last VLMQ run to DIR
+//!   --power 1|2         VLMQ gradient saliency power [2]
+//!   --floor X           VLMQ factor floor after mean-1 normalization [0.05]
+//!   --cap X             VLMQ factor cap [none]
+//!   --source task|local VLMQ gradient source: task loss or block-local RTN perturbation [task]
+//!   --per-block         VLMQ factors from the block-output gradient instead of per input group
+//!   --pilot F           VLMQ rows use the pilot-study scorer instead: a fraction F of the
+//!                       vision tokens (lowest saliency) weighted 0.1
 //!   --quiet             no progress lines
 
 use std::collections::BTreeMap;
@@ -22,9 +29,14 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Instant;
 
+use vlmq::importance::{
+    Normalization, PilotScorer, PilotSelection, SaliencyPower, TokenImportance,
+};
 use vlmq::nn::{load_safetensors, Module, SequenceModel};
 use vlmq::pack::{CheckpointWriter, DenseTensor};
-use vlmq::pipeline::{quantize_model, BlockSelection, PipelineConfig, QuantMethod};
+use vlmq::pipeline::{
+    quantize_model, BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod,
+};
 use vlmq::toy::{accuracy, build_model, examples, to_sample, Split, ToyConfig, VqaExample};
 use vlmq::{Bits, GptqConfig, GroupSize, PackedLinear, QuantScheme, QuantizableModel};
 
@@ -41,6 +53,8 @@ struct Args {
     weights: String,
     out: Option<String>,
     quiet: bool,
+    importance: ImportanceOptions,
+    pilot: Option<f32>,
 }
 
 fn parse_args() -> Args {
@@ -84,6 +98,26 @@ fn parse_args() -> Args {
         weights: get("--weights").unwrap_or_else(|| "assets/toy_vit_llm.safetensors".into()),
         out: get("--out"),
         quiet: argv.iter().any(|a| a == "--quiet"),
+        importance: ImportanceOptions {
+            source: match get("--source").as_deref() {
+                Some("local") => GradientSource::BlockLocal,
+                _ => GradientSource::TaskLoss,
+            },
+            per_block: argv.iter().any(|a| a == "--per-block"),
+            power: if get("--power").as_deref() == Some("1") {
+                SaliencyPower::One
+            } else {
+                SaliencyPower::Two
+            },
+            normalization: Normalization::new(
+                get("--floor").map_or(Normalization::DEFAULT_FLOOR, |f| {
+                    f.parse().expect("--floor takes a number")
+                }),
+                get("--cap").map(|c| c.parse().expect("--cap takes a number")),
+            )
+            .expect("valid --floor / --cap"),
+        },
+        pilot: get("--pilot").map(|f| f.parse().expect("--pilot takes a fraction")),
     }
 }
 
@@ -161,6 +195,10 @@ fn main() -> vlmq::Result<()> {
     } else {
         GroupSize::new(args.group)?
     };
+    let pilot = args
+        .pilot
+        .map(|f| PilotScorer::new(f, 0.1, PilotSelection::LowestSaliency))
+        .transpose()?;
     let blocks = if args.lm_only {
         BlockSelection::Indices(((projector + 1)..n_blocks).collect())
     } else {
@@ -189,14 +227,21 @@ fn main() -> vlmq::Result<()> {
                 let mut cfg =
                     PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true));
                 cfg.blocks = blocks.clone();
+                cfg.importance = args.importance;
                 let mut model = base.clone();
                 let t0 = Instant::now();
                 let live = !args.quiet && std::io::stderr().is_terminal();
-                let out = quantize_model(&mut model, &calib, &cfg, None, &mut |p| {
-                    if live {
-                        eprint!("\r  W{bits} {method:<10} seed {seed}: {p}        ");
-                    }
-                })?;
+                let out = quantize_model(
+                    &mut model,
+                    &calib,
+                    &cfg,
+                    pilot.as_ref().map(|p| p as &dyn TokenImportance),
+                    &mut |p| {
+                        if live {
+                            eprint!("\r  W{bits} {method:<10} seed {seed}: {p}        ");
+                        }
+                    },
+                )?;
                 if !args.quiet && !live {
                     eprintln!(
                         "  W{bits} {method} seed {seed}: {} layers in {:.2}s",
