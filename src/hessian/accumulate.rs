@@ -90,6 +90,7 @@ impl<T: Scalar> HessianAccumulator<T> {
             None => (x, alpha),
         };
         let (xt, weighted, wsum) = self.prepare(x, alpha);
+        let weighted = weighted.as_ref().unwrap_or(&xt);
         gram_upper_into(&mut self.sum, weighted.view(), xt.view());
         self.tokens += batch_tokens;
         self.weight_sum += wsum;
@@ -125,6 +126,7 @@ impl<T: Scalar> HessianAccumulator<T> {
             None => (quantized, full, alpha),
         };
         let (xq, weighted, wsum) = self.prepare(quantized, alpha);
+        let weighted = weighted.as_ref().unwrap_or(&xq);
         gram_upper_into(&mut self.sum, weighted.view(), xq.view());
         if let Some(cross) = self.cross.as_mut() {
             let delta = Zip::from(&full)
@@ -217,17 +219,19 @@ impl<T: Scalar> HessianAccumulator<T> {
         Ok(())
     }
 
-    /// Converts a batch to `T` and returns it with its alpha-scaled copy and the weight sum.
+    /// Converts a batch to `T` and returns it with its alpha-scaled copy
+    /// (`None` without importance factors: the batch itself, not cloned) and
+    /// the weight sum.
     fn prepare(
         &self,
         x: ArrayView2<'_, f32>,
         alpha: Option<ArrayView1<'_, f32>>,
-    ) -> (Array2<T>, Array2<T>, f64) {
+    ) -> (Array2<T>, Option<Array2<T>>, f64) {
         let xt = x.mapv(T::widen);
         match alpha {
             None => {
                 let wsum = x.nrows() as f64;
-                (xt.clone(), xt, wsum)
+                (xt, None, wsum)
             }
             Some(a) => {
                 let mut weighted = xt.clone();
@@ -236,7 +240,7 @@ impl<T: Scalar> HessianAccumulator<T> {
                     row.mapv_inplace(|v| v * w);
                 }
                 let wsum = a.iter().map(|&v| f64::from(v)).sum();
-                (xt, weighted, wsum)
+                (xt, Some(weighted), wsum)
             }
         }
     }

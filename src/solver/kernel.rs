@@ -40,7 +40,43 @@ pub(crate) struct ChunkResult {
 }
 
 /// Solves rows `row0 .. row0 + w.nrows()` of the layer (`w` in natural order).
+///
+/// Dispatches to a copy of the kernel compiled for AVX2 when the CPU has it.
+/// Both copies perform the same operations in the same order (no FMA
+/// contraction), so results do not depend on the CPU.
 pub(crate) fn solve_chunk(
+    shared: &Shared<'_>,
+    w: ArrayView2<'_, f32>,
+    row0: usize,
+    groups: usize,
+) -> ChunkResult {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { solve_chunk_avx2(shared, w, row0, groups) };
+        }
+    }
+    solve_chunk_impl(shared, w, row0, groups)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn solve_chunk_avx2(
+    shared: &Shared<'_>,
+    w: ArrayView2<'_, f32>,
+    row0: usize,
+    groups: usize,
+) -> ChunkResult {
+    solve_chunk_impl(shared, w, row0, groups)
+}
+
+/// The column walk. The current block is kept column-major (`blk[k * r +
+/// row]`), so quantizing one column and pushing its error onto a later column
+/// of the block are loops over contiguous rows (vectorized), while `wc` stays
+/// row-major for the lazy update product.
+#[inline(always)]
+fn solve_chunk_impl(
     shared: &Shared<'_>,
     w: ArrayView2<'_, f32>,
     row0: usize,
@@ -52,10 +88,20 @@ pub(crate) fn solve_chunk(
     let u = shared.u;
     let width = plan.blocks.iter().map(|b| b.len()).max().unwrap_or(0);
 
-    let mut wc = Array2::<f32>::from_shape_fn((r, n), |(row, p)| w[[row, plan.perm[p]]]);
-    let mut codes_p = Array2::<u8>::zeros((r, n));
-    let mut err = Array2::<f32>::zeros((r, width));
-    let mut saved = shared.p.map(|_| Array2::<f32>::zeros((r, width)));
+    // Columns gathered into plan order, row by row.
+    let mut wc = Array2::<f32>::zeros((r, n));
+    for (mut dst, src) in wc.outer_iter_mut().zip(w.outer_iter()) {
+        for (d, &c) in dst.iter_mut().zip(&plan.perm) {
+            *d = src[c];
+        }
+    }
+    // Codes by position, one contiguous run of rows per column.
+    let mut codes_t = vec![0u8; n * r];
+    // Block columns, the block's scaled errors and (GPTAQ) the quantized
+    // columns' values: all column-major, `width x r`.
+    let mut blk = vec![0.0f32; width * r];
+    let mut err_t = Array2::<f32>::zeros((width, r));
+    let mut saved_t = shared.p.map(|_| Array2::<f32>::zeros((width, r)));
     let placeholder = GridParams {
         scale: 1.0,
         zero: 0,
@@ -64,13 +110,20 @@ pub(crate) fn solve_chunk(
     if let Some(sp) = shared.static_params {
         params.assign(&sp.slice(s![.., row0..row0 + r]));
     }
+    let mut cur = vec![placeholder; r];
+    let mut cur_group = usize::MAX;
+    let mut group_vals = vec![0.0f32; plan.group_cols.min(n)];
     let mut obs_loss = 0.0f64;
 
     for block in &plan.blocks {
         let (b0, b1) = (block.start, block.end);
         let bl = b1 - b0;
-        // The block's columns, compact so the in-block updates stay in cache.
-        let mut blk = wc.slice(s![.., b0..b1]).to_owned();
+        for (row, src) in wc.outer_iter().enumerate() {
+            let src = src.as_slice().expect("contiguous rows");
+            for (k, &v) in src[b0..b1].iter().enumerate() {
+                blk[k * r + row] = v;
+            }
+        }
         for i in b0..b1 {
             let k = i - b0;
             let group = plan.group_at(i);
@@ -80,11 +133,11 @@ pub(crate) fn solve_chunk(
                     // A group inside the block has its in-block updates in `blk`;
                     // a wider group starts at the block start, where `wc` is current.
                     let fitted = if end <= b1 {
-                        shared.fit.fit(
-                            blk.slice(s![row, k..end - b0])
-                                .as_slice()
-                                .expect("contiguous"),
-                        )
+                        let vals = &mut group_vals[..end - i];
+                        for (t, v) in vals.iter_mut().enumerate() {
+                            *v = blk[(k + t) * r + row];
+                        }
+                        shared.fit.fit(vals)
                     } else {
                         shared
                             .fit
@@ -92,60 +145,85 @@ pub(crate) fn solve_chunk(
                     };
                     params[[group, row]] = fitted;
                 }
+                cur_group = usize::MAX;
+            }
+            if group != cur_group {
+                cur.copy_from_slice(params.row(group).as_slice().expect("contiguous params"));
+                cur_group = group;
             }
             let d = u[[i, i]];
-            let u_row = u.slice(s![i, i + 1..b1]);
-            let u_row = u_row.as_slice().expect("row-major factor");
-            let p_row = shared.p.map(|p| {
-                p.slice_move(s![i, i + 1..b1])
-                    .to_slice()
-                    .expect("row-major correction")
-            });
-            for row in 0..r {
-                let prm = params[[group, row]];
-                let mut br = blk.row_mut(row);
-                let br = br.as_slice_mut().expect("contiguous block");
-                let wv = br[k];
+            let (done, rest) = blk[..bl * r].split_at_mut((k + 1) * r);
+            let col = &mut done[k * r..];
+            let mut e_row = err_t.row_mut(k);
+            let e_col = e_row.as_slice_mut().expect("contiguous errors");
+            let codes = &mut codes_t[i * r..(i + 1) * r];
+            if let Some(sv) = saved_t.as_mut() {
+                let mut s_row = sv.row_mut(k);
+                s_row
+                    .as_slice_mut()
+                    .expect("contiguous")
+                    .copy_from_slice(col);
+            }
+            for (((x, e), c), prm) in col
+                .iter_mut()
+                .zip(e_col.iter_mut())
+                .zip(codes.iter_mut())
+                .zip(&cur)
+            {
+                let wv = *x;
                 let code = prm.code(wv, max_code);
                 let q = prm.value(code);
-                let e = (wv - q) / d;
+                *e = (wv - q) / d;
+                *c = code;
+                *x = q;
+            }
+            for &e in e_col.iter() {
                 obs_loss += f64::from(e) * f64::from(e);
-                codes_p[[row, i]] = code;
-                err[[row, k]] = e;
-                br[k] = q;
-                let rest = &mut br[k + 1..];
-                match (p_row, saved.as_mut()) {
-                    (Some(pr), Some(sv)) => {
-                        // One pass over slices; same roundings as GPTQ's
-                        // update followed by GPTAQ's.
-                        sv[[row, k]] = wv;
-                        for ((x, &uv), &pv) in rest.iter_mut().zip(u_row).zip(pr) {
+            }
+            let u_row = u.slice(s![i, i + 1..b1]);
+            let u_row = u_row.as_slice().expect("row-major factor");
+            match (shared.p, saved_t.as_ref()) {
+                (Some(p), Some(sv)) => {
+                    // Same roundings as GPTQ's update followed by GPTAQ's.
+                    let p_row = p.slice_move(s![i, i + 1..b1]);
+                    let p_row = p_row.to_slice().expect("row-major correction");
+                    let wv_col = sv.row(k);
+                    let wv_col = wv_col.as_slice().expect("contiguous");
+                    for ((dst, &uv), &pv) in rest.chunks_exact_mut(r).zip(u_row).zip(p_row) {
+                        for ((x, &e), &wv) in dst.iter_mut().zip(e_col.iter()).zip(wv_col) {
                             *x = *x - e * uv + wv * pv;
                         }
                     }
-                    _ => {
-                        for (x, &uv) in rest.iter_mut().zip(u_row) {
+                }
+                _ => {
+                    for (dst, &uv) in rest.chunks_exact_mut(r).zip(u_row) {
+                        for (x, &e) in dst.iter_mut().zip(e_col.iter()) {
                             *x -= e * uv;
                         }
                     }
                 }
             }
         }
-        wc.slice_mut(s![.., b0..b1]).assign(&blk);
+        for (row, mut dst) in wc.outer_iter_mut().enumerate() {
+            let dst = dst.as_slice_mut().expect("contiguous rows");
+            for (k, d) in dst[b0..b1].iter_mut().enumerate() {
+                *d = blk[k * r + row];
+            }
+        }
         if b1 < n {
             faer::linalg::matmul::matmul(
                 faer_mut(wc.slice_mut(s![.., b1..])),
                 Accum::Add,
-                faer_ref(err.slice(s![.., ..bl])),
+                faer_ref(err_t.slice(s![..bl, ..]).t()),
                 faer_ref(u.slice(s![b0..b1, b1..])),
                 -1.0f32,
                 Par::Seq,
             );
-            if let (Some(p), Some(sv)) = (shared.p, saved.as_ref()) {
+            if let (Some(p), Some(sv)) = (shared.p, saved_t.as_ref()) {
                 faer::linalg::matmul::matmul(
                     faer_mut(wc.slice_mut(s![.., b1..])),
                     Accum::Add,
-                    faer_ref(sv.slice(s![.., ..bl])),
+                    faer_ref(sv.slice(s![..bl, ..]).t()),
                     faer_ref(p.slice(s![b0..b1, b1..])),
                     1.0f32,
                     Par::Seq,
@@ -156,9 +234,16 @@ pub(crate) fn solve_chunk(
 
     let mut codes = Array2::<u8>::zeros((r, n));
     let mut dequantized = Array2::<f32>::zeros((r, n));
-    for (p, &c) in plan.perm.iter().enumerate() {
-        codes.column_mut(c).assign(&codes_p.column(p));
-        dequantized.column_mut(c).assign(&wc.column(p));
+    for (row, (mut c_row, mut d_row)) in codes
+        .outer_iter_mut()
+        .zip(dequantized.outer_iter_mut())
+        .enumerate()
+    {
+        let src = wc.row(row);
+        for (p, &c) in plan.perm.iter().enumerate() {
+            c_row[c] = codes_t[p * r + row];
+            d_row[c] = src[p];
+        }
     }
     ChunkResult {
         codes,
