@@ -65,6 +65,7 @@ use super::sample::{Sample, Vision};
 use super::Rng;
 use crate::backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
 use crate::error::{Error, Result};
+use crate::linalg::matmul;
 
 /// A projector between the vision encoder and the language model: maps the
 /// vision rows with its linear (`proj`) and appends the token embeddings.
@@ -440,11 +441,15 @@ impl SequenceModel {
                 let mask = self.mask(block, sample)?;
                 t.perturbed_output_grads(input.view(), mask.as_deref(), perturb, sink)
             }
-            Block::Projector(_) => Err(Error::Backend {
-                block,
-                layer: None,
-                reason: "the perturbed source needs a transformer block".into(),
-            }),
+            Block::Projector(p) => {
+                // One linear: L = 1/2 ||x (W~ - W)^T||^2 has output gradient x (W~ - W)^T.
+                let w = p.proj.dense_weight()?;
+                let delta = perturb("proj", w.view()) - &w;
+                let g = matmul(input.view(), delta.t());
+                let loss = 0.5 * g.iter().map(|v| v * v).sum::<f32>();
+                sink.rows("proj", g.view());
+                Ok(loss)
+            }
         }
     }
 }
@@ -455,6 +460,32 @@ impl QuantizableModel for SequenceModel {
 
     fn num_blocks(&self) -> usize {
         self.blocks.len()
+    }
+
+    fn block_local_backward(
+        &self,
+        block: usize,
+        input: &Array2<f32>,
+        sample: &Sample,
+        perturb: &crate::backend::WeightPerturbation<'_>,
+        sink: &mut dyn RowSink,
+    ) -> Result<()> {
+        let failure = std::sync::Mutex::new(None);
+        let infallible = |name: &str, w: ArrayView2<'_, f32>| match perturb(name, w) {
+            Ok(p) => p,
+            Err(e) => {
+                failure
+                    .lock()
+                    .expect("no panics while held")
+                    .get_or_insert(e);
+                w.to_owned()
+            }
+        };
+        self.block_perturbed_grads(block, input, sample, &infallible, sink)?;
+        match failure.into_inner().expect("no panics while held") {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn block_name(&self, block: usize) -> String {

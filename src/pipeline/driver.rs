@@ -146,19 +146,22 @@ pub fn quantize_model<M: QuantizableModel>(
         for (k, group) in groups.iter().enumerate() {
             let (q_caps, _) = capture(&*model, b, &q_stream, samples, &group_inputs[k..=k], false)?;
             let x = stack_rows(b, &group[0], q_caps.iter().map(|c| c[0].as_ref()), &infos)?;
+            // Per-block factors come from the block-output gradient; a block
+            // whose output has other tokens than its input (a projector that
+            // appends the text) uses its group saliency instead.
             let alpha = sample_factors(scorer, &infos, |i| {
+                let (maps, index) = match (&saliency, &local_saliency) {
+                    (Some(s), _) => (s, b),
+                    (None, Some(s)) => (s, 0),
+                    _ => return None,
+                };
+                let group = maps.group(index, k, i);
                 if cfg.importance.per_block {
-                    match (&saliency, &local_saliency) {
-                        (Some(s), _) => s.block(b, i),
-                        (None, Some(s)) => s.block(0, i),
-                        _ => None,
-                    }
+                    maps.block(index, i)
+                        .filter(|s| s.len() == infos[i].len())
+                        .or(group)
                 } else {
-                    match (&saliency, &local_saliency) {
-                        (Some(s), _) => s.group(b, k, i),
-                        (None, Some(s)) => s.group(0, k, i),
-                        _ => None,
-                    }
+                    group
                 }
             })?;
             let mut diagnostics = ImportanceDiagnostics::new();
