@@ -1,16 +1,3 @@
-//! # vlmq
-//!
-//! Hessian-based post-training weight quantization for vision-language
-//! models: GPTQ, GPTAQ and VLMQ (importance-weighted GPTQ, arXiv 2508.03351).
-//!
-//! VLMQ gives each calibration token an importance factor `alpha_t` and
-//! solves GPTQ's column-by-column problem with the enhanced Hessian
-//! `H = (2/N) X diag(alpha) X^T`, so the quantization error is spent where the
-//! model's loss is sensitive rather than on redundant vision tokens.
-//!
-//! See `docs/ALGORITHMS.md` for the math as implemented and
-//! `docs/ARCHITECTURE.md` for the module map.
-//!
 #![doc = include_str!("../README.md")]
 
 pub mod backend;

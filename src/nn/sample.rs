@@ -6,7 +6,7 @@ use ndarray::Array2;
 /// The vision input of a sample.
 #[derive(Debug, Clone)]
 pub enum Vision {
-    /// Flattened image patches `[P, patch_dim]`, embedded by the model's [`PatchEmbedding`].
+    /// Flattened image patches `[P, patch_dim]`, embedded by the model's [`PatchEmbedding`](super::PatchEmbedding).
     Patches(Array2<f32>),
     /// Precomputed vision embeddings `[P, d]` at the first block's width.
     Embeddings(Array2<f32>),

@@ -47,11 +47,11 @@ pub const QUADRANTS: [&str; 4] = ["top-left", "top-right", "bottom-left", "botto
 /// both what is asked and about which object (e.g. "colour of the cross"),
 /// so answering takes one attention hop from the question to the object.
 pub mod vocab {
-    /// "what colour is the <shape>": 4 tokens, one per shape.
+    /// "what colour is the `<shape>`": 4 tokens, one per shape.
     pub const ASK_COLOR0: usize = 0;
-    /// "what shape is the <colour> object": 6 tokens, one per colour.
+    /// "what shape is the `<colour>` object": 6 tokens, one per colour.
     pub const ASK_SHAPE0: usize = 4;
-    /// "where is the <shape>": 4 tokens, one per shape.
+    /// "where is the `<shape>`": 4 tokens, one per shape.
     pub const ASK_WHERE0: usize = 10;
     /// First colour answer (6 follow).
     pub const COLOR0: usize = 14;
