@@ -340,7 +340,7 @@ proptest! {
 #[test]
 fn block_size_does_not_change_the_result_beyond_ties() {
     for seed in 0..8 {
-        let a = make_case(Spec {
+        let spec = Spec {
             seed,
             m: 16,
             n: 64,
@@ -351,20 +351,9 @@ fn block_size_does_not_change_the_result_beyond_ties() {
             static_groups: false,
             symmetric: false,
             gptaq: false,
-        });
-        let mut b = make_case(Spec {
-            seed,
-            m: 16,
-            n: 64,
-            bits: 3,
-            group: Some(16),
-            block: 128,
-            act_order: true,
-            static_groups: false,
-            symmetric: false,
-            gptaq: false,
-        });
-        b.cfg = b.cfg.with_block_size(5);
+        };
+        let a = make_case(spec);
+        let b = make_case(Spec { block: 5, ..spec });
         let (sa, sb) = (solve(&a), solve(&b));
         let differ = sa
             .weight

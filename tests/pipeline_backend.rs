@@ -12,7 +12,7 @@ use common::{weight, Rng};
 use ndarray::{concatenate, Array2, ArrayView2, Axis};
 use vlmq::backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
 use vlmq::hessian::HessianAccumulator;
-use vlmq::pipeline::{quantize_model, BlockSelection, PipelineConfig, QuantMethod};
+use vlmq::pipeline::{quantize_model, BlockSelection, PipelineConfig, QuantMethod, QuantizedModel};
 use vlmq::{solve_layer, Bits, Error, GptqConfig, GroupSize, Method, QuantScheme};
 
 #[derive(Clone)]
@@ -224,6 +224,15 @@ fn config(method: QuantMethod) -> PipelineConfig {
     PipelineConfig::new(method, GptqConfig::new(scheme))
 }
 
+/// A run without a custom scorer or progress output.
+fn run(
+    model: &mut TinyModel,
+    data: &[Sample],
+    cfg: &PipelineConfig,
+) -> vlmq::Result<QuantizedModel> {
+    quantize_model(model, data, cfg, None, &mut |_| {})
+}
+
 fn all_weights(m: &TinyModel) -> Vec<Array2<f32>> {
     m.blocks
         .iter()
@@ -292,7 +301,7 @@ fn every_method_runs_end_to_end_and_vlmq_moves_weight_to_text() {
     let data = samples(3, 8, 16);
     for method in QuantMethod::ALL {
         let mut model = TinyModel::new(4, 16, 24, 2);
-        let out = quantize_model(&mut model, &data, &config(method), None, &mut |_| {}).unwrap();
+        let out = run(&mut model, &data, &config(method)).unwrap();
         assert_eq!(out.report.layers.len(), 4, "{method}");
         let first = &out.report.layers[0];
         assert!(
@@ -327,7 +336,7 @@ fn overrides_and_block_selection() {
         Some(QuantScheme::new(Bits::new(8).unwrap())),
     );
     cfg.layer_overrides = overrides;
-    let out = quantize_model(&mut model, &data, &cfg, None, &mut |_| {}).unwrap();
+    let out = run(&mut model, &data, &cfg).unwrap();
     let names: Vec<(usize, String, u32)> = out
         .report
         .layers
@@ -357,7 +366,7 @@ fn interrupted_run_resumes_from_the_last_completed_block() {
     let dir = temp_dir("resume");
     let mut cfg = config(QuantMethod::VlmqGptaq);
     let mut straight = TinyModel::new(8, 16, 24, 3);
-    let expected = quantize_model(&mut straight, &data, &cfg, None, &mut |_| {}).unwrap();
+    let expected = run(&mut straight, &data, &cfg).unwrap();
 
     cfg.state_dir = Some(dir.clone());
     let mut progress = 0;
@@ -368,14 +377,14 @@ fn interrupted_run_resumes_from_the_last_completed_block() {
     assert_eq!(progress, 4, "blocks 0 and 1 completed before the failure");
 
     let mut resumed = TinyModel::new(8, 16, 24, 3);
-    let out = quantize_model(&mut resumed, &data, &cfg, None, &mut |_| {}).unwrap();
+    let out = run(&mut resumed, &data, &cfg).unwrap();
     assert_eq!(out.report.resumed_blocks, 2);
     assert_eq!(all_weights(&resumed), all_weights(&straight));
     assert_eq!(out.weights, expected.weights);
 
     // A finished state resumes everything; a different configuration is refused.
     let mut again = TinyModel::new(8, 16, 24, 3);
-    let out = quantize_model(&mut again, &data, &cfg, None, &mut |_| {}).unwrap();
+    let out = run(&mut again, &data, &cfg).unwrap();
     assert_eq!(out.report.resumed_blocks, 3);
     assert_eq!(all_weights(&again), all_weights(&straight));
     let mut other = cfg.clone();
@@ -508,8 +517,6 @@ fn any_token_importance_scorer_plugs_in() {
     let wa = quantize_model(&mut a, &data, &gptq, Some(&down), &mut |_| {})
         .unwrap()
         .weights;
-    let wb = quantize_model(&mut b, &data, &gptq, None, &mut |_| {})
-        .unwrap()
-        .weights;
+    let wb = run(&mut b, &data, &gptq).unwrap().weights;
     assert_eq!(wa, wb);
 }
