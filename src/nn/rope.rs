@@ -27,12 +27,16 @@ impl Rope {
             .map(|i| self.base.powf(-2.0 * i as f32 / head_dim as f32))
             .collect();
         let sign = if inverse { -1.0 } else { 1.0 };
+        let mut angles = vec![(0.0f32, 0.0f32); half];
         for (t, mut row) in x.rows_mut().into_iter().enumerate() {
+            // One (sin, cos) per frequency and position, shared by every head.
+            for (slot, &f) in angles.iter_mut().zip(&freqs) {
+                let (sin, cos) = (t as f32 * f).sin_cos();
+                *slot = (sign * sin, cos);
+            }
             for h in 0..heads {
                 let mut head = row.slice_mut(s![h * head_dim..(h + 1) * head_dim]);
-                for (i, &f) in freqs.iter().enumerate() {
-                    let (sin, cos) = (t as f32 * f).sin_cos();
-                    let sin = sign * sin;
+                for (i, &(sin, cos)) in angles.iter().enumerate() {
                     let (a, b) = (head[i], head[i + half]);
                     head[i] = a * cos - b * sin;
                     head[i + half] = a * sin + b * cos;

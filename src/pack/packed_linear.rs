@@ -31,6 +31,8 @@ use super::bits::{field, put_field};
 const LANES: usize = 4;
 /// Output rows per rayon task.
 const ROWS_PER_TASK: usize = 16;
+/// Below this many weights a batched forward dequantizes on the calling thread.
+const SERIAL_WORK: usize = 1 << 20;
 
 /// A quantized linear layer that multiplies straight from packed codes.
 #[derive(Debug, Clone)]
@@ -243,8 +245,9 @@ impl PackedLinear {
 
     /// A batch of tokens: `y = x W^T + b` for `x` of shape `[tokens, in]`,
     /// returning `[tokens, out]`. One token goes through [`PackedLinear::gemv`];
-    /// larger batches dequantize each output row once into a scratch buffer
-    /// and take its dot product with every token.
+    /// larger batches dequantize the weight once per call (each output row by
+    /// one task, into a temporary `[out, in]` buffer that is dropped on return)
+    /// and multiply all tokens with it in one deterministic matrix product.
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         let (t, n) = x.dim();
         if n != self.inp {
@@ -262,35 +265,34 @@ impl PackedLinear {
         for row in x.rows() {
             xp.extend(self.permuted(row));
         }
+        // Dequantize the rows (in the kernel's input order) once per call, each
+        // row by one task, then one deterministic matrix product for all tokens.
         let b = self.bits.get();
-        let mut yt = vec![0f32; self.out * t];
-        if t > 0 {
-            yt.par_chunks_mut(t).enumerate().for_each_init(
-                || vec![0f32; self.inp],
-                |w, (o, yrow)| {
-                    let row = self.row_words(o);
-                    for g in 0..self.groups {
-                        let s = self.scales[o * self.groups + g];
-                        let z = self.zeros[o * self.groups + g];
-                        for (j, wj) in w
-                            .iter_mut()
-                            .enumerate()
-                            .take(self.bounds[g + 1])
-                            .skip(self.bounds[g])
-                        {
-                            *wj = s * (field(row, b, j) as f32 - z);
-                        }
-                    }
-                    let bias = self.bias.as_ref().map_or(0.0, |bv| bv[o]);
-                    for (ti, yv) in yrow.iter_mut().enumerate() {
-                        *yv = dot(w, &xp[ti * self.inp..(ti + 1) * self.inp]) + bias;
-                    }
-                },
-            );
+        let mut w = Array2::<f32>::zeros((self.out, self.inp));
+        let dequantize_row = |(o, mut wrow): (usize, ndarray::ArrayViewMut1<'_, f32>)| {
+            let row = self.row_words(o);
+            for g in 0..self.groups {
+                let s = self.scales[o * self.groups + g];
+                let z = self.zeros[o * self.groups + g];
+                for j in self.bounds[g]..self.bounds[g + 1] {
+                    wrow[j] = s * (field(row, b, j) as f32 - z);
+                }
+            }
+        };
+        if self.out * self.inp < SERIAL_WORK {
+            w.outer_iter_mut().enumerate().for_each(dequantize_row);
+        } else {
+            w.outer_iter_mut()
+                .into_par_iter()
+                .enumerate()
+                .for_each(dequantize_row);
         }
-        Ok(Array2::from_shape_fn((t, self.out), |(ti, o)| {
-            yt[o * t + ti]
-        }))
+        let xp = Array2::from_shape_vec((t, self.inp), xp).expect("t rows of inp values");
+        let mut y = crate::linalg::matmul(xp.view(), w.t());
+        if let Some(bias) = &self.bias {
+            y += &ndarray::ArrayView1::from(&bias[..]);
+        }
+        Ok(y)
     }
 }
 
@@ -408,24 +410,6 @@ fn has_avx2() -> bool {
     {
         false
     }
-}
-
-/// Dot product with eight independent partial sums.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
