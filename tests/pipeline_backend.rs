@@ -389,35 +389,14 @@ fn interrupted_run_resumes_from_the_last_completed_block() {
     assert_eq!(all_weights(&again), all_weights(&straight));
     let mut other = cfg.clone();
     other.solver.block_size = 7;
-    let err = quantize_model(
-        &mut TinyModel::new(8, 16, 24, 3),
-        &data,
-        &other,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = run(&mut TinyModel::new(8, 16, 24, 3), &data, &other).unwrap_err();
     assert!(matches!(err, Error::StateMismatch { .. }), "{err}");
-    let err = quantize_model(
-        &mut TinyModel::new(9, 16, 24, 3),
-        &data,
-        &cfg,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = run(&mut TinyModel::new(9, 16, 24, 3), &data, &cfg).unwrap_err();
     assert!(
         matches!(err, Error::StateMismatch { ref reason, .. } if reason.contains("model")),
         "{err}"
     );
-    let err = quantize_model(
-        &mut TinyModel::new(8, 16, 24, 3),
-        &samples(70, 5, 16),
-        &cfg,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = run(&mut TinyModel::new(8, 16, 24, 3), &samples(70, 5, 16), &cfg).unwrap_err();
     assert!(
         matches!(err, Error::StateMismatch { ref reason, .. } if reason.contains("calibration")),
         "{err}"
@@ -428,26 +407,12 @@ fn interrupted_run_resumes_from_the_last_completed_block() {
 #[test]
 fn bad_inputs_are_typed_errors_naming_block_and_layer() {
     let cfg = config(QuantMethod::Gptq);
-    let err = quantize_model(
-        &mut TinyModel::new(1, 16, 24, 2),
-        &[],
-        &cfg,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = run(&mut TinyModel::new(1, 16, 24, 2), &[], &cfg).unwrap_err();
     assert!(matches!(err, Error::Empty { .. }), "{err}");
 
     let mut data = samples(1, 3, 16);
     data[1].x = Array2::ones((16, 15));
-    let err = quantize_model(
-        &mut TinyModel::new(1, 16, 24, 2),
-        &data,
-        &cfg,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = run(&mut TinyModel::new(1, 16, 24, 2), &data, &cfg).unwrap_err();
     assert!(
         matches!(err, Error::Backend { block: 0, ref layer, .. } if layer.as_deref() == Some("a")),
         "{err}"
@@ -455,14 +420,7 @@ fn bad_inputs_are_typed_errors_naming_block_and_layer() {
 
     let mut data = samples(1, 3, 16);
     data[2].x[[3, 4]] = f32::NAN;
-    let err = quantize_model(
-        &mut TinyModel::new(1, 16, 24, 2),
-        &data,
-        &cfg,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = run(&mut TinyModel::new(1, 16, 24, 2), &data, &cfg).unwrap_err();
     assert!(
         matches!(err, Error::Backend { block: 0, ref layer, ref reason } if layer.as_deref() == Some("a") && reason.contains("non-finite")),
         "{err}"
@@ -470,7 +428,7 @@ fn bad_inputs_are_typed_errors_naming_block_and_layer() {
 
     let mut model = TinyModel::new(1, 16, 24, 2);
     model.hide_layer = true;
-    let err = quantize_model(&mut model, &samples(1, 3, 16), &cfg, None, &mut |_| {}).unwrap_err();
+    let err = run(&mut model, &samples(1, 3, 16), &cfg).unwrap_err();
     assert!(
         matches!(err, Error::Backend { block: 0, ref layer, .. } if layer.as_deref() == Some("a")),
         "{err}"
@@ -478,14 +436,7 @@ fn bad_inputs_are_typed_errors_naming_block_and_layer() {
 
     let mut data = samples(1, 3, 16);
     data[0].info.valid.pop();
-    let err = quantize_model(
-        &mut TinyModel::new(1, 16, 24, 2),
-        &data,
-        &cfg,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = run(&mut TinyModel::new(1, 16, 24, 2), &data, &cfg).unwrap_err();
     assert!(matches!(err, Error::Backend { .. }), "{err}");
 }
 
