@@ -8,9 +8,12 @@
 //! Flags (defaults in brackets):
 //!   --bits 4,3,2        bit widths [4,3,2]
 //!   --group N           group size, 0 for per channel [32]
+//!   --sym               symmetric grid (GPTQ `sym=True`) instead of asymmetric
 //!   --calib N           calibration samples per seed [64]
-//!   --seeds N           calibration seeds (different calibration subsets) [3]
+//!   --seed S            first calibration seed [0]
+//!   --seeds N           calibration seeds S, S+1, ... (disjoint calibration subsets) [3]
 //!   --eval N            held-out examples [600]
+//!   --background B      plain or cluttered image background for calibration and evaluation [cluttered]
 //!   --blocks lm|all     quantize the language model only, or also the ViT and projector [all]
 //!   --methods a,b,...   subset of rtn,gptq,gptaq,vlmq,vlmq+gptaq [all]
 //!   --weights PATH      model weights [assets/toy_vit_llm.safetensors]
@@ -22,6 +25,9 @@
 //!   --per-block         VLMQ factors from the block-output gradient instead of per input group
 //!   --pilot F           VLMQ rows use the pilot-study scorer instead: a fraction F of the
 //!                       vision tokens (lowest saliency) weighted 0.1
+//!   --report            after the table, print the per-layer report of the last VLMQ run
+//!                       of each bit width (objectives, damping, vision share of the Hessian
+//!                       trace before -> after weighting)
 //!   --quiet             no progress lines
 
 use std::collections::BTreeMap;
@@ -37,7 +43,9 @@ use vlmq::pack::{CheckpointWriter, DenseTensor};
 use vlmq::pipeline::{
     quantize_model, BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod,
 };
-use vlmq::toy::{accuracy, build_model, examples, to_sample, Split, ToyConfig, VqaExample};
+use vlmq::toy::{
+    accuracy, build_model, examples_with, to_sample, Background, Split, ToyConfig, VqaExample,
+};
 use vlmq::{Bits, GptqConfig, GroupSize, PackedLinear, QuantScheme, QuantizableModel};
 
 const DATA_SEED: u64 = 7;
@@ -45,14 +53,18 @@ const DATA_SEED: u64 = 7;
 struct Args {
     bits: Vec<u32>,
     group: usize,
+    symmetric: bool,
     calib: usize,
+    first_seed: u64,
     seeds: u64,
     eval: usize,
+    background: Background,
     lm_only: bool,
     methods: Vec<QuantMethod>,
     weights: String,
     out: Option<String>,
     quiet: bool,
+    report: bool,
     importance: ImportanceOptions,
     pilot: Option<f32>,
 }
@@ -90,14 +102,22 @@ fn parse_args() -> Args {
                 .collect()
         }),
         group: num("--group", 32),
+        symmetric: argv.iter().any(|a| a == "--sym"),
         calib: num("--calib", 64),
+        first_seed: num("--seed", 0) as u64,
         seeds: num("--seeds", 3) as u64,
         eval: num("--eval", 600),
+        background: match get("--background").as_deref() {
+            None | Some("cluttered") => Background::Cluttered,
+            Some("plain") => Background::Plain,
+            Some(other) => panic!("--background takes plain or cluttered, not {other}"),
+        },
         lm_only: get("--blocks").is_some_and(|b| b == "lm"),
         methods,
         weights: get("--weights").unwrap_or_else(|| "assets/toy_vit_llm.safetensors".into()),
         out: get("--out"),
         quiet: argv.iter().any(|a| a == "--quiet"),
+        report: argv.iter().any(|a| a == "--report"),
         importance: ImportanceOptions {
             source: match get("--source").as_deref() {
                 Some("local") => GradientSource::BlockLocal,
@@ -174,7 +194,8 @@ fn main() -> vlmq::Result<()> {
     let args = parse_args();
     let mut base = build_model(ToyConfig::default(), 0)?;
     load_safetensors(&mut base, &args.weights)?;
-    let eval: Vec<VqaExample> = examples(DATA_SEED, Split::Eval, 0, args.eval);
+    let eval: Vec<VqaExample> =
+        examples_with(DATA_SEED, Split::Eval, 0, args.eval, args.background);
     let start = Instant::now();
     let fp = accuracy(&base, &eval)?;
     let n_blocks = base.num_blocks();
@@ -207,23 +228,31 @@ fn main() -> vlmq::Result<()> {
 
     println!();
     println!(
-        "| bits | method | accuracy % (fake-quant) | accuracy % (packed) | vs GPTQ (pp) | layer objective | time (s) |"
+        "| bits | method | accuracy % (fake-quant) | accuracy % (packed) | vs full precision (pp) | vs GPTQ (pp) | layer objective | time (s) |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut vlmq_reports = Vec::new();
     for &bits in &args.bits {
-        let scheme = QuantScheme::new(Bits::new(bits)?).with_group_size(group);
+        let scheme = QuantScheme::new(Bits::new(bits)?)
+            .with_group_size(group)
+            .with_symmetric(args.symmetric);
         let mut gptq_acc: Option<Vec<f64>> = None;
         for &method in &args.methods {
             let mut accs = Vec::new();
             let mut packed_accs = Vec::new();
             let mut objectives = Vec::new();
             let mut times = Vec::new();
-            for seed in 0..args.seeds {
-                let calib: Vec<_> =
-                    examples(DATA_SEED, Split::Calibration, seed * 10_000, args.calib)
-                        .iter()
-                        .map(to_sample)
-                        .collect();
+            for seed in args.first_seed..args.first_seed + args.seeds {
+                let calib: Vec<_> = examples_with(
+                    DATA_SEED,
+                    Split::Calibration,
+                    seed * 10_000,
+                    args.calib,
+                    args.background,
+                )
+                .iter()
+                .map(to_sample)
+                .collect();
                 let mut cfg =
                     PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true));
                 cfg.blocks = blocks.clone();
@@ -253,9 +282,12 @@ fn main() -> vlmq::Result<()> {
                 accs.push(100.0 * accuracy(&model, &eval)?);
                 packed_accs.push(100.0 * accuracy(&packed_model(&base, &out.weights)?, &eval)?);
                 objectives.push(out.report.total_objective());
-                if method == QuantMethod::Vlmq && seed + 1 == args.seeds {
+                if method == QuantMethod::Vlmq && seed + 1 == args.first_seed + args.seeds {
                     if let Some(dir) = &args.out {
                         write_checkpoint(dir, &model, &out.weights)?;
+                    }
+                    if args.report {
+                        vlmq_reports.push((bits, seed, out.report.to_string()));
                     }
                 }
             }
@@ -278,11 +310,18 @@ fn main() -> vlmq::Result<()> {
                     let wins = diffs.iter().filter(|&&x| x > 0.0).count();
                     format!("{d:+.2} ± {sd:.2} ({wins}/{} seeds better)", diffs.len())
                 });
+            let vs_fp = acc - 100.0 * fp;
             println!(
-                "| W{bits} g{} | {method} | {acc:.2} ± {acc_sd:.2} | {pacc:.2} ± {pacc_sd:.2} | {delta} | {obj:.4e} | {t:.2} |",
-                args.group
+                "| W{bits} g{}{} | {method} | {acc:.2} ± {acc_sd:.2} | {pacc:.2} ± {pacc_sd:.2} | {vs_fp:+.2} | {delta} | {obj:.4e} | {t:.2} |",
+                args.group,
+                if args.symmetric { " sym" } else { "" }
             );
         }
+    }
+    for (bits, seed, report) in &vlmq_reports {
+        println!();
+        println!("VLMQ layer report, W{bits}, calibration seed {seed}:");
+        println!("```text\n{report}\n```");
     }
     println!();
     println!(

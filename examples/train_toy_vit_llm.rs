@@ -1,14 +1,18 @@
 //! Trains the toy ViT-LLM on the synthetic VQA task and writes its weights.
 //!
 //! Run: `cargo run --release --example train_toy_vit_llm -- [--steps N] [--lr X]
-//! [--init PATH --offset STEPS] [--save-every N] [--out PATH]` (default output:
-//! `assets/toy_vit_llm.safetensors`). `--init` continues from saved weights;
-//! `--offset` skips the training batches the earlier run used.
+//! [--init PATH --offset STEPS] [--save-every N] [--background plain|cluttered]
+//! [--out PATH]` (default output: `assets/toy_vit_llm.safetensors`). `--init`
+//! continues from saved weights; `--offset` skips the training batches the
+//! earlier run used; `--background` picks the image background for training
+//! and the printed held-out accuracy (default: cluttered).
 
 use std::time::Instant;
 
 use vlmq::nn::{save_safetensors, StoreDtype};
-use vlmq::toy::{accuracy, build_model, examples, train, Split, ToyConfig, TrainConfig};
+use vlmq::toy::{
+    accuracy, build_model, examples_with, train, Background, Split, ToyConfig, TrainConfig,
+};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -33,7 +37,12 @@ fn main() -> vlmq::Result<()> {
     }
     // Continuing a run draws fresh training examples after the ones already seen.
     let offset: usize = arg("--offset").map_or(0, |o| o.parse().expect("--offset takes a number"));
-    let eval = examples(seed, Split::Eval, 0, 500);
+    let background = match arg("--background").as_deref() {
+        None | Some("cluttered") => Background::Cluttered,
+        Some("plain") => Background::Plain,
+        Some(other) => panic!("--background takes plain or cluttered, not {other}"),
+    };
+    let eval = examples_with(seed, Split::Eval, 0, 500, background);
     let start = Instant::now();
     let batch = cfg.batch;
     let save_every: usize =
@@ -43,7 +52,10 @@ fn main() -> vlmq::Result<()> {
     train(
         &mut model,
         cfg,
-        |step| examples(seed, Split::Train, ((offset + step) * batch) as u64, batch),
+        |step| {
+            let start = ((offset + step) * batch) as u64;
+            examples_with(seed, Split::Train, start, batch, background)
+        },
         &mut |step, loss, m| {
             losses.push(loss);
             if step % 50 == 49 {

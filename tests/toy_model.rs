@@ -6,7 +6,7 @@ use vlmq::QuantizableModel;
 
 /// Held-out accuracy of the committed weights on the first 600 evaluation
 /// examples, as printed by `examples/toy_vit_llm.rs` (see docs/RESULTS.md).
-const STATED_ACCURACY: f64 = 0.90;
+const STATED_ACCURACY: f64 = 0.91;
 /// Inference is deterministic for a given CPU, but faer picks SIMD kernels at
 /// run time (AVX2 vs AVX-512 sum in different orders), which may flip an
 /// example whose two best logits nearly tie: allow 0.5 points (3 examples).

@@ -6,4 +6,6 @@ pub mod model;
 pub mod task;
 
 pub use model::{accuracy, build_model, to_sample, train, ToyConfig, TrainConfig};
-pub use task::{example, examples, QuestionKind, Split, VqaExample};
+pub use task::{
+    example, example_with, examples, examples_with, Background, QuestionKind, Split, VqaExample,
+};
