@@ -38,13 +38,20 @@ fn every_importance_source_runs_on_the_reference_backend() {
             .unwrap_or_else(|e| panic!("{source:?}, per block {per_block}: {e}"));
         // ViT block (q, k, v, o, up, down), projector, LM block (q, k, v, o, gate, up, down).
         assert_eq!(out.report.layers.len(), 14, "{source:?} {per_block}");
-        // Gradient factors are not uniform: some layer's vision tokens moved off 1.
-        assert!(
-            out.report
-                .layers
-                .iter()
-                .any(|l| (l.shares.mean_alpha_vision - 1.0).abs() > 1e-3),
-            "{source:?}, per block {per_block}: factors stayed uniform"
-        );
+        // Gradient factors are not uniform in the ViT block (index 0) nor in the
+        // LM block (index 2). The mean factor cannot show it inside the ViT,
+        // where every token is a vision token and factors have mean 1 per
+        // sample by construction; the Hessian can: with uniform factors the
+        // weighted Hessian *is* the unweighted one and the two objectives of
+        // a layer agree to rounding (~1e-6 relative), while these factors
+        // move them by 1-60%. 1e-3 separates the two cases.
+        for block in [0, 2] {
+            assert!(
+                out.report.layers.iter().any(|l| l.block == block
+                    && (l.objective - l.objective_unweighted).abs()
+                        > 1e-3 * l.objective_unweighted),
+                "{source:?}, per block {per_block}: factors stayed uniform in block {block}"
+            );
+        }
     }
 }
