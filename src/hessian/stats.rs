@@ -36,4 +36,51 @@ impl LayerStatistics {
     pub fn dim(&self) -> usize {
         self.hessian.nrows()
     }
+
+    /// How many input directions the calibration data effectively spans: the
+    /// participation ratio `tr(H)^2 / ||H||_F^2 = (sum_i l_i)^2 / sum_i l_i^2`
+    /// over the eigenvalues `l_i` of the Hessian. It is `dim()` for isotropic
+    /// inputs and 1 when every input is a multiple of one vector; 0 for an all-zero
+    /// Hessian. GPTQ's error compensation has the most room when it is small.
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use vlmq::hessian::LayerStatistics;
+    ///
+    /// let isotropic = LayerStatistics::from_hessian(Array2::eye(8));
+    /// assert!((isotropic.participation_ratio() - 8.0).abs() < 1e-9);
+    /// ```
+    pub fn participation_ratio(&self) -> f64 {
+        let trace: f64 = self.hessian.diag().iter().map(|&v| f64::from(v)).sum();
+        let frobenius2: f64 = self.hessian.iter().map(|&v| f64::from(v).powi(2)).sum();
+        if frobenius2 > 0.0 {
+            trace * trace / frobenius2
+        } else {
+            0.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn participation_ratio_counts_spanned_directions() {
+        // Rank one: x x^T.
+        let x = [1.0f32, -2.0, 0.5, 3.0];
+        let rank_one = Array2::from_shape_fn((4, 4), |(i, j)| x[i] * x[j]);
+        let pr = LayerStatistics::from_hessian(rank_one).participation_ratio();
+        assert!((pr - 1.0).abs() < 1e-6, "{pr}");
+        // Two equal directions out of four.
+        let two = Array2::from_diag(&ndarray::arr1(&[3.0f32, 3.0, 0.0, 0.0]));
+        let pr = LayerStatistics::from_hessian(two).participation_ratio();
+        assert!((pr - 2.0).abs() < 1e-9, "{pr}");
+        // Unequal eigenvalues count less than their number: (4 + 1)^2 / 17.
+        let skewed = Array2::from_diag(&ndarray::arr1(&[4.0f32, 1.0]));
+        let pr = LayerStatistics::from_hessian(skewed).participation_ratio();
+        assert!((pr - 25.0 / 17.0).abs() < 1e-9, "{pr}");
+        let zero = LayerStatistics::from_hessian(Array2::zeros((3, 3)));
+        assert_eq!(zero.participation_ratio(), 0.0);
+    }
 }
