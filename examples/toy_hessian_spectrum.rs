@@ -31,17 +31,21 @@ fn main() -> vlmq::Result<()> {
         .iter()
         .map(|s| model.embed(s))
         .collect::<vlmq::Result<Vec<_>>>()?;
-    println!("| block | layer | input width | participation ratio |");
+    println!("| block | layers (one input) | input width | participation ratio |");
     println!("|---|---|---|---|");
     for block in 0..model.num_blocks() {
-        let mut accumulators: BTreeMap<String, HessianAccumulator<f64>> = BTreeMap::new();
+        // Linears of one group share their input: accumulate it once, under
+        // the group's first layer.
+        let groups = model.linear_groups(block);
+        let mut accumulators: BTreeMap<String, HessianAccumulator<f64>> = groups
+            .iter()
+            .filter_map(|g| g.first())
+            .map(|l| (l.name.clone(), HessianAccumulator::new(l.in_features)))
+            .collect();
         let mut failure = None;
         for (h, sample) in hidden.iter_mut().zip(&calib) {
             let mut sink = |layer: &str, rows: ndarray::ArrayView2<'_, f32>| {
-                let acc = accumulators
-                    .entry(layer.to_string())
-                    .or_insert_with(|| HessianAccumulator::new(rows.ncols()));
-                if let Err(e) = acc.add(rows, None) {
+                if let Some(Err(e)) = accumulators.get_mut(layer).map(|a| a.add(rows, None)) {
                     failure.get_or_insert(e);
                 }
             };
@@ -50,11 +54,16 @@ fn main() -> vlmq::Result<()> {
         if let Some(e) = failure {
             return Err(e);
         }
-        for (layer, acc) in &accumulators {
+        for group in &groups {
+            let Some(acc) = group.first().and_then(|l| accumulators.get(&l.name)) else {
+                continue;
+            };
             let stats = acc.finish()?;
+            let names: Vec<&str> = group.iter().map(|l| l.name.as_str()).collect();
             println!(
-                "| {} | {layer} | {} | {:.2} |",
+                "| {} | {} | {} | {:.2} |",
                 model.block_name(block),
+                names.join(", "),
                 stats.dim(),
                 stats.participation_ratio()
             );

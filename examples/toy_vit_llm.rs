@@ -107,11 +107,9 @@ fn parse_args() -> Args {
         first_seed: num("--seed", 0) as u64,
         seeds: num("--seeds", 3) as u64,
         eval: num("--eval", 600),
-        background: match get("--background").as_deref() {
-            None | Some("cluttered") => Background::Cluttered,
-            Some("plain") => Background::Plain,
-            Some(other) => panic!("--background takes plain or cluttered, not {other}"),
-        },
+        background: get("--background")
+            .map_or(Ok(Background::default()), |b| b.parse())
+            .unwrap_or_else(|e| panic!("--background: {e}")),
         lm_only: get("--blocks").is_some_and(|b| b == "lm"),
         methods,
         weights: get("--weights").unwrap_or_else(|| "assets/toy_vit_llm.safetensors".into()),

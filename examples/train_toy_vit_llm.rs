@@ -37,11 +37,8 @@ fn main() -> vlmq::Result<()> {
     }
     // Continuing a run draws fresh training examples after the ones already seen.
     let offset: usize = arg("--offset").map_or(0, |o| o.parse().expect("--offset takes a number"));
-    let background = match arg("--background").as_deref() {
-        None | Some("cluttered") => Background::Cluttered,
-        Some("plain") => Background::Plain,
-        Some(other) => panic!("--background takes plain or cluttered, not {other}"),
-    };
+    let background: Background =
+        arg("--background").map_or(Ok(Background::default()), |b| b.parse())?;
     let eval = examples_with(seed, Split::Eval, 0, 500, background);
     let start = Instant::now();
     let batch = cfg.batch;

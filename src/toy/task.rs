@@ -5,7 +5,7 @@
 //!
 //! An image is a `GRID x GRID` grid of `PATCH x PATCH` RGB patches (one
 //! vision token per patch). The background is one dull colour with faint
-//! noise; 2 to 5 objects each fill one patch with one of eight hues (with
+//! noise and, by default, faint achromatic clutter ([`Background`]); 2 to 5 objects each fill one patch with one of eight hues (with
 //! their own saturation and brightness) in one of four shapes. Questions: the
 //! colour of a shape and the shape of a colour (always about an object that is
 //! unique in what the question names). Neighbouring hues are close, so the
@@ -170,6 +170,23 @@ pub enum Background {
     Cluttered,
 }
 
+impl std::str::FromStr for Background {
+    type Err = crate::error::Error;
+
+    /// Parses `"plain"` or `"cluttered"` (e.g. a command-line flag).
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        match s {
+            "plain" => Ok(Background::Plain),
+            "cluttered" => Ok(Background::Cluttered),
+            other => Err(crate::error::Error::InvalidConfig {
+                field: "background",
+                value: other.to_string(),
+                reason: "expected plain or cluttered",
+            }),
+        }
+    }
+}
+
 /// Peak-to-peak contrast of the achromatic clutter in [`Background::Cluttered`].
 pub const CLUTTER_CONTRAST: f32 = 0.6;
 
@@ -322,6 +339,22 @@ mod tests {
             assert!(asks.contains(&ex.question[0]));
             assert!(answers.contains(&ex.answer));
         }
+    }
+
+    #[test]
+    fn background_names_parse() {
+        assert_eq!("plain".parse::<Background>().unwrap(), Background::Plain);
+        assert_eq!(
+            "cluttered".parse::<Background>().unwrap(),
+            Background::Cluttered
+        );
+        assert!(matches!(
+            "busy".parse::<Background>(),
+            Err(crate::error::Error::InvalidConfig {
+                field: "background",
+                ..
+            })
+        ));
     }
 
     #[test]
