@@ -48,17 +48,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(packed.gemv(black_box(x.view())).unwrap()))
     });
     g.bench_function("dense_f32_faer", |b| {
-        b.iter(|| {
-            matmul(
-                ColMut::from_slice_mut(&mut y),
-                Accum::Replace,
-                MatRef::from_row_major_slice(dense, N, N),
-                ColRef::from_slice(black_box(xs)),
-                1.0f32,
-                Par::rayon(0),
-            );
-            black_box(&y);
-        })
+        b.iter(|| dense_faer(dense, black_box(xs), &mut y, Par::rayon(0)))
     });
     g.bench_function("dense_f32_rayon_rows", |b| {
         b.iter(|| {
@@ -74,20 +64,23 @@ fn bench(c: &mut Criterion) {
         b.iter(|| one.install(|| black_box(packed.gemv(black_box(x.view())).unwrap())))
     });
     g.bench_function("dense_f32_faer_1thread", |b| {
-        b.iter(|| {
-            matmul(
-                ColMut::from_slice_mut(&mut y),
-                Accum::Replace,
-                MatRef::from_row_major_slice(dense, N, N),
-                ColRef::from_slice(black_box(xs)),
-                1.0f32,
-                Par::Seq,
-            );
-            black_box(&y);
-        })
+        b.iter(|| dense_faer(dense, black_box(xs), &mut y, Par::Seq))
     });
     g.finish();
 }
 
 criterion_group!(benches, bench);
 criterion_main!(benches);
+
+/// `y = dense x` through faer, for a row-major `N x N` matrix.
+fn dense_faer(dense: &[f32], xs: &[f32], y: &mut [f32], par: Par) {
+    matmul(
+        ColMut::from_slice_mut(y),
+        Accum::Replace,
+        MatRef::from_row_major_slice(dense, N, N),
+        ColRef::from_slice(xs),
+        1.0f32,
+        par,
+    );
+    black_box(y);
+}
