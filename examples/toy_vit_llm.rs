@@ -44,7 +44,7 @@ use vlmq::pipeline::{
     quantize_model, BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod,
 };
 use vlmq::toy::{
-    accuracy, build_model, examples_with, to_sample, Background, Split, ToyConfig, VqaExample,
+    build_model, examples_with, to_sample, AnswerScores, Background, Split, ToyConfig, VqaExample,
 };
 use vlmq::{Bits, GptqConfig, GroupSize, PackedLinear, QuantScheme, QuantizableModel};
 
@@ -195,7 +195,8 @@ fn main() -> vlmq::Result<()> {
     let eval: Vec<VqaExample> =
         examples_with(DATA_SEED, Split::Eval, 0, args.eval, args.background);
     let start = Instant::now();
-    let fp = accuracy(&base, &eval)?;
+    let fp_scores = AnswerScores::compute(&base, &eval)?;
+    let fp = fp_scores.accuracy();
     let n_blocks = base.num_blocks();
     let projector = base.projector_index().unwrap_or(0);
     println!(
@@ -205,8 +206,9 @@ fn main() -> vlmq::Result<()> {
         eval.len()
     );
     println!(
-        "full precision: {:.2}% held-out accuracy ({:.1}s)",
+        "full precision: {:.2}% held-out accuracy, answer NLL {:.4} nats ({:.1}s)",
         100.0 * fp,
+        fp_scores.mean_nll(),
         start.elapsed().as_secs_f64()
     );
     let group = if args.group == 0 {
@@ -226,19 +228,21 @@ fn main() -> vlmq::Result<()> {
 
     println!();
     println!(
-        "| bits | method | accuracy % (fake-quant) | accuracy % (packed) | vs full precision (pp) | vs GPTQ (pp) | layer objective | time (s) |"
+        "| bits | method | accuracy % (fake-quant) | accuracy % (packed) | vs full precision (pp) | vs GPTQ (pp) | KL from FP (mnats) | KL vs GPTQ | layer objective | time (s) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut vlmq_reports = Vec::new();
     for &bits in &args.bits {
         let scheme = QuantScheme::new(Bits::new(bits)?)
             .with_group_size(group)
             .with_symmetric(args.symmetric);
         let mut gptq_acc: Option<Vec<f64>> = None;
+        let mut gptq_kl: Option<Vec<f64>> = None;
         for &method in &args.methods {
             let mut accs = Vec::new();
             let mut packed_accs = Vec::new();
             let mut objectives = Vec::new();
+            let mut kls = Vec::new();
             let mut times = Vec::new();
             for seed in args.first_seed..args.first_seed + args.seeds {
                 let calib: Vec<_> = examples_with(
@@ -277,8 +281,11 @@ fn main() -> vlmq::Result<()> {
                     );
                 }
                 times.push(t0.elapsed().as_secs_f64());
-                accs.push(100.0 * accuracy(&model, &eval)?);
-                packed_accs.push(100.0 * accuracy(&packed_model(&base, &out.weights)?, &eval)?);
+                let scores = AnswerScores::compute(&model, &eval)?;
+                accs.push(100.0 * scores.accuracy());
+                kls.push(1e3 * scores.mean_kl_from(&fp_scores)?);
+                let packed = AnswerScores::compute(&packed_model(&base, &out.weights)?, &eval)?;
+                packed_accs.push(100.0 * packed.accuracy());
                 objectives.push(out.report.total_objective());
                 if method == QuantMethod::Vlmq && seed + 1 == args.first_seed + args.seeds {
                     if let Some(dir) = &args.out {
@@ -294,6 +301,7 @@ fn main() -> vlmq::Result<()> {
             }
             if method == QuantMethod::Gptq {
                 gptq_acc = Some(accs.clone());
+                gptq_kl = Some(kls.clone());
             }
             let (acc, acc_sd) = mean_std(&accs);
             let (pacc, pacc_sd) = mean_std(&packed_accs);
@@ -308,9 +316,19 @@ fn main() -> vlmq::Result<()> {
                     let wins = diffs.iter().filter(|&&x| x > 0.0).count();
                     format!("{d:+.2} ± {sd:.2} ({wins}/{} seeds better)", diffs.len())
                 });
+            let (kl, kl_sd) = mean_std(&kls);
+            let kl_ratio = gptq_kl
+                .as_ref()
+                .filter(|_| method != QuantMethod::Gptq)
+                .map_or("".to_string(), |g| {
+                    let ratios: Vec<f64> = kls.iter().zip(g).map(|(a, b)| a / b).collect();
+                    let (r, sd) = mean_std(&ratios);
+                    let wins = ratios.iter().filter(|&&x| x < 1.0).count();
+                    format!("{r:.2}x ± {sd:.2} ({wins}/{} seeds lower)", ratios.len())
+                });
             let vs_fp = acc - 100.0 * fp;
             println!(
-                "| W{bits} g{}{} | {method} | {acc:.2} ± {acc_sd:.2} | {pacc:.2} ± {pacc_sd:.2} | {vs_fp:+.2} | {delta} | {obj:.4e} | {t:.2} |",
+                "| W{bits} g{}{} | {method} | {acc:.2} ± {acc_sd:.2} | {pacc:.2} ± {pacc_sd:.2} | {vs_fp:+.2} | {delta} | {kl:.2} ± {kl_sd:.2} | {kl_ratio} | {obj:.4e} | {t:.2} |",
                 args.group,
                 if args.symmetric { " sym" } else { "" }
             );

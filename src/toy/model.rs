@@ -2,9 +2,9 @@
 //! small causal language model over `[vision tokens; question tokens]` whose
 //! prediction at the question mark is the answer.
 
-use ndarray::Axis;
 use rayon::prelude::*;
 
+use super::scores::AnswerScores;
 use super::task::{vocab, VqaExample, PATCH_DIM, VISION_TOKENS};
 use crate::error::Result;
 use crate::nn::{
@@ -81,23 +81,11 @@ pub fn to_sample(ex: &VqaExample) -> Sample {
         .with_targets(vec![(ask, ex.answer)])
 }
 
-/// Fraction of examples whose most likely token at the question mark is the answer.
+/// Fraction of examples whose most likely token at the question mark is the
+/// answer; see [`AnswerScores`] for the log-likelihood and the divergence from
+/// a reference model.
 pub fn accuracy(model: &SequenceModel, examples: &[VqaExample]) -> Result<f64> {
-    let correct: Vec<bool> = examples
-        .par_iter()
-        .map(|ex| {
-            let logits = model.logits(&to_sample(ex))?;
-            let last = logits.index_axis(Axis(0), logits.nrows() - 1);
-            let best = last
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i)
-                .unwrap_or(0);
-            Ok(best == ex.answer)
-        })
-        .collect::<Result<_>>()?;
-    Ok(correct.iter().filter(|&&c| c).count() as f64 / examples.len().max(1) as f64)
+    Ok(AnswerScores::compute(model, examples)?.accuracy())
 }
 
 /// Training schedule.
