@@ -4,14 +4,13 @@
 //! means GPTQ's column updates can absorb most of the rounding error, which
 //! is why the toy leaves little room between GPTQ and full precision.
 //!
-//! Run: `cargo run --release --example toy_hessian_spectrum -- [--calib N]`
-//! (default 64 calibration samples, calibration seed 0, cluttered images).
+//! Run: `cargo run --release --example toy_hessian_spectrum -- [--calib N]
+//! [--weights PATH]` (default 64 calibration samples, the committed model, calibration seed 0, cluttered images).
 
 use std::collections::BTreeMap;
 
 use vlmq::hessian::HessianAccumulator;
-use vlmq::nn::load_safetensors;
-use vlmq::toy::{build_model, examples, to_sample, Split, ToyConfig};
+use vlmq::toy::{examples, load_toy_model, to_sample, Split};
 use vlmq::QuantizableModel;
 
 fn main() -> vlmq::Result<()> {
@@ -21,8 +20,12 @@ fn main() -> vlmq::Result<()> {
         .position(|a| a == "--calib")
         .and_then(|i| args.get(i + 1))
         .map_or(64, |v| v.parse().expect("--calib takes a number"));
-    let mut model = build_model(ToyConfig::default(), 0)?;
-    load_safetensors(&mut model, "assets/toy_vit_llm.safetensors")?;
+    let weights = args
+        .iter()
+        .position(|a| a == "--weights")
+        .and_then(|i| args.get(i + 1))
+        .map_or("assets/toy_vit_llm.safetensors", |w| w.as_str());
+    let model = load_toy_model(weights)?;
     let calib: Vec<_> = examples(7, Split::Calibration, 0, calib_count)
         .iter()
         .map(to_sample)

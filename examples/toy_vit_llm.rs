@@ -38,13 +38,13 @@ use std::time::Instant;
 use vlmq::importance::{
     Normalization, PilotScorer, PilotSelection, SaliencyPower, TokenImportance,
 };
-use vlmq::nn::{load_safetensors, Module, SequenceModel};
+use vlmq::nn::{Module, SequenceModel};
 use vlmq::pack::{CheckpointWriter, DenseTensor};
 use vlmq::pipeline::{
     quantize_model, BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod,
 };
 use vlmq::toy::{
-    build_model, examples_with, to_sample, AnswerScores, Background, Split, ToyConfig, VqaExample,
+    examples_with, load_toy_model, to_sample, AnswerScores, Background, Split, VqaExample,
 };
 use vlmq::{Bits, GptqConfig, GroupSize, PackedLinear, QuantScheme, QuantizableModel};
 
@@ -190,8 +190,7 @@ fn write_checkpoint(
 
 fn main() -> vlmq::Result<()> {
     let args = parse_args();
-    let mut base = build_model(ToyConfig::default(), 0)?;
-    load_safetensors(&mut base, &args.weights)?;
+    let base = load_toy_model(&args.weights)?;
     let eval: Vec<VqaExample> =
         examples_with(DATA_SEED, Split::Eval, 0, args.eval, args.background);
     let start = Instant::now();

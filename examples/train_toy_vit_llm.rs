@@ -2,8 +2,11 @@
 //!
 //! Run: `cargo run --release --example train_toy_vit_llm -- [--steps N] [--lr X]
 //! [--init PATH --offset STEPS] [--save-every N] [--background plain|cluttered]
-//! [--out PATH]` (default output: `assets/toy_vit_llm.safetensors`). `--init`
-//! continues from saved weights; `--offset` skips the training batches the
+//! [--width D] [--vit-blocks N] [--lm-blocks N] [--out PATH]` (default output:
+//! `assets/toy_vit_llm.safetensors`). `--width` sets both model widths (MLP
+//! hidden 2D, D/16 heads) and the block flags the depths; the defaults are
+//! [`ToyConfig::default`]. `--init` continues from saved weights, whose sizes it
+//! reads from the file; `--offset` skips the training batches the
 //! earlier run used; `--background` picks the image background for training
 //! and the printed held-out accuracy (default: cluttered).
 
@@ -11,7 +14,8 @@ use std::time::Instant;
 
 use vlmq::nn::{save_safetensors, StoreDtype};
 use vlmq::toy::{
-    accuracy, build_model, examples_with, train, Background, Split, ToyConfig, TrainConfig,
+    accuracy, build_model, examples_with, load_toy_model, train, Background, Split, ToyConfig,
+    TrainConfig,
 };
 
 fn arg(name: &str) -> Option<String> {
@@ -19,6 +23,27 @@ fn arg(name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// The model sizes: the defaults, changed by `--width`, `--vit-blocks` and
+/// `--lm-blocks`.
+fn sizes_from_flags() -> ToyConfig {
+    let num = |name: &str, default: usize| {
+        arg(name).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+    };
+    let base = ToyConfig::default();
+    let width = num("--width", base.d_lm);
+    ToyConfig {
+        d_vit: width,
+        d_lm: width,
+        vit_blocks: num("--vit-blocks", base.vit_blocks),
+        lm_blocks: num("--lm-blocks", base.lm_blocks),
+        heads: width / ToyConfig::HEAD_DIM,
+        hidden: 2 * width,
+    }
 }
 
 fn main() -> vlmq::Result<()> {
@@ -31,10 +56,10 @@ fn main() -> vlmq::Result<()> {
     if let Some(lr) = arg("--lr") {
         cfg.lr = lr.parse().expect("--lr takes a number");
     }
-    let mut model = build_model(ToyConfig::default(), seed)?;
-    if let Some(init) = arg("--init") {
-        vlmq::nn::load_safetensors(&mut model, &init)?;
-    }
+    let mut model = match arg("--init") {
+        Some(init) => load_toy_model(&init)?,
+        None => build_model(sizes_from_flags(), seed)?,
+    };
     // Continuing a run draws fresh training examples after the ones already seen.
     let offset: usize = arg("--offset").map_or(0, |o| o.parse().expect("--offset takes a number"));
     let background: Background =

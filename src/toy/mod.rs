@@ -6,7 +6,7 @@ pub mod model;
 pub mod scores;
 pub mod task;
 
-pub use model::{accuracy, build_model, to_sample, train, ToyConfig, TrainConfig};
+pub use model::{accuracy, build_model, load_toy_model, to_sample, train, ToyConfig, TrainConfig};
 pub use scores::AnswerScores;
 pub use task::{
     example, example_with, examples, examples_with, Background, QuestionKind, Split, VqaExample,

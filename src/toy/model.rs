@@ -2,11 +2,14 @@
 //! small causal language model over `[vision tokens; question tokens]` whose
 //! prediction at the question mark is the answer.
 
+use std::path::Path;
+
 use rayon::prelude::*;
+use safetensors::SafeTensors;
 
 use super::scores::AnswerScores;
 use super::task::{vocab, VqaExample, PATCH_DIM, VISION_TOKENS};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::{
     Adam, Block, BlockConfig, Embedding, Grads, Linear, LmHead, Norm, NormKind, PatchEmbedding,
     Projector, Rng, Sample, SequenceModel, TransformerBlock, Vision,
@@ -42,6 +45,60 @@ impl Default for ToyConfig {
     }
 }
 
+impl ToyConfig {
+    /// Head width of every attention head: the toy uses `width / 16` heads.
+    pub const HEAD_DIM: usize = 16;
+
+    /// Reads the sizes of a toy model saved by [`crate::nn::save_safetensors`]
+    /// from the tensor names and shapes of the file's header, so models of
+    /// other sizes load without flags. Heads follow [`Self::HEAD_DIM`]. A
+    /// [`Error::Safetensors`] when the file is not a toy ViT-LLM.
+    ///
+    /// ```
+    /// use vlmq::toy::ToyConfig;
+    /// let cfg = ToyConfig::from_safetensors("assets/toy_vit_llm.safetensors")?;
+    /// assert_eq!(cfg, ToyConfig::default());
+    /// # Ok::<(), vlmq::Error>(())
+    /// ```
+    pub fn from_safetensors(path: impl AsRef<Path>) -> Result<ToyConfig> {
+        let path = path.as_ref();
+        let bad = |reason: String| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let shape = |name: &str| {
+            st.tensor(name)
+                .map(|t| t.shape().to_vec())
+                .map_err(|_| bad(format!("not a toy ViT-LLM: no tensor {name}")))
+        };
+        let projector = (0..st.len())
+            .find(|i| st.tensor(&format!("blocks.{i}.proj.weight")).is_ok())
+            .ok_or_else(|| bad("not a toy ViT-LLM: no projector block".into()))?;
+        let lm_blocks = (projector + 1..)
+            .take_while(|i| st.tensor(&format!("blocks.{i}.attn.q.weight")).is_ok())
+            .count();
+        let d_vit = shape("patch_embed.proj.weight")?[0];
+        let d_lm = shape("embed.weight")?[1];
+        let hidden = shape("blocks.0.mlp.up.weight")?[0];
+        if d_lm % Self::HEAD_DIM != 0 {
+            return Err(bad(format!(
+                "width {d_lm} is not a multiple of the head width {}",
+                Self::HEAD_DIM
+            )));
+        }
+        Ok(ToyConfig {
+            d_vit,
+            d_lm,
+            vit_blocks: projector,
+            lm_blocks,
+            heads: d_lm / Self::HEAD_DIM,
+            hidden,
+        })
+    }
+}
+
 /// A randomly initialized toy ViT-LLM; blocks are named `blocks.{i}`: the ViT
 /// blocks first, then the projector, then the language model.
 pub fn build_model(cfg: ToyConfig, seed: u64) -> Result<SequenceModel> {
@@ -70,6 +127,15 @@ pub fn build_model(cfg: ToyConfig, seed: u64) -> Result<SequenceModel> {
         Norm::new(NormKind::Rms, cfg.d_lm),
         LmHead::init(&mut rng, cfg.d_lm, vocab::SIZE),
     )
+}
+
+/// Loads a toy model saved by [`crate::nn::save_safetensors`], with its sizes
+/// read from the file by [`ToyConfig::from_safetensors`].
+pub fn load_toy_model(path: impl AsRef<Path>) -> Result<SequenceModel> {
+    let path = path.as_ref();
+    let mut model = build_model(ToyConfig::from_safetensors(path)?, 0)?;
+    crate::nn::load_safetensors(&mut model, path)?;
+    Ok(model)
 }
 
 /// The model input of an example: patches, question tokens, and the answer
@@ -153,4 +219,44 @@ pub fn train(
         on_step(step, loss / n, model);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::QuantizableModel;
+    use crate::nn::{save_safetensors, StoreDtype};
+
+    fn temp_file(tag: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("vlmq-toy-{tag}-{}.safetensors", std::process::id()))
+    }
+
+    #[test]
+    fn sizes_are_read_back_from_a_saved_model() {
+        let cfg = ToyConfig {
+            d_vit: 48,
+            d_lm: 32,
+            vit_blocks: 1,
+            lm_blocks: 3,
+            heads: 2,
+            hidden: 80,
+        };
+        let path = temp_file("sizes");
+        save_safetensors(&build_model(cfg, 3).unwrap(), &path, StoreDtype::F32).unwrap();
+        let read = ToyConfig::from_safetensors(&path);
+        let loaded = load_toy_model(&path).map(|m| m.num_blocks());
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(read.unwrap(), cfg);
+        assert_eq!(loaded.unwrap(), 1 + 1 + 3);
+    }
+
+    #[test]
+    fn a_file_without_a_projector_is_a_typed_error() {
+        let path = temp_file("noproj");
+        let linear = Linear::init(&mut Rng::new(1), 4, 4, false);
+        save_safetensors(&linear, &path, StoreDtype::F32).unwrap();
+        let read = ToyConfig::from_safetensors(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(read, Err(Error::Safetensors { .. })));
+    }
 }
