@@ -89,11 +89,11 @@ impl<T: Scalar> HessianAccumulator<T> {
             Some((x, _, a)) => (x.view(), Some(a.view())),
             None => (x, alpha),
         };
-        let (xt, weighted, wsum) = self.prepare(x, alpha);
-        let weighted = weighted.as_ref().unwrap_or(&xt);
-        gram_upper_into(&mut self.sum, weighted.view(), xt.view());
+        let mut scaled = x.mapv(T::widen);
+        scale_rows_by_root(&mut scaled, alpha);
+        gram_upper_into(&mut self.sum, scaled.view(), scaled.view());
         self.tokens += batch_tokens;
-        self.weight_sum += wsum;
+        self.weight_sum += weight_sum(x.nrows(), alpha);
         Ok(())
     }
 
@@ -125,17 +125,18 @@ impl<T: Scalar> HessianAccumulator<T> {
             ),
             None => (quantized, full, alpha),
         };
-        let (xq, weighted, wsum) = self.prepare(quantized, alpha);
-        let weighted = weighted.as_ref().unwrap_or(&xq);
-        gram_upper_into(&mut self.sum, weighted.view(), xq.view());
+        let mut scaled = quantized.mapv(T::widen);
+        scale_rows_by_root(&mut scaled, alpha);
+        gram_upper_into(&mut self.sum, scaled.view(), scaled.view());
         if let Some(cross) = self.cross.as_mut() {
-            let delta = Zip::from(&full)
+            let mut delta = Zip::from(&full)
                 .and(&quantized)
                 .map_collect(|&f, &q| T::widen(f) - T::widen(q));
-            cross_into(cross, delta.view(), weighted.view());
+            scale_rows_by_root(&mut delta, alpha);
+            cross_into(cross, delta.view(), scaled.view());
         }
         self.tokens += batch_tokens;
-        self.weight_sum += wsum;
+        self.weight_sum += weight_sum(quantized.nrows(), alpha);
         Ok(())
     }
 
@@ -218,32 +219,24 @@ impl<T: Scalar> HessianAccumulator<T> {
         }
         Ok(())
     }
+}
 
-    /// Converts a batch to `T` and returns it with its alpha-scaled copy
-    /// (`None` without importance factors: the batch itself, not cloned) and
-    /// the weight sum.
-    fn prepare(
-        &self,
-        x: ArrayView2<'_, f32>,
-        alpha: Option<ArrayView1<'_, f32>>,
-    ) -> (Array2<T>, Option<Array2<T>>, f64) {
-        let xt = x.mapv(T::widen);
-        match alpha {
-            None => {
-                let wsum = x.nrows() as f64;
-                (xt, None, wsum)
-            }
-            Some(a) => {
-                let mut weighted = xt.clone();
-                for (mut row, &w) in weighted.axis_iter_mut(Axis(0)).zip(a.iter()) {
-                    let w = T::widen(w);
-                    row.mapv_inplace(|v| v * w);
-                }
-                let wsum = a.iter().map(|&v| f64::from(v)).sum();
-                (xt, Some(weighted), wsum)
-            }
+/// Multiplies every row of `m` by the square root of its weight, so that
+/// `m^T m = x^T diag(alpha) x` is one symmetric Gram product over a single
+/// operand (and `d^T m` the weighted cross term for a scaled `d`). No-op
+/// without weights.
+fn scale_rows_by_root<T: Scalar>(m: &mut Array2<T>, alpha: Option<ArrayView1<'_, f32>>) {
+    if let Some(a) = alpha {
+        for (mut row, &w) in m.axis_iter_mut(Axis(0)).zip(a.iter()) {
+            let root = T::widen(w).sqrt();
+            row.mapv_inplace(|v| v * root);
         }
     }
+}
+
+/// Sum of the weights: the token count without weights.
+fn weight_sum(tokens: usize, alpha: Option<ArrayView1<'_, f32>>) -> f64 {
+    alpha.map_or(tokens as f64, |a| a.iter().map(|&v| f64::from(v)).sum())
 }
 
 /// Rows with positive weight (of `x`, of `paired` when given, and of
