@@ -1,13 +1,15 @@
 //! The main example: loads the trained toy ViT-LLM, quantizes it with RTN,
 //! GPTQ, GPTAQ, VLMQ and VLMQ+GPTAQ, and prints held-out accuracy (with
-//! fake-quantized weights and through the packed layers), the summed layer
-//! objective and the time of every method, averaged over calibration seeds.
+//! fake-quantized weights and through the packed layers), the KL divergence of
+//! the answer distribution from full precision, the summed layer objective and
+//! the time of every method, averaged over calibration seeds.
 //!
 //! Run: `cargo run --release --example toy_vit_llm -- [flags]`
 //!
 //! Flags (defaults in brackets):
 //!   --bits 4,3,2        bit widths [4,3,2]
-//!   --group N           group size, 0 for per channel [32]
+//!   --group N           group size, 0 for per channel [32]; must divide every layer's
+//!                       input width
 //!   --sym               symmetric grid (GPTQ `sym=True`) instead of asymmetric
 //!   --calib N           calibration samples per seed [64]
 //!   --seed S            first calibration seed [0]
@@ -16,7 +18,8 @@
 //!   --background B      plain or cluttered image background for calibration and evaluation [cluttered]
 //!   --blocks lm|all     quantize the language model only, or also the ViT and projector [all]
 //!   --methods a,b,...   subset of rtn,gptq,gptaq,vlmq,vlmq+gptaq [all]
-//!   --weights PATH      model weights [assets/toy_vit_llm.safetensors]
+//!   --weights PATH      model weights, any toy size [assets/toy_vit_llm.safetensors];
+//!                       assets/toy_vit_llm_wide.safetensors is the wider comparison model
 //!   --out DIR           write the GPTQ checkpoint of the last VLMQ run to DIR
 //!   --power 1|2         VLMQ gradient saliency power [2]
 //!   --floor X           VLMQ factor floor after mean-1 normalization [0.05]
@@ -327,8 +330,12 @@ fn main() -> vlmq::Result<()> {
                 });
             let vs_fp = acc - 100.0 * fp;
             println!(
-                "| W{bits} g{}{} | {method} | {acc:.2} ± {acc_sd:.2} | {pacc:.2} ± {pacc_sd:.2} | {vs_fp:+.2} | {delta} | {kl:.2} ± {kl_sd:.2} | {kl_ratio} | {obj:.4e} | {t:.2} |",
-                args.group,
+                "| W{bits} {}{} | {method} | {acc:.2} ± {acc_sd:.2} | {pacc:.2} ± {pacc_sd:.2} | {vs_fp:+.2} | {delta} | {kl:.2} ± {kl_sd:.2} | {kl_ratio} | {obj:.4e} | {t:.2} |",
+                if args.group == 0 {
+                    "per-channel".to_string()
+                } else {
+                    format!("g{}", args.group)
+                },
                 if args.symmetric { " sym" } else { "" }
             );
         }
