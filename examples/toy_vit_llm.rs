@@ -154,6 +154,25 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// Per-seed comparison of `values` with the same seeds' `baseline`: the mean
+/// and standard deviation of `combine(value, baseline)`, how many seeds were
+/// `better`, and the seed count; `None` without a baseline.
+fn paired(
+    values: &[f64],
+    baseline: Option<Vec<f64>>,
+    combine: fn(f64, f64) -> f64,
+    better: fn(f64) -> bool,
+) -> Option<(f64, f64, usize, usize)> {
+    let per_seed: Vec<f64> = values
+        .iter()
+        .zip(baseline?)
+        .map(|(&v, b)| combine(v, b))
+        .collect();
+    let (mean, sd) = mean_std(&per_seed);
+    let wins = per_seed.iter().filter(|&&x| better(x)).count();
+    Some((mean, sd, wins, per_seed.len()))
+}
+
 /// The model with every quantized linear running from packed codes.
 fn packed_model(
     base: &SequenceModel,
@@ -309,24 +328,15 @@ fn main() -> vlmq::Result<()> {
             let (pacc, pacc_sd) = mean_std(&packed_accs);
             let (obj, _) = mean_std(&objectives);
             let (t, _) = mean_std(&times);
-            let delta = gptq_acc
-                .as_ref()
-                .filter(|_| method != QuantMethod::Gptq)
-                .map_or("".to_string(), |g| {
-                    let diffs: Vec<f64> = accs.iter().zip(g).map(|(a, b)| a - b).collect();
-                    let (d, sd) = mean_std(&diffs);
-                    let wins = diffs.iter().filter(|&&x| x > 0.0).count();
-                    format!("{d:+.2} ± {sd:.2} ({wins}/{} seeds better)", diffs.len())
+            let baseline = |g: &Option<Vec<f64>>| g.clone().filter(|_| method != QuantMethod::Gptq);
+            let delta = paired(&accs, baseline(&gptq_acc), |a, b| a - b, |d| d > 0.0)
+                .map_or(String::new(), |(d, sd, wins, n)| {
+                    format!("{d:+.2} ± {sd:.2} ({wins}/{n} seeds better)")
                 });
             let (kl, kl_sd) = mean_std(&kls);
-            let kl_ratio = gptq_kl
-                .as_ref()
-                .filter(|_| method != QuantMethod::Gptq)
-                .map_or("".to_string(), |g| {
-                    let ratios: Vec<f64> = kls.iter().zip(g).map(|(a, b)| a / b).collect();
-                    let (r, sd) = mean_std(&ratios);
-                    let wins = ratios.iter().filter(|&&x| x < 1.0).count();
-                    format!("{r:.2}x ± {sd:.2} ({wins}/{} seeds lower)", ratios.len())
+            let kl_ratio = paired(&kls, baseline(&gptq_kl), |a, b| a / b, |r| r < 1.0)
+                .map_or(String::new(), |(r, sd, wins, n)| {
+                    format!("{r:.2}x ± {sd:.2} ({wins}/{n} seeds lower)")
                 });
             let vs_fp = acc - 100.0 * fp;
             println!(
