@@ -10,9 +10,7 @@
 //! [--weights PATH]` (defaults: 64 calibration samples, the main model;
 //! calibration seed 0, cluttered images).
 
-use std::collections::BTreeMap;
-
-use vlmq::hessian::HessianAccumulator;
+use vlmq::pipeline::input_statistics;
 use vlmq::toy::{examples, load_toy_model, to_sample, Split};
 use vlmq::QuantizableModel;
 
@@ -33,47 +31,18 @@ fn main() -> vlmq::Result<()> {
         .iter()
         .map(to_sample)
         .collect();
-    let mut hidden = calib
-        .iter()
-        .map(|s| model.embed(s))
-        .collect::<vlmq::Result<Vec<_>>>()?;
     println!("| block | layers (one input) | input width | participation ratio |");
     println!("|---|---|---|---|");
-    for block in 0..model.num_blocks() {
-        // Linears of one group share their input: accumulate it once, under
-        // the group's first layer.
-        let groups = model.linear_groups(block);
-        let mut accumulators: BTreeMap<String, HessianAccumulator<f64>> = groups
-            .iter()
-            .filter_map(|g| g.first())
-            .map(|l| (l.name.clone(), HessianAccumulator::new(l.in_features)))
-            .collect();
-        let mut failure = None;
-        for (h, sample) in hidden.iter_mut().zip(&calib) {
-            let mut sink = |layer: &str, rows: ndarray::ArrayView2<'_, f32>| {
-                if let Some(Err(e)) = accumulators.get_mut(layer).map(|a| a.add(rows, None)) {
-                    failure.get_or_insert(e);
-                }
-            };
-            *h = model.block_forward(block, h, sample, Some(&mut sink))?;
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        for group in &groups {
-            let Some(acc) = group.first().and_then(|l| accumulators.get(&l.name)) else {
-                continue;
-            };
-            let stats = acc.finish()?;
-            let names: Vec<&str> = group.iter().map(|l| l.name.as_str()).collect();
-            println!(
-                "| {} | {} | {} | {:.2} |",
-                model.block_name(block),
-                names.join(", "),
-                stats.dim(),
-                stats.participation_ratio()
-            );
-        }
+    for group in input_statistics(&model, &calib, &|_| None)? {
+        let Some(stats) = group.stats else { continue };
+        let names: Vec<&str> = group.layers.iter().map(|l| l.name.as_str()).collect();
+        println!(
+            "| {} | {} | {} | {:.2} |",
+            model.block_name(group.block),
+            names.join(", "),
+            stats.dim(),
+            stats.participation_ratio()
+        );
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! The pipeline on the crate's own backend: every importance source and
 //! granularity runs on a small ViT -> projector -> LM model.
 
-use vlmq::pipeline::{quantize_model, GradientSource, PipelineConfig, QuantMethod};
+use vlmq::pipeline::{
+    input_statistics, quantize_model, GradientSource, PipelineConfig, QuantMethod,
+};
 use vlmq::toy::{build_model, examples, to_sample, Split, ToyConfig};
 use vlmq::{Bits, GptqConfig, GroupSize, QuantScheme};
+use vlmq::{Modality, TokenInfo};
 
 fn tiny() -> ToyConfig {
     ToyConfig {
@@ -53,5 +56,54 @@ fn every_importance_source_runs_on_the_reference_backend() {
                 "{source:?}, per block {per_block}: factors stayed uniform in block {block}"
             );
         }
+    }
+}
+
+/// Per-modality input statistics add up to the unweighted ones: with 0/1
+/// masks, `S_text H_text + S_vision H_vision = S_all H_all` (each `H` is a sum
+/// divided by its weight sum `S`), up to the f32 rounding of the stored
+/// Hessians and of the three products (a few ulps of the largest entry; 1e-5
+/// relative leaves two orders of magnitude of room).
+/// The ViT blocks and the projector see no text token, so their text
+/// statistics are absent.
+#[test]
+fn modality_input_statistics_add_up_to_the_unweighted_ones() {
+    let model = build_model(tiny(), 5).unwrap();
+    let samples: Vec<_> = examples(2, Split::Calibration, 0, 3)
+        .iter()
+        .map(to_sample)
+        .collect();
+    let all = input_statistics(&model, &samples, &|_| None).unwrap();
+    let text = input_statistics(&model, &samples, &|info: &TokenInfo| {
+        Some(info.mask(Modality::Text))
+    })
+    .unwrap();
+    let vision = input_statistics(&model, &samples, &|info: &TokenInfo| {
+        Some(info.mask(Modality::Vision))
+    })
+    .unwrap();
+    assert_eq!(all.len(), text.len());
+    // ViT block (qkv, o, up, down), projector, LM block (qkv, o, gate+up, down).
+    assert_eq!(all.len(), 4 + 1 + 4);
+    for ((a, t), v) in all.iter().zip(&text).zip(&vision) {
+        let a_stats = a.stats.as_ref().expect("every group sees tokens");
+        let v_stats = v.stats.as_ref().expect("every block sees vision tokens");
+        let lm = a.block > 1;
+        assert_eq!(t.stats.is_some(), lm, "block {}", a.block);
+        let mut sum = &v_stats.hessian * v_stats.weight_sum as f32;
+        if let Some(t_stats) = &t.stats {
+            sum += &(&t_stats.hessian * t_stats.weight_sum as f32);
+        }
+        let expected = &a_stats.hessian * a_stats.weight_sum as f32;
+        let scale = expected.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+        let worst = (&sum - &expected)
+            .iter()
+            .fold(0.0f32, |m, &x| m.max(x.abs()));
+        assert!(
+            worst <= 1e-5 * scale,
+            "block {}: {worst} vs {scale}",
+            a.block
+        );
+        assert_eq!(a_stats.tokens, v_stats.tokens);
     }
 }

@@ -1,5 +1,7 @@
 //! Per-token metadata of calibration samples: modality and validity.
 
+use ndarray::Array1;
+
 /// The modality of one token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Modality {
@@ -53,6 +55,25 @@ impl TokenInfo {
     /// Number of valid tokens.
     pub fn valid_count(&self) -> usize {
         self.valid.iter().filter(|&&v| v).count()
+    }
+
+    /// Token weights that keep one modality: 1 for every valid token of
+    /// `modality`, 0 for the others and for padding. With
+    /// [`input_statistics`](crate::pipeline::input_statistics) this gives one
+    /// modality's Hessian.
+    ///
+    /// ```
+    /// use vlmq::{Modality, TokenInfo};
+    /// let info = TokenInfo::new(vec![Modality::Vision, Modality::Text, Modality::Text])
+    ///     .with_valid(vec![true, true, false]);
+    /// assert_eq!(info.mask(Modality::Text).to_vec(), vec![0.0, 1.0, 0.0]);
+    /// ```
+    pub fn mask(&self, modality: Modality) -> Array1<f32> {
+        self.modality
+            .iter()
+            .zip(&self.valid)
+            .map(|(&m, &valid)| if valid && m == modality { 1.0 } else { 0.0 })
+            .collect()
     }
 
     /// Appends another sample's tokens (used when stacking samples).

@@ -10,6 +10,7 @@
 
 mod config;
 mod driver;
+mod inputs;
 mod progress;
 mod report;
 mod saliency;
@@ -17,6 +18,7 @@ mod state;
 
 pub use config::{BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod};
 pub use driver::quantize_model;
+pub use inputs::{input_statistics, GroupStatistics};
 pub use progress::Progress;
 pub use report::{LayerReport, PipelineReport, QuantizedModel, TraceShares};
 pub use saliency::SaliencyMaps;
