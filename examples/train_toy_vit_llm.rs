@@ -35,15 +35,11 @@ fn sizes_from_flags() -> ToyConfig {
         })
     };
     let base = ToyConfig::default();
-    let width = num("--width", base.d_lm);
-    ToyConfig {
-        d_vit: width,
-        d_lm: width,
-        vit_blocks: num("--vit-blocks", base.vit_blocks),
-        lm_blocks: num("--lm-blocks", base.lm_blocks),
-        heads: width / ToyConfig::HEAD_DIM,
-        hidden: 2 * width,
-    }
+    ToyConfig::with_width(
+        num("--width", base.d_lm),
+        num("--vit-blocks", base.vit_blocks),
+        num("--lm-blocks", base.lm_blocks),
+    )
 }
 
 fn main() -> vlmq::Result<()> {

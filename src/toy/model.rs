@@ -38,14 +38,7 @@ pub struct ToyConfig {
 /// `assets/toy_vit_llm_wide.safetensors`, is [`ToyConfig::wide`].
 impl Default for ToyConfig {
     fn default() -> Self {
-        ToyConfig {
-            d_vit: 32,
-            d_lm: 32,
-            vit_blocks: 2,
-            lm_blocks: 2,
-            heads: 2,
-            hidden: 64,
-        }
+        ToyConfig::with_width(32, 2, 2)
     }
 }
 
@@ -53,13 +46,19 @@ impl ToyConfig {
     /// The sizes of the wider comparison model
     /// (`assets/toy_vit_llm_wide.safetensors`): width 64, MLP 128, 4 heads.
     pub fn wide() -> ToyConfig {
+        ToyConfig::with_width(64, 2, 2)
+    }
+
+    /// The toy's sizing rule: both stages `width` wide, `width / HEAD_DIM`
+    /// heads, MLP hidden `2 width`.
+    pub fn with_width(width: usize, vit_blocks: usize, lm_blocks: usize) -> ToyConfig {
         ToyConfig {
-            d_vit: 64,
-            d_lm: 64,
-            vit_blocks: 2,
-            lm_blocks: 2,
-            heads: 4,
-            hidden: 128,
+            d_vit: width,
+            d_lm: width,
+            vit_blocks,
+            lm_blocks,
+            heads: width / Self::HEAD_DIM,
+            hidden: 2 * width,
         }
     }
 
