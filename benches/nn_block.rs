@@ -11,7 +11,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::Array2;
-use vlmq::nn::{BlockConfig, Grads, Rng, TransformerBlock};
+use vlmq_nn::{BlockConfig, Grads, Rng, TransformerBlock};
 
 const T: usize = 256;
 const D: usize = 256;

@@ -11,8 +11,8 @@
 //! calibration seed 0, cluttered images).
 
 use vlmq::pipeline::input_statistics;
-use vlmq::toy::{examples, load_toy_model, to_sample, Split};
 use vlmq::QuantizableModel;
+use vlmq_toy::{examples, load_toy_model, to_sample, Split};
 
 fn main() -> vlmq::Result<()> {
     let args: Vec<String> = std::env::args().collect();

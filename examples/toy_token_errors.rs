@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use vlmq::hessian::LayerStatistics;
 use vlmq::pipeline::{input_statistics, quantize_model, PipelineConfig, QuantMethod};
 use vlmq::solver::hessian_objective;
-use vlmq::toy::{examples, load_toy_model, to_sample, Split};
 use vlmq::{Bits, GptqConfig, GroupSize, Modality, QuantScheme, QuantizableModel, TokenInfo};
+use vlmq_toy::{examples, load_toy_model, to_sample, Split};
 
 /// The toy's data seed (as in the other examples).
 const DATA_SEED: u64 = 7;

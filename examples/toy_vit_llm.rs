@@ -41,15 +41,15 @@ use std::time::Instant;
 use vlmq::importance::{
     Normalization, PilotScorer, PilotSelection, SaliencyPower, TokenImportance,
 };
-use vlmq::nn::{Module, SequenceModel};
 use vlmq::pack::{CheckpointWriter, DenseTensor};
 use vlmq::pipeline::{
     quantize_model, BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod,
 };
-use vlmq::toy::{
+use vlmq::{Bits, GptqConfig, GroupSize, PackedLinear, QuantScheme, QuantizableModel};
+use vlmq_nn::{Module, SequenceModel};
+use vlmq_toy::{
     examples_with, load_toy_model, to_sample, AnswerScores, Background, Split, VqaExample,
 };
-use vlmq::{Bits, GptqConfig, GroupSize, PackedLinear, QuantScheme, QuantizableModel};
 
 const DATA_SEED: u64 = 7;
 

@@ -12,8 +12,8 @@
 
 use std::time::Instant;
 
-use vlmq::nn::{save_safetensors, StoreDtype};
-use vlmq::toy::{
+use vlmq_nn::{save_safetensors, StoreDtype};
+use vlmq_toy::{
     accuracy, build_model, examples_with, load_toy_model, train, Background, Split, ToyConfig,
     TrainConfig,
 };

@@ -168,7 +168,7 @@ pub enum Error {
 
 impl Error {
     /// Shape-mismatch helper.
-    pub(crate) fn shape(what: impl Into<String>, expected: &[usize], actual: &[usize]) -> Self {
+    pub fn shape(what: impl Into<String>, expected: &[usize], actual: &[usize]) -> Self {
         Error::ShapeMismatch {
             what: what.into(),
             expected: expected.to_vec(),
@@ -177,7 +177,7 @@ impl Error {
     }
 
     /// I/O helper that records the path (for the checkpoint and pipeline modules).
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,

@@ -6,12 +6,10 @@ pub mod error;
 pub mod hessian;
 pub mod importance;
 pub mod linalg;
-pub mod nn;
 pub mod pack;
 pub mod pipeline;
 pub mod quant;
 pub mod solver;
-pub mod toy;
 mod validate;
 
 pub use backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo, WeightPerturbation};

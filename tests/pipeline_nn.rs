@@ -4,9 +4,9 @@
 use vlmq::pipeline::{
     input_statistics, quantize_model, GradientSource, PipelineConfig, QuantMethod,
 };
-use vlmq::toy::{build_model, examples, to_sample, Split, ToyConfig};
 use vlmq::{Bits, GptqConfig, GroupSize, QuantScheme};
 use vlmq::{Modality, TokenInfo};
+use vlmq_toy::{build_model, examples, to_sample, Split, ToyConfig};
 
 fn tiny() -> ToyConfig {
     ToyConfig {

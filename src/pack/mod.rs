@@ -29,7 +29,6 @@ mod bits;
 mod checkpoint_read;
 mod checkpoint_write;
 mod config_json;
-mod packed_kernel;
 mod packed_linear;
 mod tensor;
 

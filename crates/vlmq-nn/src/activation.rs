@@ -2,7 +2,7 @@
 
 use ndarray::{Array2, ArrayView2, Zip};
 
-use crate::error::{Error, Result};
+use vlmq::error::{Error, Result};
 
 /// An elementwise activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

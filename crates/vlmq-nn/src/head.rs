@@ -5,7 +5,7 @@ use ndarray::{Array2, ArrayView2, ArrayViewD, ArrayViewMutD, Axis};
 use super::linear::Linear;
 use super::params::{join, Grads, Module};
 use super::Rng;
-use crate::error::{Error, Result};
+use vlmq::error::{Error, Result};
 
 /// Mean cross-entropy of `logits: [n, vocab]` against `targets` (one id per
 /// row), and its gradient with respect to the logits.

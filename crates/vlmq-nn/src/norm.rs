@@ -3,7 +3,7 @@
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewD, ArrayViewMutD, Axis, Zip};
 
 use super::params::{join, Grads, Module};
-use crate::error::{Error, Result};
+use vlmq::error::{Error, Result};
 
 /// Which normalization a block uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,8 +11,8 @@ use rayon::prelude::*;
 
 use super::model::to_sample;
 use super::task::VqaExample;
-use crate::error::{Error, Result};
-use crate::nn::SequenceModel;
+use vlmq::error::{Error, Result};
+use vlmq_nn::SequenceModel;
 
 /// Log-probabilities of every vocabulary token at the question mark of each
 /// example, with the correct answers.

@@ -7,8 +7,8 @@ use super::activation::{Activation, ActivationCache};
 use super::linear::{Linear, LinearCache};
 use super::params::{join, Grads, Module};
 use super::Rng;
-use crate::backend::RowSink;
-use crate::error::Result;
+use vlmq::backend::RowSink;
+use vlmq::error::Result;
 
 /// A feed-forward block. Its linears are called `mlp.gate` (gated only),
 /// `mlp.up` and `mlp.down`.

@@ -2,12 +2,12 @@
 
 use ndarray::{Array2, ArrayView2};
 
-use super::PackedLinear;
-use crate::error::Result;
-use crate::nn::LinearKernel;
+use crate::LinearKernel;
+use vlmq::error::Result;
+use vlmq::pack::PackedLinear;
 
 /// A [`PackedLinear`] (built without its bias: the backend's `Linear` adds
-/// the bias) serves as the weight of an [`nn::Linear`](crate::nn::Linear):
+/// the bias) serves as the weight of an [`Linear`](crate::Linear):
 /// `block.set_linear_kernel(name, Arc::new(packed))`.
 impl LinearKernel for PackedLinear {
     fn in_features(&self) -> usize {

@@ -7,7 +7,7 @@
 //! - A ViT-LLM (encoder block, projector, decoder block) learns to name the
 //!   class encoded in its image patches.
 
-use vlmq::nn::{Adam, BlockConfig, Grads, Rng, Sample, SequenceModel};
+use vlmq_nn::{Adam, BlockConfig, Grads, Rng, Sample, SequenceModel};
 
 const VOCAB: usize = 8;
 const LEN: usize = 6;
@@ -55,7 +55,7 @@ fn tiny_decoder_learns_to_recall_the_first_token() {
 /// the class encoded in the image patches at the answer position.
 #[test]
 fn tiny_vision_language_model_learns_to_read_the_image() {
-    use vlmq::nn::{
+    use vlmq_nn::{
         Block, Embedding, LmHead, Norm, NormKind, PatchEmbedding, Projector, TransformerBlock,
         Vision,
     };
@@ -66,7 +66,7 @@ fn tiny_vision_language_model_learns_to_read_the_image() {
             TransformerBlock::init(&mut rng, BlockConfig::encoder(12, 2, 24)).unwrap(),
         ),
         Block::Projector(Projector {
-            proj: vlmq::nn::Linear::init(&mut rng, 12, 16, true),
+            proj: vlmq_nn::Linear::init(&mut rng, 12, 16, true),
         }),
         Block::Transformer(
             TransformerBlock::init(&mut rng, BlockConfig::decoder(16, 2, 32)).unwrap(),

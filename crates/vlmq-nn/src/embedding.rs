@@ -6,7 +6,7 @@ use ndarray::{s, Array2, ArrayView2, ArrayViewD, ArrayViewMutD};
 use super::linear::{Linear, LinearCache};
 use super::params::{join, Grads, Module};
 use super::Rng;
-use crate::error::{Error, Result};
+use vlmq::error::{Error, Result};
 
 /// A `[vocab, d]` lookup table; parameter `weight`.
 #[derive(Debug, Clone)]

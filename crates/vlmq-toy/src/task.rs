@@ -171,14 +171,14 @@ pub enum Background {
 }
 
 impl std::str::FromStr for Background {
-    type Err = crate::error::Error;
+    type Err = vlmq::error::Error;
 
     /// Parses `"plain"` or `"cluttered"` (e.g. a command-line flag).
-    fn from_str(s: &str) -> crate::error::Result<Self> {
+    fn from_str(s: &str) -> vlmq::error::Result<Self> {
         match s {
             "plain" => Ok(Background::Plain),
             "cluttered" => Ok(Background::Cluttered),
-            other => Err(crate::error::Error::InvalidConfig {
+            other => Err(vlmq::error::Error::InvalidConfig {
                 field: "background",
                 value: other.to_string(),
                 reason: "expected plain or cluttered",
@@ -350,7 +350,7 @@ mod tests {
         );
         assert!(matches!(
             "busy".parse::<Background>(),
-            Err(crate::error::Error::InvalidConfig {
+            Err(vlmq::error::Error::InvalidConfig {
                 field: "background",
                 ..
             })

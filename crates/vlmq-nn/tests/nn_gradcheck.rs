@@ -1,4 +1,4 @@
-//! Finite-difference gradient checks for every op of `vlmq::nn` and for whole
+//! Finite-difference gradient checks for every op of `vlmq_nn` and for whole
 //! blocks and models.
 //!
 //! Method: for a scalar loss `L = <op(x), R>` with a fixed random `R`, the
@@ -37,9 +37,9 @@ use std::sync::Arc;
 
 use ndarray::{Array2, ArrayD, ArrayView2};
 use proptest::prelude::*;
-use vlmq::nn::Rng;
-use vlmq::nn::*;
 use vlmq::{QuantizableModel, Result};
+use vlmq_nn::Rng;
+use vlmq_nn::*;
 
 const H: f32 = 1e-2;
 

@@ -12,8 +12,8 @@ use super::norm::{Norm, NormCache, NormKind};
 use super::params::{join, reborrow, Grads, Module};
 use super::rope::Rope;
 use super::Rng;
-use crate::backend::{LinearInfo, RowSink};
-use crate::error::{Error, Result};
+use vlmq::backend::{LinearInfo, RowSink};
+use vlmq::error::{Error, Result};
 
 /// Shape and flavour of a [`TransformerBlock`].
 #[derive(Debug, Clone, Copy, PartialEq)]

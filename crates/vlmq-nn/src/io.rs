@@ -7,7 +7,7 @@ use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
 use super::params::Module;
-use crate::error::{Error, Result};
+use vlmq::error::{Error, Result};
 
 /// The on-disk dtype used when saving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

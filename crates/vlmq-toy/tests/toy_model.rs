@@ -1,8 +1,8 @@
 //! The committed toy ViT-LLM weights still load and reach their stated accuracy.
 
-use vlmq::nn::load_safetensors;
-use vlmq::toy::{accuracy, build_model, examples, Split, ToyConfig};
 use vlmq::QuantizableModel;
+use vlmq_nn::load_safetensors;
+use vlmq_toy::{accuracy, build_model, examples, Split, ToyConfig};
 
 /// Inference is deterministic for a given CPU, but faer picks SIMD kernels at
 /// run time (AVX2 vs AVX-512 sum in different orders), which may flip an
@@ -13,7 +13,7 @@ const CPU_MARGIN: f64 = 0.005;
 /// accuracy on the first 600 evaluation examples (cluttered backgrounds) against
 /// the accuracy stated in docs/RESULTS.md, as printed by `examples/toy_vit_llm.rs`.
 fn check(file: &str, sizes: ToyConfig, stated: f64) {
-    let path = format!("{}/assets/{file}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/../../assets/{file}", env!("CARGO_MANIFEST_DIR"));
     let mut model = build_model(sizes, 0).unwrap();
     load_safetensors(&mut model, &path).unwrap();
     assert_eq!(model.num_blocks(), 5);

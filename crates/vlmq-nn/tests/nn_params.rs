@@ -1,11 +1,11 @@
-//! Safetensors io of `vlmq::nn` parameters: round trips in f32/f16/bf16 and
+//! Safetensors io of `vlmq_nn` parameters: round trips in f32/f16/bf16 and
 //! typed errors naming the tensor for missing tensors, wrong shapes and
 //! wrong dtypes.
 
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use vlmq::nn::*;
 use vlmq::Error;
+use vlmq_nn::*;
 
 fn model(seed: u64) -> SequenceModel {
     let mut rng = Rng::new(seed);

@@ -9,8 +9,8 @@ use safetensors::SafeTensors;
 
 use super::scores::AnswerScores;
 use super::task::{vocab, VqaExample, PATCH_DIM, VISION_TOKENS};
-use crate::error::{Error, Result};
-use crate::nn::{
+use vlmq::error::{Error, Result};
+use vlmq_nn::{
     Adam, Block, BlockConfig, Embedding, Grads, Linear, LmHead, Norm, NormKind, PatchEmbedding,
     Projector, Rng, Sample, SequenceModel, TransformerBlock, Vision,
 };
@@ -65,14 +65,15 @@ impl ToyConfig {
     /// Head width of every attention head: the toy uses `width / 16` heads.
     pub const HEAD_DIM: usize = 16;
 
-    /// Reads the sizes of a toy model saved by [`crate::nn::save_safetensors`]
+    /// Reads the sizes of a toy model saved by [`vlmq_nn::save_safetensors`]
     /// from the tensor names and shapes of the file's header, so models of
     /// other sizes load without flags. Heads follow [`Self::HEAD_DIM`]. A
     /// [`Error::Safetensors`] when the file is not a toy ViT-LLM.
     ///
     /// ```
-    /// use vlmq::toy::ToyConfig;
-    /// let cfg = ToyConfig::from_safetensors("assets/toy_vit_llm.safetensors")?;
+    /// use vlmq_toy::ToyConfig;
+    /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/toy_vit_llm.safetensors");
+    /// let cfg = ToyConfig::from_safetensors(path)?;
     /// assert_eq!(cfg, ToyConfig::default());
     /// # Ok::<(), vlmq::Error>(())
     /// ```
@@ -145,12 +146,12 @@ pub fn build_model(cfg: ToyConfig, seed: u64) -> Result<SequenceModel> {
     )
 }
 
-/// Loads a toy model saved by [`crate::nn::save_safetensors`], with its sizes
+/// Loads a toy model saved by [`vlmq_nn::save_safetensors`], with its sizes
 /// read from the file by [`ToyConfig::from_safetensors`].
 pub fn load_toy_model(path: impl AsRef<Path>) -> Result<SequenceModel> {
     let path = path.as_ref();
     let mut model = build_model(ToyConfig::from_safetensors(path)?, 0)?;
-    crate::nn::load_safetensors(&mut model, path)?;
+    vlmq_nn::load_safetensors(&mut model, path)?;
     Ok(model)
 }
 
@@ -240,8 +241,8 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::QuantizableModel;
-    use crate::nn::{save_safetensors, StoreDtype};
+    use vlmq::backend::QuantizableModel;
+    use vlmq_nn::{save_safetensors, StoreDtype};
 
     fn temp_file(tag: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("vlmq-toy-{tag}-{}.safetensors", std::process::id()))

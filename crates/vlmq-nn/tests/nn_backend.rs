@@ -1,4 +1,4 @@
-//! `vlmq::nn` as a quantization backend: thread-count invariance, what the
+//! `vlmq_nn` as a quantization backend: thread-count invariance, what the
 //! row sinks see, weight replacement, packed-kernel plug-in, the block-local
 //! perturbed source, and typed errors for bad input.
 
@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ndarray::{Array2, ArrayView2};
-use vlmq::nn::*;
 use vlmq::{Error, Modality, QuantizableModel, Result};
+use vlmq_nn::*;
 
 type Rows = BTreeMap<String, Array2<f32>>;
 

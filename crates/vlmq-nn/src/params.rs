@@ -92,8 +92,8 @@ pub(crate) fn join(prefix: &str, name: &str) -> String {
 
 /// Reborrows an optional sink for a nested call, keeping the original usable.
 pub(crate) fn reborrow<'a>(
-    sink: &'a mut Option<&mut dyn crate::backend::RowSink>,
-) -> Option<&'a mut dyn crate::backend::RowSink> {
+    sink: &'a mut Option<&mut dyn vlmq::backend::RowSink>,
+) -> Option<&'a mut dyn vlmq::backend::RowSink> {
     match sink {
         Some(s) => Some(&mut **s),
         None => None,

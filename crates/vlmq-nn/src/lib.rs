@@ -1,7 +1,7 @@
 //! A reference transformer backend on ndarray: forward and backward passes
 //! (vector-Jacobian products) for every op a small vision-language model
 //! needs, Adam(W) training, safetensors parameter io, and a model type that
-//! implements [`QuantizableModel`](crate::QuantizableModel).
+//! implements [`QuantizableModel`](vlmq::QuantizableModel).
 //!
 //! Conventions shared by every op:
 //!
@@ -12,9 +12,9 @@
 //!   and the output gradient, returns the input gradient and (when given a
 //!   [`Grads`] store) accumulates parameter gradients under the parameter's
 //!   full name (`prefix + local name`). Dropping a cache frees its memory.
-//! - Every matrix product goes through [`crate::linalg::matmul`], so results
+//! - Every matrix product goes through [`vlmq::linalg::matmul`], so results
 //!   are bit-identical whatever the rayon thread count.
-//! - Bad input to a public function returns a typed [`Error`](crate::Error).
+//! - Bad input to a public function returns a typed [`Error`](vlmq::Error).
 
 mod activation;
 mod adam;
@@ -29,6 +29,7 @@ mod linear;
 mod mlp;
 mod model;
 mod norm;
+mod packed_kernel;
 mod params;
 mod rope;
 mod sample;

@@ -22,7 +22,7 @@
 //!
 //! ```
 //! use ndarray::Array2;
-//! use vlmq::nn::*;
+//! use vlmq_nn::*;
 //! use vlmq::QuantizableModel;
 //!
 //! let mut rng = Rng::new(0);
@@ -63,9 +63,9 @@ use super::norm::{Norm, NormCache};
 use super::params::{join, Grads, Module};
 use super::sample::{Sample, Vision};
 use super::Rng;
-use crate::backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
-use crate::error::{Error, Result};
-use crate::linalg::matmul;
+use vlmq::backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
+use vlmq::error::{Error, Result};
+use vlmq::linalg::matmul;
 
 /// A projector between the vision encoder and the language model: maps the
 /// vision rows with its linear (`proj`) and appends the token embeddings.
@@ -467,7 +467,7 @@ impl QuantizableModel for SequenceModel {
         block: usize,
         input: &Array2<f32>,
         sample: &Sample,
-        perturb: &crate::backend::WeightPerturbation<'_>,
+        perturb: &vlmq::backend::WeightPerturbation<'_>,
         sink: &mut dyn RowSink,
     ) -> Result<()> {
         let failure = std::sync::Mutex::new(None);
