@@ -2,9 +2,10 @@
 //!
 //! Every value here is validated when it is built, so a solver never sees an
 //! out-of-range bit width, a zero group size or a damping outside (0, 1).
-//! Properties that depend on a layer's shape (a group size must divide the
-//! number of input features) are checked by [`GroupSize::groups_for`] when the
-//! layer is known.
+//! Properties that depend on a layer's shape (a layer must have inputs) are
+//! checked by [`GroupSize::groups_for`] when the layer is known.
+
+use std::num::NonZeroUsize;
 
 use crate::error::{Error, Result};
 
@@ -43,33 +44,45 @@ impl Bits {
 }
 
 /// How input columns share quantization parameters.
+///
+/// A group size need not divide the input width: group `k` holds inputs
+/// `[k g, min((k + 1) g, n))` (in the order the solver walks them), so the
+/// last group of a ragged layer is shorter, and `g_idx[i] = i / g` without
+/// act-order, as GPTQModel does (576 inputs at `g = 128`: four groups of 128
+/// and one of 64).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum GroupSize {
     /// One scale and zero point per output row over all input columns.
     #[default]
     PerChannel,
-    /// One scale and zero point per output row for every `g` input columns.
-    Columns(usize),
+    /// One scale and zero point per output row for every `g` input columns
+    /// (the last group of a layer may be shorter).
+    Columns(NonZeroUsize),
 }
 
 impl GroupSize {
     /// A group of `g` columns; `g` must be positive.
     pub fn new(g: usize) -> Result<Self> {
-        if g == 0 {
-            return Err(Error::InvalidGroupSize {
+        NonZeroUsize::new(g)
+            .map(GroupSize::Columns)
+            .ok_or(Error::InvalidGroupSize {
                 group_size: 0,
                 in_features: 0,
                 reason: "group size must be positive",
-            });
-        }
-        Ok(GroupSize::Columns(g))
+            })
     }
 
     /// Builds from the GPTQ convention where `-1` means per channel.
     pub fn from_gptq(g: i64) -> Result<Self> {
         match g {
             -1 => Ok(GroupSize::PerChannel),
-            g if g > 0 => GroupSize::new(g as usize),
+            g if g > 0 => {
+                GroupSize::new(usize::try_from(g).map_err(|_| Error::InvalidGroupSize {
+                    group_size: usize::MAX,
+                    in_features: 0,
+                    reason: "group size does not fit in memory",
+                })?)
+            }
             _ => Err(Error::InvalidGroupSize {
                 group_size: 0,
                 in_features: 0,
@@ -82,34 +95,63 @@ impl GroupSize {
     pub fn to_gptq(self) -> i64 {
         match self {
             GroupSize::PerChannel => -1,
-            GroupSize::Columns(g) => g as i64,
+            GroupSize::Columns(g) => i64::try_from(g.get()).unwrap_or(i64::MAX),
         }
     }
 
-    /// Columns per group for a layer with `in_features` inputs.
+    /// The group size, `None` per channel.
+    pub fn get(self) -> Option<usize> {
+        match self {
+            GroupSize::PerChannel => None,
+            GroupSize::Columns(g) => Some(g.get()),
+        }
+    }
+
+    /// Columns per (full) group for a layer with `in_features` inputs: the
+    /// group size, or `in_features` per channel or when the group is wider
+    /// than the layer. Fails only for a layer without inputs.
     pub fn columns_for(self, in_features: usize) -> Result<usize> {
         self.groups_for(in_features)?;
         Ok(match self {
             GroupSize::PerChannel => in_features,
-            GroupSize::Columns(g) => g,
+            GroupSize::Columns(g) => g.get().min(in_features),
         })
     }
 
-    /// Number of groups for a layer with `in_features` inputs, or an error when
-    /// the group size does not divide `in_features`.
+    /// Number of groups for a layer with `in_features` inputs,
+    /// `ceil(in_features / g)` (the last group may be shorter). Fails only
+    /// for a layer without inputs.
     pub fn groups_for(self, in_features: usize) -> Result<usize> {
-        match self {
-            GroupSize::PerChannel => Ok(1),
-            GroupSize::Columns(g) if g > 0 && in_features % g == 0 && in_features > 0 => {
-                Ok(in_features / g)
-            }
-            GroupSize::Columns(g) => Err(Error::InvalidGroupSize {
-                group_size: g,
+        if in_features == 0 {
+            return Err(Error::InvalidGroupSize {
+                group_size: self.get().unwrap_or(0),
                 in_features,
-                reason: "group size must be positive and divide the number of input features",
-            }),
+                reason: "a layer needs at least one input feature",
+            });
         }
+        Ok(match self {
+            GroupSize::PerChannel => 1,
+            GroupSize::Columns(g) => in_features.div_ceil(g.get()),
+        })
     }
+}
+
+/// How a group's scale is held while solving.
+///
+/// GPTQ checkpoints store scales in f16. [`ScalePrecision::F16`] rounds each
+/// fitted scale up to the next f16 value before it is used, so the solver
+/// optimizes exactly the weights a checkpoint stores. [`ScalePrecision::F32`]
+/// solves with the f32 scale as the reference implementation does (which
+/// rounds only when packing); its scales must be rounded with
+/// [`QuantizedWeight::with_f16_scales`](crate::QuantizedWeight::with_f16_scales)
+/// before they can be written, which changes the stored weights slightly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ScalePrecision {
+    /// Scales rounded up to f16 while solving (the default).
+    #[default]
+    F16,
+    /// Scales kept in f32 while solving, like the reference.
+    F32,
 }
 
 /// Settings of the optional MSE clip search: the grid range is shrunk by
@@ -186,6 +228,8 @@ pub struct QuantScheme {
     pub symmetric: bool,
     /// Optional MSE clip search.
     pub mse: Option<MseClip>,
+    /// Scale precision while solving (f16 by default).
+    pub scale_precision: ScalePrecision,
 }
 
 impl QuantScheme {
@@ -196,6 +240,7 @@ impl QuantScheme {
             group_size: GroupSize::PerChannel,
             symmetric: false,
             mse: None,
+            scale_precision: ScalePrecision::F16,
         }
     }
 
@@ -214,6 +259,12 @@ impl QuantScheme {
     /// Enables the MSE clip search.
     pub fn with_mse(mut self, mse: MseClip) -> Self {
         self.mse = Some(mse);
+        self
+    }
+
+    /// Sets the scale precision used while solving.
+    pub fn with_scale_precision(mut self, precision: ScalePrecision) -> Self {
+        self.scale_precision = precision;
         self
     }
 }
@@ -284,6 +335,25 @@ impl Default for Damping {
     }
 }
 
+/// When and on which values a dynamic group's scale and zero point are fitted.
+///
+/// Both fit a group when the column walk reaches its first column `c`, over
+/// the columns `c .. c + g` of the walk; they differ in which values of those
+/// columns they see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GroupFit {
+    /// The reference rule (GPTQ's `fasterquant`): the values as they stood
+    /// at the start of the current lazy-update block, with every earlier
+    /// block's updates applied but not this block's in-block updates. Blocks
+    /// are plain runs of `block_size` columns.
+    #[default]
+    BlockStart,
+    /// The values with every update so far applied, in-block ones included.
+    /// Blocks are aligned to groups (a multiple of the group size, or every
+    /// group start opens a block) so that a group never straddles a block end.
+    Updated,
+}
+
 /// Configuration of a GPTQ-family solve.
 ///
 /// ```
@@ -309,11 +379,14 @@ pub struct GptqConfig {
     /// Compute the exact objective `tr((W - Q) H (W - Q)^T)` for the report.
     /// Costs one extra `m x n x n` product; the OBS loss is always reported.
     pub compute_objective: bool,
+    /// Which values a dynamic group is fitted on (the reference rule by default).
+    pub group_fit: GroupFit,
 }
 
 impl GptqConfig {
     /// Default solve settings for a scheme: damping 1%, blocks of 128, no
-    /// act-order, dynamic groups, exact objective reported.
+    /// act-order, dynamic groups fitted by the reference rule, exact
+    /// objective reported.
     pub fn new(scheme: QuantScheme) -> Self {
         GptqConfig {
             scheme,
@@ -322,6 +395,7 @@ impl GptqConfig {
             act_order: false,
             static_groups: false,
             compute_objective: true,
+            group_fit: GroupFit::BlockStart,
         }
     }
 
@@ -346,6 +420,12 @@ impl GptqConfig {
     /// Enables or disables static groups.
     pub fn with_static_groups(mut self, static_groups: bool) -> Self {
         self.static_groups = static_groups;
+        self
+    }
+
+    /// Sets the group-fitting rule.
+    pub fn with_group_fit(mut self, group_fit: GroupFit) -> Self {
+        self.group_fit = group_fit;
         self
     }
 

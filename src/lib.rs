@@ -13,7 +13,9 @@ pub mod solver;
 mod validate;
 
 pub use backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo, WeightPerturbation};
-pub use config::{Bits, Damping, GptqConfig, GroupSize, MseClip, QuantScheme};
+pub use config::{
+    Bits, Damping, GptqConfig, GroupFit, GroupSize, MseClip, QuantScheme, ScalePrecision,
+};
 pub use error::{Error, Result};
 pub use hessian::{HessianAccumulator, LayerStatistics};
 pub use importance::{GradientSaliency, Normalization, SampleSignals, TokenImportance};

@@ -51,7 +51,10 @@ fn identity_hessian_gives_rtn() {
                     Method::Gptq,
                 )
                 .unwrap();
-                let rtn = quantize_rtn(w.view(), &s).unwrap();
+                // The solution also records how its groups were fitted.
+                let rtn = quantize_rtn(w.view(), &s)
+                    .unwrap()
+                    .with_static_groups(cfg.static_groups);
                 assert_eq!(sol.weight, rtn, "seed {seed} bits {bits} group {group:?}");
             }
         }
@@ -208,15 +211,14 @@ fn bad_inputs_give_typed_errors() {
     let w = Array2::<f32>::ones((4, 12));
     let h = Array2::<f32>::eye(12);
     let stats = LayerStatistics::from_hessian(h.clone());
+    // A group size that does not divide the width is a ragged last group (5 + 5 + 2).
     let cfg = GptqConfig::new(scheme(4, Some(5)));
-    assert!(matches!(
-        solve_layer(w.view(), &stats, &cfg, Method::Gptq),
-        Err(Error::InvalidGroupSize {
-            group_size: 5,
-            in_features: 12,
-            ..
-        })
-    ));
+    let sol = solve_layer(w.view(), &stats, &cfg, Method::Gptq).unwrap();
+    assert_eq!(sol.weight.groups(), 3);
+    assert_eq!(
+        sol.weight.g_idx().to_vec(),
+        (0..12u32).map(|i| i / 5).collect::<Vec<_>>()
+    );
     let cfg = GptqConfig::new(scheme(4, None));
     let mut bad = w.clone();
     bad[[2, 3]] = f32::NAN;

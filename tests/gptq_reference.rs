@@ -4,7 +4,14 @@
 //! The reference forms `H^-1` directly (Cholesky, inverse, Cholesky: the
 //! route the solver avoids) and applies every update to every later column
 //! at once, so it shares neither the flip trick, the lazy block updates, the
-//! row chunking nor the f32 arithmetic with the solver.
+//! row chunking nor the f32 arithmetic with the solver. It fits a dynamic
+//! group by the rule the configuration names: the reference GPTQ rule (the
+//! values as they stood at the start of the current block of `block_size`
+//! columns, which in an unblocked walk is a snapshot taken when the walk
+//! reaches the block start) or the fully updated values. Groups may be
+//! ragged (the last one shorter). Cases with more than 256 output rows cross
+//! the solver's row chunks, and the factor entry point is checked with the
+//! reference's own f64 factor.
 //!
 //! Comparison rule. The two differ by rounding (f32 blocked vs f64
 //! unblocked), so a weight whose exact value sits on a rounding boundary may
@@ -25,10 +32,10 @@ use common::{inputs, weight, Rng};
 use ndarray::Array2;
 use proptest::prelude::*;
 use vlmq::hessian::HessianAccumulator;
-use vlmq::solver::act_order_permutation;
+use vlmq::solver::{act_order_permutation, solve_layer_with_factor};
 use vlmq::{
-    solve_layer, Bits, Damping, GptqConfig, GridFit, GridParams, GroupSize, LayerSolution, Method,
-    QuantScheme,
+    solve_layer, Bits, Damping, GptqConfig, GridFit, GridParams, GroupFit, GroupSize,
+    LayerSolution, Method, QuantScheme,
 };
 
 const TIE: f64 = 1e-2;
@@ -104,9 +111,18 @@ fn check_params(fit: &GridFit, vals: &[f64], got: GridParams) -> Result<(), Test
     Ok(())
 }
 
-/// Walks the reference and compares with the solver's output.
-fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
-    let (m, n) = case.w.dim();
+/// The reference's factor: `U` (f64, upper) with `U^T U = (H_p + damp I)^-1`
+/// for the Hessian in walk order, the walk order, the original weight with
+/// dead columns zeroed, and GPTAQ's correction `P` when the case needs it.
+struct RefFactor {
+    u: Array2<f64>,
+    perm: Vec<usize>,
+    w: Array2<f64>,
+    p: Option<Array2<f64>>,
+}
+
+fn reference_factor(case: &Case) -> RefFactor {
+    let n = case.w.ncols();
     let mut acc = match &case.xq {
         Some(_) => HessianAccumulator::<f64>::with_cross_term(n),
         None => HessianAccumulator::<f64>::new(n),
@@ -130,7 +146,6 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
         (0..n).collect()
     };
     let damp = case.cfg.damping.initial_percent() * h.diag().sum() / n as f64;
-    prop_assert_eq!(sol.report.attempts, 1);
     let hp = Array2::from_shape_fn((n, n), |(i, j)| {
         h[[perm[i], perm[j]]] + if i == j { damp } else { 0.0 }
     });
@@ -147,19 +162,40 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
         }
         _ => None,
     };
+    RefFactor { u, perm, w, p }
+}
 
+/// Walks the reference and compares with the solver's output.
+fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
+    prop_assert_eq!(sol.report.attempts, 1);
+    compare_with(case, &reference_factor(case), sol)
+}
+
+/// Walks the reference with factor `rf` and compares with the solver's output.
+fn compare_with(case: &Case, rf: &RefFactor, sol: &LayerSolution) -> Result<(), TestCaseError> {
+    let (m, n) = case.w.dim();
+    let (u, perm, w, p) = (&rf.u, &rf.perm, &rf.w, &rf.p);
     let fit = GridFit::new(case.cfg.scheme);
     let max_code = fit.max_code();
     let g = case.cfg.scheme.group_size.columns_for(n).unwrap();
+    let groups = n.div_ceil(g);
+    prop_assert_eq!(sol.weight.groups(), groups);
+    prop_assert_eq!(sol.weight.group_size(), case.cfg.scheme.group_size);
+    prop_assert_eq!(sol.weight.static_groups(), case.cfg.static_groups);
+    let block_start_rule = case.cfg.group_fit == GroupFit::BlockStart;
+    let block = case.cfg.block_size;
     let scales = sol.weight.scales();
     let zeros = sol.weight.zeros();
     let g_idx = sol.weight.g_idx();
     let codes = sol.weight.codes();
     for r in 0..m {
         let mut wr: Vec<f64> = perm.iter().map(|&c| w[[r, c]]).collect();
+        // The walk's values as they stood at the start of the current block.
+        let mut at_block_start = wr.clone();
         if case.cfg.static_groups {
-            for grp in 0..n / g {
-                let vals: Vec<f32> = (0..g).map(|k| w[[r, grp * g + k]] as f32).collect();
+            for grp in 0..groups {
+                let cols = grp * g..((grp + 1) * g).min(n);
+                let vals: Vec<f32> = cols.map(|c| w[[r, c]] as f32).collect();
                 let want = fit.fit(&vals);
                 let got = GridParams {
                     scale: scales[[grp, r]],
@@ -169,6 +205,9 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
             }
         }
         for i in 0..n {
+            if i % block == 0 {
+                at_block_start.copy_from_slice(&wr);
+            }
             let col = perm[i];
             let grp = g_idx[col] as usize;
             let expected_grp = if case.cfg.static_groups {
@@ -182,7 +221,13 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
                 zero: zeros[[grp, r]],
             };
             if !case.cfg.static_groups && i % g == 0 {
-                check_params(&fit, &wr[i..i + g], prm)?;
+                let end = (i + g).min(n);
+                let vals = if block_start_rule {
+                    &at_block_start[i..end]
+                } else {
+                    &wr[i..end]
+                };
+                check_params(&fit, vals, prm)?;
             }
             let x = wr[i] / f64::from(prm.scale);
             let want =
@@ -218,7 +263,7 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
 }
 
 /// The knobs of one generated case.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct Spec {
     seed: u64,
     m: usize,
@@ -230,6 +275,7 @@ struct Spec {
     static_groups: bool,
     symmetric: bool,
     gptaq: bool,
+    group_fit: GroupFit,
 }
 
 fn make_case(spec: Spec) -> Case {
@@ -244,6 +290,7 @@ fn make_case(spec: Spec) -> Case {
         static_groups,
         symmetric,
         gptaq,
+        group_fit,
     } = spec;
     let mut rng = Rng::new(seed);
     let w = weight(&mut rng, m, n);
@@ -261,6 +308,7 @@ fn make_case(spec: Spec) -> Case {
         .with_block_size(block)
         .with_act_order(act_order)
         .with_static_groups(static_groups)
+        .with_group_fit(group_fit)
         .with_damping(Damping::percent(0.01).unwrap());
     let method = if gptaq { Method::gptaq() } else { Method::Gptq };
     Case {
@@ -289,51 +337,147 @@ fn solve(case: &Case) -> LayerSolution {
     solve_layer(case.w.view(), &stats, &case.cfg, case.method).unwrap()
 }
 
-fn params() -> impl Strategy<
-    Value = (
-        u64,
-        usize,
-        usize,
-        u32,
-        Option<usize>,
-        usize,
-        bool,
-        bool,
-        bool,
-    ),
-> {
+fn params() -> impl Strategy<Value = Spec> {
     (
         any::<u64>(),
         1usize..7,
         prop::sample::select(vec![8usize, 12, 16, 24, 32, 48]),
         2u32..=4,
-        prop::option::of(prop::sample::select(vec![2usize, 4, 8, 16])),
+        // Sizes that do not divide the width give a ragged last group.
+        prop::option::of(prop::sample::select(vec![2usize, 4, 5, 8, 16, 20])),
         prop::sample::select(vec![1usize, 3, 4, 5, 8, 16, 128]),
-        any::<bool>(),
-        any::<bool>(),
-        any::<bool>(),
+        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
     )
-        .prop_map(|(s, m, n, b, g, blk, ao, sg, sym)| {
-            let g = g.filter(|g| n % g == 0);
-            (s, m, n, b, g, blk, ao, sg, sym)
-        })
+        .prop_map(
+            |(seed, m, n, bits, group, block, (ao, sg, sym, updated))| Spec {
+                seed,
+                m,
+                n,
+                bits,
+                group,
+                block,
+                act_order: ao,
+                static_groups: sg && group.is_some(),
+                symmetric: sym,
+                gptaq: false,
+                group_fit: if updated {
+                    GroupFit::Updated
+                } else {
+                    GroupFit::BlockStart
+                },
+            },
+        )
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(192))]
 
     #[test]
-    fn gptq_matches_unblocked_obs((seed, m, n, bits, group, block, ao, sg, sym) in params()) {
-        let case = make_case(Spec { seed, m, n, bits, group, block, act_order: ao, static_groups: sg && group.is_some(), symmetric: sym, gptaq: false });
+    fn gptq_matches_unblocked_obs(spec in params()) {
+        let case = make_case(spec);
         let sol = solve(&case);
         compare(&case, &sol)?;
     }
 
     #[test]
-    fn gptaq_matches_unblocked_obs((seed, m, n, bits, group, block, ao, sg, sym) in params()) {
-        let case = make_case(Spec { seed, m, n, bits, group, block, act_order: ao, static_groups: sg && group.is_some(), symmetric: sym, gptaq: true });
+    fn gptaq_matches_unblocked_obs(spec in params()) {
+        let case = make_case(Spec { gptaq: true, ..spec });
         let sol = solve(&case);
         compare(&case, &sol)?;
+    }
+
+    #[test]
+    fn factor_entry_point_matches_unblocked_obs(spec in params()) {
+        // The solver is handed the reference's own f64 factor (rounded to f32)
+        // and walk order: codes must agree up to rounding ties.
+        let case = make_case(spec);
+        let rf = reference_factor(&case);
+        let u32 = rf.u.mapv(|v| v as f32);
+        let sol = solve_layer_with_factor(
+            rf.w.mapv(|v| v as f32).view(),
+            u32.view(),
+            Some(&rf.perm),
+            None,
+            &case.cfg,
+        )
+        .unwrap();
+        prop_assert_eq!(sol.report.attempts, 0);
+        compare_with(&case, &rf, &sol)?;
+    }
+}
+
+/// Cases with more than one row chunk of the solver (256 rows), ragged and
+/// static groups, both fitting rules, GPTQ and GPTAQ.
+#[test]
+fn many_rows_ragged_and_static_groups_match_unblocked_obs() {
+    let base = Spec {
+        seed: 11,
+        m: 300,
+        n: 40,
+        bits: 3,
+        group: Some(16),
+        block: 16,
+        act_order: true,
+        static_groups: false,
+        symmetric: false,
+        gptaq: false,
+        group_fit: GroupFit::BlockStart,
+    };
+    let specs = [
+        base,
+        Spec {
+            static_groups: true,
+            seed: 12,
+            ..base
+        },
+        Spec {
+            group_fit: GroupFit::Updated,
+            seed: 13,
+            ..base
+        },
+        Spec {
+            gptaq: true,
+            seed: 14,
+            block: 128,
+            ..base
+        },
+        Spec {
+            group: Some(12),
+            block: 8,
+            seed: 15,
+            m: 520,
+            act_order: false,
+            ..base
+        },
+        Spec {
+            group: Some(24),
+            static_groups: true,
+            gptaq: true,
+            seed: 16,
+            ..base
+        },
+    ];
+    for spec in specs {
+        let case = make_case(spec);
+        let sol = solve(&case);
+        if let Err(e) = compare(&case, &sol) {
+            panic!("seed {}: {e}", spec.seed);
+        }
+        let rf = reference_factor(&case);
+        let u32 = rf.u.mapv(|v| v as f32);
+        let sol = solve_layer_with_factor(
+            rf.w.mapv(|v| v as f32).view(),
+            u32.view(),
+            Some(&rf.perm),
+            None,
+            &case.cfg,
+        )
+        .unwrap();
+        if case.method == Method::Gptq {
+            if let Err(e) = compare_with(&case, &rf, &sol) {
+                panic!("factor entry, seed {}: {e}", spec.seed);
+            }
+        }
     }
 }
 
@@ -351,6 +495,10 @@ fn block_size_does_not_change_the_result_beyond_ties() {
             static_groups: false,
             symmetric: false,
             gptaq: false,
+            // Under the reference rule a group is fitted on the values at its
+            // block's start, so the block size legitimately changes the fit; with
+            // fully updated values it must not.
+            group_fit: GroupFit::Updated,
         };
         let a = make_case(spec);
         let b = make_case(Spec { block: 5, ..spec });

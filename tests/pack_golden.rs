@@ -248,13 +248,35 @@ fn writer_reproduces_golden_tensors_byte_for_byte() {
                 "{b}-bit {name}"
             );
         }
-        // The golden layers have zero points of 0, so v1 must be refused, not written lossily.
+        // Asymmetric v1 is refused by default (the Python loaders refuse it from
+        // writers other than GPTQModel), with an error that recommends v2.
         let mut v1 = CheckpointWriter::new().with_format(CheckpointFormat::V1);
-        v1.add_layer(LAYER, w, None).unwrap();
+        v1.add_layer(LAYER, w.clone(), None).unwrap();
         let dir1 = TempDir::new("golden-v1");
         let err = v1.write(dir1.path()).unwrap_err();
-        assert!(matches!(err, Error::Unencodable { .. }), "{err}");
+        assert!(
+            matches!(err, Error::Unencodable { .. }) && err.to_string().contains("gptq_v2"),
+            "{err}"
+        );
         assert!(!dir1.path().join("model.safetensors").exists());
+        // Asked for, v1 is written exactly as GPTQModel writes it, zero points of 0
+        // included (word-wise borrow): the whole file equals the golden v1 file.
+        let golden1 = checkpoint_dir(b, 1);
+        let mut v1 = CheckpointWriter::new()
+            .with_format(CheckpointFormat::V1)
+            .with_asymmetric_v1(true);
+        v1.add_layer(LAYER, w, golden.bias(LAYER).unwrap()).unwrap();
+        v1.write(dir1.path()).unwrap();
+        assert!(
+            std::fs::read(dir1.path().join("model.safetensors")).unwrap()
+                == std::fs::read(golden1.join("model.safetensors")).unwrap(),
+            "{b}-bit v1 file differs from GPTQModel's"
+        );
+        assert!(
+            std::fs::read(dir.path().join("model.safetensors")).unwrap()
+                == std::fs::read(checkpoint_dir(b, 2).join("model.safetensors")).unwrap(),
+            "{b}-bit v2 file differs from GPTQModel's"
+        );
     }
 }
 
@@ -294,7 +316,9 @@ fn v1_writer_round_trips_when_no_zero_is_zero() {
         .unwrap();
         let mut want = pack_qzeros(zeros.view(), bits(b)).unwrap();
         qzeros_v2_to_v1(&mut want, bits(b)).unwrap();
-        let mut writer = CheckpointWriter::new().with_format(CheckpointFormat::V1);
+        let mut writer = CheckpointWriter::new()
+            .with_format(CheckpointFormat::V1)
+            .with_asymmetric_v1(true);
         writer.add_layer(LAYER, w.clone(), None).unwrap();
         let dir = TempDir::new("golden-v1-ok");
         assert_eq!(

@@ -11,7 +11,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::config::{Bits, GroupSize};
+use crate::config::Bits;
 use crate::error::{Error, Result};
 use crate::quant::QuantizedWeight;
 
@@ -201,10 +201,7 @@ impl Checkpoint {
             .collect();
         let scales = Array2::from_shape_vec((s.groups, s.out), scales)
             .map_err(|e| corrupt(&self.path, format!("{name}.scales: {e}")))?;
-        let cols = match self.config.group_size {
-            GroupSize::PerChannel => s.inp,
-            GroupSize::Columns(g) => g,
-        };
+        let cols = self.config.group_size.columns_for(s.inp)?;
         let in_order = |i: usize| i / cols;
         let g_idx: Vec<u32> = if s.has_g_idx {
             let raw = self.raw(&format!("{name}.g_idx"))?;
@@ -244,15 +241,23 @@ impl Checkpoint {
                 ));
             }
         }
-        QuantizedWeight::new(bits, self.config.sym, codes, scales, zeros, g_idx).map_err(
-            |e| match e {
-                Error::NonFinite { index, .. } => corrupt(
-                    &self.path,
-                    format!("{name}.scales has a non-finite value at {index:?}"),
-                ),
-                other => other,
-            },
+        let weight = QuantizedWeight::grouped(
+            bits,
+            self.config.sym,
+            self.config.group_size,
+            codes,
+            scales,
+            zeros,
+            g_idx,
         )
+        .map_err(|e| match e {
+            Error::NonFinite { index, .. } => corrupt(
+                &self.path,
+                format!("{name}.scales has a non-finite value at {index:?}"),
+            ),
+            other => other,
+        })?;
+        Ok(weight.with_static_groups(self.config.static_groups))
     }
 
     /// Decodes layer `name` with its bias into a [`PackedLinear`]. The codes
@@ -341,10 +346,7 @@ impl Checkpoint {
         if inp == 0 || out == 0 {
             return Err(corrupt(&self.path, format!("{name}.qweight is empty")));
         }
-        let groups = match self.config.group_size {
-            GroupSize::PerChannel => 1,
-            GroupSize::Columns(g) => inp.div_ceil(g),
-        };
+        let groups = self.config.group_size.groups_for(inp)?;
         self.expect(
             &format!("{name}.qzeros"),
             &[Dtype::I32],

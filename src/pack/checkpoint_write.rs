@@ -10,11 +10,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use half::f16;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use crate::config::{Bits, GroupSize};
+use crate::config::{Bits, GptqConfig, GroupFit, ScalePrecision};
 use crate::error::{Error, Result};
 use crate::quant::QuantizedWeight;
+use crate::solver::Method;
 
 use super::bits::{check_checkpoint_bits, pack_qweight, pack_qzeros, qzeros_v2_to_v1, words_for};
 use super::config_json::{CheckpointFormat, QuantizeConfig};
@@ -27,12 +28,16 @@ pub(crate) const LAYER_SUFFIXES: [&str; 5] = ["qweight", "qzeros", "scales", "g_
 /// checkpoint directory.
 ///
 /// All quantized layers must share bit width, symmetry and group size (the
-/// format has one checkpoint-wide config). `desc_act` is inferred: true when
-/// any layer's `g_idx` is not the in-order assignment `i / group_size`.
+/// format has one checkpoint-wide config); the group size is the one the
+/// weights carry (it need not divide the input width). `desc_act` is
+/// inferred: true when any layer's `g_idx` is not the in-order assignment
+/// `i / group_size`.
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointWriter {
     format: Option<CheckpointFormat>,
     static_groups: bool,
+    asymmetric_v1: bool,
+    settings: Option<(GptqConfig, Method)>,
     model_config: Option<Value>,
     layers: Vec<(String, QuantizedWeight, Option<DenseTensor>)>,
     tensors: Vec<(String, DenseTensor)>,
@@ -41,7 +46,9 @@ pub struct CheckpointWriter {
 
 impl CheckpointWriter {
     /// An empty writer with the automatic format: v2 (`gptq_v2`) when the
-    /// layers are asymmetric, v1 (`gptq`) when they are symmetric.
+    /// layers are asymmetric, v1 (`gptq`) when they are symmetric. Format v1
+    /// for asymmetric layers is refused unless
+    /// [`CheckpointWriter::with_asymmetric_v1`] allows it.
     pub fn new() -> Self {
         Self::default()
     }
@@ -52,9 +59,30 @@ impl CheckpointWriter {
         self
     }
 
-    /// Records `static_groups` in the config (metadata only).
+    /// Records `static_groups` in the config (metadata only). The config
+    /// also says `static_groups` when any layer's weight was solved with
+    /// static groups ([`QuantizedWeight::static_groups`]).
     pub fn with_static_groups(mut self, static_groups: bool) -> Self {
         self.static_groups = static_groups;
+        self
+    }
+
+    /// Allows format v1 for asymmetric layers (it is refused otherwise). The
+    /// tensors are then exactly what GPTQModel writes (zero points of 0
+    /// included, through the word-wise borrow), but the Python loaders accept
+    /// such a file only when its `meta.quantizer` names GPTQModel: use this to
+    /// reproduce an existing checkpoint, not for new ones.
+    pub fn with_asymmetric_v1(mut self, allow: bool) -> Self {
+        self.asymmetric_v1 = allow;
+        self
+    }
+
+    /// Records the settings of the solve that produced the layers (damping,
+    /// block size, act-order, static groups, MSE clip search, group-fitting
+    /// rule, scale precision, method) in the config's `meta` block.
+    pub fn with_solve_settings(mut self, cfg: &GptqConfig, method: Method) -> Self {
+        self.static_groups |= cfg.static_groups;
+        self.settings = Some((*cfg, method));
         self
     }
 
@@ -93,6 +121,13 @@ impl CheckpointWriter {
         weight: QuantizedWeight,
         bias: Option<DenseTensor>,
     ) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "layer name",
+                value: "\"\"".into(),
+                reason: "a quantized layer needs a non-empty name",
+            });
+        }
         let bits = weight.bits();
         check_checkpoint_bits(bits)?;
         let (out, inp) = (weight.out_features(), weight.in_features());
@@ -131,15 +166,25 @@ impl CheckpointWriter {
         Ok(())
     }
 
-    /// Adds an unquantized tensor that is stored unchanged.
+    /// Adds an unquantized tensor that is stored unchanged. Names ending in
+    /// `.qweight` or `.qzeros` are refused: a reader would take them for a
+    /// quantized layer's tensors.
     pub fn add_tensor(&mut self, name: &str, tensor: DenseTensor) -> Result<()> {
+        if name.ends_with(".qweight") || name.ends_with(".qzeros") {
+            return Err(Error::InvalidConfig {
+                field: "tensor name",
+                value: format!("{name:?}"),
+                reason: "names ending in .qweight or .qzeros are reserved for quantized layers",
+            });
+        }
         self.claim(&[name.to_string()])?;
         self.tensors.push((name.to_string(), tensor));
         Ok(())
     }
 
     /// The checkpoint-wide config these layers imply, or the reason they
-    /// cannot share one.
+    /// cannot share one (mixed bit widths, symmetry or group sizes, or an
+    /// asymmetric v1 request without [`CheckpointWriter::with_asymmetric_v1`]).
     pub fn quantize_config(&self) -> Result<QuantizeConfig> {
         let Some((_, first, _)) = self.layers.first() else {
             return Err(Error::Empty {
@@ -147,54 +192,38 @@ impl CheckpointWriter {
             });
         };
         let (bits, sym) = (first.bits(), first.symmetric());
-        let mut group: Option<usize> = None;
+        let group_size = first.group_size();
+        let mut desc_act = false;
+        let mut static_groups = self.static_groups;
         for (name, w, _) in &self.layers {
             if w.bits() != bits || w.symmetric() != sym {
                 return Err(mixed(name, "bit width and symmetry"));
             }
-            if w.groups() > 1 {
-                if w.in_features() % w.groups() != 0 {
-                    return Err(Error::Unencodable {
-                        what: format!("layer {name:?}"),
-                        reason: "its groups do not divide the input features evenly".into(),
-                    });
-                }
-                let g = w.in_features() / w.groups();
-                if group.is_some_and(|h| h != g) {
-                    return Err(mixed(name, "group size"));
-                }
-                group = Some(g);
-            }
-        }
-        let group_size = match group {
-            None => GroupSize::PerChannel,
-            Some(g) => GroupSize::Columns(g),
-        };
-        let mut desc_act = false;
-        for (name, w, _) in &self.layers {
-            if w.groups() == 1 && group.is_some_and(|g| g != w.in_features()) {
+            if w.group_size() != group_size {
                 return Err(mixed(name, "group size"));
             }
-            let g = group_size
-                .columns_for(w.in_features())
-                .unwrap_or(w.in_features());
-            desc_act |= w
-                .g_idx()
-                .iter()
-                .enumerate()
-                .any(|(i, &gi)| gi as usize != i / g);
+            desc_act |= w.contiguous_group_size().is_none();
+            static_groups |= w.static_groups();
         }
         let format = self.format.unwrap_or(if sym {
             CheckpointFormat::V1
         } else {
             CheckpointFormat::V2
         });
+        if format == CheckpointFormat::V1 && !sym && !self.asymmetric_v1 {
+            return Err(Error::Unencodable {
+                what: "an asymmetric checkpoint in format v1 (gptq)".into(),
+                reason: "the Python loaders refuse asymmetric v1 checkpoints that GPTQModel did \
+                         not write; write format v2 (gptq_v2, the default for asymmetric layers)"
+                    .into(),
+            });
+        }
         Ok(QuantizeConfig {
             bits,
             group_size,
             desc_act,
             sym,
-            static_groups: self.static_groups,
+            static_groups,
             format,
         })
     }
@@ -232,7 +261,10 @@ impl CheckpointWriter {
                 reason: e.to_string(),
             })
         })?;
-        let qc = config.to_json();
+        let mut qc = config.to_json();
+        if let Some((cfg, method)) = &self.settings {
+            record_settings(&mut qc, cfg, *method);
+        }
         write_json(&dir.join("quantize_config.json"), &qc)?;
         let config_path = dir.join("config.json");
         let mut model = match &self.model_config {
@@ -255,6 +287,52 @@ impl CheckpointWriter {
         write_json(&config_path, &model)?;
         Ok(config)
     }
+}
+
+/// Adds the solve settings to the config's `meta` block: the keys GPTQModel
+/// uses with the same meaning (`damp_percent`, `static_groups`, `mse`,
+/// `true_sequential`), then vlmq's own under `meta.vlmq` (vlmq's damping grows
+/// by a factor per retry, unlike GPTQModel's additive `damp_auto_increment`).
+fn record_settings(qc: &mut Value, cfg: &GptqConfig, method: Method) {
+    let Some(meta) = qc.get_mut("meta").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let d = &cfg.damping;
+    meta.insert("damp_percent".into(), json!(d.initial_percent()));
+    meta.insert("static_groups".into(), json!(cfg.static_groups));
+    meta.insert(
+        "mse".into(),
+        json!(cfg.scheme.mse.map_or(0.0, |m| f64::from(m.norm()))),
+    );
+    meta.insert("true_sequential".into(), json!(true));
+    let (method, strength) = match method {
+        Method::Gptq => ("gptq", None),
+        Method::Gptaq { strength } => ("gptaq", Some(strength)),
+    };
+    meta.insert(
+        "vlmq".into(),
+        json!({
+            "method": method,
+            "gptaq_strength": strength,
+            "block_size": cfg.block_size,
+            "act_order": cfg.act_order,
+            "damp_growth": d.growth(),
+            "damp_max_attempts": d.max_attempts(),
+            "group_fit": match cfg.group_fit {
+                GroupFit::BlockStart => "block_start",
+                GroupFit::Updated => "updated",
+            },
+            "scale_precision": match cfg.scheme.scale_precision {
+                ScalePrecision::F16 => "f16",
+                ScalePrecision::F32 => "f32",
+            },
+            "mse": cfg.scheme.mse.map(|m| json!({
+                "grid": m.grid(),
+                "max_shrink": m.max_shrink(),
+                "norm": m.norm(),
+            })),
+        }),
+    );
 }
 
 fn mixed(name: &str, what: &str) -> Error {
@@ -283,13 +361,9 @@ fn encode_layer(
     let qweight = pack_qweight(w.codes(), bits)?;
     let mut qzeros = pack_qzeros(w.zeros(), bits)?;
     if config.format == CheckpointFormat::V1 {
-        if let Some(((g, o), _)) = w.zeros().indexed_iter().find(|(_, &z)| z == 0) {
-            return Err(Error::Unencodable {
-                what: format!("zero point 0 at [{g}, {o}] of layer {name:?}"),
-                reason: "format v1 stores zero - 1, which loses a zero point of 0; write format v2 (gptq_v2)"
-                    .into(),
-            });
-        }
+        // As GPTQModel writes v1: the offset is subtracted word-wise (2, 4 and
+        // 8 bits; a zero point of 0 borrows from its neighbour, undone by the
+        // word-wise addition of every loader) or field-wise (3 bits).
         qzeros_v2_to_v1(&mut qzeros, bits)?;
     }
     let scales: Vec<u8> = w

@@ -8,11 +8,13 @@
 //! `y_o += scale[g, o] * (sum_{i in g} code_i x_i - zero[g, o] * sum_{i in g} x_i)`,
 //! with the group sums of `x` computed once per token.
 //!
-//! GEMV kernels: for 2, 4 and 8 bits when every group boundary falls on a
-//! block of four words, a block kernel that unpacks the same field of four
-//! consecutive words with one shift against a copy of `x` shuffled to match
-//! (an AVX2 build chosen at run time, else a portable one); otherwise a
-//! general kernel (any width, any boundaries) that extracts field by field.
+//! GEMV kernels: for 2, 4 and 8 bits, a block kernel that unpacks the same
+//! field of four consecutive words with one shift against a copy of `x`
+//! shuffled to match (an AVX2 build chosen at run time, else a portable one),
+//! used for every group that starts on a block of four words, over the whole
+//! blocks it holds; a general kernel (any width, any boundaries) that
+//! extracts field by field does the rest (3 bits, unaligned groups, and the
+//! tail of a ragged group).
 //! Rows are split over rayon tasks; each row is computed by one task in a
 //! fixed order, so results do not depend on the thread count. The AVX2 and
 //! portable kernels sum in different orders, so results may differ in the
@@ -21,7 +23,7 @@
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use rayon::prelude::*;
 
-use crate::config::Bits;
+use crate::config::{Bits, GroupSize};
 use crate::error::{Error, Result};
 use crate::quant::QuantizedWeight;
 
@@ -39,6 +41,8 @@ const SERIAL_WORK: usize = 1 << 20;
 pub struct PackedLinear {
     bits: Bits,
     symmetric: bool,
+    group_size: GroupSize,
+    static_groups: bool,
     out: usize,
     inp: usize,
     groups: usize,
@@ -50,7 +54,9 @@ pub struct PackedLinear {
     scales: Vec<f32>,
     zeros: Vec<f32>,
     bias: Option<Vec<f32>>,
-    fast: bool,
+    /// Per group: the end of the prefix the block kernel handles (equal to
+    /// the group start when it handles none).
+    fast_end: Vec<usize>,
 }
 
 impl PackedLinear {
@@ -95,16 +101,25 @@ impl PackedLinear {
         }
         let scales = weight.scales().t().iter().copied().collect();
         let zeros = weight.zeros().t().iter().map(|&z| f32::from(z)).collect();
-        let fast = match b {
-            2 | 4 | 8 => {
-                let block = LANES * (32 / b) as usize;
-                bounds.iter().all(|&x| x % block == 0)
-            }
-            _ => false,
-        };
+        let fast_end = bounds
+            .windows(2)
+            .map(|w| match b {
+                2 | 4 | 8 => {
+                    let block = LANES * (32 / b) as usize;
+                    if w[0] % block == 0 {
+                        w[0] + (w[1] - w[0]) / block * block
+                    } else {
+                        w[0]
+                    }
+                }
+                _ => w[0],
+            })
+            .collect();
         Ok(PackedLinear {
             bits: weight.bits(),
             symmetric: weight.symmetric(),
+            group_size: weight.group_size(),
+            static_groups: weight.static_groups(),
             out,
             inp,
             groups,
@@ -116,7 +131,7 @@ impl PackedLinear {
             scales,
             zeros,
             bias: bias.map(|v| v.to_vec()),
-            fast,
+            fast_end,
         })
     }
 
@@ -140,10 +155,22 @@ impl PackedLinear {
         self.bias.as_deref().map(ArrayView1::from)
     }
 
-    /// Whether the vectorized GEMV kernel applies (2, 4 or 8 bits with group
-    /// boundaries on multiples of `4 * 32 / bits` inputs after sorting).
+    /// Whether the vectorized GEMV kernel handles every input (2, 4 or 8
+    /// bits with group boundaries on multiples of `4 * 32 / bits` inputs after
+    /// sorting). When it is false, [`PackedLinear::fast_inputs`] tells how
+    /// many inputs it still handles.
     pub fn uses_fast_kernel(&self) -> bool {
-        self.fast
+        self.fast_inputs() == self.inp
+    }
+
+    /// How many inputs (per output) the vectorized GEMV kernel handles; the
+    /// general kernel does the rest.
+    pub fn fast_inputs(&self) -> usize {
+        self.fast_end
+            .iter()
+            .zip(&self.bounds)
+            .map(|(&e, &a)| e - a)
+            .sum()
     }
 
     /// Bytes held by the packed codes, scales and zero points.
@@ -169,14 +196,16 @@ impl PackedLinear {
         let zeros = Array2::from_shape_fn((self.groups, self.out), |(g, o)| {
             self.zeros[o * self.groups + g] as u8
         });
-        QuantizedWeight::new(
+        Ok(QuantizedWeight::grouped(
             self.bits,
             self.symmetric,
+            self.group_size,
             codes,
             scales,
             zeros,
             self.g_idx.clone(),
-        )
+        )?
+        .with_static_groups(self.static_groups))
     }
 
     fn row_words(&self, o: usize) -> &[u32] {
@@ -204,7 +233,7 @@ impl PackedLinear {
             .collect();
         let mut y = vec![0f32; self.out];
         let b = self.bits.get();
-        let xs = if self.fast {
+        let xs = if self.fast_inputs() > 0 {
             shuffle(&xp, (32 / b) as usize)
         } else {
             Vec::new()
@@ -231,12 +260,17 @@ impl PackedLinear {
         let ze = &self.zeros[o * self.groups..(o + 1) * self.groups];
         let mut acc = 0f32;
         for g in 0..self.groups {
-            let (a, e) = (self.bounds[g], self.bounds[g + 1]);
-            let dot = match (self.fast, b) {
-                (true, 2) => dot_fast::<2, 16>(row, xs, a, e, avx2),
-                (true, 4) => dot_fast::<4, 8>(row, xs, a, e, avx2),
-                (true, 8) => dot_fast::<8, 4>(row, xs, a, e, avx2),
-                _ => dot_general(row, b, xp, a, e),
+            let (a, f, e) = (self.bounds[g], self.fast_end[g], self.bounds[g + 1]);
+            let fast = match (f > a, b) {
+                (true, 2) => dot_fast::<2, 16>(row, xs, a, f, avx2),
+                (true, 4) => dot_fast::<4, 8>(row, xs, a, f, avx2),
+                (true, 8) => dot_fast::<8, 4>(row, xs, a, f, avx2),
+                _ => 0.0,
+            };
+            let dot = if f < e {
+                fast + dot_general(row, b, xp, f, e)
+            } else {
+                fast
             };
             acc += sc[g] * (dot - ze[g] * xsum[g]);
         }

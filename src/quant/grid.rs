@@ -1,6 +1,6 @@
 //! Fitting one row's grid over a group of columns, and mapping values to codes.
 
-use crate::config::QuantScheme;
+use crate::config::{QuantScheme, ScalePrecision};
 
 /// Scale and integer zero point of one output row within one group.
 ///
@@ -8,7 +8,8 @@ use crate::config::QuantScheme;
 /// half to even, as the reference does); its value: `scale * (code - zero)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GridParams {
-    /// Step between neighbouring codes (> 0, representable in f16).
+    /// Step between neighbouring codes (> 0; representable in f16 unless
+    /// the scheme solves with [`ScalePrecision::F32`]).
     pub scale: f32,
     /// Integer zero point in `0..=max_code`.
     pub zero: u8,
@@ -61,8 +62,16 @@ impl GridFit {
     /// Asymmetric: the range `[min, max]` is widened to include 0, `scale =
     /// (max - min) / max_code`, `zero = round(-min / scale)`. Symmetric:
     /// `scale = 2 max|w| / max_code`, `zero = (max_code + 1) / 2`. An all-zero
-    /// row uses the range `[-1, 1]`. Scales are rounded up to f16 precision so a
-    /// GPTQ checkpoint (f16 scales) reproduces the solver's weights exactly.
+    /// row uses the range `[-1, 1]`. With [`ScalePrecision::F16`] (the
+    /// default) scales are rounded up to f16 precision so a GPTQ checkpoint
+    /// (f16 scales) reproduces the solver's weights exactly; with
+    /// [`ScalePrecision::F32`] the f32 scale is used as is.
+    ///
+    /// The symmetric range differs from the reference's in one case: for a
+    /// group with no negative value the reference keeps the range minimum at
+    /// 0 (`scale = max / max_code`) while centering the zero point, which
+    /// clips every value above about `max / 2`; this fit always uses the
+    /// symmetric range `[-max|w|, max|w|]`, which represents the whole group.
     /// With MSE clip search, the range is shrunk on a grid and the fit with
     /// the lowest `sum |q - w|^norm` is kept.
     pub fn fit(&self, values: &[f32]) -> GridParams {
@@ -102,7 +111,11 @@ impl GridFit {
     }
 
     fn params_for_range(&self, lo: f32, hi: f32) -> GridParams {
-        let scale = f16_representable((hi - lo) / self.max_code as f32);
+        let raw = (hi - lo) / self.max_code as f32;
+        let scale = match self.scheme.scale_precision {
+            ScalePrecision::F16 => f16_representable(raw),
+            ScalePrecision::F32 => raw.max(f32::MIN_POSITIVE),
+        };
         let zero = if self.scheme.symmetric {
             self.max_code.div_ceil(2)
         } else {

@@ -23,7 +23,7 @@ pub fn quantize_rtn(w: ArrayView2<'_, f32>, scheme: &QuantScheme) -> Result<Quan
     check_finite("weight", w)?;
     let (out, inp) = w.dim();
     let g = scheme.group_size.columns_for(inp)?;
-    let groups = inp / g;
+    let groups = scheme.group_size.groups_for(inp)?;
     let fit = GridFit::new(*scheme);
     let max_code = fit.max_code();
     let mut codes = Array2::<u8>::zeros((out, inp));
@@ -32,17 +32,28 @@ pub fn quantize_rtn(w: ArrayView2<'_, f32>, scheme: &QuantScheme) -> Result<Quan
     let mut row = vec![0.0f32; g];
     for o in 0..out {
         for gi in 0..groups {
-            for (k, v) in row.iter_mut().enumerate() {
-                *v = w[[o, gi * g + k]];
+            // The last group of a ragged layer is shorter.
+            let cols = gi * g..((gi + 1) * g).min(inp);
+            let vals = &mut row[..cols.len()];
+            for (v, c) in vals.iter_mut().zip(cols.clone()) {
+                *v = w[[o, c]];
             }
-            let p = fit.fit(&row);
+            let p = fit.fit(vals);
             scales[[gi, o]] = p.scale;
             zeros[[gi, o]] = p.zero;
-            for (k, &v) in row.iter().enumerate() {
-                codes[[o, gi * g + k]] = p.code(v, max_code);
+            for (&v, c) in vals.iter().zip(cols) {
+                codes[[o, c]] = p.code(v, max_code);
             }
         }
     }
     let g_idx = (0..inp).map(|i| (i / g) as u32).collect();
-    QuantizedWeight::new(scheme.bits, scheme.symmetric, codes, scales, zeros, g_idx)
+    QuantizedWeight::grouped(
+        scheme.bits,
+        scheme.symmetric,
+        scheme.group_size,
+        codes,
+        scales,
+        zeros,
+        g_idx,
+    )
 }

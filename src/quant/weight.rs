@@ -2,19 +2,24 @@
 
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
-use crate::config::Bits;
+use crate::config::{Bits, GroupSize};
 use crate::error::{Error, Result};
 
 /// A quantized weight `W[o, i] = scales[g_idx[i], o] * (codes[o, i] - zeros[g_idx[i], o])`.
 ///
 /// Shapes: `codes` is `[out, in]` in natural column order, `scales` and
 /// `zeros` are `[groups, out]`, `g_idx` has one group index per input column
-/// (non-trivial under act-order). The fields are checked against each other
+/// (non-trivial under act-order). The weight also carries its group size
+/// (the number of groups is `ceil(in / g)`; the last group may be shorter)
+/// and whether its groups were fitted statically, so a checkpoint writer
+/// does not have to guess them. The fields are checked against each other
 /// on construction, so every `QuantizedWeight` can be dequantized and packed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedWeight {
     bits: Bits,
     symmetric: bool,
+    group_size: GroupSize,
+    static_groups: bool,
     codes: Array2<u8>,
     scales: Array2<f32>,
     zeros: Array2<u8>,
@@ -22,7 +27,10 @@ pub struct QuantizedWeight {
 }
 
 impl QuantizedWeight {
-    /// Checks shapes, code and zero ranges, scales and `g_idx`, and builds the weight.
+    /// Checks shapes, code and zero ranges, scales and `g_idx`, and builds the
+    /// weight, inferring the group size: per channel for one group, else the
+    /// number of inputs in group 0, which must imply `groups = ceil(in / g)`
+    /// (use [`QuantizedWeight::grouped`] to state it instead).
     pub fn new(
         bits: Bits,
         symmetric: bool,
@@ -31,8 +39,35 @@ impl QuantizedWeight {
         zeros: Array2<u8>,
         g_idx: Vec<u32>,
     ) -> Result<Self> {
+        let group_size = if scales.nrows() <= 1 {
+            GroupSize::PerChannel
+        } else {
+            GroupSize::new(g_idx.iter().filter(|&&g| g == 0).count())?
+        };
+        Self::grouped(bits, symmetric, group_size, codes, scales, zeros, g_idx)
+    }
+
+    /// Like [`QuantizedWeight::new`] with the group size given: the number of
+    /// groups must be `group_size.groups_for(in)`.
+    pub fn grouped(
+        bits: Bits,
+        symmetric: bool,
+        group_size: GroupSize,
+        codes: Array2<u8>,
+        scales: Array2<f32>,
+        zeros: Array2<u8>,
+        g_idx: Vec<u32>,
+    ) -> Result<Self> {
         let (out, inp) = codes.dim();
         let groups = scales.nrows();
+        if inp > 0 && group_size.groups_for(inp)? != groups {
+            return Err(Error::InvalidGroupSize {
+                group_size: group_size.get().unwrap_or(inp),
+                in_features: inp,
+                reason:
+                    "the number of groups (rows of scales) is not ceil(in_features / group_size)",
+            });
+        }
         if scales.ncols() != out {
             return Err(Error::shape(
                 "scales [groups, out]",
@@ -76,6 +111,13 @@ impl QuantizedWeight {
                 index: vec![g, o],
             });
         }
+        if let Some(((g, o), s)) = scales.indexed_iter().find(|(_, &s)| s <= 0.0) {
+            return Err(Error::InvalidConfig {
+                field: "scales",
+                value: format!("{s} at [{g}, {o}]"),
+                reason: "a scale must be positive",
+            });
+        }
         if let Some(i) = g_idx.iter().position(|&g| g as usize >= groups) {
             return Err(Error::InvalidConfig {
                 field: "g_idx",
@@ -86,6 +128,8 @@ impl QuantizedWeight {
         Ok(QuantizedWeight {
             bits,
             symmetric,
+            group_size,
+            static_groups: false,
             codes,
             scales,
             zeros,
@@ -101,6 +145,34 @@ impl QuantizedWeight {
     /// Whether the grid was symmetric.
     pub fn symmetric(&self) -> bool {
         self.symmetric
+    }
+
+    /// The group size (per channel when there is one group over all inputs).
+    pub fn group_size(&self) -> GroupSize {
+        self.group_size
+    }
+
+    /// Whether the groups were fitted on the original weight before the
+    /// solve (GPTQ's `static_groups`); metadata for checkpoint writers.
+    pub fn static_groups(&self) -> bool {
+        self.static_groups
+    }
+
+    /// Records whether the groups were fitted statically.
+    pub fn with_static_groups(mut self, static_groups: bool) -> Self {
+        self.static_groups = static_groups;
+        self
+    }
+
+    /// The same weight with every scale rounded to the nearest f16 value (as
+    /// the reference does when it packs), so it can be written to a
+    /// checkpoint. Codes and zero points are kept; a scale that rounds to 0
+    /// becomes the smallest positive f16 value.
+    pub fn with_f16_scales(mut self) -> Self {
+        let min = half::f16::from_bits(1).to_f32();
+        self.scales
+            .mapv_inplace(|s| half::f16::from_f32(s).to_f32().max(min));
+        self
     }
 
     /// Output features (rows of W).
@@ -138,15 +210,12 @@ impl QuantizedWeight {
         ArrayView1::from(&self.g_idx[..])
     }
 
-    /// Columns per group if every group has the same size and columns are
-    /// assigned in order (`g_idx[i] = i / g`), else `None`.
+    /// Columns per (full) group if columns are assigned to groups in order
+    /// (`g_idx[i] = i / g`, the last group possibly shorter), else `None`
+    /// (act-order).
     pub fn contiguous_group_size(&self) -> Option<usize> {
         let n = self.in_features();
-        let groups = self.groups();
-        if groups == 0 || n % groups != 0 {
-            return None;
-        }
-        let g = n / groups;
+        let g = self.group_size.columns_for(n).ok()?;
         self.g_idx
             .iter()
             .enumerate()

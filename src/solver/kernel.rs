@@ -12,6 +12,7 @@ use faer::{Accum, Par};
 use ndarray::{s, Array2, ArrayView2};
 
 use super::plan::Plan;
+use crate::config::GroupFit;
 use crate::linalg::{faer_mut, faer_ref};
 use crate::quant::{GridFit, GridParams};
 
@@ -130,9 +131,13 @@ fn solve_chunk_impl(
             if plan.fits_group_at(i) {
                 let end = (i + plan.group_cols).min(n);
                 for row in 0..r {
-                    // A group inside the block has its in-block updates in `blk`;
-                    // a wider group starts at the block start, where `wc` is current.
-                    let fitted = if end <= b1 {
+                    // Block-start rule: `wc` holds every column as it stood at the
+                    // start of this block (earlier blocks' lazy updates applied,
+                    // this block's in-block updates only in `blk`). Updated rule: a
+                    // group inside the block has its in-block updates in `blk`; a
+                    // wider group starts at the block start, where `wc` is current.
+                    let in_block = plan.group_fit == GroupFit::Updated && end <= b1;
+                    let fitted = if in_block {
                         let vals = &mut group_vals[..end - i];
                         for (t, v) in vals.iter_mut().enumerate() {
                             *v = blk[(k + t) * r + row];

@@ -6,12 +6,14 @@
 //! correction; VLMQ is GPTQ (or GPTAQ) on importance-weighted statistics, so
 //! it needs no code path of its own.
 
+mod factor;
 mod kernel;
 mod objective;
 mod plan;
 mod report;
 mod solve;
 
+pub use factor::{inverse_factor_f64, solve_layer_with_factor};
 pub use objective::{asymmetric_objective, hessian_objective};
 pub use plan::act_order_permutation;
 pub use report::{LayerSolution, SolveReport};

@@ -4,6 +4,8 @@ use std::ops::Range;
 
 use ndarray::ArrayView2;
 
+use crate::config::GroupFit;
+
 /// Column order of act-order: decreasing Hessian diagonal, ties kept in
 /// natural order (a stable sort), so the permutation is deterministic.
 /// Returns `perm` with `perm[p]` = original column at position `p`.
@@ -19,12 +21,15 @@ pub fn act_order_permutation(hessian: ArrayView2<'_, f32>) -> Vec<usize> {
 pub(crate) struct Plan {
     /// `perm[p]` = original column processed at position `p`.
     pub perm: Vec<usize>,
-    /// Lazy-update blocks over positions; no dynamic group straddles a block end.
+    /// Lazy-update blocks over positions (under [`GroupFit::Updated`], no
+    /// dynamic group straddles a block end).
     pub blocks: Vec<Range<usize>>,
-    /// Columns per group.
+    /// Columns per full group (the last group may be shorter).
     pub group_cols: usize,
     /// Groups are fitted once on the original weight, by original column.
     pub static_groups: bool,
+    /// Which values a dynamic group is fitted on.
+    pub group_fit: GroupFit,
 }
 
 impl Plan {
@@ -33,14 +38,17 @@ impl Plan {
         block_size: usize,
         group_cols: usize,
         static_groups: bool,
+        group_fit: GroupFit,
     ) -> Self {
         let n = perm.len();
-        let blocks = block_ranges(n, block_size, group_cols, static_groups);
+        let aligned = !static_groups && group_fit == GroupFit::Updated;
+        let blocks = block_ranges(n, block_size, group_cols, !aligned);
         Plan {
             perm,
             blocks,
             group_cols,
             static_groups,
+            group_fit,
         }
     }
 
@@ -70,26 +78,24 @@ impl Plan {
     }
 }
 
-/// Block boundaries. A dynamic group is fitted on fully updated columns
-/// only if it never straddles a block end, so: with groups no wider than a
-/// block, blocks are the largest multiple of the group width not above
-/// `block_size`; with wider groups, every group start also starts a block
-/// (at a block start, all earlier updates have reached every later column).
-fn block_ranges(
-    n: usize,
-    block_size: usize,
-    group_cols: usize,
-    static_groups: bool,
-) -> Vec<Range<usize>> {
+/// Block boundaries. With `plain`, runs of `block_size` columns (static
+/// groups, and the reference's block-start fitting rule). Otherwise a
+/// dynamic group is fitted on fully updated columns, which needs it never to
+/// straddle a block end, so: with groups no wider than a block, blocks are
+/// the largest multiple of the group width not above `block_size`; with
+/// wider groups, every group start also starts a block (at a block start,
+/// all earlier updates have reached every later column). A ragged last group
+/// ends at `n`, which always ends a block.
+fn block_ranges(n: usize, block_size: usize, group_cols: usize, plain: bool) -> Vec<Range<usize>> {
     let mut blocks = Vec::new();
     let mut start = 0;
     while start < n {
-        let mut end = if static_groups || group_cols > block_size {
+        let mut end = if plain || group_cols > block_size {
             start + block_size
         } else {
             start + (block_size / group_cols) * group_cols
         };
-        if !static_groups && group_cols > block_size {
+        if !plain && group_cols > block_size {
             end = end.min((start / group_cols + 1) * group_cols);
         }
         let end = end.min(n);

@@ -26,9 +26,10 @@ pub enum Method {
     Gptq,
     /// GPTAQ: `min_Q sum_t alpha_t ||Q x~_t - W x_t||^2`, which needs the
     /// statistics' cross term. `strength` scales the correction matrix `P`
-    /// (0.25 in the published method).
+    /// (0.25 in the published method) and must lie in `[0, 1]` (checked by
+    /// [`Method::validate`] and by every solve).
     Gptaq {
-        /// Scale of `P`.
+        /// Scale of `P`, in `[0, 1]`.
         strength: f32,
     },
 }
@@ -37,6 +38,21 @@ impl Method {
     /// GPTAQ with the published strength 0.25.
     pub fn gptaq() -> Self {
         Method::Gptaq { strength: 0.25 }
+    }
+
+    /// Checks the method's parameters: a GPTAQ strength must be in `[0, 1]`
+    /// (0 is GPTQ on the quantized-path inputs, 1 the full correction; values
+    /// outside blow the correction up instead of weighting it).
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            Method::Gptq => Ok(()),
+            Method::Gptaq { strength } if (0.0..=1.0).contains(&strength) => Ok(()),
+            Method::Gptaq { strength } => Err(Error::InvalidConfig {
+                field: "gptaq.strength",
+                value: strength.to_string(),
+                reason: "must be in [0, 1]",
+            }),
+        }
     }
 }
 
@@ -83,19 +99,11 @@ pub fn solve_layer(
     check_finite("weight", w)?;
     check_finite("Hessian", stats.hessian.view())?;
     let group_cols = cfg.scheme.group_size.columns_for(n)?;
-    let groups = n / group_cols;
+    let groups = cfg.scheme.group_size.groups_for(n)?;
+    method.validate()?;
     let strength = match method {
         Method::Gptq => None,
-        Method::Gptaq { strength } => {
-            if !strength.is_finite() {
-                return Err(Error::InvalidConfig {
-                    field: "gptaq.strength",
-                    value: strength.to_string(),
-                    reason: "must be finite",
-                });
-            }
-            Some(strength)
-        }
+        Method::Gptaq { strength } => Some(strength),
     };
     let cross = match (strength, stats.cross.as_ref()) {
         (None, _) => None,
@@ -137,15 +145,65 @@ pub fn solve_layer(
         _ => None,
     };
 
-    let plan = Plan::new(perm, cfg.block_size, group_cols, cfg.static_groups);
+    let plan = Plan::new(
+        perm,
+        cfg.block_size,
+        group_cols,
+        cfg.static_groups,
+        cfg.group_fit,
+    );
+    let (weight, dequantized, obs_loss) = run_plan(
+        w_work.view(),
+        &plan,
+        factor.u.view(),
+        p.as_ref().map(|p| p.view()),
+        cfg,
+        groups,
+    )?;
+    let objective = if cfg.compute_objective {
+        Some(hessian_objective(
+            w,
+            dequantized.view(),
+            stats.hessian.view(),
+        )?)
+    } else {
+        None
+    };
+    Ok(LayerSolution {
+        weight,
+        dequantized,
+        report: SolveReport {
+            obs_loss,
+            objective,
+            damp_percent: factor.damp_percent,
+            damp_absolute: factor.damp_absolute,
+            attempts: factor.attempts,
+            dead_columns,
+            elapsed: start.elapsed(),
+        },
+    })
+}
+
+/// Runs the column walk of `plan` over `w_work` (dead columns already
+/// zeroed) in row chunks, and assembles the quantized weight, the dense
+/// weight it stands for, and the OBS loss.
+pub(crate) fn run_plan(
+    w_work: ArrayView2<'_, f32>,
+    plan: &Plan,
+    u: ArrayView2<'_, f32>,
+    p: Option<ArrayView2<'_, f32>>,
+    cfg: &GptqConfig,
+    groups: usize,
+) -> Result<(QuantizedWeight, Array2<f32>, f64)> {
+    let (m, n) = w_work.dim();
     let fit = GridFit::new(cfg.scheme);
     let static_params = cfg
         .static_groups
-        .then(|| static_group_params(w_work.view(), &fit, group_cols));
+        .then(|| static_group_params(w_work, &fit, plan.group_cols));
     let shared = Shared {
-        plan: &plan,
-        u: factor.u.view(),
-        p: p.as_ref().map(|p| p.view()),
+        plan,
+        u,
+        p,
         fit,
         static_params: static_params.as_ref(),
     };
@@ -175,36 +233,17 @@ pub fn solve_layer(
             .assign(&chunk.params.mapv(|p| p.zero));
         obs_loss += chunk.obs_loss;
     }
-    let weight = QuantizedWeight::new(
+    let weight = QuantizedWeight::grouped(
         cfg.scheme.bits,
         cfg.scheme.symmetric,
+        cfg.scheme.group_size,
         codes,
         scales,
         zeros,
         plan.g_idx(),
-    )?;
-    let objective = if cfg.compute_objective {
-        Some(hessian_objective(
-            w,
-            dequantized.view(),
-            stats.hessian.view(),
-        )?)
-    } else {
-        None
-    };
-    Ok(LayerSolution {
-        weight,
-        dequantized,
-        report: SolveReport {
-            obs_loss,
-            objective,
-            damp_percent: factor.damp_percent,
-            damp_absolute: factor.damp_absolute,
-            attempts: factor.attempts,
-            dead_columns,
-            elapsed: start.elapsed(),
-        },
-    })
+    )?
+    .with_static_groups(cfg.static_groups);
+    Ok((weight, dequantized, obs_loss))
 }
 
 /// GPTAQ's `P = strength * triu(C U^T, 1) U` in plan order, with `C` the
@@ -265,19 +304,23 @@ fn gptaq_correction(
     p
 }
 
-/// Grid parameters `[groups, out]` fitted on the original weight, by original column.
+/// Grid parameters `[groups, out]` fitted on the original weight, by
+/// original column (group `g` holds columns `g * group_cols ..` up to the
+/// next group or the end of a ragged layer).
 fn static_group_params(
     w: ArrayView2<'_, f32>,
     fit: &GridFit,
     group_cols: usize,
 ) -> Array2<GridParams> {
     let (m, n) = w.dim();
-    let groups = n / group_cols;
+    let groups = n.div_ceil(group_cols);
     let mut row = vec![0.0f32; group_cols];
     Array2::from_shape_fn((groups, m), |(g, o)| {
-        for (k, v) in row.iter_mut().enumerate() {
-            *v = w[[o, g * group_cols + k]];
+        let cols = g * group_cols..((g + 1) * group_cols).min(n);
+        let vals = &mut row[..cols.len()];
+        for (v, c) in vals.iter_mut().zip(cols) {
+            *v = w[[o, c]];
         }
-        fit.fit(&row)
+        fit.fit(vals)
     })
 }
