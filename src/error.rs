@@ -136,9 +136,49 @@ pub enum Error {
         /// What differs.
         reason: String,
     },
-    /// A work unit was cancelled by the caller's progress callback.
+    /// The backend lacks a capability the configuration needs.
+    #[error("{what} is not supported by this backend: {remedy}")]
+    Unsupported {
+        /// What was asked for.
+        what: String,
+        /// How to make it work.
+        remedy: String,
+    },
+    /// A run was cancelled by the caller's progress callback.
     #[error("cancelled by the caller")]
     Cancelled,
+    /// An error inside one block of a model, with where it happened; the
+    /// original error is `source` (see [`Error::root`]).
+    #[error(
+        "in block {block_name} (index {block}){}{}: {source}",
+        layer.as_ref().map(|l| format!(", layer {l}")).unwrap_or_default(),
+        sample.map(|s| format!(", calibration sample {s}")).unwrap_or_default()
+    )]
+    InBlock {
+        /// Block index.
+        block: usize,
+        /// Block name as the backend reports it.
+        block_name: String,
+        /// The linear layer concerned, when the failure concerns one.
+        layer: Option<String>,
+        /// The calibration sample concerned, when the failure concerns one.
+        sample: Option<usize>,
+        /// The original error.
+        #[source]
+        source: Box<Error>,
+    },
+    /// An error outside the blocks (embedding or task loss) of one
+    /// calibration sample; the original error is `source`.
+    #[error("calibration sample {sample} ({stage}): {source}")]
+    InSample {
+        /// Index of the sample in the calibration set.
+        sample: usize,
+        /// The step that failed (`"embedding"`, `"task loss"`).
+        stage: &'static str,
+        /// The original error.
+        #[source]
+        source: Box<Error>,
+    },
     /// An I/O failure.
     #[error("I/O error on {path:?}: {source}")]
     Io {
@@ -167,6 +207,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// The original error under any [`InBlock`](Error::InBlock) /
+    /// [`InSample`](Error::InSample) context, so that
+    /// `matches!(e.root(), Error::IndefiniteHessian { .. })` works on an
+    /// error returned by [`quantize_model`](crate::quantize_model).
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::InBlock { source, .. } | Error::InSample { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
+    /// Owned form of [`root`](Error::root): drops the context.
+    pub fn into_root(self) -> Error {
+        match self {
+            Error::InBlock { source, .. } | Error::InSample { source, .. } => source.into_root(),
+            other => other,
+        }
+    }
+
     /// Shape-mismatch helper.
     pub fn shape(what: impl Into<String>, expected: &[usize], actual: &[usize]) -> Self {
         Error::ShapeMismatch {

@@ -12,7 +12,13 @@ pub mod quant;
 pub mod solver;
 mod validate;
 
-pub use backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo, WeightPerturbation};
+pub use half;
+pub use ndarray;
+pub use safetensors;
+
+pub use backend::{
+    GradientModel, LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo, WeightPerturbation,
+};
 pub use config::{
     Bits, Damping, GptqConfig, GroupFit, GroupSize, MseClip, QuantScheme, ScalePrecision,
 };

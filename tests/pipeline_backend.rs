@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use common::{weight, Rng};
 use ndarray::{concatenate, Array2, ArrayView2, Axis};
-use vlmq::backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
+use vlmq::backend::{GradientModel, LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
 use vlmq::hessian::HessianAccumulator;
 use vlmq::pipeline::{quantize_model, BlockSelection, PipelineConfig, QuantMethod, QuantizedModel};
 use vlmq::{solve_layer, Bits, Error, GptqConfig, GroupSize, Method, QuantScheme};
@@ -107,49 +107,6 @@ impl QuantizableModel for TinyModel {
         Ok(x + &h.dot(&bl.b.t()))
     }
 
-    fn block_backward(
-        &self,
-        block: usize,
-        x: &Array2<f32>,
-        _: &Sample,
-        gy: &Array2<f32>,
-        sink: Option<&mut dyn RowSink>,
-    ) -> vlmq::Result<Array2<f32>> {
-        let bl = &self.blocks[block];
-        let h = x.dot(&bl.a.t()).mapv(f32::tanh);
-        let gh = gy.dot(&bl.b);
-        let ga = &gh * &h.mapv(|v| 1.0 - v * v);
-        if let Some(s) = sink {
-            s.rows("b", gy.view());
-            s.rows("a", ga.view());
-        }
-        Ok(gy + &ga.dot(&bl.a))
-    }
-
-    fn hidden_rows(&self, h: &Array2<f32>) -> Array2<f32> {
-        h.clone()
-    }
-
-    fn loss_and_grad(
-        &self,
-        y: &Array2<f32>,
-        sample: &Sample,
-    ) -> vlmq::Result<Option<(f32, Array2<f32>)>> {
-        if sample.targets.is_empty() {
-            return Ok(None);
-        }
-        let mut g = Array2::zeros(y.dim());
-        let mut loss = 0.0;
-        for (t, target) in &sample.targets {
-            for (j, &v) in target.iter().enumerate() {
-                let d = y[[*t, j]] - v;
-                loss += 0.5 * d * d;
-                g[[*t, j]] = d;
-            }
-        }
-        Ok(Some((loss, g)))
-    }
-
     fn linear_weight(&self, block: usize, layer: &str) -> vlmq::Result<Array2<f32>> {
         let bl = &self.blocks[block];
         match layer {
@@ -190,6 +147,55 @@ impl QuantizableModel for TinyModel {
         }
         slot.assign(&w);
         Ok(())
+    }
+
+    fn gradients(&self) -> Option<&dyn GradientModel<Sample = Sample, Hidden = Array2<f32>>> {
+        Some(self)
+    }
+}
+
+impl GradientModel for TinyModel {
+    fn block_backward(
+        &self,
+        block: usize,
+        x: &Array2<f32>,
+        _: &Sample,
+        gy: &Array2<f32>,
+        sink: Option<&mut dyn RowSink>,
+    ) -> vlmq::Result<Array2<f32>> {
+        let bl = &self.blocks[block];
+        let h = x.dot(&bl.a.t()).mapv(f32::tanh);
+        let gh = gy.dot(&bl.b);
+        let ga = &gh * &h.mapv(|v| 1.0 - v * v);
+        if let Some(s) = sink {
+            s.rows("b", gy.view());
+            s.rows("a", ga.view());
+        }
+        Ok(gy + &ga.dot(&bl.a))
+    }
+
+    fn hidden_rows(&self, h: &Array2<f32>) -> vlmq::Result<Array2<f32>> {
+        Ok(h.clone())
+    }
+
+    fn loss_and_grad(
+        &self,
+        y: &Array2<f32>,
+        sample: &Sample,
+    ) -> vlmq::Result<Option<(f32, Array2<f32>)>> {
+        if sample.targets.is_empty() {
+            return Ok(None);
+        }
+        let mut g = Array2::zeros(y.dim());
+        let mut loss = 0.0;
+        for (t, target) in &sample.targets {
+            for (j, &v) in target.iter().enumerate() {
+                let d = y[[*t, j]] - v;
+                loss += 0.5 * d * d;
+                g[[*t, j]] = d;
+            }
+        }
+        Ok(Some((loss, g)))
     }
 }
 

@@ -9,9 +9,10 @@
 //! weights back. The model end embeds a sample into the first block's input
 //! and provides the task loss and its gradient at the last block's output.
 //!
-//! Another crate implements [`QuantizableModel`] for its own tensors; the
-//! only `vlmq` types it touches are the small ones in this module and
-//! [`ndarray`] views for the rows (`tokens x features`) it shows.
+//! Another crate implements [`QuantizableModel`] for its own tensors (enough
+//! for RTN, GPTQ and GPTAQ) and, for VLMQ's gradient-driven importance,
+//! [`GradientModel`]; the only `vlmq` types it touches are the small ones in
+//! this module and [`ndarray`] views for the rows (`tokens x features`) it shows.
 
 mod token;
 
@@ -62,12 +63,91 @@ impl<F: FnMut(&str, ArrayView2<'_, f32>)> RowSink for F {
     }
 }
 
-/// A model `vlmq` can quantize block by block.
+/// A model `vlmq` can quantize block by block: everything RTN, GPTQ and
+/// GPTAQ need (forward with input capture, weights, token info).
 ///
 /// Methods take `&self` (except weight replacement) and must be safe to call
 /// from several threads at once for different samples; the pipeline
 /// parallelizes over samples and merges in a fixed order, so results do not
 /// depend on the thread count as long as each call is deterministic.
+///
+/// VLMQ's gradient-driven importance needs more: implement
+/// [`GradientModel`] too and return `Some(self)` from
+/// [`gradients`](Self::gradients).
+///
+/// # Example
+///
+/// A model of one block with one linear `y = x W^T`, quantized with GPTQ:
+///
+/// ```
+/// use vlmq::ndarray::{array, Array2, ArrayView2};
+/// use vlmq::{
+///     quantize_model, Bits, GptqConfig, LinearInfo, Modality, PipelineConfig, QuantMethod,
+///     QuantScheme, QuantizableModel, Result, RowSink, TokenInfo,
+/// };
+///
+/// struct OneLinear {
+///     weight: Array2<f32>,
+/// }
+///
+/// impl QuantizableModel for OneLinear {
+///     type Sample = Array2<f32>; // tokens x 4 features
+///     type Hidden = Array2<f32>;
+///
+///     fn num_blocks(&self) -> usize {
+///         1
+///     }
+///     fn linear_groups(&self, _block: usize) -> Vec<Vec<LinearInfo>> {
+///         vec![vec![LinearInfo::new("proj", 4, 2)]]
+///     }
+///     fn token_info(&self, _block: usize, sample: &Array2<f32>) -> TokenInfo {
+///         TokenInfo::uniform(Modality::Text, sample.nrows())
+///     }
+///     fn embed(&self, sample: &Array2<f32>) -> Result<Array2<f32>> {
+///         Ok(sample.clone())
+///     }
+///     fn block_forward(
+///         &self,
+///         _block: usize,
+///         input: &Array2<f32>,
+///         _sample: &Array2<f32>,
+///         sink: Option<&mut dyn RowSink>,
+///     ) -> Result<Array2<f32>> {
+///         if let Some(sink) = sink {
+///             sink.rows("proj", input.view()); // show the linear's input rows
+///         }
+///         Ok(input.dot(&self.weight.t()))
+///     }
+///     fn linear_weight(&self, _block: usize, _layer: &str) -> Result<Array2<f32>> {
+///         Ok(self.weight.clone())
+///     }
+///     fn set_linear_weight(
+///         &mut self,
+///         _block: usize,
+///         _layer: &str,
+///         weight: ArrayView2<'_, f32>,
+///     ) -> Result<()> {
+///         self.weight.assign(&weight);
+///         Ok(())
+///     }
+/// }
+///
+/// # fn main() -> Result<()> {
+/// let mut model = OneLinear {
+///     weight: array![[0.3, -0.7, 0.1, 0.9], [-0.2, 0.5, 0.8, -0.4]],
+/// };
+/// let samples: Vec<Array2<f32>> = (0..4)
+///     .map(|s| Array2::from_shape_fn((6, 4), |(t, f)| ((s * 7 + t * 3 + f) % 5) as f32 - 2.0))
+///     .collect();
+/// let solver = GptqConfig::new(QuantScheme::new(Bits::new(3)?));
+/// let cfg = PipelineConfig::new(QuantMethod::Gptq, solver);
+/// let result = quantize_model(&mut model, &samples, &cfg, None, &mut |_| {})?;
+/// assert_eq!(result.report.layers.len(), 1);
+/// // The model now holds the dequantized weight: at most 2^3 levels per row.
+/// assert_eq!(model.weight, result.weights[&(0, "proj".to_string())].dequantize());
+/// # Ok(())
+/// # }
+/// ```
 pub trait QuantizableModel: Sync {
     /// One calibration sample (token ids, pixels, targets: whatever the model needs).
     type Sample: Sync;
@@ -77,13 +157,15 @@ pub trait QuantizableModel: Sync {
     /// Number of blocks.
     fn num_blocks(&self) -> usize;
 
-    /// A human-readable block name (e.g. `"lm.2"`), used in reports and errors.
+    /// A human-readable block name (e.g. `"lm.2"`), used in reports, errors,
+    /// layer overrides and block selection by prefix.
     fn block_name(&self, block: usize) -> String {
         format!("block.{block}")
     }
 
     /// The block's quantizable linears in true-sequential groups; the linears
-    /// of one group share the same input.
+    /// of one group share the same input, and the pipeline quantizes group
+    /// `k` before it captures the input of group `k + 1`.
     fn linear_groups(&self, block: usize) -> Vec<Vec<LinearInfo>>;
 
     /// Modality and validity of each token (row) at the block's input, for one sample.
@@ -93,7 +175,8 @@ pub trait QuantizableModel: Sync {
     fn embed(&self, sample: &Self::Sample) -> Result<Self::Hidden>;
 
     /// Runs one block forward; calls `sink` with every quantizable linear's
-    /// input rows (`tokens x in_features`) when given.
+    /// input rows (`tokens x in_features`, tokens in the order of
+    /// [`token_info`](Self::token_info)) when given.
     fn block_forward(
         &self,
         block: usize,
@@ -101,6 +184,52 @@ pub trait QuantizableModel: Sync {
         sample: &Self::Sample,
         sink: Option<&mut dyn RowSink>,
     ) -> Result<Self::Hidden>;
+
+    /// The current weight `[out, in]` of a linear.
+    fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>>;
+
+    /// Replaces a linear's weight (`[out, in]`), e.g. with its dequantized form.
+    fn set_linear_weight(
+        &mut self,
+        block: usize,
+        layer: &str,
+        weight: ArrayView2<'_, f32>,
+    ) -> Result<()>;
+
+    /// The gradient extension when the backend implements it (return
+    /// `Some(self)`); `None` (the default) limits the backend to methods and
+    /// importance scorers that need no gradients.
+    ///
+    /// (This accessor replaces a `where Self: GradientModel` bound, which
+    /// the pipeline could not test for at run time.)
+    fn gradients(
+        &self,
+    ) -> Option<&dyn GradientModel<Sample = Self::Sample, Hidden = Self::Hidden>> {
+        None
+    }
+}
+
+/// The gradient extension of a [`QuantizableModel`]: what VLMQ's
+/// gradient-driven importance needs (the task loss and its gradient, a
+/// block's backward pass, the rows of a gradient), plus the optional
+/// block-local importance pass.
+///
+/// A backend that implements it returns `Some(self)` from
+/// [`QuantizableModel::gradients`]:
+///
+/// ```ignore
+/// fn gradients(&self) -> Option<&dyn GradientModel<Sample = Self::Sample, Hidden = Self::Hidden>> {
+///     Some(self)
+/// }
+/// ```
+pub trait GradientModel: QuantizableModel {
+    /// Task loss of a sample from the last block's output, and its gradient
+    /// with respect to that output. `None` when the sample has no targets.
+    fn loss_and_grad(
+        &self,
+        output: &Self::Hidden,
+        sample: &Self::Sample,
+    ) -> Result<Option<(f32, Self::Hidden)>>;
 
     /// Backward pass of one block: given the block input and the gradient of
     /// the loss at the block output, returns the gradient at the block input.
@@ -116,25 +245,19 @@ pub trait QuantizableModel: Sync {
         sink: Option<&mut dyn RowSink>,
     ) -> Result<Self::Hidden>;
 
-    /// The rows (`tokens x features`) of a hidden state or of a gradient with
-    /// respect to one, in the order of [`token_info`](Self::token_info) for
-    /// the block it enters.
-    fn hidden_rows(&self, hidden: &Self::Hidden) -> Array2<f32>;
-
-    /// Task loss of a sample from the last block's output, and its gradient
-    /// with respect to that output. `None` when the sample has no targets.
-    fn loss_and_grad(
-        &self,
-        output: &Self::Hidden,
-        sample: &Self::Sample,
-    ) -> Result<Option<(f32, Self::Hidden)>>;
+    /// Rows (`tokens x features`) of a gradient with respect to a hidden
+    /// state, in the order of [`token_info`](QuantizableModel::token_info)
+    /// for the block it enters. Per-block importance factors
+    /// (`per_block` in the importance options) score tokens by the norm of
+    /// each row of the gradient at the block output.
+    fn hidden_rows(&self, hidden: &Self::Hidden) -> Result<Array2<f32>>;
 
     /// Block-local perturbation pass (the alternative importance source):
     /// with `perturb` mapping each linear's weight to a perturbed copy (e.g.
     /// rounded to the nearest grid point), backpropagates
     /// `L = 1/2 sum_t ||B~(x)_t - B(x)_t||^2` through the perturbed block only
     /// and calls `sink` with the gradient at each linear's output. The default
-    /// reports that the backend does not support it.
+    /// returns [`Error::Unsupported`](crate::Error::Unsupported).
     fn block_local_backward(
         &self,
         block: usize,
@@ -143,22 +266,12 @@ pub trait QuantizableModel: Sync {
         perturb: &WeightPerturbation<'_>,
         sink: &mut dyn RowSink,
     ) -> Result<()> {
-        let _ = (input, sample, perturb, sink);
-        Err(crate::error::Error::Backend {
-            block,
-            layer: None,
-            reason: "this backend does not implement the block-local importance pass".into(),
+        let _ = (block, input, sample, perturb, sink);
+        Err(crate::error::Error::Unsupported {
+            what: "the block-local importance source".into(),
+            remedy: "implement GradientModel::block_local_backward for this backend, \
+                     or use the task-loss source"
+                .into(),
         })
     }
-
-    /// The current weight `[out, in]` of a linear.
-    fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>>;
-
-    /// Replaces a linear's weight (`[out, in]`), e.g. with its dequantized form.
-    fn set_linear_weight(
-        &mut self,
-        block: usize,
-        layer: &str,
-        weight: ArrayView2<'_, f32>,
-    ) -> Result<()>;
 }

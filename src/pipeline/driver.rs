@@ -11,7 +11,7 @@ use super::progress::Progress;
 use super::report::{LayerReport, PipelineReport, QuantizedModel, TraceShares};
 use super::saliency::{group_index, task_loss_saliency, GroupSink, SaliencyMaps};
 use super::state::RunState;
-use crate::backend::{LinearInfo, QuantizableModel, RowSink, TokenInfo};
+use crate::backend::{GradientModel, LinearInfo, QuantizableModel, RowSink, TokenInfo};
 use crate::config::GptqConfig;
 use crate::error::{Error, Result};
 use crate::hessian::{HessianAccumulator, LayerStatistics};
@@ -67,26 +67,37 @@ pub fn quantize_model<M: QuantizableModel>(
         })
         .sum();
 
-    let mut state = match &cfg.state_dir {
-        Some(dir) => Some(RunState::open(dir, model, samples, cfg)?),
-        None => None,
-    };
-    let resume_from = state.as_ref().map_or(0, |s| s.completed_blocks());
-
     let needs_imp = cfg.method.needs_importance();
-    let imp_start = Instant::now();
-    let saliency = if needs_imp && cfg.importance.source == GradientSource::TaskLoss {
-        Some(task_loss_saliency(&*model, samples)?)
-    } else {
-        None
-    };
-    let importance_seconds = imp_start.elapsed().as_secs_f64();
     let default_scorer = GradientSaliency::new(cfg.importance.power, cfg.importance.normalization);
     let scorer: &dyn TokenImportance = if needs_imp {
         scorer.unwrap_or(&default_scorer)
     } else {
         &Uniform
     };
+    let needs_gradients = needs_imp && scorer.needs_gradients();
+    if needs_gradients && model.gradients().is_none() {
+        return Err(Error::Unsupported {
+            what: format!("{} with gradient-driven importance", cfg.method),
+            remedy: "implement vlmq::GradientModel for the model and return Some(self) from \
+                     QuantizableModel::gradients, or choose a scorer that needs no gradients"
+                .into(),
+        });
+    }
+
+    let mut state = match &cfg.state_dir {
+        Some(dir) => Some(RunState::open(dir, model, samples, cfg)?),
+        None => None,
+    };
+    let resume_from = state.as_ref().map_or(0, |s| s.completed_blocks());
+
+    let imp_start = Instant::now();
+    let saliency = match model.gradients() {
+        Some(g) if needs_gradients && cfg.importance.source == GradientSource::TaskLoss => {
+            Some(task_loss_saliency(g, samples)?)
+        }
+        _ => None,
+    };
+    let importance_seconds = imp_start.elapsed().as_secs_f64();
 
     let mut q_stream: Vec<M::Hidden> = samples
         .par_iter()
@@ -137,10 +148,11 @@ pub fn quantize_model<M: QuantizableModel>(
             }
             None => (None, None),
         };
-        let local_saliency = if needs_imp && cfg.importance.source == GradientSource::BlockLocal {
-            Some(block_local_saliency(&*model, b, &q_stream, samples, cfg)?)
-        } else {
-            None
+        let local_saliency = match model.gradients() {
+            Some(g) if needs_gradients && cfg.importance.source == GradientSource::BlockLocal => {
+                Some(block_local_saliency(g, b, &q_stream, samples, cfg)?)
+            }
+            _ => None,
         };
         let mut block_layers = Vec::new();
         for (k, group) in groups.iter().enumerate() {
@@ -457,7 +469,7 @@ fn sample_factors<'s>(
 
 /// The block-local source for one block: saliency from the gradients of
 /// `1/2 ||B~(x) - B(x)||^2` with the block's weights rounded to nearest.
-fn block_local_saliency<M: QuantizableModel>(
+fn block_local_saliency<M: GradientModel + ?Sized>(
     model: &M,
     b: usize,
     inputs: &[M::Hidden],

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use ndarray::{Array1, ArrayView1, ArrayView2};
 use rayon::prelude::*;
 
-use crate::backend::{QuantizableModel, RowSink};
+use crate::backend::{GradientModel, QuantizableModel, RowSink};
 use crate::error::{Error, Result};
 
 /// Per-token squared gradient norms of every calibration sample, per block
@@ -98,7 +98,10 @@ impl RowSink for GroupSink<'_> {
 }
 
 /// Layer name -> input-group index for a block.
-pub(crate) fn group_index<M: QuantizableModel>(model: &M, block: usize) -> HashMap<String, usize> {
+pub(crate) fn group_index<M: QuantizableModel + ?Sized>(
+    model: &M,
+    block: usize,
+) -> HashMap<String, usize> {
     model
         .linear_groups(block)
         .iter()
@@ -107,9 +110,9 @@ pub(crate) fn group_index<M: QuantizableModel>(model: &M, block: usize) -> HashM
         .collect()
 }
 
-fn row_saliency<M: QuantizableModel>(model: &M, grad: &M::Hidden) -> Array1<f32> {
-    let rows = model.hidden_rows(grad);
-    rows.map_axis(ndarray::Axis(1), |r| r.iter().map(|v| v * v).sum::<f32>())
+fn row_saliency<M: GradientModel + ?Sized>(model: &M, grad: &M::Hidden) -> Result<Array1<f32>> {
+    let rows = model.hidden_rows(grad)?;
+    Ok(rows.map_axis(ndarray::Axis(1), |r| r.iter().map(|v| v * v).sum::<f32>()))
 }
 
 /// One sample's backward result: input gradient, group saliencies, block saliency.
@@ -118,7 +121,7 @@ type BackwardOut<H> = (Option<H>, Vec<Option<Array1<f32>>>, Option<Array1<f32>>)
 /// The task-loss source: forward through the full-precision model keeping
 /// each block's input, then walk the blocks in reverse applying each block's
 /// backward (recomputed from its stored input) and recording saliencies.
-pub(crate) fn task_loss_saliency<M: QuantizableModel>(
+pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
     model: &M,
     samples: &[M::Sample],
 ) -> Result<SaliencyMaps> {
@@ -161,7 +164,7 @@ pub(crate) fn task_loss_saliency<M: QuantizableModel>(
                 let Some(g) = g else {
                     return Ok((None, vec![None; n_groups], None));
                 };
-                let out_sal = row_saliency(model, g);
+                let out_sal = row_saliency(model, g)?;
                 let mut sink = GroupSink::new(&group_of, n_groups);
                 let gin = model.block_backward(b, x, s, g, Some(&mut sink))?;
                 Ok((Some(gin), sink.finish(b)?, Some(out_sal)))

@@ -318,7 +318,17 @@ fn calibration_fingerprint<M: QuantizableModel>(
         for (m, v) in info.modality.iter().zip(&info.valid) {
             h.bytes(&[*m as u8, u8::from(*v)]);
         }
-        h.floats(model.hidden_rows(&model.embed(s)?).iter().copied());
+        // The rows block 0 shows for its linears stand for the sample
+        // (the hidden state itself is opaque to the base trait).
+        let hidden = model.embed(s)?;
+        if model.num_blocks() == 0 {
+            continue;
+        }
+        let mut sink = |layer: &str, rows: ndarray::ArrayView2<'_, f32>| {
+            h.bytes(layer.as_bytes());
+            h.floats(rows.iter().copied());
+        };
+        model.block_forward(0, &hidden, s, Some(&mut sink))?;
     }
     Ok(h.hex())
 }

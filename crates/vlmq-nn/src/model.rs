@@ -63,7 +63,7 @@ use super::norm::{Norm, NormCache};
 use super::params::{join, Grads, Module};
 use super::sample::{Sample, Vision};
 use super::Rng;
-use vlmq::backend::{LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
+use vlmq::backend::{GradientModel, LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
 use vlmq::error::{Error, Result};
 use vlmq::linalg::matmul;
 
@@ -462,32 +462,6 @@ impl QuantizableModel for SequenceModel {
         self.blocks.len()
     }
 
-    fn block_local_backward(
-        &self,
-        block: usize,
-        input: &Array2<f32>,
-        sample: &Sample,
-        perturb: &vlmq::backend::WeightPerturbation<'_>,
-        sink: &mut dyn RowSink,
-    ) -> Result<()> {
-        let failure = std::sync::Mutex::new(None);
-        let infallible = |name: &str, w: ArrayView2<'_, f32>| match perturb(name, w) {
-            Ok(p) => p,
-            Err(e) => {
-                failure
-                    .lock()
-                    .expect("no panics while held")
-                    .get_or_insert(e);
-                w.to_owned()
-            }
-        };
-        self.block_perturbed_grads(block, input, sample, &infallible, sink)?;
-        match failure.into_inner().expect("no panics while held") {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
     fn block_name(&self, block: usize) -> String {
         format!("blocks.{block}")
     }
@@ -547,6 +521,39 @@ impl QuantizableModel for SequenceModel {
         }
     }
 
+    fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>> {
+        self.block_linear(block, layer)?.dense_weight()
+    }
+
+    fn set_linear_weight(
+        &mut self,
+        block: usize,
+        layer: &str,
+        weight: ArrayView2<'_, f32>,
+    ) -> Result<()> {
+        let expected = {
+            let l = self.block_linear(block, layer)?;
+            [l.out_features(), l.in_features()]
+        };
+        if weight.shape() != expected {
+            return Err(Error::shape(
+                format!("weight of blocks.{block}.{layer}"),
+                &expected,
+                weight.shape(),
+            ));
+        }
+        match &mut self.blocks[block] {
+            Block::Transformer(t) => t.set_linear_weight(layer, weight),
+            Block::Projector(p) => p.proj.set_weight(weight),
+        }
+    }
+
+    fn gradients(&self) -> Option<&dyn GradientModel<Sample = Sample, Hidden = Array2<f32>>> {
+        Some(self)
+    }
+}
+
+impl GradientModel for SequenceModel {
     fn block_backward(
         &self,
         block: usize,
@@ -581,8 +588,8 @@ impl QuantizableModel for SequenceModel {
         }
     }
 
-    fn hidden_rows(&self, hidden: &Array2<f32>) -> Array2<f32> {
-        hidden.clone()
+    fn hidden_rows(&self, hidden: &Array2<f32>) -> Result<Array2<f32>> {
+        Ok(hidden.clone())
     }
 
     fn loss_and_grad(
@@ -596,30 +603,29 @@ impl QuantizableModel for SequenceModel {
         self.head_loss(output.view(), sample, None).map(Some)
     }
 
-    fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>> {
-        self.block_linear(block, layer)?.dense_weight()
-    }
-
-    fn set_linear_weight(
-        &mut self,
+    fn block_local_backward(
+        &self,
         block: usize,
-        layer: &str,
-        weight: ArrayView2<'_, f32>,
+        input: &Array2<f32>,
+        sample: &Sample,
+        perturb: &vlmq::backend::WeightPerturbation<'_>,
+        sink: &mut dyn RowSink,
     ) -> Result<()> {
-        let expected = {
-            let l = self.block_linear(block, layer)?;
-            [l.out_features(), l.in_features()]
+        let failure = std::sync::Mutex::new(None);
+        let infallible = |name: &str, w: ArrayView2<'_, f32>| match perturb(name, w) {
+            Ok(p) => p,
+            Err(e) => {
+                failure
+                    .lock()
+                    .expect("no panics while held")
+                    .get_or_insert(e);
+                w.to_owned()
+            }
         };
-        if weight.shape() != expected {
-            return Err(Error::shape(
-                format!("weight of blocks.{block}.{layer}"),
-                &expected,
-                weight.shape(),
-            ));
-        }
-        match &mut self.blocks[block] {
-            Block::Transformer(t) => t.set_linear_weight(layer, weight),
-            Block::Projector(p) => p.proj.set_weight(weight),
+        self.block_perturbed_grads(block, input, sample, &infallible, sink)?;
+        match failure.into_inner().expect("no panics while held") {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 }

@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use ndarray::{Array2, ArrayD, ArrayView2};
 use proptest::prelude::*;
-use vlmq::{QuantizableModel, Result};
+use vlmq::{GradientModel, QuantizableModel, Result};
 use vlmq_nn::Rng;
 use vlmq_nn::*;
 
