@@ -1,41 +1,87 @@
-//! Weighted vs unweighted Hessian accumulation (2048 tokens x 1024 features),
-//! with a plain matmul of the same size as a yardstick.
+//! Hessian accumulation beside one plain full `X^T X` product of the same
+//! batch (faer's matmul), on pools of 1 and 2 threads, in one run.
+//!
+//! `cargo bench --bench accumulate` (about a minute). The ratios that matter
+//! are within one thread count: `unweighted / plain_xtx` and
+//! `weighted / plain_xtx` (target at most 0.6: the accumulator computes one
+//! triangle, half the flops), and `paired / plain_xtx` (the Gram triangle
+//! plus GPTAQ's full cross product: about 1.5 plain products of work).
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use faer::{Accum, Mat, Par};
 use ndarray::{Array1, Array2};
 use vlmq::hessian::HessianAccumulator;
 
-fn data(tokens: usize, n: usize) -> (Array2<f32>, Array1<f32>) {
-    let x = Array2::from_shape_fn((tokens, n), |(t, j)| {
-        (((t * 31 + j * 17) % 97) as f32 - 48.0) / 48.0
-    });
-    let alpha = Array1::from_shape_fn(tokens, |t| 0.05 + ((t * 13) % 29) as f32 / 7.0);
-    (x, alpha)
+fn data(tokens: usize, n: usize, seed: usize) -> Array2<f32> {
+    Array2::from_shape_fn((tokens, n), |(t, j)| {
+        (((t * 31 + j * 17 + seed * 7) % 97) as f32 - 48.0) / 48.0
+    })
 }
 
 fn bench(c: &mut Criterion) {
-    let (tokens, n) = (2048, 1024);
-    let (x, alpha) = data(tokens, n);
-    let mut g = c.benchmark_group("accumulate_2048x1024");
-    g.sample_size(10);
-    g.bench_function("unweighted", |b| {
-        b.iter(|| {
-            let mut acc = HessianAccumulator::<f32>::new(n);
-            acc.add(x.view(), None).expect("valid batch");
-            acc
-        })
-    });
-    g.bench_function("weighted", |b| {
-        b.iter(|| {
-            let mut acc = HessianAccumulator::<f32>::new(n);
-            acc.add(x.view(), Some(alpha.view())).expect("valid batch");
-            acc
-        })
-    });
-    g.bench_function("matmul_xt_x", |b| {
-        b.iter(|| vlmq::linalg::matmul(x.t(), x.view()))
-    });
-    g.finish();
+    let (tokens, n) = (1024, 1024);
+    let x = data(tokens, n, 0);
+    let xf = &x + &(data(tokens, n, 1) * 0.01);
+    let alpha = Array1::from_shape_fn(tokens, |t| 0.05 + ((t * 13) % 29) as f32 / 7.0);
+    for threads in [1usize, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("thread pool");
+        let par = if threads == 1 {
+            Par::Seq
+        } else {
+            Par::rayon(threads)
+        };
+        let mut g = c.benchmark_group(format!("accumulate_{tokens}x{n}_{threads}t"));
+        g.sample_size(10).sampling_mode(SamplingMode::Flat);
+        let xs = x.as_slice().expect("standard layout");
+        let xm = faer::MatRef::from_row_major_slice(xs, tokens, n);
+        let mut full = Mat::<f32>::zeros(n, n);
+        g.bench_function("plain_xtx", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    faer::linalg::matmul::matmul(
+                        full.as_mut(),
+                        Accum::Replace,
+                        xm.transpose(),
+                        xm,
+                        1.0,
+                        par,
+                    )
+                })
+            })
+        });
+        g.bench_function("unweighted", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let mut acc = HessianAccumulator::<f32>::new(n);
+                    acc.add(x.view(), None).expect("valid batch");
+                    acc
+                })
+            })
+        });
+        g.bench_function("weighted", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let mut acc = HessianAccumulator::<f32>::new(n);
+                    acc.add(x.view(), Some(alpha.view())).expect("valid batch");
+                    acc
+                })
+            })
+        });
+        g.bench_function("paired", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let mut acc = HessianAccumulator::<f32>::with_cross_term(n);
+                    acc.add_paired(x.view(), xf.view(), None)
+                        .expect("valid batch");
+                    acc
+                })
+            })
+        });
+        g.finish();
+    }
 }
 
 criterion_group!(benches, bench);

@@ -1,10 +1,10 @@
 //! The streaming accumulator.
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, Zip};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, CowArray, Ix2, Zip};
 
 use super::LayerStatistics;
 use crate::error::{Error, Result};
-use crate::linalg::{gram_upper_into, Scalar};
+use crate::linalg::{cross_into, gram_upper_into, Scalar};
 use crate::validate::check_finite;
 
 /// Streams batches of layer inputs into `sum_t alpha_t x_t x_t^T` (and, for
@@ -12,8 +12,9 @@ use crate::validate::check_finite;
 /// (`f32`, or `f64` for very long calibration sets) and normalizing once in
 /// [`finish`](Self::finish).
 ///
-/// Only the upper triangle of the symmetric sum is computed (tile by tile,
-/// in parallel). Tiles are fixed, so for a given sequence of batches the
+/// Only the upper triangle of the symmetric sum is computed, in place, tile
+/// by tile in parallel (see [`gram_upper_into`]); an unweighted `f32` batch is
+/// used where it lies, with no copy. Tiles are fixed, so for a given sequence of batches the
 /// result is bit-identical for any thread count; splitting the same tokens
 /// into other batches changes only the order of additions.
 ///
@@ -89,8 +90,7 @@ impl<T: Scalar> HessianAccumulator<T> {
             Some((x, _, a)) => (x.view(), Some(a.view())),
             None => (x, alpha),
         };
-        let mut scaled = x.mapv(T::widen);
-        scale_rows_by_root(&mut scaled, alpha);
+        let scaled = scaled_by_root::<T>(x, alpha);
         gram_upper_into(&mut self.sum, scaled.view(), scaled.view());
         self.tokens += batch_tokens;
         self.weight_sum += weight_sum(x.nrows(), alpha);
@@ -125,14 +125,10 @@ impl<T: Scalar> HessianAccumulator<T> {
             ),
             None => (quantized, full, alpha),
         };
-        let mut scaled = quantized.mapv(T::widen);
-        scale_rows_by_root(&mut scaled, alpha);
+        let scaled = scaled_by_root::<T>(quantized, alpha);
         gram_upper_into(&mut self.sum, scaled.view(), scaled.view());
         if let Some(cross) = self.cross.as_mut() {
-            let mut delta = Zip::from(&full)
-                .and(&quantized)
-                .map_collect(|&f, &q| T::widen(f) - T::widen(q));
-            scale_rows_by_root(&mut delta, alpha);
+            let delta = scaled_difference::<T>(full, quantized, alpha);
             cross_into(cross, delta.view(), scaled.view());
         }
         self.tokens += batch_tokens;
@@ -221,17 +217,74 @@ impl<T: Scalar> HessianAccumulator<T> {
     }
 }
 
-/// Multiplies every row of `m` by the square root of its weight, so that
-/// `m^T m = x^T diag(alpha) x` is one symmetric Gram product over a single
-/// operand (and `d^T m` the weighted cross term for a scaled `d`). No-op
-/// without weights.
-fn scale_rows_by_root<T: Scalar>(m: &mut Array2<T>, alpha: Option<ArrayView1<'_, f32>>) {
-    if let Some(a) = alpha {
-        for (mut row, &w) in m.axis_iter_mut(Axis(0)).zip(a.iter()) {
-            let root = T::widen(w).sqrt();
-            row.mapv_inplace(|v| v * root);
+/// `x` as a `T` operand with every row multiplied by the square root of its
+/// weight, so that `m^T m = x^T diag(alpha) x` is one symmetric Gram product
+/// over a single operand. Borrows `x` when nothing changes (`f32`, no
+/// weights); otherwise one parallel pass writes the copy (element-wise, so
+/// the same bits for any thread count).
+fn scaled_by_root<'a, T: Scalar>(
+    x: ArrayView2<'a, f32>,
+    alpha: Option<ArrayView1<'_, f32>>,
+) -> CowArray<'a, T, Ix2> {
+    if alpha.is_none() {
+        if let Some(same) = as_same_scalar::<T>(x) {
+            return CowArray::from(same);
         }
     }
+    let mut out = Array2::<T>::zeros(x.raw_dim());
+    match alpha {
+        Some(a) => Zip::from(out.rows_mut())
+            .and(x.rows())
+            .and(&a)
+            .par_for_each(|mut o, r, &w| {
+                let root = T::widen(w).sqrt();
+                o.zip_mut_with(&r, |o, &v| *o = T::widen(v) * root);
+            }),
+        None => Zip::from(&mut out)
+            .and(&x)
+            .par_for_each(|o, &v| *o = T::widen(v)),
+    }
+    CowArray::from(out)
+}
+
+/// `(full - quantized)` in `T`, rows scaled by `sqrt(alpha)` like
+/// [`scaled_by_root`], so that `delta^T scaled` is the weighted cross term.
+fn scaled_difference<T: Scalar>(
+    full: ArrayView2<'_, f32>,
+    quantized: ArrayView2<'_, f32>,
+    alpha: Option<ArrayView1<'_, f32>>,
+) -> Array2<T> {
+    let mut out = Array2::<T>::zeros(quantized.raw_dim());
+    match alpha {
+        Some(a) => Zip::from(out.rows_mut())
+            .and(full.rows())
+            .and(quantized.rows())
+            .and(&a)
+            .par_for_each(|mut o, f, q, &w| {
+                let root = T::widen(w).sqrt();
+                Zip::from(&mut o)
+                    .and(&f)
+                    .and(&q)
+                    .for_each(|o, &f, &q| *o = (T::widen(f) - T::widen(q)) * root);
+            }),
+        None => Zip::from(&mut out)
+            .and(&full)
+            .and(&quantized)
+            .par_for_each(|o, &f, &q| *o = T::widen(f) - T::widen(q)),
+    }
+    out
+}
+
+/// The same view typed as `T` when `T` is `f32`; `None` otherwise.
+fn as_same_scalar<'a, T: Scalar>(x: ArrayView2<'a, f32>) -> Option<ArrayView2<'a, T>> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+        return None;
+    }
+    let x = std::mem::ManuallyDrop::new(x);
+    // SAFETY: `T` is `f32` (same `TypeId`), so both types are the same type
+    // and the bitwise copy is the identity; `ManuallyDrop` keeps the source
+    // from being dropped twice (a view owns nothing anyway).
+    Some(unsafe { std::ptr::read((&*x as *const ArrayView2<'a, f32>).cast::<ArrayView2<'a, T>>()) })
 }
 
 /// Sum of the weights: the token count without weights.
@@ -262,30 +315,4 @@ fn positive_rows(
         paired.map(|p| p.select(Axis(0), &keep)),
         a.select(Axis(0), &keep),
     ))
-}
-
-/// `cross += delta^T weighted` (full, non-symmetric), in fixed row tiles.
-fn cross_into<T: Scalar>(
-    cross: &mut Array2<T>,
-    delta: ArrayView2<'_, T>,
-    weighted: ArrayView2<'_, T>,
-) {
-    use crate::linalg::{faer_mut, faer_ref};
-    use rayon::prelude::*;
-    const TILE: usize = 128;
-    cross
-        .axis_chunks_iter_mut(Axis(0), TILE)
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(t, tile)| {
-            let rows = t * TILE..t * TILE + tile.nrows();
-            faer::linalg::matmul::matmul(
-                faer_mut(tile),
-                faer::Accum::Add,
-                faer_ref(delta.slice(ndarray::s![.., rows]).t()),
-                faer_ref(weighted),
-                T::one(),
-                faer::Par::Seq,
-            );
-        });
 }

@@ -46,11 +46,8 @@ pub fn inverse_cholesky_upper(
     let mean_diag = h.diag().iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
     let scale = if mean_diag > 0.0 { mean_diag } else { 1.0 };
     let mut percent = damping.initial_percent();
-    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(
-        n,
-        Par::Seq,
-        Spec::default(),
-    ));
+    let par = factor_par(n);
+    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(n, par, Spec::default()));
     for attempt in 1..=damping.max_attempts() {
         let damp = percent * scale;
         // Flipped copy a[i, j] = h[n-1-i, n-1-j] = h[n-1-j, n-1-i] (symmetry),
@@ -67,26 +64,21 @@ pub fn inverse_cholesky_upper(
         let factored = cholesky_in_place(
             a.as_mut(),
             Default::default(),
-            Par::Seq,
+            par,
             MemStack::new(&mut scratch),
             Spec::default(),
         );
         if factored.is_ok() {
-            // L^-1 written straight into a row-major array, so that row i of
-            // U = J L^-1 J is row n-1-i of it, reversed: a contiguous copy.
-            let mut linv = Array2::<f32>::zeros((n, n));
-            faer::linalg::triangular_inverse::invert_lower_triangular(
-                crate::linalg::faer_mut(linv.view_mut()),
-                a.as_ref(),
-                Par::Seq,
-            );
+            // L^-1 written straight into U through a view with both axes
+            // reversed: entry (i, j) of the view is u[n-1-i, n-1-j], so the
+            // view receives L^-1 exactly when U = J L^-1 J. Only its lower
+            // triangle is written; the rest of U stays zero.
             let mut u = Array2::<f32>::zeros((n, n));
-            for (i, mut row) in u.outer_iter_mut().enumerate() {
-                let src = linv.row(n - 1 - i);
-                for j in i..n {
-                    row[j] = src[n - 1 - j];
-                }
-            }
+            faer::linalg::triangular_inverse::invert_lower_triangular(
+                crate::linalg::faer_mut(u.view_mut()).reverse_rows_and_cols_mut(),
+                a.as_ref(),
+                par,
+            );
             let healthy = u.diag().iter().all(|&d| d.is_finite() && d > 0.0)
                 && u.iter().all(|v| v.is_finite());
             if healthy {
@@ -105,4 +97,26 @@ pub fn inverse_cholesky_upper(
         last_damp_percent: percent / damping.growth(),
         attempts: damping.max_attempts() as usize,
     })
+}
+
+/// Below this dimension the factorization runs on one thread: faer's
+/// blocked routines would not split the work anyway, and the thread
+/// hand-offs cost more than they save.
+const PARALLEL_DIM: usize = 512;
+
+/// Parallelism for the Cholesky factor and the triangular inverse: rayon's
+/// current pool for large matrices.
+///
+/// faer splits these routines recursively by size, never by thread count,
+/// and its matrix-product kernels sum each output entry over the same
+/// fixed-depth blocks whichever thread computes it, so the factor is the
+/// same bits for any number of threads (tested with pools of 1, 2 and 3
+/// threads in `tests/hessian_properties.rs`).
+fn factor_par(n: usize) -> Par {
+    let threads = rayon::current_num_threads();
+    if n < PARALLEL_DIM || threads < 2 {
+        Par::Seq
+    } else {
+        Par::rayon(threads)
+    }
 }

@@ -8,6 +8,7 @@ mod matmul;
 mod view;
 
 pub use cholesky::{inverse_cholesky_upper, InverseCholesky};
+pub(crate) use gram::cross_into;
 pub use gram::{gram_upper_into, Scalar};
 pub use matmul::{matmul, matmul_into};
 pub(crate) use view::{faer_mut, faer_ref};
