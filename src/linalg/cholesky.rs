@@ -99,10 +99,10 @@ pub fn inverse_cholesky_upper(
     })
 }
 
-/// Below this dimension the factorization runs on one thread: faer's
-/// blocked routines would not split the work anyway, and the thread
-/// hand-offs cost more than they save.
-const PARALLEL_DIM: usize = 512;
+/// Below this dimension the factorization runs on one thread: on two cores
+/// threading a factorization of n <= 1024 measured slower than one thread
+/// (docs/PERFORMANCE.md).
+const PARALLEL_DIM: usize = 1536;
 
 /// Parallelism for the Cholesky factor and the triangular inverse: rayon's
 /// current pool for large matrices.
