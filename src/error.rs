@@ -19,7 +19,8 @@ pub enum Error {
         /// The rejected width.
         bits: u32,
     },
-    /// A group size that is zero or does not divide the number of input features.
+    /// A group size that is zero, or one applied to a layer without inputs or
+    /// to a number of groups it does not imply.
     #[error("invalid group size {group_size} for {in_features} input features: {reason}")]
     InvalidGroupSize {
         /// The rejected group size.

@@ -96,7 +96,7 @@ fn f32_scales_are_not_rounded_and_can_be_rounded_for_writing() {
     let dir = TempDir::new("f32-scales");
     let mut writer = CheckpointWriter::new();
     assert!(writer.add_layer("l", sol.weight.clone(), None).is_err());
-    let rounded = sol.weight.clone().with_f16_scales();
+    let rounded = sol.weight.clone().with_f16_scales().unwrap();
     assert!(rounded.scales().iter().all(|&s| is_f16(s)));
     assert_eq!(rounded.codes(), sol.weight.codes());
     writer.add_layer("l", rounded.clone(), None).unwrap();

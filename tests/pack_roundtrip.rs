@@ -214,3 +214,40 @@ fn odd_shapes_use_the_general_kernel() {
     assert_eq!(lin.to_quantized_weight().unwrap(), w);
     assert!(lin.gemv(Array1::zeros(36).view()).is_err());
 }
+
+#[test]
+fn ragged_groups_use_the_fast_kernel_where_aligned() {
+    // 200 inputs in groups of 80 (80 + 80 + 40): at 2, 4 and 8 bits the block kernel takes the
+    // whole blocks of every group that starts on a block, the general kernel the rest
+    // (64, 64 + 32 and 80 + 80 + 32 inputs); results match the dense weight.
+    for (b, fast) in [(2u32, 64usize), (4, 96), (8, 192)] {
+        let bits = Bits::new(b).unwrap();
+        let scheme = QuantScheme::new(bits).with_group_size(GroupSize::new(80).unwrap());
+        let w = Array2::from_shape_fn((9, 200), |(o, i)| {
+            ((o * 7 + i * 13) % 29) as f32 / 9.0 - 1.5
+        });
+        let q = quantize_rtn(w.view(), &scheme).unwrap();
+        assert_eq!(q.groups(), 3);
+        let lin = PackedLinear::new(&q, None).unwrap();
+        assert_eq!(lin.fast_inputs(), fast, "{b} bits");
+        assert!(!lin.uses_fast_kernel());
+        assert_eq!(lin.to_quantized_weight().unwrap(), q);
+        let x = Array1::from_shape_fn(200, |i| ((i * 5) % 11) as f32 / 4.0 - 1.0);
+        let y = lin.gemv(x.view()).unwrap();
+        let dense = q.dequantize();
+        for o in 0..9 {
+            let want: f32 = dense.row(o).iter().zip(&x).map(|(a, b)| a * b).sum();
+            let mag: f32 = dense
+                .row(o)
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| (a * b).abs())
+                .sum();
+            // Summation order only: bound by eps * n * sum |w x|.
+            assert!(
+                (y[o] - want).abs() <= 200.0 * f32::EPSILON * mag,
+                "{b} bits row {o}"
+            );
+        }
+    }
+}

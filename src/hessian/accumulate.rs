@@ -183,12 +183,14 @@ impl<T: Scalar> HessianAccumulator<T> {
             .cross
             .as_ref()
             .map(|c| c.mapv(|v| (v.wide() * norm) as f32));
-        Ok(LayerStatistics {
+        let stats = LayerStatistics {
             hessian,
             cross,
             tokens: self.tokens,
             weight_sum: self.weight_sum,
-        })
+        };
+        stats.check_finite()?;
+        Ok(stats)
     }
 
     fn check_batch(

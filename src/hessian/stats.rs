@@ -2,6 +2,8 @@
 
 use ndarray::Array2;
 
+use crate::error::{Error, Result};
+
 /// What a solver needs from the calibration data of one layer.
 ///
 /// `hessian = 2 * sum_t alpha_t x~_t x~_t^T / sum_t alpha_t` and, for GPTAQ,
@@ -30,6 +32,27 @@ impl LayerStatistics {
             tokens: 0,
             weight_sum: 0.0,
         }
+    }
+
+    /// Fails with [`Error::NonFinite`] when the Hessian or the cross term
+    /// holds a NaN or an infinity, which finite inputs produce when their
+    /// squares (or weighted squares) overflow f32 (values around 1e19 and
+    /// above, or importance factors near `f32::MAX`).
+    pub fn check_finite(&self) -> Result<()> {
+        let parts = [
+            ("Hessian", Some(&self.hessian)),
+            ("GPTAQ cross term", self.cross.as_ref()),
+        ];
+        for (what, m) in parts {
+            let Some(m) = m else { continue };
+            if let Some(((i, j), _)) = m.indexed_iter().find(|(_, v)| !v.is_finite()) {
+                return Err(Error::NonFinite {
+                    what: format!("{what} (the inputs' products overflow f32)"),
+                    index: vec![i, j],
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Input features.

@@ -1,6 +1,9 @@
 //! Fitting one row's grid over a group of columns, and mapping values to codes.
 
+use ndarray::ArrayView2;
+
 use crate::config::{QuantScheme, ScalePrecision};
+use crate::error::{Error, Result};
 
 /// Scale and integer zero point of one output row within one group.
 ///
@@ -128,6 +131,53 @@ impl GridFit {
             zero: zero as u8,
         }
     }
+}
+
+/// Checks that every group of `w` (`[out, in]`, groups of `g` consecutive
+/// columns, the last possibly shorter) gets a scale f16 can hold when the
+/// scheme rounds scales to f16: a range so wide that its scale exceeds
+/// f16's largest value would be clamped (every weight badly wrong), and a
+/// non-zero range whose scale is below f16's smallest positive value would
+/// round every weight to zero. Both are [`Error::Unencodable`] errors that
+/// recommend [`ScalePrecision::F32`]. Nothing is checked for f32 scales.
+pub(crate) fn check_f16_scales(
+    w: ArrayView2<'_, f32>,
+    scheme: &QuantScheme,
+    g: usize,
+) -> Result<()> {
+    if scheme.scale_precision == ScalePrecision::F32 || g == 0 {
+        return Ok(());
+    }
+    let max_code = scheme.bits.max_code() as f32;
+    let largest = half::f16::MAX.to_f32();
+    let smallest = half::f16::from_bits(1).to_f32();
+    for (o, row) in w.outer_iter().enumerate() {
+        for (k, start) in (0..row.len()).step_by(g).enumerate() {
+            let (mut lo, mut hi) = (0.0f32, 0.0f32);
+            for &v in row.iter().skip(start).take(g) {
+                lo = lo.min(v);
+                hi = hi.max(v);
+            }
+            let range = if scheme.symmetric {
+                2.0 * hi.max(-lo)
+            } else {
+                hi - lo
+            };
+            let scale = range / max_code;
+            let problem = if scale > largest {
+                "so large that their scale exceeds the largest f16 value"
+            } else if range > 0.0 && scale < smallest {
+                "so small that their scale is below the smallest f16 value (every weight would become 0)"
+            } else {
+                continue;
+            };
+            return Err(Error::Unencodable {
+                what: format!("weights of output {o}, group {k} (range {range:e})"),
+                reason: format!("{problem}; solve with ScalePrecision::F32"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Rounds a positive scale up to the next f16 value (within f16's positive

@@ -2,7 +2,7 @@
 //! round-to-nearest (RTN) as the baseline, and the [`QuantizedWeight`] that
 //! every solver returns.
 
-mod grid;
+pub(crate) mod grid;
 mod rtn;
 mod weight;
 

@@ -167,12 +167,23 @@ impl QuantizedWeight {
     /// The same weight with every scale rounded to the nearest f16 value (as
     /// the reference does when it packs), so it can be written to a
     /// checkpoint. Codes and zero points are kept; a scale that rounds to 0
-    /// becomes the smallest positive f16 value.
-    pub fn with_f16_scales(mut self) -> Self {
+    /// becomes the smallest positive f16 value. Fails with
+    /// [`Error::Unencodable`] when a scale exceeds f16's range.
+    pub fn with_f16_scales(mut self) -> Result<Self> {
         let min = half::f16::from_bits(1).to_f32();
+        if let Some(((g, o), s)) = self
+            .scales
+            .indexed_iter()
+            .find(|(_, &s)| half::f16::from_f32(s).is_infinite())
+        {
+            return Err(Error::Unencodable {
+                what: format!("scale {s} at [{g}, {o}]"),
+                reason: "it exceeds the largest f16 value".into(),
+            });
+        }
         self.scales
             .mapv_inplace(|s| half::f16::from_f32(s).to_f32().max(min));
-        self
+        Ok(self)
     }
 
     /// Output features (rows of W).

@@ -11,9 +11,10 @@ use ndarray::{Array2, ArrayView2};
 use super::objective::hessian_objective;
 use super::plan::{act_order_permutation, Plan};
 use super::report::{LayerSolution, SolveReport};
-use super::solve::run_plan;
+use super::solve::{check_hessian, run_plan};
 use crate::config::GptqConfig;
 use crate::error::{Error, Result};
+use crate::quant::grid::check_f16_scales;
 use crate::validate::check_finite;
 
 /// Quantizes `w` (`[out, in]`) with GPTQ from a given upper-triangular factor
@@ -63,7 +64,9 @@ pub fn solve_layer_with_factor(
             return Err(Error::shape("Hessian", &[n, n], h.shape()));
         }
         check_finite("Hessian", h)?;
+        check_hessian(h)?;
     }
+    check_f16_scales(w, &cfg.scheme, cfg.scheme.group_size.columns_for(n)?)?;
     let perm: Vec<usize> = match (perm, hessian) {
         (Some(p), _) => {
             check_permutation(p, n)?;

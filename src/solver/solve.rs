@@ -14,6 +14,7 @@ use crate::config::GptqConfig;
 use crate::error::{Error, Result};
 use crate::hessian::LayerStatistics;
 use crate::linalg::{faer_mut, faer_ref, inverse_cholesky_upper};
+use crate::quant::grid::check_f16_scales;
 use crate::quant::{GridFit, GridParams, QuantizedWeight};
 use crate::validate::check_finite;
 
@@ -98,8 +99,10 @@ pub fn solve_layer(
     }
     check_finite("weight", w)?;
     check_finite("Hessian", stats.hessian.view())?;
+    check_hessian(stats.hessian.view())?;
     let group_cols = cfg.scheme.group_size.columns_for(n)?;
     let groups = cfg.scheme.group_size.groups_for(n)?;
+    check_f16_scales(w, &cfg.scheme, group_cols)?;
     method.validate()?;
     let strength = match method {
         Method::Gptq => None,
@@ -244,6 +247,37 @@ pub(crate) fn run_plan(
     )?
     .with_static_groups(cfg.static_groups);
     Ok((weight, dequantized, obs_loss))
+}
+
+/// Rejects a Hessian that cannot be one: a negative diagonal entry (a zero
+/// one is a dead column), or asymmetry beyond rounding (only one triangle is
+/// read, so an asymmetric matrix would silently be replaced by another):
+/// `|H_ij - H_ji| <= 1e-4 max(|H_ij|, |H_ji|, sqrt(H_ii H_jj))`, far above
+/// f32 rounding of any symmetric computation and far below a real defect.
+pub(crate) fn check_hessian(h: ArrayView2<'_, f32>) -> Result<()> {
+    let n = h.nrows();
+    if let Some(i) = (0..n).find(|&i| h[[i, i]] < 0.0) {
+        return Err(Error::InvalidConfig {
+            field: "Hessian",
+            value: format!("diagonal entry {} at {i}", h[[i, i]]),
+            reason: "a Hessian's diagonal must be non-negative (0 marks a dead input)",
+        });
+    }
+    for i in 0..n {
+        for j in i + 1..n {
+            let (a, b) = (h[[i, j]], h[[j, i]]);
+            let cs = (f64::from(h[[i, i]]) * f64::from(h[[j, j]])).sqrt();
+            let size = f64::from(a.abs().max(b.abs())).max(cs);
+            if f64::from((a - b).abs()) > 1e-4 * size {
+                return Err(Error::InvalidConfig {
+                    field: "Hessian",
+                    value: format!("H[{i}, {j}] = {a} but H[{j}, {i}] = {b}"),
+                    reason: "a Hessian must be symmetric (up to rounding)",
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// GPTAQ's `P = strength * triu(C U^T, 1) U` in plan order, with `C` the
