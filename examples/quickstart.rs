@@ -8,21 +8,15 @@ use std::time::Instant;
 use ndarray::{s, Array2};
 use vlmq::hessian::HessianAccumulator;
 use vlmq::linalg::matmul;
+use vlmq::rng::SplitMix64;
 use vlmq::{quantize_rtn, solve_layer, Bits, GptqConfig, GroupSize, Method, QuantScheme};
 
-/// SplitMix64 for reproducible example data.
-struct Rng(u64);
+/// Normal draws on vlmq's SplitMix64, for reproducible example data.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn normal(&mut self) -> f32 {
-        let mut u = || {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let (a, b) = (u().max(1e-300), u());
+        let (a, b) = (self.0.uniform_f64().max(1e-300), self.0.uniform_f64());
         ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
     }
 }
@@ -46,7 +40,7 @@ fn relative_output_error(x: &Array2<f32>, w: &Array2<f32>, q: &Array2<f32>) -> f
 
 fn main() -> vlmq::Result<()> {
     let (out_features, in_features, tokens) = (512, 512, 2048);
-    let mut rng = Rng(42);
+    let mut rng = Rng(SplitMix64::from_state(42));
     let w = Array2::from_shape_fn((out_features, in_features), |_| 0.05 * rng.normal());
     let x = activations(&mut rng, tokens, in_features);
     let (calib, held_out) = (

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use vlmq::importance::{
-    Normalization, PilotScorer, PilotSelection, SaliencyPower, TokenImportance,
+    GradientSaliency, Normalization, PilotScorer, PilotSelection, SaliencyPower,
 };
 use vlmq::pack::{CheckpointWriter, DenseTensor};
 use vlmq::pipeline::{
@@ -119,25 +119,26 @@ fn parse_args() -> Args {
         out: get("--out"),
         quiet: argv.iter().any(|a| a == "--quiet"),
         report: argv.iter().any(|a| a == "--report"),
-        importance: ImportanceOptions {
-            source: match get("--source").as_deref() {
+        importance: ImportanceOptions::default()
+            .with_source(match get("--source").as_deref() {
                 Some("local") => GradientSource::BlockLocal,
                 _ => GradientSource::TaskLoss,
-            },
-            per_block: argv.iter().any(|a| a == "--per-block"),
-            power: if get("--power").as_deref() == Some("1") {
-                SaliencyPower::One
-            } else {
-                SaliencyPower::Two
-            },
-            normalization: Normalization::new(
-                get("--floor").map_or(Normalization::DEFAULT_FLOOR, |f| {
-                    f.parse().expect("--floor takes a number")
-                }),
-                get("--cap").map(|c| c.parse().expect("--cap takes a number")),
-            )
-            .expect("valid --floor / --cap"),
-        },
+            })
+            .with_per_block(argv.iter().any(|a| a == "--per-block"))
+            .with_scorer(GradientSaliency::new(
+                if get("--power").as_deref() == Some("1") {
+                    SaliencyPower::One
+                } else {
+                    SaliencyPower::Two
+                },
+                Normalization::new(
+                    get("--floor").map_or(Normalization::DEFAULT_FLOOR, |f| {
+                        f.parse().expect("--floor takes a number")
+                    }),
+                    get("--cap").map(|c| c.parse().expect("--cap takes a number")),
+                )
+                .expect("valid --floor / --cap"),
+            )),
         pilot: get("--pilot").map(|f| f.parse().expect("--pilot takes a fraction")),
     }
 }
@@ -276,24 +277,21 @@ fn main() -> vlmq::Result<()> {
                 .iter()
                 .map(to_sample)
                 .collect();
-                let mut cfg =
-                    PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true));
-                cfg.blocks = blocks.clone();
-                cfg.importance = args.importance;
+                let importance = match &pilot {
+                    Some(p) => args.importance.clone().with_scorer(*p),
+                    None => args.importance.clone(),
+                };
+                let cfg = PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true))
+                    .with_blocks(blocks.clone())
+                    .with_importance(importance);
                 let mut model = base.clone();
                 let t0 = Instant::now();
                 let live = !args.quiet && std::io::stderr().is_terminal();
-                let out = quantize_model(
-                    &mut model,
-                    &calib,
-                    &cfg,
-                    pilot.as_ref().map(|p| p as &dyn TokenImportance),
-                    &mut |p| {
-                        if live {
-                            eprint!("\r  W{bits} {method:<10} seed {seed}: {p}        ");
-                        }
-                    },
-                )?;
+                let out = quantize_model(&mut model, &calib, &cfg, &mut |p: &vlmq::Progress| {
+                    if live {
+                        eprint!("\r  W{bits} {method:<10} seed {seed}: {p}        ");
+                    }
+                })?;
                 if !args.quiet && !live {
                     eprintln!(
                         "  W{bits} {method} seed {seed}: {} layers in {:.2}s",

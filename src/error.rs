@@ -137,6 +137,17 @@ pub enum Error {
         /// What differs.
         reason: String,
     },
+    /// Names in the configuration that the model does not have (layer
+    /// override keys, block indices, block name prefixes).
+    #[error("unknown {what}: {}; the model has {known}", names.join(", "))]
+    UnknownNames {
+        /// What kind of name (`"layer override keys"`, `"block indices"`, ...).
+        what: &'static str,
+        /// Every unknown name.
+        names: Vec<String>,
+        /// What the model has instead (a summary).
+        known: String,
+    },
     /// The backend lacks a capability the configuration needs.
     #[error("{what} is not supported by this backend: {remedy}")]
     Unsupported {

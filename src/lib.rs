@@ -1,14 +1,18 @@
 #![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod fsutil;
 pub mod hessian;
 pub mod importance;
 pub mod linalg;
 pub mod pack;
 pub mod pipeline;
 pub mod quant;
+pub mod rng;
 pub mod solver;
 mod validate;
 
@@ -26,6 +30,9 @@ pub use error::{Error, Result};
 pub use hessian::{HessianAccumulator, LayerStatistics};
 pub use importance::{GradientSaliency, Normalization, SampleSignals, TokenImportance};
 pub use pack::{Checkpoint, CheckpointFormat, CheckpointWriter, PackedLinear};
-pub use pipeline::{quantize_model, PipelineConfig, PipelineReport, Progress, QuantMethod};
+pub use pipeline::{
+    quantize_model, PipelineConfig, PipelineOutput, PipelineReport, Progress, ProgressControl,
+    QuantMethod,
+};
 pub use quant::{quantize_rtn, GridFit, GridParams, QuantizedWeight};
 pub use solver::{solve_layer, LayerSolution, Method, SolveReport};

@@ -2,7 +2,8 @@
 //! granularity runs on a small ViT -> projector -> LM model.
 
 use vlmq::pipeline::{
-    input_statistics, quantize_model, GradientSource, PipelineConfig, QuantMethod,
+    input_statistics, quantize_model, GradientSource, ImportanceOptions, PipelineConfig,
+    QuantMethod,
 };
 use vlmq::{Bits, GptqConfig, GroupSize, QuantScheme};
 use vlmq::{Modality, TokenInfo};
@@ -34,10 +35,13 @@ fn every_importance_source_runs_on_the_reference_backend() {
         (GradientSource::BlockLocal, true),
     ] {
         let mut model = build_model(tiny(), 3).unwrap();
-        let mut cfg = PipelineConfig::new(QuantMethod::VlmqGptaq, GptqConfig::new(scheme));
-        cfg.importance.source = source;
-        cfg.importance.per_block = per_block;
-        let out = quantize_model(&mut model, &calib, &cfg, None, &mut |_| {})
+        let cfg = PipelineConfig::new(QuantMethod::VlmqGptaq, GptqConfig::new(scheme))
+            .with_importance(
+                ImportanceOptions::default()
+                    .with_source(source)
+                    .with_per_block(per_block),
+            );
+        let out = quantize_model(&mut model, &calib, &cfg, |_| {})
             .unwrap_or_else(|e| panic!("{source:?}, per block {per_block}: {e}"));
         // ViT block (q, k, v, o, up, down), projector, LM block (q, k, v, o, gate, up, down).
         assert_eq!(out.report.layers.len(), 14, "{source:?} {per_block}");

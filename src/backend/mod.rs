@@ -141,7 +141,7 @@ impl<F: FnMut(&str, ArrayView2<'_, f32>)> RowSink for F {
 ///     .collect();
 /// let solver = GptqConfig::new(QuantScheme::new(Bits::new(3)?));
 /// let cfg = PipelineConfig::new(QuantMethod::Gptq, solver);
-/// let result = quantize_model(&mut model, &samples, &cfg, None, &mut |_| {})?;
+/// let result = quantize_model(&mut model, &samples, &cfg, |_| {})?;
 /// assert_eq!(result.report.layers.len(), 1);
 /// // The model now holds the dequantized weight: at most 2^3 levels per row.
 /// assert_eq!(model.weight, result.weights[&(0, "proj".to_string())].dequantize());

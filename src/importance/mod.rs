@@ -1,9 +1,9 @@
 //! Per-token importance factors (VLMQ).
 //!
 //! A [`TokenImportance`] scorer turns one calibration sample's signals (its
-//! [`TokenInfo`] and, for gradient-driven scorers, the per-token output
-//! gradients of the layers being quantized) into one factor `alpha_t >= 0`
-//! per token. The factors go to
+//! [`TokenInfo`] and, for gradient-driven scorers, the per-token squared
+//! norms of the output gradients of the layers being quantized) into one
+//! factor `alpha_t >= 0` per token. The factors go to
 //! [`HessianAccumulator::add`](crate::hessian::HessianAccumulator::add) and
 //! [`add_paired`](crate::hessian::HessianAccumulator::add_paired), which build
 //! the enhanced Hessian `H = 2 sum_t alpha_t x_t x_t^T / sum_t alpha_t`.
@@ -27,7 +27,6 @@ mod diagnostics;
 mod modality;
 mod normalize;
 mod pilot;
-mod rng;
 mod saliency;
 mod uniform;
 
@@ -35,28 +34,27 @@ pub use diagnostics::{AlphaStats, ImportanceDiagnostics, ModalityReport};
 pub use modality::ModalityWeights;
 pub use normalize::Normalization;
 pub use pilot::{PilotScorer, PilotSelection};
-pub use saliency::{raw_saliency, GradientSaliency, SaliencyPower};
+pub use saliency::{grad_sq_norms, raw_saliency, GradientSaliency, SaliencyPower};
 pub use uniform::Uniform;
 
-use ndarray::{Array1, ArrayView2};
+use ndarray::{Array1, ArrayView1};
 
 use crate::backend::TokenInfo;
 use crate::error::{Error, Result};
 
 /// What a scorer sees of one calibration sample.
 ///
-/// `gradients` holds per-token gradient rows (`[tokens, features]`, one row
-/// per token in [`TokenInfo`] order): the gradients at the outputs of every
-/// linear of one input group (per-layer factors), or the gradient at a
-/// block's output (per-block factors). Several views count as one
-/// concatenation along the feature axis, so a group's linears need not be
-/// copied into one array. Scorers that do not use gradients ignore it.
+/// `grad_sq_norms` holds, per token (in [`TokenInfo`] order), the squared
+/// norm `||g_t||^2` of the token's gradient: summed over the outputs of
+/// every linear of one input group (per-layer factors), or the gradient at a
+/// block's output (per-block factors). [`grad_sq_norms`] computes it from
+/// gradient rows. Scorers that do not use gradients ignore it.
 #[derive(Debug, Clone, Copy)]
 pub struct SampleSignals<'a> {
     /// Modality and validity of each token.
     pub tokens: &'a TokenInfo,
-    /// Per-token gradient rows; empty when none were computed.
-    pub gradients: &'a [ArrayView2<'a, f32>],
+    /// Per-token squared gradient norms; `None` when none were computed.
+    pub grad_sq_norms: Option<ArrayView1<'a, f32>>,
     /// Index of the sample in the calibration set. Randomized scorers derive
     /// their stream from it (and their own seed), so a sample's factors do
     /// not depend on which thread scores it or in which order.
@@ -68,14 +66,14 @@ impl<'a> SampleSignals<'a> {
     pub fn new(tokens: &'a TokenInfo, sample_index: u64) -> Self {
         SampleSignals {
             tokens,
-            gradients: &[],
+            grad_sq_norms: None,
             sample_index,
         }
     }
 
-    /// Attaches per-token gradient rows.
-    pub fn with_gradients(mut self, gradients: &'a [ArrayView2<'a, f32>]) -> Self {
-        self.gradients = gradients;
+    /// Attaches per-token squared gradient norms.
+    pub fn with_grad_sq_norms(mut self, grad_sq_norms: ArrayView1<'a, f32>) -> Self {
+        self.grad_sq_norms = Some(grad_sq_norms);
         self
     }
 }
@@ -100,9 +98,18 @@ pub trait TokenImportance: Send + Sync + std::fmt::Debug {
     /// A short name for reports (e.g. `"gradient-saliency(p=2)"`).
     fn name(&self) -> &str;
 
-    /// Whether [`factors`](Self::factors) needs [`SampleSignals::gradients`];
-    /// a pipeline runs the backward pass only when some scorer says so.
+    /// Whether [`factors`](Self::factors) needs
+    /// [`SampleSignals::grad_sq_norms`]; a pipeline runs the backward pass
+    /// only when its scorer says so.
     fn needs_gradients(&self) -> bool;
+
+    /// A stable text naming the rule and every parameter, so that two
+    /// scorers with the same description give the same factors. The
+    /// pipeline's resume fingerprint includes it (a state written with
+    /// another scorer is refused). The default is the `Debug` text.
+    fn description(&self) -> String {
+        format!("{self:?}")
+    }
 
     /// One factor per token: finite, `>= 0`, and `0` for padding.
     fn factors(&self, sample: &SampleSignals<'_>) -> Result<Array1<f32>>;

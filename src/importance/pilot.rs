@@ -2,12 +2,13 @@
 
 use ndarray::Array1;
 
-use super::rng::SplitMix64;
 use super::{
-    check_tokens, check_weight, raw_saliency, SaliencyPower, SampleSignals, TokenImportance,
+    check_tokens, check_weight, raw_saliency, saliency::signal_norms, SaliencyPower, SampleSignals,
+    TokenImportance,
 };
 use crate::backend::Modality;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 
 /// Which vision tokens a [`PilotScorer`] down-weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +73,7 @@ impl PilotScorer {
         match self.selection {
             PilotSelection::Random { seed } => {
                 let mut pool = vision.to_vec();
-                let mut rng = SplitMix64::for_sample(seed, sample.sample_index);
+                let mut rng = SplitMix64::for_stream(seed, sample.sample_index);
                 for i in 0..k {
                     let j = i + rng.below(pool.len() - i);
                     pool.swap(i, j);
@@ -81,14 +82,7 @@ impl PilotScorer {
                 Ok(pool)
             }
             PilotSelection::LowestSaliency => {
-                let raw = raw_saliency(sample.gradients, SaliencyPower::Two)?;
-                if raw.len() != sample.tokens.len() {
-                    return Err(Error::shape(
-                        "per-token gradient rows",
-                        &[sample.tokens.len()],
-                        &[raw.len()],
-                    ));
-                }
+                let raw = raw_saliency(signal_norms(sample)?, SaliencyPower::Two)?;
                 let mut order = vision.to_vec();
                 order.sort_by(|&a, &b| raw[a].total_cmp(&raw[b]).then(a.cmp(&b)));
                 order.truncate(k);

@@ -1,6 +1,6 @@
 //! Gradient saliency: the crate's default VLMQ scorer.
 
-use ndarray::{Array1, ArrayView2};
+use ndarray::{Array1, ArrayView1, ArrayView2};
 
 use super::{check_tokens, Normalization, SampleSignals, TokenImportance};
 use crate::error::{Error, Result};
@@ -16,28 +16,22 @@ pub enum SaliencyPower {
     Two,
 }
 
-/// Raw saliency of every token from gradient rows `[tokens, features]`; the
-/// views are one concatenation along the feature axis (e.g. the output
-/// gradients of `q`, `k` and `v`), so `s_t = sum over all views of sum_j
-/// g_tj^2` for [`SaliencyPower::Two`] and its square root for
-/// [`SaliencyPower::One`]. Sums are taken in f64.
+/// Per-token squared gradient norms `||g_t||^2` from gradient rows
+/// `[tokens, features]`; the views are one concatenation along the feature
+/// axis (e.g. the output gradients of `q`, `k` and `v`). Sums are taken in f64.
 ///
 /// ```
 /// use ndarray::array;
-/// use vlmq::importance::{raw_saliency, SaliencyPower};
+/// use vlmq::importance::grad_sq_norms;
 /// let q = array![[3.0f32], [0.0]];
 /// let k = array![[4.0f32], [1.0]];
-/// let s = raw_saliency(&[q.view(), k.view()], SaliencyPower::One)?;
-/// assert_eq!(s.to_vec(), vec![5.0, 1.0]);
+/// assert_eq!(grad_sq_norms(&[q.view(), k.view()])?.to_vec(), vec![25.0, 1.0]);
 /// # Ok::<(), vlmq::Error>(())
 /// ```
-pub fn raw_saliency(
-    gradients: &[ArrayView2<'_, f32>],
-    power: SaliencyPower,
-) -> Result<Array1<f32>> {
+pub fn grad_sq_norms(gradients: &[ArrayView2<'_, f32>]) -> Result<Array1<f32>> {
     let Some(first) = gradients.first() else {
         return Err(Error::Empty {
-            what: "per-token gradients for gradient saliency".into(),
+            what: "per-token gradients".into(),
         });
     };
     let tokens = first.nrows();
@@ -58,33 +52,61 @@ pub fn raw_saliency(
                 .sum::<f64>();
         }
     }
-    Ok(acc
-        .into_iter()
-        .map(|s| match power {
-            SaliencyPower::Two => s as f32,
-            SaliencyPower::One => s.sqrt() as f32,
-        })
-        .collect())
+    Ok(acc.into_iter().map(|s| s as f32).collect())
+}
+
+/// Raw saliency of every token from its squared gradient norm `s_t`:
+/// `s_t` itself for [`SaliencyPower::Two`], `sqrt(s_t)` for
+/// [`SaliencyPower::One`]. Norms must be finite and `>= 0`.
+///
+/// ```
+/// use ndarray::array;
+/// use vlmq::importance::{raw_saliency, SaliencyPower};
+/// let s = raw_saliency(array![25.0f32, 1.0].view(), SaliencyPower::One)?;
+/// assert_eq!(s.to_vec(), vec![5.0, 1.0]);
+/// # Ok::<(), vlmq::Error>(())
+/// ```
+pub fn raw_saliency(
+    grad_sq_norms: ArrayView1<'_, f32>,
+    power: SaliencyPower,
+) -> Result<Array1<f32>> {
+    if let Some((t, &v)) = grad_sq_norms
+        .indexed_iter()
+        .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+    {
+        return Err(if v.is_finite() {
+            Error::InvalidImportance { token: t, value: v }
+        } else {
+            Error::NonFinite {
+                what: "per-token squared gradient norms".into(),
+                index: vec![t],
+            }
+        });
+    }
+    Ok(match power {
+        SaliencyPower::Two => grad_sq_norms.to_owned(),
+        SaliencyPower::One => grad_sq_norms.mapv(f32::sqrt),
+    })
 }
 
 /// VLMQ's gradient-driven factors: [`raw_saliency`] of the sample's gradient
 /// rows, then [`Normalization`] (mean 1 over valid tokens, floor, optional
 /// cap, padding 0).
 ///
-/// Feed it the per-token gradients at the outputs of the linears of one input
-/// group for per-layer factors, or the gradient at the block output for
-/// per-block factors (DESIGN section 3).
+/// Feed it the per-token squared gradient norms at the outputs of the
+/// linears of one input group for per-layer factors, or at the block output
+/// for per-block factors.
 ///
 /// ```
 /// use ndarray::array;
-/// use vlmq::importance::{GradientSaliency, SampleSignals, TokenImportance};
+/// use vlmq::importance::{grad_sq_norms, GradientSaliency, SampleSignals, TokenImportance};
 /// use vlmq::{Modality, TokenInfo};
 ///
 /// let tokens = TokenInfo::uniform(Modality::Text, 3);
 /// let g = array![[1.0f32, 1.0], [2.0, 0.0], [0.0, 0.0]];
-/// let views = [g.view()];
+/// let norms = grad_sq_norms(&[g.view()])?;
 /// let scorer = GradientSaliency::default();
-/// let alpha = scorer.factors(&SampleSignals::new(&tokens, 0).with_gradients(&views))?;
+/// let alpha = scorer.factors(&SampleSignals::new(&tokens, 0).with_grad_sq_norms(norms.view()))?;
 /// assert_eq!(alpha.to_vec(), vec![1.0, 2.0, 0.05]); // raw 2, 4, 0; mean 2; floor 0.05
 /// # Ok::<(), vlmq::Error>(())
 /// ```
@@ -137,7 +159,24 @@ impl TokenImportance for GradientSaliency {
 
     fn factors(&self, sample: &SampleSignals<'_>) -> Result<Array1<f32>> {
         check_tokens(sample.tokens)?;
-        let raw = raw_saliency(sample.gradients, self.power)?;
+        let raw = raw_saliency(signal_norms(sample)?, self.power)?;
         self.normalization.apply(raw.view(), sample.tokens)
     }
+}
+
+/// The sample's squared gradient norms, one per token.
+pub(crate) fn signal_norms<'a>(sample: &SampleSignals<'a>) -> Result<ArrayView1<'a, f32>> {
+    let Some(norms) = sample.grad_sq_norms else {
+        return Err(Error::Empty {
+            what: "per-token squared gradient norms (this scorer needs gradients)".into(),
+        });
+    };
+    if norms.len() != sample.tokens.len() {
+        return Err(Error::shape(
+            "per-token squared gradient norms (one per token)",
+            &[sample.tokens.len()],
+            &[norms.len()],
+        ));
+    }
+    Ok(norms)
 }

@@ -100,21 +100,18 @@ fn saliency_powers_and_group_concatenation() {
     let tokens = mixed(1, 2);
     let q = array![[1.0f32, 2.0], [0.0, 0.0], [3.0, 0.0]];
     let k = array![[2.0f32], [1.0], [4.0]];
-    let s2 = raw_saliency(&[q.view(), k.view()], SaliencyPower::Two).unwrap();
+    let norms = grad_sq_norms(&[q.view(), k.view()]).unwrap();
+    let s2 = raw_saliency(norms.view(), SaliencyPower::Two).unwrap();
     assert_eq!(s2.to_vec(), vec![9.0, 1.0, 25.0]);
-    let s1 = raw_saliency(&[q.view(), k.view()], SaliencyPower::One).unwrap();
+    let s1 = raw_saliency(norms.view(), SaliencyPower::One).unwrap();
     assert_eq!(s1.to_vec(), vec![3.0, 1.0, 5.0]);
     let concat = ndarray::concatenate![ndarray::Axis(1), q, k];
-    assert_eq!(
-        raw_saliency(&[concat.view()], SaliencyPower::Two).unwrap(),
-        s2
-    );
+    assert_eq!(grad_sq_norms(&[concat.view()]).unwrap(), norms);
 
     let scorer = GradientSaliency::new(SaliencyPower::Two, Normalization::new(0.0, None).unwrap());
     assert!(scorer.needs_gradients());
-    let views = [q.view(), k.view()];
     let a = scorer
-        .factors(&SampleSignals::new(&tokens, 0).with_gradients(&views))
+        .factors(&SampleSignals::new(&tokens, 0).with_grad_sq_norms(norms.view()))
         .unwrap();
     let want: Vec<f32> = [9.0f64, 1.0, 25.0]
         .iter()
@@ -133,21 +130,29 @@ fn saliency_rejects_missing_ragged_or_non_finite_gradients() {
     ));
     let a = Array2::<f32>::ones((2, 3));
     let b = Array2::<f32>::ones((3, 3));
-    let views = [a.view(), b.view()];
     assert!(matches!(
-        s.factors(&SampleSignals::new(&tokens, 0).with_gradients(&views)),
+        grad_sq_norms(&[a.view(), b.view()]),
         Err(Error::ShapeMismatch { .. })
     ));
     let mut c = Array2::<f32>::ones((2, 3));
     c[[1, 2]] = f32::INFINITY;
-    let views = [c.view()];
     assert!(matches!(
-        s.factors(&SampleSignals::new(&tokens, 0).with_gradients(&views)),
+        grad_sq_norms(&[c.view()]),
         Err(Error::NonFinite { .. })
     ));
-    let views = [b.view()];
+    let bad = ndarray::array![1.0f32, f32::NAN];
     assert!(matches!(
-        s.factors(&SampleSignals::new(&tokens, 0).with_gradients(&views)),
+        s.factors(&SampleSignals::new(&tokens, 0).with_grad_sq_norms(bad.view())),
+        Err(Error::NonFinite { .. })
+    ));
+    let negative = ndarray::array![1.0f32, -1.0];
+    assert!(matches!(
+        s.factors(&SampleSignals::new(&tokens, 0).with_grad_sq_norms(negative.view())),
+        Err(Error::InvalidImportance { token: 1, .. })
+    ));
+    let three = ndarray::array![1.0f32, 1.0, 1.0];
+    assert!(matches!(
+        s.factors(&SampleSignals::new(&tokens, 0).with_grad_sq_norms(three.view())),
         Err(Error::ShapeMismatch { .. })
     ));
 }
@@ -195,11 +200,11 @@ fn pilot_lowest_saliency_picks_the_quietest_vision_tokens() {
         Modality::Vision,
     ]);
     let g = array![[3.0f32], [1.0], [0.0], [2.0], [1.0]];
-    let views = [g.view()];
+    let norms = grad_sq_norms(&[g.view()]).unwrap();
     let p = PilotScorer::new(0.5, 0.0, PilotSelection::LowestSaliency).unwrap();
     assert!(p.needs_gradients());
     let a = p
-        .factors(&SampleSignals::new(&tokens, 0).with_gradients(&views))
+        .factors(&SampleSignals::new(&tokens, 0).with_grad_sq_norms(norms.view()))
         .unwrap();
     assert_eq!(a.to_vec(), vec![1.0, 0.0, 1.0, 1.0, 0.0]);
     assert!(p.factors(&SampleSignals::new(&tokens, 0)).is_err());

@@ -9,8 +9,12 @@ use rayon::prelude::*;
 use super::view::{faer_mut, faer_ref};
 
 /// Floating-point types the accumulators can store (f32 and f64).
+///
+/// Sealed: implemented for `f32` and `f64` only, so that the faer traits the
+/// kernels need stay an implementation detail (a faer upgrade is not a
+/// breaking change for `vlmq` users).
 pub trait Scalar:
-    faer::traits::RealField + num_traits::Float + Default + Send + Sync + std::fmt::Debug + 'static
+    sealed::Sealed + num_traits::Float + Default + Send + Sync + std::fmt::Debug + 'static
 {
     /// Widens or narrows an f32.
     fn widen(v: f32) -> Self;
@@ -18,6 +22,14 @@ pub trait Scalar:
     fn narrow(self) -> f32;
     /// Widens to f64.
     fn wide(self) -> f64;
+}
+
+mod sealed {
+    /// The private supertrait of [`Scalar`](super::Scalar); it carries the
+    /// faer bound.
+    pub trait Sealed: faer::traits::RealField {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
 }
 
 impl Scalar for f32 {

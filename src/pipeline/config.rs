@@ -1,13 +1,13 @@
 //! What a pipeline run does.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::{GptqConfig, QuantScheme};
 use crate::error::{Error, Result};
+use crate::importance::{GradientSaliency, TokenImportance};
 use crate::solver::Method;
-
-use crate::importance::{Normalization, SaliencyPower};
 
 /// The quantization method of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,7 +45,7 @@ impl QuantMethod {
     }
 
     /// The solver method, `None` for RTN.
-    pub fn solver_method(self, gptaq_strength: f32) -> Option<Method> {
+    pub(crate) fn solver_method(self, gptaq_strength: f32) -> Option<Method> {
         match self {
             QuantMethod::Rtn => None,
             QuantMethod::Gptq | QuantMethod::Vlmq => Some(Method::Gptq),
@@ -74,6 +74,9 @@ impl std::fmt::Display for QuantMethod {
 }
 
 /// Which blocks are quantized (the others only pass the streams through).
+///
+/// Checked against the model before any work: an index past the last block
+/// or a prefix that matches no block name is an error.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum BlockSelection {
     /// Every block.
@@ -96,6 +99,19 @@ impl BlockSelection {
     }
 }
 
+impl std::fmt::Display for BlockSelection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlockSelection::All => f.write_str("all"),
+            BlockSelection::Indices(v) => {
+                let list: Vec<String> = v.iter().map(usize::to_string).collect();
+                write!(f, "indices {}", list.join(","))
+            }
+            BlockSelection::NamePrefix(p) => write!(f, "prefix {p}"),
+        }
+    }
+}
+
 /// Where the gradients behind importance factors come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GradientSource {
@@ -107,18 +123,27 @@ pub enum GradientSource {
     BlockLocal,
 }
 
-/// How importance factors are derived from gradients.
-#[derive(Debug, Clone, Copy, PartialEq)]
+impl GradientSource {
+    fn name(self) -> &'static str {
+        match self {
+            GradientSource::TaskLoss => "task-loss",
+            GradientSource::BlockLocal => "block-local",
+        }
+    }
+}
+
+/// How VLMQ methods weight tokens: the scorer and, for gradient-driven
+/// scorers, where the gradients come from.
+///
+/// The default is [`GradientSaliency::default`] (squared gradient norms,
+/// mean-1 normalized per sample) on task-loss gradients, per input group.
+/// The scorer is the whole rule: its own parameters (power, normalization,
+/// seed) are the only ones that apply.
+#[derive(Debug, Clone)]
 pub struct ImportanceOptions {
-    /// Gradient source.
-    pub source: GradientSource,
-    /// Per input group (default) or one factor set per block from the block-output gradient.
-    pub per_block: bool,
-    /// Saliency power of the default scorer: squared gradient norm
-    /// (Fisher-style, default) or the norm itself.
-    pub power: SaliencyPower,
-    /// Per-sample mean-1 normalization, floor and cap of the default scorer.
-    pub normalization: Normalization,
+    source: GradientSource,
+    per_block: bool,
+    scorer: Arc<dyn TokenImportance>,
 }
 
 impl Default for ImportanceOptions {
@@ -126,45 +151,200 @@ impl Default for ImportanceOptions {
         ImportanceOptions {
             source: GradientSource::TaskLoss,
             per_block: false,
-            power: SaliencyPower::Two,
-            normalization: Normalization::default(),
+            scorer: Arc::new(GradientSaliency::default()),
         }
     }
 }
 
-/// Configuration of a pipeline run.
+impl ImportanceOptions {
+    /// Sets the gradient source.
+    pub fn with_source(mut self, source: GradientSource) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// Per input group (`false`, default: the gradients at the outputs of
+    /// the group's linears) or one factor set per block (`true`: the
+    /// gradient at the block output).
+    pub fn with_per_block(mut self, per_block: bool) -> Self {
+        self.per_block = per_block;
+        self
+    }
+
+    /// Sets the scorer (any [`TokenImportance`], e.g. a pilot-study or
+    /// per-modality scorer).
+    pub fn with_scorer(mut self, scorer: impl TokenImportance + 'static) -> Self {
+        self.scorer = Arc::new(scorer);
+        self
+    }
+
+    /// Sets a shared scorer.
+    pub fn with_shared_scorer(mut self, scorer: Arc<dyn TokenImportance>) -> Self {
+        self.scorer = scorer;
+        self
+    }
+
+    /// The gradient source.
+    pub fn source(&self) -> GradientSource {
+        self.source
+    }
+
+    /// Whether factors are per block.
+    pub fn per_block(&self) -> bool {
+        self.per_block
+    }
+
+    /// The scorer.
+    pub fn scorer(&self) -> &dyn TokenImportance {
+        &*self.scorer
+    }
+
+    /// A stable text naming every setting, used in the resume fingerprint.
+    pub fn description(&self) -> String {
+        format!(
+            "source={};per_block={};scorer={}",
+            self.source.name(),
+            self.per_block,
+            self.scorer.description()
+        )
+    }
+}
+
+/// Configuration of a pipeline run: the method, the solver settings and
+/// default grid, GPTAQ's strength, the importance options, which blocks,
+/// per-layer grids and an optional state directory.
+///
+/// Values are checked when set; names (override keys, block indices and
+/// prefixes) are checked against the model when the run starts, before any
+/// work.
+///
+/// ```
+/// use vlmq::importance::ModalityWeights;
+/// use vlmq::pipeline::{BlockSelection, ImportanceOptions, PipelineConfig, QuantMethod};
+/// use vlmq::{Bits, GptqConfig, QuantScheme};
+///
+/// let scheme = QuantScheme::new(Bits::new(4)?);
+/// let cfg = PipelineConfig::new(QuantMethod::Vlmq, GptqConfig::new(scheme))
+///     .with_importance(ImportanceOptions::default().with_scorer(ModalityWeights::new(0.5, 1.0, 1.0)?))
+///     .with_blocks(BlockSelection::NamePrefix("lm.".into()))
+///     .with_layer_override("lm.0/mlp.down", Some(QuantScheme::new(Bits::new(8)?)))
+///     .with_layer_override("attn.o", None); // stays in full precision
+/// assert_eq!(cfg.scheme_for("lm.0", "mlp.down").unwrap().bits.get(), 8);
+/// assert!(cfg.scheme_for("lm.3", "attn.o").is_none());
+/// # Ok::<(), vlmq::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    /// The method.
-    pub method: QuantMethod,
-    /// Solver settings and the default grid of every layer.
-    pub solver: GptqConfig,
-    /// GPTAQ's correction strength (0.25 in the published method).
-    pub gptaq_strength: f32,
-    /// Importance options (used by VLMQ methods).
-    pub importance: ImportanceOptions,
-    /// Which blocks to quantize.
-    pub blocks: BlockSelection,
-    /// Per-layer grids, keyed by layer name (`"mlp.down"`) or by
-    /// `"{block name}/{layer name}"` (more specific wins); `None` keeps the
-    /// layer in full precision.
-    pub layer_overrides: BTreeMap<String, Option<QuantScheme>>,
-    /// When set, state is saved after each block and a rerun resumes.
-    pub state_dir: Option<PathBuf>,
+    method: QuantMethod,
+    solver: GptqConfig,
+    gptaq_strength: f32,
+    importance: ImportanceOptions,
+    blocks: BlockSelection,
+    layer_overrides: BTreeMap<String, Option<QuantScheme>>,
+    state_dir: Option<PathBuf>,
 }
 
 impl PipelineConfig {
+    /// GPTAQ's published correction strength.
+    pub const DEFAULT_GPTAQ_STRENGTH: f32 = 0.25;
+
     /// A run of `method` with the given solver settings and defaults elsewhere.
     pub fn new(method: QuantMethod, solver: GptqConfig) -> Self {
         PipelineConfig {
             method,
             solver,
-            gptaq_strength: 0.25,
+            gptaq_strength: Self::DEFAULT_GPTAQ_STRENGTH,
             importance: ImportanceOptions::default(),
             blocks: BlockSelection::All,
             layer_overrides: BTreeMap::new(),
             state_dir: None,
         }
+    }
+
+    /// Replaces the solver settings (and default grid).
+    pub fn with_solver(mut self, solver: GptqConfig) -> Self {
+        self.solver = solver;
+        self
+    }
+
+    /// Sets GPTAQ's correction strength (used by the GPTAQ methods only);
+    /// it must be finite.
+    pub fn with_gptaq_strength(mut self, strength: f32) -> Result<Self> {
+        if !strength.is_finite() {
+            return Err(Error::InvalidConfig {
+                field: "gptaq_strength",
+                value: strength.to_string(),
+                reason: "must be finite",
+            });
+        }
+        self.gptaq_strength = strength;
+        Ok(self)
+    }
+
+    /// Sets the importance options (used by the VLMQ methods only).
+    pub fn with_importance(mut self, importance: ImportanceOptions) -> Self {
+        self.importance = importance;
+        self
+    }
+
+    /// Selects the blocks to quantize.
+    pub fn with_blocks(mut self, blocks: BlockSelection) -> Self {
+        self.blocks = blocks;
+        self
+    }
+
+    /// Sets the grid of a layer, keyed by layer name (`"mlp.down"`) or by
+    /// `"{block name}/{layer name}"` (more specific wins); `None` keeps the
+    /// layer in full precision.
+    pub fn with_layer_override(
+        mut self,
+        key: impl Into<String>,
+        scheme: Option<QuantScheme>,
+    ) -> Self {
+        self.layer_overrides.insert(key.into(), scheme);
+        self
+    }
+
+    /// Saves state after each block in `dir`; a rerun with the same model,
+    /// calibration set and configuration resumes after the last saved block.
+    pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// The method.
+    pub fn method(&self) -> QuantMethod {
+        self.method
+    }
+
+    /// Solver settings and default grid.
+    pub fn solver(&self) -> &GptqConfig {
+        &self.solver
+    }
+
+    /// GPTAQ's correction strength.
+    pub fn gptaq_strength(&self) -> f32 {
+        self.gptaq_strength
+    }
+
+    /// The importance options.
+    pub fn importance(&self) -> &ImportanceOptions {
+        &self.importance
+    }
+
+    /// The block selection.
+    pub fn blocks(&self) -> &BlockSelection {
+        &self.blocks
+    }
+
+    /// The per-layer grids.
+    pub fn layer_overrides(&self) -> &BTreeMap<String, Option<QuantScheme>> {
+        &self.layer_overrides
+    }
+
+    /// The state directory, when set.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_deref()
     }
 
     /// The grid of a layer, `None` when it stays in full precision.
@@ -179,16 +359,33 @@ impl PipelineConfig {
         Some(self.solver.scheme)
     }
 
-    /// Checks the fields not checked by their types.
-    pub fn validate(&self) -> Result<()> {
-        self.solver.validate()?;
-        if !self.gptaq_strength.is_finite() {
-            return Err(Error::InvalidConfig {
-                field: "gptaq_strength",
-                value: self.gptaq_strength.to_string(),
-                reason: "must be finite",
-            });
-        }
-        Ok(())
+    /// The solver method of a layer, `None` for RTN.
+    pub(crate) fn solver_method(&self) -> Option<Method> {
+        self.method.solver_method(self.gptaq_strength)
+    }
+
+    /// A stable text naming every setting that changes the result (the
+    /// resume fingerprint hashes it). The importance options count only for
+    /// the methods that use them.
+    pub(crate) fn description(&self) -> String {
+        let importance = if self.method.needs_importance() {
+            self.importance.description()
+        } else {
+            "none".into()
+        };
+        let overrides: Vec<String> = self
+            .layer_overrides
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
+        format!(
+            "method={};solver={:?};gptaq_strength={};importance={};blocks={};overrides={}",
+            self.method,
+            self.solver,
+            self.gptaq_strength,
+            importance,
+            self.blocks,
+            overrides.join(",")
+        )
     }
 }

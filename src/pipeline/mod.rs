@@ -8,9 +8,13 @@
 //! the method needs importance factors, one block-wise backward pass of the
 //! task loss through the full-precision model comes first.
 
+mod block;
+mod capture;
 mod config;
+mod context;
 mod driver;
 mod inputs;
+mod plan;
 mod progress;
 mod report;
 mod saliency;
@@ -19,6 +23,8 @@ mod state;
 pub use config::{BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod};
 pub use driver::quantize_model;
 pub use inputs::{input_statistics, GroupStatistics};
-pub use progress::Progress;
-pub use report::{LayerReport, PipelineReport, QuantizedModel, TraceShares};
+pub use progress::{Progress, ProgressControl};
+#[allow(deprecated)]
+pub use report::QuantizedModel;
+pub use report::{LayerReport, PipelineOutput, PipelineReport, TraceShares};
 pub use saliency::SaliencyMaps;

@@ -35,3 +35,30 @@ impl std::fmt::Display for Progress {
         )
     }
 }
+
+/// What a progress callback returns: `()` (the run goes on) or a
+/// [`ControlFlow`](std::ops::ControlFlow) whose `Break(())` cancels the run
+/// with [`Error::Cancelled`](crate::Error::Cancelled).
+///
+/// ```
+/// use std::ops::ControlFlow;
+/// use vlmq::pipeline::ProgressControl;
+/// assert!(!().cancels());
+/// assert!(ControlFlow::Break(()).cancels());
+/// ```
+pub trait ProgressControl {
+    /// Whether the run must stop now.
+    fn cancels(self) -> bool;
+}
+
+impl ProgressControl for () {
+    fn cancels(self) -> bool {
+        false
+    }
+}
+
+impl ProgressControl for std::ops::ControlFlow<()> {
+    fn cancels(self) -> bool {
+        self.is_break()
+    }
+}

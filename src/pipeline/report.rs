@@ -172,9 +172,13 @@ impl fmt::Display for PipelineReport {
 /// The result of a run: the report and every layer's quantized weight, keyed
 /// by `(block, layer name)` (the model itself holds the dequantized weights).
 #[derive(Debug, Clone)]
-pub struct QuantizedModel {
+pub struct PipelineOutput {
     /// The run's report.
     pub report: PipelineReport,
     /// Quantized weights by `(block index, layer name)`.
     pub weights: BTreeMap<(usize, String), QuantizedWeight>,
 }
+
+/// The 0.1 name of [`PipelineOutput`].
+#[deprecated(since = "0.2.0", note = "renamed to PipelineOutput")]
+pub type QuantizedModel = PipelineOutput;

@@ -2,11 +2,14 @@
 
 use std::collections::HashMap;
 
-use ndarray::{Array1, ArrayView1, ArrayView2};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use rayon::prelude::*;
 
+use super::context::{in_block, in_sample};
 use crate::backend::{GradientModel, QuantizableModel, RowSink};
+use crate::config::QuantScheme;
 use crate::error::{Error, Result};
+use crate::quant::quantize_rtn;
 
 /// Per-token squared gradient norms of every calibration sample, per block
 /// and input group (summed over the gradients at the group's linear
@@ -126,23 +129,36 @@ pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
     samples: &[M::Sample],
 ) -> Result<SaliencyMaps> {
     let nb = model.num_blocks();
+    let names: Vec<String> = (0..nb).map(|b| model.block_name(b)).collect();
     let mut hidden: Vec<M::Hidden> = samples
         .par_iter()
-        .map(|s| model.embed(s))
+        .enumerate()
+        .map(|(i, s)| model.embed(s).map_err(in_sample(i, "embedding")))
         .collect::<Result<_>>()?;
     let mut inputs: Vec<Vec<M::Hidden>> = Vec::with_capacity(nb);
-    for b in 0..nb {
+    for (b, name) in names.iter().enumerate() {
         let next: Vec<M::Hidden> = hidden
             .par_iter()
             .zip(samples.par_iter())
-            .map(|(h, s)| model.block_forward(b, h, s, None))
+            .enumerate()
+            .map(|(i, (h, s))| {
+                model
+                    .block_forward(b, h, s, None)
+                    .map_err(in_block(b, name, None, Some(i)))
+            })
             .collect::<Result<_>>()?;
         inputs.push(std::mem::replace(&mut hidden, next));
     }
     let mut grads: Vec<Option<M::Hidden>> = hidden
         .par_iter()
         .zip(samples.par_iter())
-        .map(|(h, s)| Ok(model.loss_and_grad(h, s)?.map(|(_, g)| g)))
+        .enumerate()
+        .map(|(i, (h, s))| {
+            let out = model
+                .loss_and_grad(h, s)
+                .map_err(in_sample(i, "task loss"))?;
+            Ok(out.map(|(_, g)| g))
+        })
         .collect::<Result<_>>()?;
     if grads.iter().all(Option::is_none) {
         return Err(Error::Empty {
@@ -156,18 +172,23 @@ pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
         let block_inputs = inputs.pop().expect("one stored input per block");
         let group_of = group_index(model, b);
         let n_groups = model.linear_groups(b).len();
+        let name = &names[b];
         let results: Vec<BackwardOut<M::Hidden>> = grads
             .par_iter()
             .zip(block_inputs.par_iter())
             .zip(samples.par_iter())
-            .map(|((g, x), s)| {
+            .enumerate()
+            .map(|(i, ((g, x), s))| {
                 let Some(g) = g else {
                     return Ok((None, vec![None; n_groups], None));
                 };
-                let out_sal = row_saliency(model, g)?;
+                let at = || in_block(b, name, None, Some(i));
+                let out_sal = row_saliency(model, g).map_err(at())?;
                 let mut sink = GroupSink::new(&group_of, n_groups);
-                let gin = model.block_backward(b, x, s, g, Some(&mut sink))?;
-                Ok((Some(gin), sink.finish(b)?, Some(out_sal)))
+                let gin = model
+                    .block_backward(b, x, s, g, Some(&mut sink))
+                    .map_err(at())?;
+                Ok((Some(gin), sink.finish(b).map_err(at())?, Some(out_sal)))
             })
             .collect::<Result<_>>()?;
         let mut per_group = vec![Vec::with_capacity(samples.len()); n_groups];
@@ -184,4 +205,57 @@ pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
         blocks[b] = per_block;
     }
     Ok(SaliencyMaps { groups, blocks })
+}
+
+/// The block-local source for one block: saliency from the gradients of
+/// `1/2 ||B~(x) - B(x)||^2` with the block's weights rounded to nearest on
+/// each layer's grid (`scheme_for`; `None` keeps a layer unperturbed).
+pub(crate) fn block_local_saliency<M: GradientModel + ?Sized>(
+    model: &M,
+    b: usize,
+    block_name: &str,
+    inputs: &[M::Hidden],
+    samples: &[M::Sample],
+    scheme_for: impl Fn(&str) -> Option<QuantScheme> + Sync,
+) -> Result<SaliencyMaps> {
+    let group_of = group_index(model, b);
+    let n_groups = model.linear_groups(b).len();
+    let perturb = |layer: &str, w: ArrayView2<'_, f32>| -> Result<Array2<f32>> {
+        match scheme_for(layer) {
+            Some(scheme) => Ok(quantize_rtn(w, &scheme)?.dequantize()),
+            None => Ok(w.to_owned()),
+        }
+    };
+    let per_sample: Vec<Vec<Option<Array1<f32>>>> = inputs
+        .par_iter()
+        .zip(samples.par_iter())
+        .enumerate()
+        .map(|(i, (h, s))| {
+            let mut sink = GroupSink::new(&group_of, n_groups);
+            let at = || in_block(b, block_name, None, Some(i));
+            model
+                .block_local_backward(b, h, s, &perturb, &mut sink)
+                .map_err(at())?;
+            sink.finish(b).map_err(at())
+        })
+        .collect::<Result<_>>()?;
+    let mut groups = vec![Vec::with_capacity(samples.len()); n_groups];
+    for s in per_sample {
+        for (k, v) in s.into_iter().enumerate() {
+            groups[k].push(v);
+        }
+    }
+    // Per-block factors from the block-local loss: sum over the block's groups.
+    let blocks = (0..samples.len())
+        .map(|i| {
+            groups.iter().filter_map(|g| g[i].clone()).reduce(|a, b| {
+                if a.len() == b.len() {
+                    a + b
+                } else {
+                    a
+                }
+            })
+        })
+        .collect();
+    Ok(SaliencyMaps::single_block(groups, blocks))
 }

@@ -20,6 +20,7 @@ use super::report::{LayerReport, TraceShares};
 use crate::backend::QuantizableModel;
 use crate::config::Bits;
 use crate::error::{Error, Result};
+use crate::fsutil::write_atomic;
 use crate::quant::QuantizedWeight;
 
 /// FNV-1a, 64 bit: a small stable hash for fingerprints (not for security).
@@ -285,12 +286,6 @@ impl RunState {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
 fn model_fingerprint<M: QuantizableModel>(model: &M) -> Result<String> {
     let mut h = Fnv::new();
     for b in 0..model.num_blocks() {
@@ -335,11 +330,7 @@ fn calibration_fingerprint<M: QuantizableModel>(
 
 fn config_fingerprint(cfg: &PipelineConfig) -> String {
     let mut h = Fnv::new();
-    let text = format!(
-        "{:?}|{:?}|{}|{:?}|{:?}|{:?}",
-        cfg.method, cfg.solver, cfg.gptaq_strength, cfg.importance, cfg.blocks, cfg.layer_overrides
-    );
-    h.bytes(text.as_bytes());
+    h.bytes(cfg.description().as_bytes());
     h.hex()
 }
 

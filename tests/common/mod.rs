@@ -3,25 +3,23 @@
 
 use ndarray::Array2;
 
-/// SplitMix64: a tiny, well-mixed deterministic generator for test data.
-pub struct Rng(u64);
+pub mod tiny;
+
+/// Test data draws on `vlmq::rng::SplitMix64`.
+pub struct Rng(vlmq::rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(vlmq::rng::SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform_f64()
     }
 
     /// Standard normal (Box-Muller).
@@ -32,7 +30,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+        self.0.below_by_remainder(n)
     }
 }
 

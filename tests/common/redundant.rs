@@ -8,7 +8,7 @@
 //! text tokens carry the loss, vision tokens barely matter.
 
 use ndarray::{Array1, Array2};
-use vlmq::importance::{GradientSaliency, SampleSignals, TokenImportance};
+use vlmq::importance::{grad_sq_norms, GradientSaliency, SampleSignals, TokenImportance};
 use vlmq::{Modality, TokenInfo};
 
 use crate::common::Rng;
@@ -80,9 +80,9 @@ pub fn redundant_layer(
 impl RedundantLayer {
     /// VLMQ factors from the synthetic gradients with the default scorer.
     pub fn informative_factors(&self) -> Array1<f32> {
-        let views = [self.grads.view()];
+        let norms = grad_sq_norms(&[self.grads.view()]).expect("synthetic gradients are finite");
         GradientSaliency::default()
-            .factors(&SampleSignals::new(&self.tokens, 0).with_gradients(&views))
+            .factors(&SampleSignals::new(&self.tokens, 0).with_grad_sq_norms(norms.view()))
             .expect("synthetic gradients are finite")
     }
 

@@ -13,6 +13,7 @@
 //! background tokens. Every sample is a pure function of `(seed, index)`.
 
 use ndarray::Array2;
+use vlmq::rng::SplitMix64;
 
 /// Patches per side.
 pub const GRID: usize = 8;
@@ -122,22 +123,15 @@ impl Split {
     }
 }
 
-/// SplitMix64.
-struct Rng(u64);
+/// The task's draws on [`SplitMix64`] (integers by remainder, floats with 24 bits).
+struct Rng(SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.below_by_remainder(n)
     }
     fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+        self.0.uniform_f32()
     }
 }
 
@@ -200,9 +194,12 @@ pub fn example(seed: u64, split: Split, index: u64) -> VqaExample {
 /// background. The scene, question and answer do not depend on the
 /// background: the clutter is drawn from its own random stream.
 pub fn example_with(seed: u64, split: Split, index: u64, background: Background) -> VqaExample {
-    let mut rng = Rng(seed ^ split.stream() ^ index.wrapping_mul(0xA24B_AED4_963E_E407));
-    rng.next();
-    let mut clutter = Rng(rng.0 ^ 0x636C_7574_7465_7200);
+    let mut stream =
+        SplitMix64::from_state(seed ^ split.stream() ^ index.wrapping_mul(0xA24B_AED4_963E_E407));
+    stream.next_u64();
+    let clutter_state = stream.state() ^ 0x636C_7574_7465_7200;
+    let mut rng = Rng(stream);
+    let mut clutter = Rng(SplitMix64::from_state(clutter_state));
     loop {
         if let Some(ex) = try_example(&mut rng, &mut clutter, background) {
             return ex;
