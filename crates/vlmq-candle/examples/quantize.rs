@@ -116,20 +116,29 @@ fn shuffle(n: usize, seed: u64) -> Vec<usize> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let a = parse().map_err(|e| format!("{e}\nusage: see the doc comment of examples/quantize.rs"))?;
+    let a =
+        parse().map_err(|e| format!("{e}\nusage: see the doc comment of examples/quantize.rs"))?;
     let dev = Device::Cpu;
     let t0 = Instant::now();
     let is_gguf = a.model.extension().is_some_and(|e| e == "gguf");
     let (mut model, tk) = if is_gguf {
         let c = read_gguf_content(&a.model)?;
-        (load_gguf(&a.model, DType::F32, &dev)?, tokenizer_from_gguf(&c, &a.model)?)
+        (
+            load_gguf(&a.model, DType::F32, &dev)?,
+            tokenizer_from_gguf(&c, &a.model)?,
+        )
     } else {
         (
             load_hf_dir(&a.model, DType::F32, &dev)?,
             tokenizer_from_file(a.model.join("tokenizer.json"))?,
         )
     };
-    eprintln!("loaded {:?} in {:.1}s: {:?}", a.model, t0.elapsed().as_secs_f64(), model.config());
+    eprintln!(
+        "loaded {:?} in {:.1}s: {:?}",
+        a.model,
+        t0.elapsed().as_secs_f64(),
+        model.config()
+    );
 
     let text = std::fs::read_to_string(&a.calib)?;
     let tokens = encode(&tk, &text)?;
@@ -137,8 +146,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if all.len() < a.eval_windows + a.windows {
         return Err(format!(
             "{} tokens give {} windows of {}, fewer than {} eval + {} calibration",
-            tokens.len(), all.len(), a.window_len, a.eval_windows, a.windows
-        ).into());
+            tokens.len(),
+            all.len(),
+            a.window_len,
+            a.eval_windows,
+            a.windows
+        )
+        .into());
     }
     let pool = all.len() - a.eval_windows;
     let eval_set: Vec<Vec<u32>> = all[pool..].to_vec();
@@ -148,26 +162,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "text {:?}: {} chars, {} tokens, {} windows of {}; eval = windows {}..{}; calibration (seed {}) = {:?}",
         a.calib, text.len(), tokens.len(), all.len(), a.window_len, pool, all.len(), a.seed, calib_idx
     );
-    let samples: Vec<TextSample> = calib_idx.iter().map(|&i| TextSample::causal(all[i].clone())).collect();
+    let samples: Vec<TextSample> = calib_idx
+        .iter()
+        .map(|&i| TextSample::causal(all[i].clone()))
+        .collect();
 
     let reference = model.clone();
     let mut prog = |d: usize, n: usize| eprint!("\r  eval {d}/{n}   ");
     let base = evaluate(&reference, None, &eval_set, 2, &mut prog)?;
-    eprintln!("\nfull precision: ppl {:.4} ({} tokens, {:.1}s)", base.perplexity, base.tokens, base.seconds);
+    eprintln!(
+        "\nfull precision: ppl {:.4} ({} tokens, {:.1}s)",
+        base.perplexity, base.tokens, base.seconds
+    );
 
     let scheme = QuantScheme::new(Bits::new(a.bits)?)
         .with_group_size(GroupSize::new(a.group)?)
         .with_symmetric(!a.asym);
     let cfg = PipelineConfig::new(a.method, GptqConfig::new(scheme));
     let tq = Instant::now();
-    let q = vlmq::quantize_model(&mut model, &samples, &cfg, None, &mut |p| eprint!("\r  {p}      "))?;
+    let q = vlmq::quantize_model(&mut model, &samples, &cfg, None, &mut |p| {
+        eprint!("\r  {p}      ")
+    })?;
     let quant_s = tq.elapsed().as_secs_f64();
-    eprintln!("\n{} done in {quant_s:.1}s (importance pass {:.1}s)", a.method, q.report.importance_seconds);
+    eprintln!(
+        "\n{} done in {quant_s:.1}s (importance pass {:.1}s)",
+        a.method, q.report.importance_seconds
+    );
 
     let after = evaluate(&model, Some(&reference), &eval_set, 2, &mut prog)?;
     eprintln!(
         "\n{} W{} g{}: ppl {:.4} (fp {:.4}), KL {:.5} nats/token",
-        a.method, a.bits, a.group, after.perplexity, base.perplexity, after.kl.unwrap_or(f64::NAN)
+        a.method,
+        a.bits,
+        a.group,
+        after.perplexity,
+        base.perplexity,
+        after.kl.unwrap_or(f64::NAN)
     );
 
     let mut readback = None;
@@ -195,7 +225,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{line}");
     if let Some(j) = &a.json {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(j)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(j)?;
         writeln!(f, "{line}")?;
     }
     Ok(())

@@ -211,19 +211,32 @@ impl QuantizableModel for LlamaModel {
         Ok(Array2::from_shape_vec((o, i), v).expect("o x i values"))
     }
 
-    fn set_linear_weight(&mut self, block: usize, layer: &str, weight: ArrayView2<'_, f32>) -> Result<()> {
+    fn set_linear_weight(
+        &mut self,
+        block: usize,
+        layer: &str,
+        weight: ArrayView2<'_, f32>,
+    ) -> Result<()> {
         let dtype = self.dtype();
         let dev = self.device().clone();
         let nl = self.config().num_layers;
-        let l = self.weights_mut().layers.get_mut(block).ok_or(Error::Backend {
-            block,
-            layer: None,
-            reason: format!("the model has {nl} layers"),
-        })?;
+        let l = self
+            .weights_mut()
+            .layers
+            .get_mut(block)
+            .ok_or(Error::Backend {
+                block,
+                layer: None,
+                reason: format!("the model has {nl} layers"),
+            })?;
         let lin = l.linear_mut(layer).ok_or_else(|| unknown(block, layer))?;
         let want = lin.weight.dims().to_vec();
         if weight.shape() != want.as_slice() {
-            return Err(Error::shape(format!("new weight of {layer}"), &want, weight.shape()));
+            return Err(Error::shape(
+                format!("new weight of {layer}"),
+                &want,
+                weight.shape(),
+            ));
         }
         if let Some(((r, c), _)) = weight.indexed_iter().find(|(_, v)| !v.is_finite()) {
             return Err(Error::NonFinite {

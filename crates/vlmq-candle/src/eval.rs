@@ -35,7 +35,11 @@ fn nll_and_logprobs(model: &LlamaModel, batch: &[&[u32]]) -> Result<(f64, Tensor
         )?;
         let next: Vec<u32> = batch.iter().flat_map(|r| r[1..].iter().copied()).collect();
         let next = Tensor::from_vec(next, (b, t - 1, 1), logits.device())?;
-        let nll = lp.gather(&next, 2)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        let nll = lp
+            .gather(&next, 2)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         Ok((-nll, lp))
     };
     run().at_model()
@@ -101,4 +105,3 @@ pub fn windows(tokens: &[u32], len: usize) -> Vec<Vec<u32>> {
     }
     tokens.chunks_exact(len).map(<[u32]>::to_vec).collect()
 }
-

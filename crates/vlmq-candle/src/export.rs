@@ -44,7 +44,9 @@ pub fn write_gptq(
         let layer = name.strip_suffix(".weight").and_then(|stem| {
             let rest = stem.strip_prefix("model.layers.")?;
             let (n, lin) = rest.split_once('.')?;
-            LINEAR_NAMES.contains(&lin).then(|| (n.parse::<usize>().ok(), lin))
+            LINEAR_NAMES
+                .contains(&lin)
+                .then(|| (n.parse::<usize>().ok(), lin))
         });
         match layer {
             Some((Some(b), lin)) if quantized.weights.contains_key(&(b, lin.to_string())) => {
@@ -63,8 +65,9 @@ pub fn write_gptq(
                     stem.strip_prefix("model.layers.")
                         .and_then(|r| r.split_once('.'))
                         .is_some_and(|(n, lin)| {
-                            n.parse::<usize>()
-                                .is_ok_and(|b| quantized.weights.contains_key(&(b, lin.to_string())))
+                            n.parse::<usize>().is_ok_and(|b| {
+                                quantized.weights.contains_key(&(b, lin.to_string()))
+                            })
                         })
                 });
                 if !is_qbias {

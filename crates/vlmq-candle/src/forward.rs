@@ -48,7 +48,13 @@ impl Positional {
             }
         }
         let mask: Vec<f64> = (0..t * t)
-            .map(|k| if k % t > k / t { f64::NEG_INFINITY } else { 0.0 })
+            .map(|k| {
+                if k % t > k / t {
+                    f64::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
             .collect();
         Ok(Positional {
             cos: Tensor::from_vec(cos, (t, hd), dev)?.to_dtype(dtype)?,
@@ -65,7 +71,8 @@ pub(crate) fn rms_norm(
     eps: f64,
     differentiable: bool,
 ) -> candle_core::Result<Tensor> {
-    if differentiable {
+    // The fused kernel has no f64 version; the composed form is the same maths.
+    if differentiable || x.dtype() == DType::F64 {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
     } else {
@@ -152,7 +159,7 @@ pub(crate) fn layer_forward(
 ) -> candle_core::Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-    let diff = hooks.differentiable;
+    let diff = hooks.differentiable || x.dtype() == DType::F64;
 
     let h = rms_norm(x, &l.input_norm, cfg.rms_eps, diff)?;
     hooks.show(&[0, 1, 2], &h)?;

@@ -13,7 +13,11 @@ use crate::{LlamaModel, TextSample};
 
 fn tiny(bias: bool) -> LlamaConfig {
     LlamaConfig {
-        arch: if bias { Architecture::Qwen2 } else { Architecture::Llama },
+        arch: if bias {
+            Architecture::Qwen2
+        } else {
+            Architecture::Llama
+        },
         vocab_size: 23,
         hidden_size: 16,
         intermediate_size: 24,
@@ -30,11 +34,15 @@ fn tiny(bias: bool) -> LlamaConfig {
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // Deterministic values from a tiny LCG: enough for directions.
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
         })
         .collect();
@@ -42,7 +50,12 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn dot(a: &Tensor, b: &Tensor) -> f64 {
-    (a * b).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    (a * b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// `sum(layer(x; probes) * g)`.
@@ -85,7 +98,10 @@ fn check_block(bias: bool) {
         - objective(&m, 1, &(&x - (&d * eps).unwrap()).unwrap(), &zeros, &g))
         / (2.0 * eps);
     let an = dot(&gx, &d);
-    assert!((fd - an).abs() <= 1e-7 * an.abs().max(1.0), "input: fd {fd} vs {an}");
+    assert!(
+        (fd - an).abs() <= 1e-7 * an.abs().max(1.0),
+        "input: fd {fd} vs {an}"
+    );
     for (i, (name, rows)) in seen.iter().enumerate() {
         let dir = randn(zeros[i].dims(), 10 + i as u64);
         let mut plus = zeros.clone();
@@ -93,11 +109,18 @@ fn check_block(bias: bool) {
         plus[i] = (&dir * eps).unwrap();
         minus[i] = (&dir * -eps).unwrap();
         let fd = (objective(&m, 1, &x, &plus, &g) - objective(&m, 1, &x, &minus, &g)) / (2.0 * eps);
-        let gp = Tensor::from_vec(rows.iter().map(|&v| v as f64).collect::<Vec<_>>(), dir.dims(), &Device::Cpu)
-            .unwrap();
+        let gp = Tensor::from_vec(
+            rows.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            dir.dims(),
+            &Device::Cpu,
+        )
+        .unwrap();
         let an = dot(&gp, &dir);
         // The sink rows are f32: relative 1e-6 covers their rounding.
-        assert!((fd - an).abs() <= 1e-6 * an.abs().max(1.0), "{name}: fd {fd} vs {an}");
+        assert!(
+            (fd - an).abs() <= 1e-6 * an.abs().max(1.0),
+            "{name}: fd {fd} vs {an}"
+        );
     }
 }
 
@@ -126,10 +149,14 @@ fn loss_gradient_matches_finite_differences() {
                 .to_scalar::<f64>()
                 .unwrap()
         };
-        let fd = (loss(&(&h + (&d * eps).unwrap()).unwrap()) - loss(&(&h - (&d * eps).unwrap()).unwrap()))
+        let fd = (loss(&(&h + (&d * eps).unwrap()).unwrap())
+            - loss(&(&h - (&d * eps).unwrap()).unwrap()))
             / (2.0 * eps);
         let an = dot(&g, &d);
-        assert!((fd - an).abs() <= 1e-7 * an.abs().max(1.0), "loss: fd {fd} vs {an}");
+        assert!(
+            (fd - an).abs() <= 1e-7 * an.abs().max(1.0),
+            "loss: fd {fd} vs {an}"
+        );
     }
 }
 

@@ -113,17 +113,26 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> Result<LlamaConfig> {
     let a = arch_name.as_str();
     let hidden = meta_usize(c, &format!("{a}.embedding_length"), path)?;
     let heads = meta_usize(c, &format!("{a}.attention.head_count"), path)?;
-    let kv = match c.metadata.contains_key(&format!("{a}.attention.head_count_kv")) {
+    let kv = match c
+        .metadata
+        .contains_key(&format!("{a}.attention.head_count_kv"))
+    {
         true => meta_usize(c, &format!("{a}.attention.head_count_kv"), path)?,
         false => heads,
     };
-    let head_dim = match c.metadata.contains_key(&format!("{a}.attention.key_length")) {
+    let head_dim = match c
+        .metadata
+        .contains_key(&format!("{a}.attention.key_length"))
+    {
         true => meta_usize(c, &format!("{a}.attention.key_length"), path)?,
         false => hidden / heads.max(1),
     };
-    let embd = c.tensor_infos.get("token_embd.weight").ok_or(Error::MissingTensor {
-        name: "token_embd.weight".into(),
-    })?;
+    let embd = c
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or(Error::MissingTensor {
+            name: "token_embd.weight".into(),
+        })?;
     let cfg = LlamaConfig {
         arch,
         vocab_size: embd.shape.dims()[0],
@@ -172,7 +181,11 @@ impl TensorSource for GgufSource<'_> {
             };
             if let Some(h) = heads {
                 if t.dim(0).map_err(|e| file(self.path, e))? % (2 * h) != 0 {
-                    return Err(Error::shape(format!("rows of {g:?} (per head pairs)"), &[2 * h], t.dims()));
+                    return Err(Error::shape(
+                        format!("rows of {g:?} (per head pairs)"),
+                        &[2 * h],
+                        t.dims(),
+                    ));
                 }
                 t = permute_qk(&t, h, true).map_err(|e| file(self.path, e))?;
             }

@@ -220,7 +220,10 @@ impl LlamaModel {
                 layer: None,
                 reason: "no gradient reached the last layer's output".into(),
             })?;
-            let l = loss.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).at_model()?;
+            let l = loss
+                .to_dtype(DType::F64)
+                .and_then(|l| l.to_scalar::<f64>())
+                .at_model()?;
             Ok(Some((l as f32, g)))
         };
         run()

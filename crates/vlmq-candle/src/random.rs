@@ -32,7 +32,9 @@ impl Normal {
 
     fn tensor(&mut self, shape: &[usize], mean: f64, std: f64) -> candle_core::Result<Tensor> {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| (mean + std * self.sample()) as f32).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (mean + std * self.sample()) as f32)
+            .collect();
         Tensor::from_vec(v, shape, &Device::Cpu)
     }
 }

@@ -53,7 +53,10 @@ pub fn tokenizer_from_gguf(c: &Content, path: &Path) -> Result<Tokenizer> {
         .to_string()
         .map_err(|e| bad(path, e))?;
     if model != "gpt2" {
-        return Err(bad(path, format!("unsupported tokenizer model {model:?} (only gpt2 byte-level BPE)")));
+        return Err(bad(
+            path,
+            format!("unsupported tokenizer model {model:?} (only gpt2 byte-level BPE)"),
+        ));
     }
     let tokens = strings(c, "tokenizer.ggml.tokens", path)?;
     let merges: Vec<(String, String)> = strings(c, "tokenizer.ggml.merges", path)?

@@ -70,7 +70,12 @@ pub struct ModelWeights {
 
 /// Expected `[out, in]` (or `[n]`) shape of every parameter of layer `i`.
 fn expected_linear(cfg: &LlamaConfig, name: &str) -> [usize; 2] {
-    let (d, f, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+    let (d, f, q, kv) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+    );
     match name {
         "self_attn.q_proj" => [q, d],
         "self_attn.k_proj" | "self_attn.v_proj" => [kv, d],
@@ -131,7 +136,10 @@ impl ModelWeights {
                 let weight = required(src, &wname, dtype)?;
                 check(&wname, &weight, &shape)?;
                 let bname = format!("{p}{ln}.bias");
-                let is_qkv = matches!(ln, "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj");
+                let is_qkv = matches!(
+                    ln,
+                    "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+                );
                 let bias = if cfg.qkv_bias && is_qkv {
                     let b = required(src, &bname, dtype)?;
                     check(&bname, &b, &shape[..1])?;
@@ -171,7 +179,10 @@ impl ModelWeights {
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}.");
             out.push((format!("{p}input_layernorm.weight"), l.input_norm.clone()));
-            out.push((format!("{p}post_attention_layernorm.weight"), l.post_norm.clone()));
+            out.push((
+                format!("{p}post_attention_layernorm.weight"),
+                l.post_norm.clone(),
+            ));
             for (n, lin) in LINEAR_NAMES.iter().zip(&l.linears) {
                 out.push((format!("{p}{n}.weight"), lin.weight.clone()));
                 if let Some(b) = &lin.bias {

@@ -14,7 +14,11 @@ use vlmq_candle::{
 };
 
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/hf-tiny")).join(name)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/hf-tiny"
+    ))
+    .join(name)
 }
 
 fn gguf_name(hf: &str) -> String {
@@ -59,7 +63,10 @@ fn write_gguf(model: &LlamaModel, tokenizer_json: &PathBuf, path: &PathBuf) {
                 t = permute_qk(&t, cfg.num_kv_heads, false).unwrap();
             }
         }
-        tensors.push((gguf_name(&name), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        tensors.push((
+            gguf_name(&name),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
     }
     let tj: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tokenizer_json).unwrap()).unwrap();
@@ -93,16 +100,34 @@ fn write_gguf(model: &LlamaModel, tokenizer_json: &PathBuf, path: &PathBuf) {
     let md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), s(arch)),
         (format!("{arch}.embedding_length"), u(cfg.hidden_size)),
-        (format!("{arch}.feed_forward_length"), u(cfg.intermediate_size)),
+        (
+            format!("{arch}.feed_forward_length"),
+            u(cfg.intermediate_size),
+        ),
         (format!("{arch}.block_count"), u(cfg.num_layers)),
         (format!("{arch}.attention.head_count"), u(cfg.num_heads)),
-        (format!("{arch}.attention.head_count_kv"), u(cfg.num_kv_heads)),
-        (format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps as f32)),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u(cfg.num_kv_heads),
+        ),
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_eps as f32),
+        ),
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s("gpt2")),
-        ("tokenizer.ggml.tokens".into(), Value::Array(toks.iter().map(|t| s(t)).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(toks.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
         ("tokenizer.ggml.merges".into(), Value::Array(merges)),
     ];
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -112,7 +137,14 @@ fn write_gguf(model: &LlamaModel, tokenizer_json: &PathBuf, path: &PathBuf) {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn roundtrip(name: &str) {
@@ -120,7 +152,13 @@ fn roundtrip(name: &str) {
     let path = std::env::temp_dir().join(format!("vlmq-candle-{name}-{}.gguf", std::process::id()));
     write_gguf(&hf, &dir(name).join("tokenizer.json"), &path);
     let g = load_gguf(&path, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(g.config(), hf.config());
+    // GGUF stores eps and theta as f32: compare those to f32 precision.
+    let (mut gc, hc) = (g.config().clone(), hf.config());
+    assert!((gc.rms_eps - hc.rms_eps).abs() <= 1e-6 * hc.rms_eps);
+    assert!((gc.rope_theta - hc.rope_theta).abs() <= 1e-6 * hc.rope_theta);
+    gc.rms_eps = hc.rms_eps;
+    gc.rope_theta = hc.rope_theta;
+    assert_eq!(&gc, hc);
     let inputs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir(name).join("inputs.json")).unwrap())
             .unwrap();
@@ -142,7 +180,10 @@ fn roundtrip(name: &str) {
     let batch: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
     // F32 tensors are stored exactly and the permutation is undone exactly:
     // the logits are bitwise equal.
-    assert_eq!(max_abs_diff(&g.logits(&batch).unwrap(), &hf.logits(&batch).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(&g.logits(&batch).unwrap(), &hf.logits(&batch).unwrap()),
+        0.0
+    );
 }
 
 #[test]
@@ -157,11 +198,20 @@ fn qwen2_gguf_loads_to_the_same_logits() {
 
 #[test]
 fn permutation_is_inverted_and_not_trivial() {
-    let w = Tensor::arange(0f32, 64.0, &Device::Cpu).unwrap().reshape((8, 8)).unwrap();
+    let w = Tensor::arange(0f32, 64.0, &Device::Cpu)
+        .unwrap()
+        .reshape((8, 8))
+        .unwrap();
     let p = permute_qk(&w, 2, false).unwrap();
     assert!(max_abs_diff(&p, &w) > 0.0);
     assert_eq!(max_abs_diff(&permute_qk(&p, 2, true).unwrap(), &w), 0.0);
     // Head 0 has rows 0..4 = halves [0,1 | 2,3]; interleaved order is 0,2,1,3.
-    let rows: Vec<f32> = p.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let rows: Vec<f32> = p
+        .narrow(1, 0, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(&rows[..4], &[0.0, 16.0, 8.0, 24.0]);
 }

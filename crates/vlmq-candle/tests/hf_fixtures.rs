@@ -14,7 +14,11 @@ use vlmq_candle::candle_core::{DType, Device, Tensor};
 use vlmq_candle::{encode, load_hf_dir, tokenizer_from_file, TextSample};
 
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/hf-tiny")).join(name)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/hf-tiny"
+    ))
+    .join(name)
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
@@ -93,7 +97,10 @@ fn check(name: &str) {
         let g1 = model.block_backward(1, &h1, &s, &g, None).unwrap();
         grads.push((g1 / rows.len() as f64).unwrap());
     }
-    assert!(((loss - want_loss) / want_loss).abs() < 1e-5, "loss {loss} vs {want_loss}");
+    assert!(
+        ((loss - want_loss) / want_loss).abs() < 1e-5,
+        "loss {loss} vs {want_loss}"
+    );
     let g = Tensor::cat(&grads, 0).unwrap();
     let eg = rel(&g, &exp["grad_layer1_input"]);
     eprintln!("{name}: loss {loss} (ref {want_loss}), rel grad_layer1_input {eg:.2e}");
@@ -120,7 +127,10 @@ fn missing_files_and_bad_configs_are_typed_errors() {
     // Unsupported architecture.
     std::fs::write(tmp.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
     let e = load_hf_dir(&tmp, DType::F32, &Device::Cpu).unwrap_err();
-    assert!(matches!(e, vlmq::Error::Json { .. }) && e.to_string().contains("gpt2"), "{e}");
+    assert!(
+        matches!(e, vlmq::Error::Json { .. }) && e.to_string().contains("gpt2"),
+        "{e}"
+    );
     // Config that disagrees with the weights (wider hidden size).
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir("llama").join("config.json")).unwrap())
@@ -130,7 +140,11 @@ fn missing_files_and_bad_configs_are_typed_errors() {
     // Weights missing.
     let e = load_hf_dir(&tmp, DType::F32, &Device::Cpu).unwrap_err();
     assert!(matches!(e, vlmq::Error::Io { .. }), "{e}");
-    std::fs::copy(dir("llama").join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        dir("llama").join("model.safetensors"),
+        tmp.join("model.safetensors"),
+    )
+    .unwrap();
     let e = load_hf_dir(&tmp, DType::F32, &Device::Cpu).unwrap_err();
     assert!(matches!(e, vlmq::Error::ShapeMismatch { .. }), "{e}");
     std::fs::remove_dir_all(&tmp).unwrap();

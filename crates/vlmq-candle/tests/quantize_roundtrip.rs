@@ -10,12 +10,15 @@ use vlmq_candle::candle_core::{DType, Device, Tensor};
 use vlmq_candle::eval::{evaluate, windows};
 use vlmq_candle::export::{load_gptq_into, write_gptq};
 use vlmq_candle::{
-    encode, load_hf_dir, random_model, save_hf_dir, tokenizer_from_file, Architecture,
-    LlamaConfig, TextSample,
+    encode, load_hf_dir, random_model, save_hf_dir, tokenizer_from_file, Architecture, LlamaConfig,
+    TextSample,
 };
 
 fn fixture_tokenizer() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/hf-tiny/tokenizer/tokenizer.json"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/hf-tiny/tokenizer/tokenizer.json"
+    ))
 }
 
 fn cfg(arch: Architecture) -> LlamaConfig {
@@ -62,11 +65,21 @@ fn text() -> String {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn run(arch: Architecture, method: QuantMethod) {
-    let tmp = std::env::temp_dir().join(format!("vlmq-candle-rt-{arch:?}-{method}-{}", std::process::id()));
+    let tmp = std::env::temp_dir().join(format!(
+        "vlmq-candle-rt-{arch:?}-{method}-{}",
+        std::process::id()
+    ));
     let (src, out) = (tmp.join("src"), tmp.join("out"));
     let orig = random_model(&cfg(arch), 11, DType::F32).unwrap();
     save_hf_dir(&orig, &src).unwrap();
@@ -79,7 +92,13 @@ fn run(arch: Architecture, method: QuantMethod) {
     let wins = windows(&tokens, 32);
     assert!(wins.len() >= 6, "{} windows", wins.len());
     let probe: Vec<&[u32]> = wins[..2].iter().map(Vec::as_slice).collect();
-    assert_eq!(max_abs_diff(&model.logits(&probe).unwrap(), &orig.logits(&probe).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(
+            &model.logits(&probe).unwrap(),
+            &orig.logits(&probe).unwrap()
+        ),
+        0.0
+    );
 
     let reference = model.clone();
     let eval_set = &wins[wins.len() - 2..];
@@ -101,7 +120,10 @@ fn run(arch: Architecture, method: QuantMethod) {
     assert!(ck.names().contains(&"model.layers.1.self_attn.q_proj"));
     assert!(ck.tensor_names().contains(&"model.embed_tokens.weight"));
     if arch == Architecture::Qwen2 {
-        assert!(ck.bias("model.layers.0.self_attn.k_proj").unwrap().is_some());
+        assert!(ck
+            .bias("model.layers.0.self_attn.k_proj")
+            .unwrap()
+            .is_some());
         assert!(ck.tensor_names().contains(&"lm_head.weight"));
     }
     let config: serde_json::Value =
@@ -114,7 +136,10 @@ fn run(arch: Architecture, method: QuantMethod) {
     assert_eq!(load_gptq_into(&mut back, &out).unwrap(), 14);
     // The packed kernel reproduces the dequantized weights up to f32
     // rounding of scale * (code - zero) (and of the bias subtraction).
-    let d = max_abs_diff(&back.logits(&probe).unwrap(), &model.logits(&probe).unwrap());
+    let d = max_abs_diff(
+        &back.logits(&probe).unwrap(),
+        &model.logits(&probe).unwrap(),
+    );
     assert!(d < 1e-4, "read-back logits differ by {d}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
