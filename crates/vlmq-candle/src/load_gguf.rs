@@ -1,0 +1,224 @@
+//! Loading a llama.cpp GGUF file: metadata to [`LlamaConfig`], every tensor
+//! dequantized to the compute dtype, renamed to HF names, and the q/k row
+//! permutation of llama.cpp's converter undone for the `llama` architecture.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use vlmq::{Error, Result};
+
+use crate::config::{Architecture, LlamaConfig};
+use crate::error::file;
+use crate::model::LlamaModel;
+use crate::weights::{ModelWeights, TensorSource};
+
+/// HF name of a GGUF tensor name (`None` for tensors the decoder does not use).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (n, rest) = rest.split_once('.')?;
+    let n: usize = n.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{n}.{hf}.{kind}"))
+}
+
+/// llama.cpp's converter order of q/k rows: within each head, HF's
+/// `[2, hd/2]` (halves) becomes `[hd/2, 2]` (pairs). `inverse` maps back.
+/// Works on `[out, in]` and on `[out]` (biases).
+pub fn permute_qk(w: &Tensor, heads: usize, inverse: bool) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let out = dims[0];
+    let inn = if dims.len() == 2 { dims[1] } else { 1 };
+    let hd = out / heads;
+    let shape = if inverse {
+        (heads, hd / 2, 2, inn)
+    } else {
+        (heads, 2, hd / 2, inn)
+    };
+    w.reshape(shape)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+/// A metadata value by key.
+pub(crate) fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
+    c.metadata.get(key).ok_or_else(|| Error::CorruptCheckpoint {
+        path: path.to_path_buf(),
+        reason: format!("GGUF metadata key {key:?} is missing"),
+    })
+}
+
+fn meta_usize(c: &Content, key: &str, path: &Path) -> Result<usize> {
+    let v = meta(c, key, path)?;
+    v.to_u64()
+        .map(|x| x as usize)
+        .or_else(|_| v.to_u32().map(|x| x as usize))
+        .or_else(|_| v.to_i32().map(|x| x as usize))
+        .map_err(|e| file(path, e))
+}
+
+fn meta_f64(c: &Content, key: &str, path: &Path) -> Result<Option<f64>> {
+    match c.metadata.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .to_f32()
+            .map(f64::from)
+            .or_else(|_| v.to_f64())
+            .map(Some)
+            .map_err(|e| file(path, e)),
+    }
+}
+
+/// The decoder configuration stored in a GGUF file's metadata.
+pub fn config_from_gguf(c: &Content, path: &Path) -> Result<LlamaConfig> {
+    let arch_name = meta(c, "general.architecture", path)?
+        .to_string()
+        .map_err(|e| file(path, e))?
+        .clone();
+    let arch = match arch_name.as_str() {
+        "llama" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        other => {
+            return Err(Error::CorruptCheckpoint {
+                path: path.to_path_buf(),
+                reason: format!("unsupported architecture {other:?} (supported: llama, qwen2)"),
+            })
+        }
+    };
+    let a = arch_name.as_str();
+    let hidden = meta_usize(c, &format!("{a}.embedding_length"), path)?;
+    let heads = meta_usize(c, &format!("{a}.attention.head_count"), path)?;
+    let kv = match c
+        .metadata
+        .contains_key(&format!("{a}.attention.head_count_kv"))
+    {
+        true => meta_usize(c, &format!("{a}.attention.head_count_kv"), path)?,
+        false => heads,
+    };
+    let head_dim = match c
+        .metadata
+        .contains_key(&format!("{a}.attention.key_length"))
+    {
+        true => meta_usize(c, &format!("{a}.attention.key_length"), path)?,
+        false => hidden / heads.max(1),
+    };
+    let embd = c
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or(Error::MissingTensor {
+            name: "token_embd.weight".into(),
+        })?;
+    let cfg = LlamaConfig {
+        arch,
+        vocab_size: embd.shape.dims()[0],
+        hidden_size: hidden,
+        intermediate_size: meta_usize(c, &format!("{a}.feed_forward_length"), path)?,
+        num_layers: meta_usize(c, &format!("{a}.block_count"), path)?,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        rope_theta: meta_f64(c, &format!("{a}.rope.freq_base"), path)?.unwrap_or(10000.0),
+        rms_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon"), path)?
+            .unwrap_or(1e-5),
+        tie_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        qkv_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+    };
+    cfg.validate().map_err(|r| file(path, r))?;
+    Ok(cfg)
+}
+
+struct GgufSource<'a> {
+    content: &'a Content,
+    reader: BufReader<File>,
+    by_hf: HashMap<String, String>,
+    path: &'a Path,
+    device: &'a Device,
+    cfg: &'a LlamaConfig,
+}
+
+impl TensorSource for GgufSource<'_> {
+    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
+        let Some(g) = self.by_hf.get(name) else {
+            return Ok(None);
+        };
+        let q = self
+            .content
+            .tensor(&mut self.reader, g, self.device)
+            .map_err(|e| file(self.path, format!("tensor {g:?}: {e}")))?;
+        let mut t = q.dequantize(self.device).map_err(|e| file(self.path, e))?;
+        if self.cfg.arch == Architecture::Llama {
+            let heads = if name.contains("self_attn.q_proj") {
+                Some(self.cfg.num_heads)
+            } else if name.contains("self_attn.k_proj") {
+                Some(self.cfg.num_kv_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                if t.dim(0).map_err(|e| file(self.path, e))? % (2 * h) != 0 {
+                    return Err(Error::shape(
+                        format!("rows of {g:?} (per head pairs)"),
+                        &[2 * h],
+                        t.dims(),
+                    ));
+                }
+                t = permute_qk(&t, h, true).map_err(|e| file(self.path, e))?;
+            }
+        }
+        t.to_dtype(dtype).map(Some).map_err(|e| file(self.path, e))
+    }
+}
+
+/// Reads a GGUF file's header (metadata and tensor directory).
+pub fn read_gguf_content(path: &Path) -> Result<Content> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    Content::read(&mut BufReader::new(f)).map_err(|e| file(path, e))
+}
+
+/// Loads a Llama-family model from a GGUF file, every tensor dequantized to `dtype`.
+pub fn load_gguf(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<LlamaModel> {
+    let path = path.as_ref();
+    let content = read_gguf_content(path)?;
+    let cfg = config_from_gguf(&content, path)?;
+    let by_hf = content
+        .tensor_infos
+        .keys()
+        .filter_map(|g| hf_name(g).map(|h| (h, g.clone())))
+        .collect();
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut src = GgufSource {
+        content: &content,
+        reader: BufReader::new(f),
+        by_hf,
+        path,
+        device,
+        cfg: &cfg,
+    };
+    let weights = ModelWeights::assemble(&cfg, &mut src, dtype)?;
+    LlamaModel::new(cfg, weights)
+}

@@ -1,0 +1,118 @@
+//! Loading a Hugging Face model directory: `config.json`, one
+//! `model.safetensors` or several shards listed in
+//! `model.safetensors.index.json`, and (separately) `tokenizer.json`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use vlmq::{Error, Result};
+
+use crate::config::LlamaConfig;
+use crate::error::file;
+use crate::model::LlamaModel;
+use crate::weights::{ModelWeights, TensorSource};
+
+/// Reads and parses a JSON file (a missing file is an [`Error::Io`]).
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The safetensors files of a directory: the shards named by the index, or `model.safetensors`.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::Json {
+                path: index.clone(),
+                reason: "no weight_map object".into(),
+            })?;
+        let mut files = BTreeSet::new();
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| Error::Json {
+                path: index.clone(),
+                reason: format!("weight_map entry of {name:?} is not a file name"),
+            })?;
+            files.insert(dir.join(f));
+        }
+        Ok(files.into_iter().collect())
+    } else {
+        Ok(vec![dir.join("model.safetensors")])
+    }
+}
+
+/// Tensors by name, converted on request.
+struct NamedTensors {
+    tensors: HashMap<String, Tensor>,
+    origin: HashMap<String, PathBuf>,
+}
+
+impl TensorSource for NamedTensors {
+    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
+        let Some(t) = self.tensors.remove(name) else {
+            return Ok(None);
+        };
+        match t.dtype() {
+            DType::F32 | DType::F16 | DType::BF16 | DType::F64 => {}
+            other => {
+                return Err(Error::DtypeMismatch {
+                    name: name.to_string(),
+                    expected: "f32, f16, bf16 or f64".into(),
+                    actual: format!("{other:?}"),
+                })
+            }
+        }
+        let path = self.origin.get(name).cloned().unwrap_or_default();
+        t.to_dtype(dtype).map(Some).map_err(|e| file(&path, e))
+    }
+}
+
+/// Loads a Llama-family model from an HF directory, computing in `dtype`.
+pub fn load_hf_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<LlamaModel> {
+    let dir = dir.as_ref();
+    let cfg_path = dir.join("config.json");
+    let cfg = LlamaConfig::from_hf_json(&read_json(&cfg_path)?, &cfg_path)?;
+    let mut src = NamedTensors {
+        tensors: HashMap::new(),
+        origin: HashMap::new(),
+    };
+    for f in safetensors_files(dir)? {
+        if !f.exists() {
+            return Err(Error::io(
+                &f,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "safetensors file not found"),
+            ));
+        }
+        let map = candle_core::safetensors::load(&f, device).map_err(|e| file(&f, e))?;
+        for (k, v) in map {
+            src.origin.insert(k.clone(), f.clone());
+            src.tensors.insert(k, v);
+        }
+    }
+    let weights = ModelWeights::assemble(&cfg, &mut src, dtype)?;
+    LlamaModel::new(cfg, weights)
+}
+
+/// Writes `model` as an HF directory (`config.json` and one f32
+/// `model.safetensors`); tokenizer files are the caller's.
+pub fn save_hf_dir(model: &LlamaModel, dir: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let cfg = serde_json::to_string_pretty(&model.config().to_hf_json()).expect("json");
+    let cp = dir.join("config.json");
+    std::fs::write(&cp, cfg).map_err(|e| Error::io(&cp, e))?;
+    let st = dir.join("model.safetensors");
+    let mut map = HashMap::new();
+    for (n, t) in model.weights().named_tensors() {
+        map.insert(n, t.to_dtype(DType::F32).map_err(|e| file(&st, e))?);
+    }
+    candle_core::safetensors::save(&map, &st).map_err(|e| file(&st, e))
+}

@@ -1,0 +1,231 @@
+//! [`LlamaModel`]: a Llama-family decoder held as candle tensors.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use vlmq::{Error, Result};
+
+use crate::config::LlamaConfig;
+use crate::error::CandleResultExt;
+use crate::forward::{layer_forward, rms_norm, Hooks, Positional};
+use crate::weights::ModelWeights;
+
+/// A decoder: configuration, parameters, device and compute dtype.
+///
+/// Cloning is cheap (tensors are shared); replacing a weight in one clone
+/// never changes another.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    cfg: LlamaConfig,
+    weights: ModelWeights,
+    device: Device,
+}
+
+impl LlamaModel {
+    /// Wraps checked weights (all tensors must share one dtype and device).
+    pub fn new(cfg: LlamaConfig, weights: ModelWeights) -> Result<Self> {
+        cfg.validate().map_err(|reason| Error::InvalidConfig {
+            field: "LlamaConfig",
+            value: reason,
+            reason: "the decoder's sizes must be consistent",
+        })?;
+        let device = weights.embed.device().clone();
+        Ok(LlamaModel {
+            cfg,
+            weights,
+            device,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The parameters.
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+
+    /// Mutable parameters (shapes are the caller's responsibility; prefer
+    /// [`set_linear_weight`](vlmq::QuantizableModel::set_linear_weight)).
+    pub fn weights_mut(&mut self) -> &mut ModelWeights {
+        &mut self.weights
+    }
+
+    /// The compute dtype (that of the embedding).
+    pub fn dtype(&self) -> DType {
+        self.weights.embed.dtype()
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A copy with every parameter converted to `dtype` (e.g. F64 for gradient checks).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let c = |t: &Tensor| t.to_dtype(dtype).at_model();
+        let mut w = self.weights.clone();
+        w.embed = c(&w.embed)?;
+        w.norm = c(&w.norm)?;
+        if let Some(h) = &w.lm_head {
+            w.lm_head = Some(c(h)?);
+        }
+        for l in &mut w.layers {
+            l.input_norm = c(&l.input_norm)?;
+            l.post_norm = c(&l.post_norm)?;
+            for lin in &mut l.linears {
+                lin.weight = c(&lin.weight)?;
+                if let Some(b) = &lin.bias {
+                    lin.bias = Some(c(b)?);
+                }
+            }
+        }
+        Ok(LlamaModel {
+            cfg: self.cfg.clone(),
+            weights: w,
+            device: self.device.clone(),
+        })
+    }
+
+    /// Checks a batch of token rows: non-empty, equal lengths, ids in the vocabulary.
+    pub(crate) fn check_tokens(&self, batch: &[&[u32]]) -> Result<(usize, usize)> {
+        let t = batch.first().map_or(0, |r| r.len());
+        if t == 0 {
+            return Err(Error::Empty {
+                what: "token batch".into(),
+            });
+        }
+        for (b, row) in batch.iter().enumerate() {
+            if row.len() != t {
+                return Err(Error::shape(format!("token row {b}"), &[t], &[row.len()]));
+            }
+            if let Some(&id) = row.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return Err(Error::InvalidConfig {
+                    field: "token id",
+                    value: id.to_string(),
+                    reason: "token ids must be below the vocabulary size",
+                });
+            }
+        }
+        Ok((batch.len(), t))
+    }
+
+    /// Input embeddings `[B, T, hidden]` of equal-length token rows.
+    pub fn embed_batch(&self, batch: &[&[u32]]) -> Result<Tensor> {
+        let (b, t) = self.check_tokens(batch)?;
+        let flat: Vec<u32> = batch.iter().flat_map(|r| r.iter().copied()).collect();
+        let ids = Tensor::from_vec(flat, b * t, &self.device).at_model()?;
+        self.weights
+            .embed
+            .index_select(&ids, 0)
+            .and_then(|e| e.reshape((b, t, self.cfg.hidden_size)))
+            .at_model()
+    }
+
+    /// Positional tables for length `t`.
+    pub(crate) fn positional(&self, t: usize) -> Result<Positional> {
+        Positional::new(&self.cfg, t, self.dtype(), &self.device).at_model()
+    }
+
+    /// Runs layer `i` on `x: [B, T, hidden]`.
+    pub(crate) fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pos: &Positional,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Tensor> {
+        let l = self.weights.layers.get(i).ok_or(Error::Backend {
+            block: i,
+            layer: None,
+            reason: format!("the model has {} layers", self.cfg.num_layers),
+        })?;
+        layer_forward(&self.cfg, l, x, pos, hooks).in_block(i)
+    }
+
+    /// Final norm then LM head: logits `[B, T, vocab]` from the last layer's output.
+    pub fn head_logits(&self, h: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        let run = || -> candle_core::Result<Tensor> {
+            let (b, t, d) = h.dims3()?;
+            let n = rms_norm(h, &self.weights.norm, self.cfg.rms_eps, differentiable)?;
+            n.reshape((b * t, d))?
+                .matmul(&head.t()?)?
+                .reshape((b, t, self.cfg.vocab_size))
+        };
+        run().at_model()
+    }
+
+    /// Hidden states of a batch: the embeddings, then every layer's output
+    /// (the last before the final norm).
+    pub fn hidden_states(&self, batch: &[&[u32]]) -> Result<Vec<Tensor>> {
+        let mut h = self.embed_batch(batch)?;
+        let pos = self.positional(h.dim(1).at_model()?)?;
+        let mut out = vec![h.clone()];
+        for i in 0..self.cfg.num_layers {
+            h = self.layer(i, &h, &pos, &mut Hooks::none())?;
+            out.push(h.clone());
+        }
+        Ok(out)
+    }
+
+    /// Logits `[B, T, vocab]` of equal-length token rows (fused ops, no autograd).
+    pub fn logits(&self, batch: &[&[u32]]) -> Result<Tensor> {
+        let hs = self.hidden_states(batch)?;
+        self.head_logits(hs.last().expect("embeddings"), false)
+    }
+
+    /// Mean next-token cross-entropy of one row over positions `t >= 1`
+    /// with `targets[t]` true, from `logits: [1, T, vocab]`; `None` when no
+    /// position counts.
+    pub(crate) fn target_loss(
+        &self,
+        logits: &Tensor,
+        tokens: &[u32],
+        targets: &[bool],
+    ) -> candle_core::Result<Option<Tensor>> {
+        let t = tokens.len();
+        let n = targets.iter().skip(1).filter(|&&b| b).count();
+        if n == 0 || t < 2 {
+            return Ok(None);
+        }
+        let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.narrow(0, 0, t - 1)?, D::Minus1)?;
+        let next = Tensor::from_vec(tokens[1..].to_vec(), (t - 1, 1), &self.device)?;
+        let picked = lp.gather(&next, 1)?.squeeze(1)?;
+        let w: Vec<f64> = targets[1..]
+            .iter()
+            .map(|&b| if b { -1.0 / n as f64 } else { 0.0 })
+            .collect();
+        let w = Tensor::from_vec(w, t - 1, &self.device)?.to_dtype(picked.dtype())?;
+        Ok(Some((picked * w)?.sum_all()?))
+    }
+
+    /// Loss (as in [`target_loss`](Self::target_loss)) and its gradient with
+    /// respect to the last layer's output `h: [1, T, hidden]`.
+    pub(crate) fn loss_and_grad_at(
+        &self,
+        h: &Tensor,
+        tokens: &[u32],
+        targets: &[bool],
+    ) -> Result<Option<(f32, Tensor)>> {
+        let run = || -> Result<Option<(f32, Tensor)>> {
+            let v = Var::from_tensor(&h.detach()).at_model()?;
+            let logits = self.head_logits(v.as_tensor(), true)?;
+            let Some(loss) = self.target_loss(&logits, tokens, targets).at_model()? else {
+                return Ok(None);
+            };
+            let grads = loss.backward().at_model()?;
+            let g = grads.get(v.as_tensor()).cloned().ok_or(Error::Backend {
+                block: usize::MAX,
+                layer: None,
+                reason: "no gradient reached the last layer's output".into(),
+            })?;
+            let l = loss
+                .to_dtype(DType::F64)
+                .and_then(|l| l.to_scalar::<f64>())
+                .at_model()?;
+            Ok(Some((l as f32, g)))
+        };
+        run()
+    }
+}

@@ -1,0 +1,199 @@
+//! The decoder's parameters as candle tensors, addressed by their HF names.
+
+use candle_core::{DType, Tensor};
+use vlmq::{Error, Result};
+
+use crate::config::LlamaConfig;
+
+/// The seven quantizable linears of a decoder layer, by their HF names
+/// (relative to `model.layers.N.`), in forward order.
+pub const LINEAR_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// One linear: weight `[out, in]` and an optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Weight `[out, in]`.
+    pub weight: Tensor,
+    /// Bias `[out]`.
+    pub bias: Option<Tensor>,
+}
+
+/// The parameters of one decoder layer.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    /// RMSNorm gain before attention.
+    pub input_norm: Tensor,
+    /// RMSNorm gain before the MLP.
+    pub post_norm: Tensor,
+    /// The seven linears in [`LINEAR_NAMES`] order.
+    pub linears: [Linear; 7],
+}
+
+impl LayerWeights {
+    /// The linear named `name` (one of [`LINEAR_NAMES`]).
+    pub fn linear(&self, name: &str) -> Option<&Linear> {
+        LINEAR_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| &self.linears[i])
+    }
+
+    /// Mutable access to the linear named `name`.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        LINEAR_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .map(move |i| &mut self.linears[i])
+    }
+}
+
+/// Every parameter of a decoder.
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    /// Token embedding `[vocab, hidden]`.
+    pub embed: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm gain.
+    pub norm: Tensor,
+    /// Separate LM head `[vocab, hidden]`; `None` when tied to `embed`.
+    pub lm_head: Option<Tensor>,
+}
+
+/// Expected `[out, in]` (or `[n]`) shape of every parameter of layer `i`.
+fn expected_linear(cfg: &LlamaConfig, name: &str) -> [usize; 2] {
+    let (d, f, q, kv) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+    );
+    match name {
+        "self_attn.q_proj" => [q, d],
+        "self_attn.k_proj" | "self_attn.v_proj" => [kv, d],
+        "self_attn.o_proj" => [d, q],
+        "mlp.gate_proj" | "mlp.up_proj" => [f, d],
+        _ => [d, f],
+    }
+}
+
+fn check(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(Error::shape(
+            format!("tensor {name:?} against the config"),
+            expected,
+            t.dims(),
+        ));
+    }
+    Ok(())
+}
+
+/// Where tensors come from when assembling [`ModelWeights`]: a lookup by HF name.
+pub(crate) trait TensorSource {
+    /// The tensor called `name` (HF naming), converted to `dtype`; `Ok(None)` when absent.
+    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>>;
+}
+
+fn required(src: &mut dyn TensorSource, name: &str, dtype: DType) -> Result<Tensor> {
+    src.get(name, dtype)?.ok_or_else(|| Error::MissingTensor {
+        name: name.to_string(),
+    })
+}
+
+impl ModelWeights {
+    /// Assembles and shape-checks every parameter from `src`.
+    pub(crate) fn assemble(
+        cfg: &LlamaConfig,
+        src: &mut dyn TensorSource,
+        dtype: DType,
+    ) -> Result<Self> {
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = required(src, "model.embed_tokens.weight", dtype)?;
+        check("model.embed_tokens.weight", &embed, &[v, d])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}.");
+            let mut norm = |n: &str| -> Result<Tensor> {
+                let name = format!("{p}{n}.weight");
+                let t = required(src, &name, dtype)?;
+                check(&name, &t, &[d])?;
+                Ok(t)
+            };
+            let input_norm = norm("input_layernorm")?;
+            let post_norm = norm("post_attention_layernorm")?;
+            let mut lin = Vec::with_capacity(7);
+            for ln in LINEAR_NAMES {
+                let shape = expected_linear(cfg, ln);
+                let wname = format!("{p}{ln}.weight");
+                let weight = required(src, &wname, dtype)?;
+                check(&wname, &weight, &shape)?;
+                let bname = format!("{p}{ln}.bias");
+                let is_qkv = matches!(
+                    ln,
+                    "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+                );
+                let bias = if cfg.qkv_bias && is_qkv {
+                    let b = required(src, &bname, dtype)?;
+                    check(&bname, &b, &shape[..1])?;
+                    Some(b)
+                } else {
+                    None
+                };
+                lin.push(Linear { weight, bias });
+            }
+            let linears: [Linear; 7] = lin.try_into().expect("seven linears");
+            layers.push(LayerWeights {
+                input_norm,
+                post_norm,
+                linears,
+            });
+        }
+        let norm = required(src, "model.norm.weight", dtype)?;
+        check("model.norm.weight", &norm, &[d])?;
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            let t = required(src, "lm_head.weight", dtype)?;
+            check("lm_head.weight", &t, &[v, d])?;
+            Some(t)
+        };
+        Ok(ModelWeights {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Every parameter under its HF name (the tied head is not repeated).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}.");
+            out.push((format!("{p}input_layernorm.weight"), l.input_norm.clone()));
+            out.push((
+                format!("{p}post_attention_layernorm.weight"),
+                l.post_norm.clone(),
+            ));
+            for (n, lin) in LINEAR_NAMES.iter().zip(&l.linears) {
+                out.push((format!("{p}{n}.weight"), lin.weight.clone()));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}{n}.bias"), b.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        out
+    }
+}
