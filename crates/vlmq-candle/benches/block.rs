@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use vlmq::QuantizableModel;
+use vlmq::{GradientModel, QuantizableModel};
 use vlmq_candle::candle_core::{DType, Device, Tensor};
 use vlmq_candle::{random_model, Architecture, LlamaConfig, TextSample};
 

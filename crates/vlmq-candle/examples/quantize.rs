@@ -180,9 +180,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_symmetric(!a.asym);
     let cfg = PipelineConfig::new(a.method, GptqConfig::new(scheme));
     let tq = Instant::now();
-    let q = vlmq::quantize_model(&mut model, &samples, &cfg, None, &mut |p| {
-        eprint!("\r  {p}      ")
-    })?;
+    let q = vlmq::quantize_model(&mut model, &samples, &cfg, |p| eprint!("\r  {p}      "))?;
     let quant_s = tq.elapsed().as_secs_f64();
     eprintln!(
         "\n{} done in {quant_s:.1}s (importance pass {:.1}s)",

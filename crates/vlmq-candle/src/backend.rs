@@ -4,12 +4,13 @@
 //! the HF names (`self_attn.q_proj`, ...) in the true-sequential groups
 //! q/k/v, o, gate/up, down. A hidden state is a `[1, T, hidden]` tensor.
 //! The gradient methods (`loss_and_grad`, `block_backward`, `hidden_rows`)
-//! only need [`LlamaModel`]'s own helpers, so they move unchanged to a
-//! separate gradient trait when the core splits one off.
+//! implement [`GradientModel`], which VLMQ's task-loss importance needs.
 
 use candle_core::{DType, Tensor, Var};
 use ndarray::{Array2, ArrayView2};
-use vlmq::{Error, LinearInfo, Modality, QuantizableModel, Result, RowSink, TokenInfo};
+use vlmq::{
+    Error, GradientModel, LinearInfo, Modality, QuantizableModel, Result, RowSink, TokenInfo,
+};
 
 use crate::error::CandleResultExt;
 use crate::forward::{rows, Hooks};
@@ -175,27 +176,8 @@ impl QuantizableModel for LlamaModel {
         self.layer(block, input, &pos, &mut hooks)
     }
 
-    fn block_backward(
-        &self,
-        block: usize,
-        input: &Tensor,
-        sample: &TextSample,
-        grad_output: &Tensor,
-        sink: Option<&mut dyn RowSink>,
-    ) -> Result<Tensor> {
-        self.layer_backward(block, input, sample, grad_output, sink)
-    }
-
-    fn hidden_rows(&self, hidden: &Tensor) -> Array2<f32> {
-        // Hidden states come from this model, so the conversion only fails on
-        // a device error; an empty array then makes the caller's shape check fail.
-        rows(hidden).unwrap_or_else(|_| Array2::zeros((0, self.config().hidden_size)))
-    }
-
-    fn loss_and_grad(&self, output: &Tensor, sample: &TextSample) -> Result<Option<(f32, Tensor)>> {
-        self.check_sample(sample)?;
-        self.check_hidden("last block output", output, sample)?;
-        self.loss_and_grad_at(output, &sample.tokens, &sample.targets)
+    fn gradients(&self) -> Option<&dyn GradientModel<Sample = TextSample, Hidden = Tensor>> {
+        Some(self)
     }
 
     fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>> {
@@ -249,6 +231,31 @@ impl QuantizableModel for LlamaModel {
             .and_then(|t| t.to_dtype(dtype))
             .in_block(block)?;
         Ok(())
+    }
+}
+
+/// The gradient extension: task loss, block backward through candle's
+/// autograd, and the rows of a hidden-state gradient.
+impl GradientModel for LlamaModel {
+    fn block_backward(
+        &self,
+        block: usize,
+        input: &Tensor,
+        sample: &TextSample,
+        grad_output: &Tensor,
+        sink: Option<&mut dyn RowSink>,
+    ) -> Result<Tensor> {
+        self.layer_backward(block, input, sample, grad_output, sink)
+    }
+
+    fn hidden_rows(&self, hidden: &Tensor) -> Result<Array2<f32>> {
+        rows(hidden).at_model()
+    }
+
+    fn loss_and_grad(&self, output: &Tensor, sample: &TextSample) -> Result<Option<(f32, Tensor)>> {
+        self.check_sample(sample)?;
+        self.check_hidden("last block output", output, sample)?;
+        self.loss_and_grad_at(output, &sample.tokens, &sample.targets)
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::DType;
 use ndarray::{ArrayD, IxDyn};
 use vlmq::pack::DenseTensor;
-use vlmq::pipeline::QuantizedModel;
+use vlmq::pipeline::PipelineOutput;
 use vlmq::{Checkpoint, CheckpointWriter, Error, QuantizableModel, Result};
 
 use crate::error::file;
@@ -32,7 +32,7 @@ fn dense(t: &candle_core::Tensor, path: &Path) -> Result<DenseTensor> {
 /// `tokenizer`, when given, is saved as `tokenizer.json`.
 pub fn write_gptq(
     model: &LlamaModel,
-    quantized: &QuantizedModel,
+    quantized: &PipelineOutput,
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: impl AsRef<Path>,
 ) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use ndarray::Array2;
-use vlmq::QuantizableModel;
+use vlmq::{GradientModel, QuantizableModel};
 
 use crate::config::{Architecture, LlamaConfig};
 use crate::forward::{layer_forward, Hooks};

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use vlmq::QuantizableModel;
+use vlmq::{GradientModel, QuantizableModel};
 use vlmq_candle::candle_core::{DType, Device, Tensor};
 use vlmq_candle::{encode, load_hf_dir, tokenizer_from_file, TextSample};
 

@@ -110,7 +110,7 @@ fn run(arch: Architecture, method: QuantMethod) {
         .with_group_size(GroupSize::new(32).unwrap())
         .with_symmetric(true);
     let pcfg = PipelineConfig::new(method, GptqConfig::new(scheme));
-    let q = vlmq::quantize_model(&mut model, &samples, &pcfg, None, &mut |_| {}).unwrap();
+    let q = vlmq::quantize_model(&mut model, &samples, &pcfg, |_| {}).unwrap();
     assert_eq!(q.weights.len(), 14);
     let after = evaluate(&model, Some(&reference), eval_set, 2, &mut |_, _| {}).unwrap();
     assert!(after.kl.unwrap() > 0.0 && after.perplexity.is_finite());

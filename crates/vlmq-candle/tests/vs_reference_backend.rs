@@ -130,8 +130,8 @@ fn gptq_agrees_with_the_reference_backend() {
         .with_group_size(GroupSize::new(32).unwrap())
         .with_symmetric(true);
     let pc = PipelineConfig::new(QuantMethod::Gptq, GptqConfig::new(scheme));
-    let qc = vlmq::quantize_model(&mut c, &cs, &pc, None, &mut |_| {}).unwrap();
-    let qn = vlmq::quantize_model(&mut n, &ns, &pc, None, &mut |_| {}).unwrap();
+    let qc = vlmq::quantize_model(&mut c, &cs, &pc, |_| {}).unwrap();
+    let qn = vlmq::quantize_model(&mut n, &ns, &pc, |_| {}).unwrap();
     let names = [
         ("self_attn.q_proj", "attn.q"),
         ("self_attn.k_proj", "attn.k"),
