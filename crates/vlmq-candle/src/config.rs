@@ -79,17 +79,18 @@ impl LlamaConfig {
     /// Reads a Hugging Face `config.json` object (`path` is only used in errors).
     pub fn from_hf_json(v: &Value, path: &Path) -> Result<Self> {
         let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-        let arch =
-            match model_type {
-                "llama" => Architecture::Llama,
-                "qwen2" => Architecture::Qwen2,
-                other => return Err(bad(
+        let arch = match model_type {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            other => {
+                return Err(bad(
                     path,
                     format!(
                         "unsupported architecture model_type = {other:?} (supported: llama, qwen2)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let hidden_size = get_usize(v, "hidden_size", path)?;
         let num_heads = get_usize(v, "num_attention_heads", path)?;
         let num_kv_heads = v
