@@ -4,8 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::Path;
 
 use half::f16;
 use safetensors::tensor::TensorView;
@@ -14,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::config::{Bits, GptqConfig, GroupFit, ScalePrecision};
 use crate::error::{Error, Result};
+use crate::fsutil::write_atomic_with;
 use crate::quant::QuantizedWeight;
 use crate::solver::Method;
 
@@ -255,7 +255,7 @@ impl CheckpointWriter {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         let target = dir.join("model.safetensors");
-        atomic_write(&target, |tmp| {
+        write_atomic_with(&target, |tmp| {
             safetensors::serialize_to_file(views, Some(meta), tmp).map_err(|e| Error::Safetensors {
                 path: target.clone(),
                 reason: e.to_string(),
@@ -416,34 +416,10 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    atomic_write(path, |tmp| {
+    write_atomic_with(path, |tmp| {
         let mut f = fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
         f.write_all(text.as_bytes())
             .map_err(|e| Error::io(tmp, e))?;
         f.write_all(b"\n").map_err(|e| Error::io(tmp, e))
     })
-}
-
-/// Runs `fill` on a fresh temporary path next to `target`, syncs it and
-/// renames it over `target`; removes the temporary file on any failure.
-fn atomic_write(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let file_name = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("checkpoint");
-    let tmp: PathBuf =
-        target.with_file_name(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
-    let result = fill(&tmp).and_then(|()| {
-        let f = fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, target).map_err(|e| Error::io(target, e))
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
