@@ -73,27 +73,23 @@ fn an_out_of_range_block_index_or_an_unmatched_prefix_is_an_error() {
 }
 
 #[test]
-fn a_group_size_that_does_not_fit_a_layer_is_a_config_error_under_that_layer() {
-    // `a` takes 16 inputs, `b` 24: groups of 24 fit `b` only.
-    let scheme =
-        QuantScheme::new(Bits::new(3).unwrap()).with_group_size(GroupSize::new(24).unwrap());
-    let cfg = PipelineConfig::new(QuantMethod::Gptq, GptqConfig::new(scheme));
-    let err = refused(&cfg);
-    assert!(
-        matches!(&err, Error::InBlock { block: 0, layer: Some(l), .. } if l == "a"),
-        "{err}"
-    );
-    assert!(
-        matches!(
-            err.root(),
-            Error::InvalidGroupSize {
-                group_size: 24,
-                in_features: 16,
-                ..
-            }
-        ),
-        "{err}"
-    );
+fn a_group_size_that_does_not_divide_a_layer_gives_ragged_groups() {
+    // `a` takes 16 inputs, `b` 24. Groups of 10 give a = 10 + 6 and b = 10 + 10 + 4
+    // (the last group shorter, g_idx[i] = i / 10); groups of 24 are one group of all
+    // 16 inputs for `a`.
+    for (g, groups_a, groups_b) in [(10, 2, 3), (24, 1, 1)] {
+        let scheme =
+            QuantScheme::new(Bits::new(3).unwrap()).with_group_size(GroupSize::new(g).unwrap());
+        let cfg = PipelineConfig::new(QuantMethod::Gptq, GptqConfig::new(scheme));
+        let mut model = TinyModel::new(1, 16, 24, 3);
+        let out = run(&mut model, &samples(1, 2, 16), &cfg).unwrap();
+        let a = &out.weights[&(0, "a".to_string())];
+        let b = &out.weights[&(0, "b".to_string())];
+        assert_eq!((a.in_features(), a.groups()), (16, groups_a));
+        assert_eq!((b.in_features(), b.groups()), (24, groups_b));
+        let expected: Vec<u32> = (0..24).map(|i| (i / g) as u32).collect();
+        assert_eq!(b.g_idx().to_vec(), expected);
+    }
 }
 
 #[test]
