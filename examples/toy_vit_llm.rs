@@ -283,7 +283,8 @@ fn main() -> vlmq::Result<()> {
                 };
                 let cfg = PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true))
                     .with_blocks(blocks.clone())
-                    .with_importance(importance);
+                    .with_importance(importance)
+                    .with_layer_objectives(true);
                 let mut model = base.clone();
                 let t0 = Instant::now();
                 let live = !args.quiet && std::io::stderr().is_terminal();
@@ -305,7 +306,7 @@ fn main() -> vlmq::Result<()> {
                 kls.push(1e3 * scores.mean_kl_from(&fp_scores)?);
                 let packed = AnswerScores::compute(&packed_model(&base, &out.weights)?, &eval)?;
                 packed_accs.push(100.0 * packed.accuracy());
-                objectives.push(out.report.total_objective());
+                objectives.push(out.report.total_objective().unwrap_or(f64::NAN));
                 if method == QuantMethod::Vlmq && seed + 1 == args.first_seed + args.seeds {
                     if let Some(dir) = &args.out {
                         write_checkpoint(dir, &model, &out.weights)?;

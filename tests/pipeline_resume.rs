@@ -15,7 +15,7 @@ use vlmq::{Bits, Error, GptqConfig, GroupSize, QuantScheme};
 fn config(method: QuantMethod) -> PipelineConfig {
     let scheme =
         QuantScheme::new(Bits::new(3).unwrap()).with_group_size(GroupSize::new(8).unwrap());
-    PipelineConfig::new(method, GptqConfig::new(scheme))
+    PipelineConfig::new(method, GptqConfig::new(scheme)).with_layer_objectives(true)
 }
 
 fn run(
@@ -107,8 +107,9 @@ fn a_cancelled_run_resumes_to_bit_identical_weights() {
     assert_eq!(out.report.resumed_blocks, 1);
     assert_eq!(out.weights, expected.weights);
     assert_eq!(all_weights(&resumed), all_weights(&straight));
-    let objectives =
-        |o: &PipelineOutput| -> Vec<f64> { o.report.layers.iter().map(|l| l.objective).collect() };
+    let objectives = |o: &PipelineOutput| -> Vec<Option<f64>> {
+        o.report.layers.iter().map(|l| l.objective).collect()
+    };
     assert_eq!(objectives(&out), objectives(&expected));
     let _ = std::fs::remove_dir_all(&dir);
 }

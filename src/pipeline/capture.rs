@@ -1,6 +1,9 @@
-//! Capturing a group's input rows and turning importance into factors.
+//! Capturing a group's input rows, chunking the samples and turning
+//! importance into factors.
 
-use ndarray::{concatenate, Array1, Array2, ArrayView1, ArrayView2, Axis};
+use std::ops::Range;
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use rayon::prelude::*;
 
 use super::context::in_block;
@@ -63,43 +66,38 @@ pub(crate) fn capture<M: QuantizableModel + ?Sized>(
     Ok((caps, outs))
 }
 
-/// Stacks one layer's captured rows of every sample, checking them.
-pub(crate) fn stack_rows<'a>(
-    b: usize,
-    block_name: &str,
-    layer: &LinearInfo,
-    caps: impl Iterator<Item = Option<&'a Array2<f32>>>,
-    infos: &[TokenInfo],
-) -> Result<Array2<f32>> {
-    let mut views = Vec::with_capacity(infos.len());
-    for (i, (c, info)) in caps.zip(infos).enumerate() {
-        let at = in_block(b, block_name, Some(&layer.name), Some(i));
-        let c = c.ok_or_else(|| {
-            at(Error::Backend {
-                block: b,
-                layer: Some(layer.name.clone()),
-                reason: "block_forward never showed this layer's input rows to the sink".into(),
-            })
-        })?;
-        check_rows(c.view(), layer, info).map_err(in_block(
-            b,
-            block_name,
-            Some(&layer.name),
-            Some(i),
-        ))?;
-        views.push(c.view());
+/// Consecutive ranges of samples holding at most `max_tokens` tokens each
+/// (a longer sample gets a range of its own). Depends only on the token
+/// counts, never on the thread count.
+pub(crate) fn sample_chunks(infos: &[TokenInfo], max_tokens: usize) -> Vec<Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut tokens) = (0, 0);
+    for (i, info) in infos.iter().enumerate() {
+        if i > start && tokens + info.len() > max_tokens {
+            chunks.push(start..i);
+            (start, tokens) = (i, 0);
+        }
+        tokens += info.len();
     }
-    concatenate(Axis(0), &views).map_err(|e| {
-        in_block(b, block_name, Some(&layer.name), None)(Error::Backend {
-            block: b,
-            layer: Some(layer.name.clone()),
-            reason: e.to_string(),
-        })
-    })
+    if start < infos.len() {
+        chunks.push(start..infos.len());
+    }
+    chunks
 }
 
-/// One sample's rows: `tokens x in_features`, finite, consistent token info.
-fn check_rows(c: ArrayView2<'_, f32>, layer: &LinearInfo, info: &TokenInfo) -> Result<()> {
+/// One sample's captured rows of `layer`, checked: present,
+/// `tokens x in_features`, finite, with consistent token info.
+pub(crate) fn check_rows<'a>(
+    b: usize,
+    layer: &LinearInfo,
+    rows: Option<&'a Array2<f32>>,
+    info: &TokenInfo,
+) -> Result<ArrayView2<'a, f32>> {
+    let c = rows.ok_or_else(|| Error::Backend {
+        block: b,
+        layer: Some(layer.name.clone()),
+        reason: "block_forward never showed this layer's input rows to the sink".into(),
+    })?;
     if info.valid.len() != info.modality.len() {
         return Err(Error::shape(
             "token validity mask (one flag per token)",
@@ -120,43 +118,36 @@ fn check_rows(c: ArrayView2<'_, f32>, layer: &LinearInfo, info: &TokenInfo) -> R
             index: vec![pos / c.ncols(), pos % c.ncols()],
         });
     }
-    Ok(())
+    Ok(c.view())
 }
 
-/// Concatenated factors of every sample, checked. `saliency(i)` is sample
-/// `i`'s per-token squared gradient norms, when there are some. Errors are
-/// wrapped in block `b`, the group's first `layer` and the sample.
-pub(crate) fn sample_factors<'s>(
-    (b, block_name, layer): (usize, &str, &str),
+/// Sample `i`'s importance factors, checked (one per token). A gradient
+/// scorer without saliency for the sample (no targets) sees zeros.
+pub(crate) fn sample_factors(
     scorer: &dyn TokenImportance,
-    infos: &[TokenInfo],
-    saliency: impl Fn(usize) -> Option<ArrayView1<'s, f32>>,
+    info: &TokenInfo,
+    i: usize,
+    saliency: Option<ArrayView1<'_, f32>>,
 ) -> Result<Array1<f32>> {
-    let mut all = Vec::new();
-    let zeros: Vec<Array1<f32>> = if scorer.needs_gradients() {
-        infos.iter().map(|info| Array1::zeros(info.len())).collect()
-    } else {
-        Vec::new()
-    };
-    for (i, info) in infos.iter().enumerate() {
-        let mut signals = SampleSignals::new(info, i as u64);
-        if scorer.needs_gradients() {
-            // A sample without targets has no gradient: every token scores 0.
-            signals = signals.with_grad_sq_norms(saliency(i).unwrap_or(zeros[i].view()));
-        }
-        let at = in_block(b, block_name, Some(layer), Some(i));
-        let f = match scorer.factors(&signals) {
-            Ok(f) if f.len() == info.len() => f,
-            Ok(f) => {
-                return Err(at(Error::shape(
-                    "importance factors (one per token)",
-                    &[info.len()],
-                    &[f.len()],
-                )))
+    let zeros;
+    let mut signals = SampleSignals::new(info, i as u64);
+    if scorer.needs_gradients() {
+        let s = match saliency {
+            Some(s) => s,
+            None => {
+                zeros = Array1::zeros(info.len());
+                zeros.view()
             }
-            Err(e) => return Err(at(e)),
         };
-        all.extend(f.iter().copied());
+        signals = signals.with_grad_sq_norms(s);
     }
-    Ok(Array1::from(all))
+    let f = scorer.factors(&signals)?;
+    if f.len() != info.len() {
+        return Err(Error::shape(
+            "importance factors (one per token)",
+            &[info.len()],
+            &[f.len()],
+        ));
+    }
+    Ok(f)
 }

@@ -73,6 +73,36 @@ impl std::fmt::Display for QuantMethod {
     }
 }
 
+/// Parses a method name as [`name`](QuantMethod::name) prints it, in any
+/// case (`rtn`, `gptq`, `gptaq`, `vlmq`, `vlmq+gptaq`).
+///
+/// ```
+/// use vlmq::QuantMethod;
+/// assert_eq!("vlmq+gptaq".parse::<QuantMethod>()?, QuantMethod::VlmqGptaq);
+/// assert!("gptq2".parse::<QuantMethod>().is_err());
+/// # Ok::<(), vlmq::Error>(())
+/// ```
+impl std::str::FromStr for QuantMethod {
+    type Err = Error;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        [
+            QuantMethod::Rtn,
+            QuantMethod::Gptq,
+            QuantMethod::Gptaq,
+            QuantMethod::Vlmq,
+            QuantMethod::VlmqGptaq,
+        ]
+        .into_iter()
+        .find(|m| m.name().eq_ignore_ascii_case(s))
+        .ok_or_else(|| Error::InvalidConfig {
+            field: "method",
+            value: s.to_string(),
+            reason: "one of rtn, gptq, gptaq, vlmq, vlmq+gptaq",
+        })
+    }
+}
+
 /// Which blocks are quantized (the others only pass the streams through).
 ///
 /// Checked against the model before any work: an index past the last block
@@ -242,11 +272,18 @@ pub struct PipelineConfig {
     blocks: BlockSelection,
     layer_overrides: BTreeMap<String, Option<QuantScheme>>,
     state_dir: Option<PathBuf>,
+    true_sequential: bool,
+    capture_tokens: usize,
+    layer_objectives: bool,
 }
 
 impl PipelineConfig {
     /// GPTAQ's published correction strength.
     pub const DEFAULT_GPTAQ_STRENGTH: f32 = 0.25;
+
+    /// Default bound on the tokens captured at once (see
+    /// [`with_capture_tokens`](Self::with_capture_tokens)).
+    pub const DEFAULT_CAPTURE_TOKENS: usize = 8192;
 
     /// A run of `method` with the given solver settings and defaults elsewhere.
     pub fn new(method: QuantMethod, solver: GptqConfig) -> Self {
@@ -258,6 +295,9 @@ impl PipelineConfig {
             blocks: BlockSelection::All,
             layer_overrides: BTreeMap::new(),
             state_dir: None,
+            true_sequential: true,
+            capture_tokens: Self::DEFAULT_CAPTURE_TOKENS,
+            layer_objectives: false,
         }
     }
 
@@ -310,6 +350,55 @@ impl PipelineConfig {
     pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
         self
+    }
+
+    /// True-sequential capture (the default): a block's input groups are
+    /// captured one after the other, each after the previous groups were
+    /// quantized, so later layers see the quantized earlier ones (one block
+    /// forward per group, plus one for GPTAQ's full-precision inputs per
+    /// group). `false` captures every group in one forward of the
+    /// unquantized block, as the Python tools' `true_sequential=False` does:
+    /// fewer forwards, slightly different (usually slightly worse) results.
+    /// Part of the resume fingerprint.
+    pub fn with_true_sequential(mut self, on: bool) -> Self {
+        self.true_sequential = on;
+        self
+    }
+
+    /// Bounds the calibration tokens whose layer inputs are held at once
+    /// (default [`DEFAULT_CAPTURE_TOKENS`](Self::DEFAULT_CAPTURE_TOKENS)):
+    /// samples run through a block in consecutive chunks of at most this
+    /// many tokens (a longer sample alone), and each chunk's rows go
+    /// straight into the accumulators. Rows are added one sample at a time
+    /// in sample order, so the result is bit-identical for every bound;
+    /// only memory and parallelism change. 0 is read as 1 (one sample per
+    /// chunk).
+    pub fn with_capture_tokens(mut self, tokens: usize) -> Self {
+        self.capture_tokens = tokens.max(1);
+        self
+    }
+
+    /// Computes each layer's exact objective `tr((W - Q) H (W - Q)^T)`
+    /// (and, for VLMQ methods, on an extra unweighted Hessian) for the
+    /// report. Off by default: it costs about as much as the solve.
+    pub fn with_layer_objectives(mut self, on: bool) -> Self {
+        self.layer_objectives = on;
+        self
+    }
+
+    /// Whether capture is true-sequential.
+    pub fn true_sequential(&self) -> bool {
+        self.true_sequential
+    }
+
+    /// The bound on tokens captured at once.
+    pub fn capture_tokens(&self) -> usize {
+        self.capture_tokens
+    }
+
+    /// Whether layer objectives are computed.
+    pub fn layer_objectives(&self) -> bool {
+        self.layer_objectives
     }
 
     /// The method.
@@ -378,8 +467,13 @@ impl PipelineConfig {
             .iter()
             .map(|(k, v)| format!("{k}={v:?}"))
             .collect();
+        let capture = if self.true_sequential {
+            ""
+        } else {
+            ";true_sequential=false"
+        };
         format!(
-            "method={};solver={:?};gptaq_strength={};importance={};blocks={};overrides={}",
+            "method={};solver={:?};gptaq_strength={};importance={};blocks={};overrides={}{capture}",
             self.method,
             self.solver,
             self.gptaq_strength,

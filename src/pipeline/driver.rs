@@ -40,9 +40,11 @@ use crate::error::{Error, Result};
 /// [`PipelineOutput`] holds codes and grids for packing. After an error the
 /// model may hold some quantized layers.
 ///
-/// Memory: one block's calibration activations per stream (two streams for
-/// GPTAQ), plus, for the task-loss importance pass, one hidden state per
-/// block and sample while that pass runs.
+/// Memory: the block streams (one hidden state per sample, two for GPTAQ),
+/// the accumulators of the groups being captured, and the layer inputs of at
+/// most [`PipelineConfig::capture_tokens`] tokens at once; the task-loss
+/// importance pass holds one hidden state per block for a chunk of that
+/// many tokens while it runs.
 pub fn quantize_model<M, C>(
     model: &mut M,
     samples: &[M::Sample],
@@ -85,7 +87,7 @@ where
     let imp_start = Instant::now();
     let saliency = match model.gradients() {
         Some(g) if needs_gradients && imp.source() == GradientSource::TaskLoss => {
-            Some(task_loss_saliency(g, samples)?)
+            Some(task_loss_saliency(g, samples, cfg.capture_tokens())?)
         }
         _ => None,
     };

@@ -64,10 +64,12 @@ pub struct LayerReport {
     pub group_size: i64,
     /// Calibration tokens in the layer's statistics.
     pub tokens: usize,
-    /// `tr((W - Q) H (W - Q)^T)` on the layer's (weighted) Hessian.
-    pub objective: f64,
-    /// Objective on the unweighted Hessian (comparable across methods).
-    pub objective_unweighted: f64,
+    /// `tr((W - Q) H (W - Q)^T)` on the layer's (weighted) Hessian, when
+    /// asked for ([`PipelineConfig::with_layer_objectives`](super::PipelineConfig::with_layer_objectives)).
+    pub objective: Option<f64>,
+    /// Objective on the unweighted Hessian (comparable across methods),
+    /// when asked for.
+    pub objective_unweighted: Option<f64>,
     /// Relative damping used (0 for RTN).
     pub damp_percent: f64,
     /// Seconds spent solving the layer.
@@ -92,8 +94,9 @@ pub struct PipelineReport {
 }
 
 impl PipelineReport {
-    /// Sum of the per-layer unweighted objectives.
-    pub fn total_objective(&self) -> f64 {
+    /// Sum of the per-layer unweighted objectives; `None` when they were
+    /// not computed.
+    pub fn total_objective(&self) -> Option<f64> {
         self.layers.iter().map(|l| l.objective_unweighted).sum()
     }
 
@@ -145,13 +148,13 @@ impl fmt::Display for PipelineReport {
         for l in &self.layers {
             writeln!(
                 f,
-                "{:<12} {:<10} {:>4} {:>6} {:>12.4e} {:>12.4e} {:>8.3} {:>6.2}->{:<5.2} {:>6.3}s",
+                "{:<12} {:<10} {:>4} {:>6} {:>12} {:>12} {:>8.3} {:>6.2}->{:<5.2} {:>6.3}s",
                 l.block_name,
                 l.layer,
                 l.bits,
                 l.group_size,
-                l.objective,
-                l.objective_unweighted,
+                objective_text(l.objective),
+                objective_text(l.objective_unweighted),
                 l.damp_percent,
                 l.shares.vision_before,
                 l.shares.vision_after,
@@ -167,6 +170,11 @@ impl fmt::Display for PipelineReport {
             self.total_seconds
         )
     }
+}
+
+/// An objective in the table: scientific notation, `-` when not computed.
+fn objective_text(o: Option<f64>) -> String {
+    o.map_or_else(|| "-".to_string(), |v| format!("{v:.4e}"))
 }
 
 /// The result of a run: the report and every layer's quantized weight, keyed

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use rayon::prelude::*;
 
+use super::capture::sample_chunks;
 use super::context::{in_block, in_sample};
 use crate::backend::{GradientModel, QuantizableModel, RowSink};
 use crate::config::QuantScheme;
@@ -40,6 +41,23 @@ impl SaliencyMaps {
             .get(sample)?
             .as_ref()
             .map(|a| a.view())
+    }
+
+    /// Appends the samples of `later` (a following chunk of the calibration
+    /// set) after this map's samples, block by block and group by group.
+    fn append(&mut self, later: SaliencyMaps) {
+        if self.groups.is_empty() {
+            *self = later;
+            return;
+        }
+        for (mine, theirs) in self.groups.iter_mut().zip(later.groups) {
+            for (g, t) in mine.iter_mut().zip(theirs) {
+                g.extend(t);
+            }
+        }
+        for (mine, theirs) in self.blocks.iter_mut().zip(later.blocks) {
+            mine.extend(theirs);
+        }
     }
 
     /// Maps for one block only (the block-local source computes them block by block).
@@ -124,16 +142,48 @@ type BackwardOut<H> = (Option<H>, Vec<Option<Array1<f32>>>, Option<Array1<f32>>)
 /// The task-loss source: forward through the full-precision model keeping
 /// each block's input, then walk the blocks in reverse applying each block's
 /// backward (recomputed from its stored input) and recording saliencies.
+///
+/// Samples go through the whole stack in consecutive chunks of at most
+/// `max_tokens` tokens (by the first block's token info; a longer sample
+/// alone), so memory holds one hidden state per block for one chunk only.
+/// Every sample's result is computed on its own, so the chunking changes no
+/// bit of the maps.
 pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
     model: &M,
     samples: &[M::Sample],
+    max_tokens: usize,
 ) -> Result<SaliencyMaps> {
+    let infos: Vec<_> = samples.iter().map(|s| model.token_info(0, s)).collect();
+    let mut maps = SaliencyMaps::default();
+    let mut with_targets = false;
+    for chunk in sample_chunks(&infos, max_tokens) {
+        let (part, any) = chunk_saliency(model, &samples[chunk.clone()], chunk.start)?;
+        with_targets |= any;
+        maps.append(part);
+    }
+    if !with_targets {
+        return Err(Error::Empty {
+            what: "calibration samples with targets (the task-loss importance needs at least one)"
+                .into(),
+        });
+    }
+    Ok(maps)
+}
+
+/// [`task_loss_saliency`] for one chunk of samples (the first at index
+/// `offset` of the calibration set); also says whether any sample had
+/// targets.
+fn chunk_saliency<M: GradientModel + ?Sized>(
+    model: &M,
+    samples: &[M::Sample],
+    offset: usize,
+) -> Result<(SaliencyMaps, bool)> {
     let nb = model.num_blocks();
     let names: Vec<String> = (0..nb).map(|b| model.block_name(b)).collect();
     let mut hidden: Vec<M::Hidden> = samples
         .par_iter()
         .enumerate()
-        .map(|(i, s)| model.embed(s).map_err(in_sample(i, "embedding")))
+        .map(|(i, s)| model.embed(s).map_err(in_sample(offset + i, "embedding")))
         .collect::<Result<_>>()?;
     let mut inputs: Vec<Vec<M::Hidden>> = Vec::with_capacity(nb);
     for (b, name) in names.iter().enumerate() {
@@ -142,9 +192,12 @@ pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
             .zip(samples.par_iter())
             .enumerate()
             .map(|(i, (h, s))| {
-                model
-                    .block_forward(b, h, s, None)
-                    .map_err(in_block(b, name, None, Some(i)))
+                model.block_forward(b, h, s, None).map_err(in_block(
+                    b,
+                    name,
+                    None,
+                    Some(offset + i),
+                ))
             })
             .collect::<Result<_>>()?;
         inputs.push(std::mem::replace(&mut hidden, next));
@@ -156,16 +209,11 @@ pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
         .map(|(i, (h, s))| {
             let out = model
                 .loss_and_grad(h, s)
-                .map_err(in_sample(i, "task loss"))?;
+                .map_err(in_sample(offset + i, "task loss"))?;
             Ok(out.map(|(_, g)| g))
         })
         .collect::<Result<_>>()?;
-    if grads.iter().all(Option::is_none) {
-        return Err(Error::Empty {
-            what: "calibration samples with targets (the task-loss importance needs at least one)"
-                .into(),
-        });
-    }
+    let any_targets = grads.iter().any(Option::is_some);
     let mut groups = vec![Vec::new(); nb];
     let mut blocks = vec![Vec::new(); nb];
     for b in (0..nb).rev() {
@@ -182,7 +230,7 @@ pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
                 let Some(g) = g else {
                     return Ok((None, vec![None; n_groups], None));
                 };
-                let at = || in_block(b, name, None, Some(i));
+                let at = || in_block(b, name, None, Some(offset + i));
                 let out_sal = row_saliency(model, g).map_err(at())?;
                 let mut sink = GroupSink::new(&group_of, n_groups);
                 let gin = model
@@ -204,7 +252,7 @@ pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
         groups[b] = per_group;
         blocks[b] = per_block;
     }
-    Ok(SaliencyMaps { groups, blocks })
+    Ok((SaliencyMaps { groups, blocks }, any_targets))
 }
 
 /// The block-local source for one block: saliency from the gradients of

@@ -363,8 +363,8 @@ fn report_from_json(v: &serde_json::Value) -> Option<LayerReport> {
         bits: v.get("bits")?.as_u64()? as u32,
         group_size: v.get("group_size")?.as_i64()?,
         tokens: v.get("tokens")?.as_u64()? as usize,
-        objective: f("objective")?,
-        objective_unweighted: f("objective_unweighted")?,
+        objective: f("objective"),
+        objective_unweighted: f("objective_unweighted"),
         damp_percent: f("damp_percent")?,
         seconds: f("seconds")?,
         shares: TraceShares {

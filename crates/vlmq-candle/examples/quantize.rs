@@ -8,7 +8,7 @@
 //! ```text
 //! cargo run --release -p vlmq-candle --example quantize -- --model PATH --calib FILE \
 //!     --method gptq --bits 4 --group 128 --out DIR [--windows 32] [--window-len 256] \
-//!     [--seed 0] [--eval-windows 16] [--asym] [--json results.jsonl]
+//!     [--seed 0] [--eval-windows 16] [--asym] [--json results.jsonl] [--one-forward]
 //! ```
 //!
 //! Windows: the text is tokenized once and cut into consecutive
@@ -24,10 +24,7 @@ use vlmq::{Bits, GptqConfig, GroupSize, PipelineConfig, QuantMethod, QuantScheme
 use vlmq_candle::candle_core::{DType, Device};
 use vlmq_candle::eval::{evaluate, windows};
 use vlmq_candle::export::{load_gptq_into, write_gptq};
-use vlmq_candle::{
-    encode, load_gguf, load_hf_dir, read_gguf_content, tokenizer_from_file, tokenizer_from_gguf,
-    TextSample,
-};
+use vlmq_candle::{encode, load_model, TextSample};
 
 struct Args {
     model: PathBuf,
@@ -42,6 +39,7 @@ struct Args {
     eval_windows: usize,
     asym: bool,
     json: Option<PathBuf>,
+    one_forward: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -58,9 +56,14 @@ fn parse() -> Result<Args, String> {
         eval_windows: 16,
         asym: false,
         json: None,
+        one_forward: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--one-forward" {
+            a.one_forward = true;
+            continue;
+        }
         if k == "--asym" {
             a.asym = true;
             continue;
@@ -70,16 +73,7 @@ fn parse() -> Result<Args, String> {
         match k.as_str() {
             "--model" => a.model = v.into(),
             "--calib" => a.calib = v.into(),
-            "--method" => {
-                a.method = match v.as_str() {
-                    "rtn" => QuantMethod::Rtn,
-                    "gptq" => QuantMethod::Gptq,
-                    "gptaq" => QuantMethod::Gptaq,
-                    "vlmq" => QuantMethod::Vlmq,
-                    "vlmq+gptaq" => QuantMethod::VlmqGptaq,
-                    o => return Err(format!("unknown method {o:?}")),
-                }
-            }
+            "--method" => a.method = v.parse().map_err(|e| format!("{k}: {e}"))?,
             "--bits" => a.bits = num(&v)? as u32,
             "--group" => a.group = num(&v)?,
             "--out" => a.out = Some(v.into()),
@@ -97,19 +91,12 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Seeded Fisher-Yates over `0..n` (SplitMix64).
+/// Seeded Fisher-Yates over `0..n`.
 fn shuffle(n: usize, seed: u64) -> Vec<usize> {
-    let mut s = seed ^ 0x5DEE_CE66_D1CE_4E5B;
-    let mut next = || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = vlmq::rng::SplitMix64::from_state(seed ^ 0x5DEE_CE66_D1CE_4E5B);
     let mut v: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         v.swap(i, j);
     }
     v
@@ -120,19 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         parse().map_err(|e| format!("{e}\nusage: see the doc comment of examples/quantize.rs"))?;
     let dev = Device::Cpu;
     let t0 = Instant::now();
-    let is_gguf = a.model.extension().is_some_and(|e| e == "gguf");
-    let (mut model, tk) = if is_gguf {
-        let c = read_gguf_content(&a.model)?;
-        (
-            load_gguf(&a.model, DType::F32, &dev)?,
-            tokenizer_from_gguf(&c, &a.model)?,
-        )
-    } else {
-        (
-            load_hf_dir(&a.model, DType::F32, &dev)?,
-            tokenizer_from_file(a.model.join("tokenizer.json"))?,
-        )
-    };
+    let (mut model, tk) = load_model(&a.model, DType::F32, &dev)?;
     eprintln!(
         "loaded {:?} in {:.1}s: {:?}",
         a.model,
@@ -178,7 +153,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let scheme = QuantScheme::new(Bits::new(a.bits)?)
         .with_group_size(GroupSize::new(a.group)?)
         .with_symmetric(!a.asym);
-    let cfg = PipelineConfig::new(a.method, GptqConfig::new(scheme));
+    let cfg =
+        PipelineConfig::new(a.method, GptqConfig::new(scheme)).with_true_sequential(!a.one_forward);
     let tq = Instant::now();
     let q = vlmq::quantize_model(&mut model, &samples, &cfg, |p| eprint!("\r  {p}      "))?;
     let quant_s = tq.elapsed().as_secs_f64();
@@ -217,7 +193,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "model": a.model, "method": a.method.name(), "bits": a.bits, "group": a.group,
         "symmetric": !a.asym, "seed": a.seed, "calib_windows": calib_idx, "window_len": a.window_len,
         "eval_windows": [pool, all.len()], "ppl_fp": base.perplexity, "ppl": after.perplexity,
-        "kl": after.kl, "quant_seconds": quant_s, "importance_seconds": q.report.importance_seconds,
+        "kl": after.kl, "quant_seconds": quant_s, "importance_seconds": q.report.importance_seconds, "true_sequential": !a.one_forward,
         "eval_tokens": after.tokens, "readback_nll": readback,
     });
     println!("{line}");

@@ -26,6 +26,10 @@ pub struct TextSample {
     pub tokens: Vec<u32>,
     /// Per token: counts as a target.
     pub targets: Vec<bool>,
+    /// Per token modality for the pipeline's diagnostics (`None`: all
+    /// [`Modality::Text`]); e.g. a long context tagged [`Modality::Other`]
+    /// so the trace shares show how much of each Hessian it carries.
+    pub modality: Option<Vec<Modality>>,
 }
 
 impl TextSample {
@@ -33,7 +37,11 @@ impl TextSample {
     /// causal-LM training with `labels = input_ids`.
     pub fn causal(tokens: Vec<u32>) -> Self {
         let targets = vec![true; tokens.len()];
-        TextSample { tokens, targets }
+        TextSample {
+            tokens,
+            targets,
+            modality: None,
+        }
     }
 }
 
@@ -46,6 +54,15 @@ impl LlamaModel {
                 &[s.tokens.len()],
                 &[s.targets.len()],
             ));
+        }
+        if let Some(m) = &s.modality {
+            if m.len() != s.tokens.len() {
+                return Err(Error::shape(
+                    "sample modalities",
+                    &[s.tokens.len()],
+                    &[m.len()],
+                ));
+            }
         }
         Ok(())
     }
@@ -151,7 +168,10 @@ impl QuantizableModel for LlamaModel {
     }
 
     fn token_info(&self, _block: usize, sample: &TextSample) -> TokenInfo {
-        TokenInfo::uniform(Modality::Text, sample.tokens.len())
+        match &sample.modality {
+            Some(m) if m.len() == sample.tokens.len() => TokenInfo::new(m.clone()),
+            _ => TokenInfo::uniform(Modality::Text, sample.tokens.len()),
+        }
     }
 
     fn embed(&self, sample: &TextSample) -> Result<Tensor> {

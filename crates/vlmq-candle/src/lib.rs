@@ -4,10 +4,13 @@
 //! with the `cuda` feature), implementing [`vlmq::QuantizableModel`] so the
 //! GPTQ / GPTAQ / VLMQ pipeline can quantize real checkpoints.
 //!
-//! - [`load_hf_dir`] / [`load_gguf`] give a [`LlamaModel`];
+//! - [`load_model`] (either format), [`load_hf_dir`] / [`load_gguf`] give a
+//!   [`LlamaModel`];
 //! - [`tokenizer_from_file`] / [`tokenizer_from_gguf`] give a tokenizer;
 //! - [`eval`] measures perplexity and KL divergence from a reference model;
-//! - [`export`] writes a GPTQ checkpoint in the model's own HF layout.
+//! - [`export`] writes a GPTQ checkpoint in the model's own HF layout;
+//! - [`needle`] builds the long-context retrieval task used to test VLMQ on
+//!   real text-only weights.
 //!
 //! Errors are [`vlmq::Error`] values (candle failures become
 //! [`vlmq::Error::Backend`] or [`vlmq::Error::CorruptCheckpoint`]).
@@ -18,15 +21,18 @@ mod error;
 pub mod eval;
 pub mod export;
 mod forward;
+mod load;
 mod load_gguf;
 mod load_hf;
 mod model;
+pub mod needle;
 mod random;
 mod tokenizer;
 mod weights;
 
 pub use backend::TextSample;
 pub use config::{Architecture, LlamaConfig};
+pub use load::load_model;
 pub use load_gguf::{config_from_gguf, hf_name, load_gguf, permute_qk, read_gguf_content};
 pub use load_hf::{load_hf_dir, safetensors_files, save_hf_dir};
 pub use model::LlamaModel;

@@ -1,0 +1,35 @@
+//! One entry point for a model and its tokenizer, whatever the format.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use tokenizers::Tokenizer;
+use vlmq::Result;
+
+use crate::load_gguf::{load_gguf, read_gguf_content};
+use crate::load_hf::load_hf_dir;
+use crate::model::LlamaModel;
+use crate::tokenizer::{tokenizer_from_file, tokenizer_from_gguf};
+
+/// Loads a model and its tokenizer from `path`: a `.gguf` file (weights
+/// dequantized, tokenizer from its metadata) or a Hugging Face directory
+/// (`config.json`, safetensors, `tokenizer.json`).
+pub fn load_model(
+    path: impl AsRef<Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<(LlamaModel, Tokenizer)> {
+    let path = path.as_ref();
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let content = read_gguf_content(path)?;
+        Ok((
+            load_gguf(path, dtype, device)?,
+            tokenizer_from_gguf(&content, path)?,
+        ))
+    } else {
+        Ok((
+            load_hf_dir(path, dtype, device)?,
+            tokenizer_from_file(path.join("tokenizer.json"))?,
+        ))
+    }
+}
