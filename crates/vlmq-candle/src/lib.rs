@@ -18,20 +18,31 @@ mod error;
 pub mod eval;
 pub mod export;
 mod forward;
+pub mod image_input;
+mod llava;
+mod llava_backend;
 mod load_gguf;
 mod load_hf;
+mod load_llava;
 mod model;
 mod random;
 mod tokenizer;
+mod vision;
 mod weights;
 
 pub use backend::TextSample;
 pub use config::{Architecture, LlamaConfig};
+pub use llava::{LlavaConfig, LlavaModel, LlavaNaming, Projector, PROJECTOR_LINEAR_NAMES};
+pub use llava_backend::{VlmHidden, VlmSample};
 pub use load_gguf::{config_from_gguf, hf_name, load_gguf, permute_qk, read_gguf_content};
 pub use load_hf::{load_hf_dir, safetensors_files, save_hf_dir};
+pub use load_llava::load_llava_dir;
 pub use model::LlamaModel;
 pub use random::random_model;
 pub use tokenizer::{encode, tokenizer_from_file, tokenizer_from_gguf, tokenizers};
+pub use vision::{
+    ClipLayerWeights, ClipVisionConfig, LayerNorm, VisionWeights, VISION_LINEAR_NAMES,
+};
 pub use weights::{LayerWeights, Linear, ModelWeights, LINEAR_NAMES};
 
 pub use candle_core;
