@@ -21,6 +21,7 @@ mod forward;
 pub mod image_input;
 mod llava;
 mod llava_backend;
+pub mod llava_export;
 mod load_gguf;
 mod load_hf;
 mod load_llava;
