@@ -178,6 +178,11 @@ fn llava_matches_transformers() {
     let tk = tokenizer_from_file(dir().join("tokenizer.json")).unwrap();
     for (row, want) in inputs["rows"].as_array().unwrap().iter().zip(&ids(&exp)) {
         assert_eq!(&encode(&tk, row["text"].as_str().unwrap()).unwrap(), want);
+        // The prompt with <image> expanded (as LlavaProcessor), cut to 32 tokens.
+        let full = model
+            .encode_prompt(&tk, row["prompt"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(&full[..32], want.as_slice());
     }
     assert_eq!(model.config().tokens_per_image(), 16);
     assert_eq!(model.config().feature_layers, 1);
