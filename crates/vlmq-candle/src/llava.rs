@@ -279,7 +279,7 @@ impl LlavaModel {
             s.rows(PROJECTOR_LINEAR_NAMES[0], crate::forward::rows(&x)?.view());
         }
         let h = lin(0, &x)?.gelu_erf()?;
-        if let Some(s) = capture.as_deref_mut() {
+        if let Some(s) = capture {
             s.rows(PROJECTOR_LINEAR_NAMES[1], crate::forward::rows(&h)?.view());
         }
         lin(1, &h)

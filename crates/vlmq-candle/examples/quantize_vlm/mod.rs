@@ -149,7 +149,7 @@ pub fn run(a: &VlmArgs<'_>) -> Result<serde_json::Value, Box<dyn std::error::Err
     let reference = model.clone();
     let fp_calib = mean_loss(&reference, &set)?;
     let fp_held = mean_loss(&reference, &held)?;
-    let mut cfg = PipelineConfig::new(a.method, GptqConfig::new(a.scheme.clone()));
+    let mut cfg = PipelineConfig::new(a.method, GptqConfig::new(a.scheme));
     if !a.all_blocks {
         cfg = cfg.with_blocks(model.lm_only());
     }
