@@ -1,10 +1,15 @@
 //! A [candle](https://github.com/huggingface/candle) backend for `vlmq`:
-//! Llama-family decoders (Llama, SmolLM2, Qwen2) loaded from Hugging Face
+//! Llama-family decoders (Llama, SmolLM2, Qwen2) and LLaVA-style
+//! vision-language models, loaded from Hugging Face
 //! directories or llama.cpp GGUF files, run with candle on the CPU (or CUDA
 //! with the `cuda` feature), implementing [`vlmq::QuantizableModel`] so the
 //! GPTQ / GPTAQ / VLMQ pipeline can quantize real checkpoints.
 //!
 //! - [`load_hf_dir`] / [`load_gguf`] give a [`LlamaModel`];
+//! - [`load_llava_dir`] gives a [`LlavaModel`] (CLIP vision tower, projector,
+//!   Llama-family LM), quantizable with [`VlmSample`]s; [`image_input`]
+//!   turns PNG/JPEG files into CLIP `pixel_values`; [`llava_export`] writes
+//!   its GPTQ checkpoint in the LLaVA layout;
 //! - [`tokenizer_from_file`] / [`tokenizer_from_gguf`] give a tokenizer;
 //! - [`eval`] measures perplexity and KL divergence from a reference model;
 //! - [`export`] writes a GPTQ checkpoint in the model's own HF layout.
