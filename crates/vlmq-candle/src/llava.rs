@@ -220,13 +220,13 @@ impl LlavaModel {
         self.lm.dtype()
     }
 
-    /// Checks `pixels: [N, C, H, W]` against the vision config.
+    /// Checks `pixels: [N, C, H, W]` against the vision config (`N >= 1`).
     pub(crate) fn check_pixels(&self, pixels: &Tensor) -> Result<()> {
         let v = &self.cfg.vision;
         let want = [v.num_channels, v.image_size, v.image_size];
         let d = pixels.dims();
-        if d.len() != 4 || d[1..] != want {
-            let mut exp = vec![d.first().copied().unwrap_or(0)];
+        if d.len() != 4 || d[1..] != want || d[0] == 0 {
+            let mut exp = vec![d.first().copied().unwrap_or(1).max(1)];
             exp.extend_from_slice(&want);
             return Err(Error::shape("pixel_values [N, C, H, W]", &exp, d));
         }

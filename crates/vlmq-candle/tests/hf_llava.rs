@@ -278,4 +278,9 @@ fn image_token_count_mismatch_is_a_typed_error() {
     let small = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
     let e = model.logits(&[&rows[0]], Some(&small)).unwrap_err();
     assert!(matches!(e, vlmq::Error::ShapeMismatch { .. }), "{e}");
+    // An empty image batch is a shape error too, not a zero-sized convolution.
+    let none = Tensor::zeros((0, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let s = VlmSample::causal(vec![1, 2, 3], Some(none));
+    let e = model.embed(&s).unwrap_err();
+    assert!(matches!(e, vlmq::Error::ShapeMismatch { .. }), "{e}");
 }
