@@ -34,6 +34,7 @@ mod load_llava;
 mod model;
 mod random;
 mod tokenizer;
+pub mod toy;
 mod vision;
 mod weights;
 
