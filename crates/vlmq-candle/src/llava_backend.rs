@@ -1,4 +1,4 @@
-//! [`QuantizableModel`] and [`GradientModel`] for [`LlavaModel`], one
+//! [`QuantizableModel`] for [`LlavaModel`] (the gradient half is in `llava_grad.rs`), one
 //! [`VlmSample`] (token ids, targets, images) at a time.
 //!
 //! Blocks, in order: the vision encoder layers that the selected feature
@@ -29,79 +29,20 @@ use vlmq::{
 
 use crate::backend::TextSample;
 use crate::error::CandleResultExt;
-use crate::forward::{rows, Hooks};
+use crate::forward::Hooks;
 use crate::llava::{LlavaModel, PROJECTOR_LINEAR_NAMES};
+use crate::llava_sample::{VlmHidden, VlmSample};
 use crate::vision::{clip_layer_forward, VISION_LINEAR_NAMES};
 use crate::weights::Linear;
 use vlmq::pipeline::BlockSelection;
 
-/// One calibration sample of a VLM: token ids (with `tokens_per_image`
-/// `<image>` tokens per image), which tokens are prediction targets, how
-/// many leading tokens are real (the rest is right padding), and the images.
-#[derive(Debug, Clone)]
-pub struct VlmSample {
-    /// Token ids.
-    pub tokens: Vec<u32>,
-    /// Per token: its prediction from the tokens before counts in the loss.
-    pub targets: Vec<bool>,
-    /// Tokens `>= valid_len` are padding (invalid, never targets). Padding
-    /// must be at the end: attention is causal, so it cannot reach real tokens.
-    pub valid_len: usize,
-    /// `pixel_values: [N, 3, H, W]`, in `<image>` order; `None` for text only.
-    pub pixels: Option<Tensor>,
-}
-
-impl VlmSample {
-    /// Every token a target (as transformers' `labels = input_ids`), no padding.
-    pub fn causal(tokens: Vec<u32>, pixels: Option<Tensor>) -> Self {
-        let n = tokens.len();
-        VlmSample {
-            targets: vec![true; n],
-            valid_len: n,
-            tokens,
-            pixels,
-        }
-    }
-
-    /// Drops the `<image>` positions from the targets (transformers' `-100` labels there).
-    pub fn without_image_targets(mut self, image_token_id: u32) -> Self {
-        for (t, &id) in self.targets.iter_mut().zip(&self.tokens) {
-            if id == image_token_id {
-                *t = false;
-            }
-        }
-        self
-    }
-
-    /// Appends `n` padding tokens `pad` (invalid, not targets).
-    pub fn padded(mut self, n: usize, pad: u32) -> Self {
-        self.tokens.extend(std::iter::repeat_n(pad, n));
-        self.targets.extend(std::iter::repeat_n(false, n));
-        self
-    }
-
-    fn images(&self) -> usize {
-        self.pixels.as_ref().map_or(0, |p| p.dims()[0])
-    }
-}
-
-/// The hidden state between blocks: the vision stream (`[N, S, d_vision]`,
-/// `None` without images) up to the projector, the LM stream `[1, T, d]` after.
-#[derive(Debug, Clone)]
-pub enum VlmHidden {
-    /// Vision tokens of the sample's images.
-    Vision(Option<Tensor>),
-    /// The LM's hidden state.
-    Text(Tensor),
-}
-
-enum Kind {
+pub(crate) enum Kind {
     Vision(usize),
     Projector,
     Lm(usize),
 }
 
-fn stream_error(block: usize, want: &str) -> Error {
+pub(crate) fn stream_error(block: usize, want: &str) -> Error {
     Error::Backend {
         block,
         layer: None,
@@ -110,7 +51,7 @@ fn stream_error(block: usize, want: &str) -> Error {
 }
 
 impl LlavaModel {
-    fn kind(&self, block: usize) -> Result<Kind> {
+    pub(crate) fn kind(&self, block: usize) -> Result<Kind> {
         let nv = self.cfg.feature_layers;
         let nl = self.lm.config().num_layers;
         match block {
@@ -151,14 +92,14 @@ impl LlavaModel {
         if let Some(p) = &s.pixels {
             self.check_pixels(p)?;
         }
-        let want = s.images() * self.cfg.tokens_per_image();
+        let want = s.image_count() * self.cfg.tokens_per_image();
         let have = self.image_positions(&[&s.tokens]).len();
         if have != want {
             return Err(Error::InvalidConfig {
                 field: "<image> tokens",
                 value: format!(
                     "{have} <image> tokens for {} images x {}",
-                    s.images(),
+                    s.image_count(),
                     self.cfg.tokens_per_image()
                 ),
                 reason: "the ids must hold exactly one <image> token per image feature",
@@ -167,7 +108,7 @@ impl LlavaModel {
         Ok(())
     }
 
-    fn text_sample(s: &VlmSample) -> TextSample {
+    pub(crate) fn text_sample(s: &VlmSample) -> TextSample {
         let targets = s
             .targets
             .iter()
@@ -180,7 +121,7 @@ impl LlavaModel {
         }
     }
 
-    fn vision_in<'a>(
+    pub(crate) fn vision_in<'a>(
         &self,
         block: usize,
         h: &'a VlmHidden,
@@ -190,18 +131,23 @@ impl LlavaModel {
             return Err(stream_error(block, "vision"));
         };
         let want = [
-            s.images(),
+            s.image_count(),
             1 + self.cfg.vision.num_patches(),
             self.cfg.vision.hidden_size,
         ];
         match x {
             Some(x) if x.dims() != want => Err(Error::shape("vision block input", &want, x.dims())),
-            None if s.images() > 0 => Err(Error::shape("vision block input", &want, &[0])),
+            None if s.image_count() > 0 => Err(Error::shape("vision block input", &want, &[0])),
             _ => Ok(x.as_ref()),
         }
     }
 
-    fn text_in<'a>(&self, block: usize, h: &'a VlmHidden, s: &VlmSample) -> Result<&'a Tensor> {
+    pub(crate) fn text_in<'a>(
+        &self,
+        block: usize,
+        h: &'a VlmHidden,
+        s: &VlmSample,
+    ) -> Result<&'a Tensor> {
         let VlmHidden::Text(x) = h else {
             return Err(stream_error(block, "text"));
         };
@@ -213,7 +159,7 @@ impl LlavaModel {
     }
 
     /// Shows zero rows for every linear of a block (a sample without images).
-    fn show_empty(&self, block: usize, sink: Option<&mut dyn RowSink>, outputs: bool) {
+    pub(crate) fn show_empty(&self, block: usize, sink: Option<&mut dyn RowSink>, outputs: bool) {
         if let Some(sink) = sink {
             for l in self.linear_groups(block).into_iter().flatten() {
                 let f = if outputs {
@@ -253,7 +199,11 @@ impl LlavaModel {
     }
 
     /// Zero probes, one per linear output, for `n` rows-batches of `s` tokens.
-    fn probes(&self, outs: &[usize], lead: (usize, usize)) -> candle_core::Result<Vec<Var>> {
+    pub(crate) fn probes(
+        &self,
+        outs: &[usize],
+        lead: (usize, usize),
+    ) -> candle_core::Result<Vec<Var>> {
         outs.iter()
             .map(|&o| Var::zeros((lead.0, lead.1, o), self.dtype(), self.device()))
             .collect()
@@ -266,25 +216,6 @@ fn unknown(block: usize, layer: &str) -> Error {
         layer: Some(layer.to_string()),
         reason: "unknown linear in this block".into(),
     }
-}
-
-fn show_grads(
-    block: usize,
-    names: &[&str],
-    probes: &[Tensor],
-    grads: &candle_core::backprop::GradStore,
-    sink: Option<&mut dyn RowSink>,
-) -> Result<()> {
-    let Some(sink) = sink else { return Ok(()) };
-    for (name, p) in names.iter().zip(probes) {
-        let g = grads.get(p).ok_or_else(|| Error::Backend {
-            block,
-            layer: Some(name.to_string()),
-            reason: "no gradient reached this linear's output".into(),
-        })?;
-        sink.rows(name, rows(g).in_block(block)?.view());
-    }
-    Ok(())
 }
 
 impl QuantizableModel for LlavaModel {
@@ -330,7 +261,7 @@ impl QuantizableModel for LlavaModel {
     }
 
     fn token_info(&self, block: usize, s: &VlmSample) -> TokenInfo {
-        let n = s.images();
+        let n = s.image_count();
         let p = self.cfg.vision.num_patches();
         let image = |cls: bool| -> Vec<Modality> {
             let mut one = vec![Modality::Vision; p];
@@ -467,97 +398,5 @@ impl QuantizableModel for LlavaModel {
             .and_then(|t| t.to_dtype(dtype))
             .in_block(block)?;
         Ok(())
-    }
-}
-
-impl GradientModel for LlavaModel {
-    fn loss_and_grad(&self, output: &VlmHidden, s: &VlmSample) -> Result<Option<(f32, VlmHidden)>> {
-        self.check_sample(s)?;
-        let last = self.num_blocks() - 1;
-        let h = self.text_in(last, output, s)?;
-        let ts = Self::text_sample(s);
-        Ok(self
-            .lm
-            .loss_and_grad_at(h, &ts.tokens, &ts.targets)?
-            .map(|(l, g)| (l, VlmHidden::Text(g))))
-    }
-
-    fn block_backward(
-        &self,
-        block: usize,
-        input: &VlmHidden,
-        s: &VlmSample,
-        grad_output: &VlmHidden,
-        sink: Option<&mut dyn RowSink>,
-    ) -> Result<VlmHidden> {
-        match self.kind(block)? {
-            Kind::Lm(i) => {
-                let x = self.text_in(block, input, s)?;
-                let g = self.text_in(block, grad_output, s)?;
-                let gx = self
-                    .lm
-                    .layer_backward(i, x, &Self::text_sample(s), g, sink)?;
-                Ok(VlmHidden::Text(gx))
-            }
-            Kind::Vision(i) => {
-                let Some(x) = self.vision_in(block, input, s)? else {
-                    self.show_empty(block, sink, true);
-                    return Ok(VlmHidden::Vision(None));
-                };
-                let Some(g) = self.vision_in(block, grad_output, s)? else {
-                    return Err(stream_error(block, "vision gradient"));
-                };
-                let l = &self.vision.layers[i];
-                let outs: Vec<usize> = l.linears.iter().map(|q| q.weight.dims()[0]).collect();
-                let (n, t, _) = x.dims3().in_block(block)?;
-                let run = || -> candle_core::Result<_> {
-                    let xv = Var::from_tensor(&x.detach())?;
-                    let pv = self.probes(&outs, (n, t))?;
-                    let pt: Vec<Tensor> = pv.iter().map(|p| p.as_tensor().clone()).collect();
-                    let y = clip_layer_forward(&self.cfg.vision, l, &xv, None, Some(&pt))?;
-                    let grads = (y * g.to_dtype(self.dtype())?)?.sum_all()?.backward()?;
-                    Ok((grads.get(xv.as_tensor()).cloned(), pt, grads))
-                };
-                let (gx, pt, grads) = run().in_block(block)?;
-                show_grads(block, &VISION_LINEAR_NAMES, &pt, &grads, sink)?;
-                let gx = gx.ok_or_else(|| stream_error(block, "a gradient-carrying"))?;
-                Ok(VlmHidden::Vision(Some(gx)))
-            }
-            Kind::Projector => {
-                let g = self.text_in(block, grad_output, s)?;
-                let Some(x) = self.vision_in(block, input, s)? else {
-                    self.show_empty(block, sink, true);
-                    return Ok(VlmHidden::Vision(None));
-                };
-                let n = x.dim(0).in_block(block)?;
-                let tpi = self.cfg.tokens_per_image();
-                let outs = [
-                    self.projector.linear_1.weight.dims()[0],
-                    self.projector.linear_2.weight.dims()[0],
-                ];
-                let xv = Var::from_tensor(&x.detach()).in_block(block)?;
-                let pv = self.probes(&outs, (n, tpi)).in_block(block)?;
-                let pt: Vec<Tensor> = pv.iter().map(|p| p.as_tensor().clone()).collect();
-                let feats = self.project(&xv, None, Some(&pt)).in_block(block)?;
-                let emb = self.merge_embeddings(&[&s.tokens], Some(&feats))?;
-                let grads = (emb * g.to_dtype(self.dtype()).in_block(block)?)
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.backward())
-                    .in_block(block)?;
-                show_grads(block, &PROJECTOR_LINEAR_NAMES, &pt, &grads, sink)?;
-                let gx = grads
-                    .get(xv.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| stream_error(block, "a gradient-carrying"))?;
-                Ok(VlmHidden::Vision(Some(gx)))
-            }
-        }
-    }
-
-    fn hidden_rows(&self, hidden: &VlmHidden) -> Result<Array2<f32>> {
-        match hidden {
-            VlmHidden::Vision(None) => Ok(Array2::zeros((0, self.cfg.vision.hidden_size))),
-            VlmHidden::Vision(Some(t)) | VlmHidden::Text(t) => rows(t).at_model(),
-        }
     }
 }

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use vlmq::{Error, GradientModel, QuantizableModel, Result};
 
 use crate::llava::LlavaModel;
-use crate::llava_backend::VlmSample;
+use crate::llava_sample::VlmSample;
 
 /// The marker of an image in a prompt.
 pub const IMAGE_MARKER: &str = "<image>";
