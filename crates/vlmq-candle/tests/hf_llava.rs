@@ -244,6 +244,22 @@ fn other_tensor_spellings_load_to_the_same_model() {
     let e = load_llava_dir(&bad, DType::F32, &Device::Cpu).unwrap_err();
     assert!(matches!(e, vlmq::Error::MissingTensor { .. }), "{e}");
     cleanup(&bad);
+    // A tensor that belongs to no LLaVA part is refused (another architecture).
+    let more = renamed("more", str::to_string);
+    let st = more.join("model.safetensors");
+    let mut map = vlmq_candle::candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    map.insert(
+        "image_newline".into(),
+        Tensor::zeros(64, DType::F32, &Device::Cpu).unwrap(),
+    );
+    vlmq_candle::candle_core::safetensors::save(&map, &st).unwrap();
+    let e = load_llava_dir(&more, DType::F32, &Device::Cpu).unwrap_err();
+    assert!(
+        matches!(e, vlmq::Error::CorruptCheckpoint { .. })
+            && e.to_string().contains("image_newline"),
+        "{e}"
+    );
+    cleanup(&more);
     let extra = renamed("extra", |k| k.replace("post_layernorm", "final_norm"));
     let e = load_llava_dir(&extra, DType::F32, &Device::Cpu).unwrap_err();
     assert!(matches!(e, vlmq::Error::MissingTensor { .. }), "{e}");

@@ -102,3 +102,37 @@ fn png_and_jpeg_decode() {
     ));
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn preprocessor_config_is_read() {
+    let tmp = std::env::temp_dir().join(format!("vlmq-pre-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let p = tmp.join("preprocessor_config.json");
+    std::fs::write(
+        &p,
+        r#"{"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 1.0]}"#,
+    )
+    .unwrap();
+    let c = ClipImageProcessor::from_preprocessor_config(&p, 16).unwrap();
+    assert_eq!((c.shortest_edge, c.crop), (40, 32));
+    assert_eq!((c.mean, c.std), ([0.5; 3], [0.25, 0.5, 1.0]));
+    // Missing fields fall back to CLIP's values at the tower's size.
+    std::fs::write(&p, "{}").unwrap();
+    assert_eq!(
+        ClipImageProcessor::from_preprocessor_config(&p, 16).unwrap(),
+        ClipImageProcessor::for_image_size(16)
+    );
+    // A zero std or a two-value mean is a typed error.
+    std::fs::write(&p, r#"{"image_std": [0.0, 1.0, 1.0]}"#).unwrap();
+    assert!(matches!(
+        ClipImageProcessor::from_preprocessor_config(&p, 16).unwrap_err(),
+        vlmq::Error::Json { .. }
+    ));
+    std::fs::write(&p, r#"{"image_mean": [0.5, 0.5]}"#).unwrap();
+    assert!(matches!(
+        ClipImageProcessor::from_preprocessor_config(&p, 16).unwrap_err(),
+        vlmq::Error::Json { .. }
+    ));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
