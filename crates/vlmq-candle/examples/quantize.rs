@@ -9,13 +9,23 @@
 //! cargo run --release -p vlmq-candle --example quantize -- --model PATH --calib FILE \
 //!     --method gptq --bits 4 --group 128 --out DIR [--windows 32] [--window-len 256] \
 //!     [--seed 0] [--eval-windows 16] [--asym] [--json results.jsonl] [--one-forward]
+//! cargo run --release -p vlmq-candle --example quantize -- --model LLAVA_DIR \
+//!     --images DIR_OR_FILES --prompts FILE --method vlmq --bits 4 --group 128 \
+//!     [--eval-windows N] [--all-blocks] [--out DIR] [--json results.jsonl]
 //! ```
+//!
+//! A directory whose `config.json` says `model_type: llava` takes the
+//! vision-language branch (`quantize_vlm/mod.rs`): calibration samples are
+//! the prompts with their images, the LM alone is quantized unless
+//! `--all-blocks`, and the checkpoint keeps the LLaVA layout.
 //!
 //! Windows: the text is tokenized once and cut into consecutive
 //! non-overlapping windows of `--window-len` tokens; the LAST
 //! `--eval-windows` windows are the held-out set (the same for every seed);
 //! `--windows` calibration windows are drawn without replacement from the
 //! others by a seeded shuffle.
+
+mod quantize_vlm;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -36,10 +46,13 @@ struct Args {
     windows: usize,
     window_len: usize,
     seed: u64,
-    eval_windows: usize,
+    eval_windows: Option<usize>,
     asym: bool,
     json: Option<PathBuf>,
     one_forward: bool,
+    images: Option<String>,
+    prompts: Option<PathBuf>,
+    all_blocks: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -53,19 +66,20 @@ fn parse() -> Result<Args, String> {
         windows: 32,
         window_len: 256,
         seed: 0,
-        eval_windows: 16,
+        eval_windows: None,
         asym: false,
         json: None,
         one_forward: false,
+        images: None,
+        prompts: None,
+        all_blocks: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        if k == "--one-forward" {
-            a.one_forward = true;
-            continue;
-        }
-        if k == "--asym" {
-            a.asym = true;
+        if k == "--asym" || k == "--all-blocks" || k == "--one-forward" {
+            a.asym |= k == "--asym";
+            a.all_blocks |= k == "--all-blocks";
+            a.one_forward |= k == "--one-forward";
             continue;
         }
         let v = it.next().ok_or(format!("{k} needs a value"))?;
@@ -80,13 +94,19 @@ fn parse() -> Result<Args, String> {
             "--windows" => a.windows = num(&v)?,
             "--window-len" => a.window_len = num(&v)?,
             "--seed" => a.seed = num(&v)? as u64,
-            "--eval-windows" => a.eval_windows = num(&v)?,
+            "--eval-windows" => a.eval_windows = Some(num(&v)?),
+            "--images" => a.images = Some(v),
+            "--prompts" => a.prompts = Some(v.into()),
             "--json" => a.json = Some(v.into()),
             o => return Err(format!("unknown flag {o:?}")),
         }
     }
-    if a.model.as_os_str().is_empty() || a.calib.as_os_str().is_empty() {
-        return Err("--model and --calib are required".into());
+    let vlm = a.images.is_some() || a.prompts.is_some();
+    if vlm && (a.images.is_none() || a.prompts.is_none()) {
+        return Err("--images and --prompts go together".into());
+    }
+    if a.model.as_os_str().is_empty() || (!vlm && a.calib.as_os_str().is_empty()) {
+        return Err("--model and --calib (or --images and --prompts) are required".into());
     }
     Ok(a)
 }
@@ -105,6 +125,30 @@ fn shuffle(n: usize, seed: u64) -> Vec<usize> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a =
         parse().map_err(|e| format!("{e}\nusage: see the doc comment of examples/quantize.rs"))?;
+    let scheme = QuantScheme::new(Bits::new(a.bits)?)
+        .with_group_size(GroupSize::new(a.group)?)
+        .with_symmetric(!a.asym);
+    if let (Some(images), Some(prompts)) = (&a.images, &a.prompts) {
+        if !quantize_vlm::is_llava(&a.model) {
+            return Err(format!(
+                "{:?} is not a LLaVA directory (config.json model_type)",
+                a.model
+            )
+            .into());
+        }
+        let line = quantize_vlm::run(&quantize_vlm::VlmArgs {
+            model: &a.model,
+            prompts,
+            images,
+            method: a.method,
+            scheme,
+            eval: a.eval_windows.unwrap_or(0),
+            all_blocks: a.all_blocks,
+            out: a.out.as_deref(),
+        })?;
+        return emit(&line, a.json.as_ref());
+    }
+    let eval_windows = a.eval_windows.unwrap_or(16);
     let dev = Device::Cpu;
     let t0 = Instant::now();
     let (mut model, tk) = load_model(&a.model, DType::F32, &dev)?;
@@ -118,18 +162,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(&a.calib)?;
     let tokens = encode(&tk, &text)?;
     let all = windows(&tokens, a.window_len);
-    if all.len() < a.eval_windows + a.windows {
+    if all.len() < eval_windows + a.windows {
         return Err(format!(
             "{} tokens give {} windows of {}, fewer than {} eval + {} calibration",
             tokens.len(),
             all.len(),
             a.window_len,
-            a.eval_windows,
+            eval_windows,
             a.windows
         )
         .into());
     }
-    let pool = all.len() - a.eval_windows;
+    let pool = all.len() - eval_windows;
     let eval_set: Vec<Vec<u32>> = all[pool..].to_vec();
     let mut calib_idx: Vec<usize> = shuffle(pool, a.seed).into_iter().take(a.windows).collect();
     calib_idx.sort_unstable();
@@ -150,9 +194,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         base.perplexity, base.tokens, base.seconds
     );
 
-    let scheme = QuantScheme::new(Bits::new(a.bits)?)
-        .with_group_size(GroupSize::new(a.group)?)
-        .with_symmetric(!a.asym);
     let cfg =
         PipelineConfig::new(a.method, GptqConfig::new(scheme)).with_true_sequential(!a.one_forward);
     let tq = Instant::now();
@@ -196,8 +237,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kl": after.kl, "quant_seconds": quant_s, "importance_seconds": q.report.importance_seconds, "true_sequential": !a.one_forward,
         "eval_tokens": after.tokens, "readback_nll": readback,
     });
+    emit(&line, a.json.as_ref())
+}
+
+/// Prints the summary line and appends it to the JSON-lines file when given.
+fn emit(
+    line: &serde_json::Value,
+    json: Option<&PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
     println!("{line}");
-    if let Some(j) = &a.json {
+    if let Some(j) = json {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .create(true)

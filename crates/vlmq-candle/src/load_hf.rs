@@ -50,9 +50,33 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Tensors by name, converted on request.
-struct NamedTensors {
-    tensors: HashMap<String, Tensor>,
+pub(crate) struct NamedTensors {
+    pub(crate) tensors: HashMap<String, Tensor>,
     origin: HashMap<String, PathBuf>,
+}
+
+impl NamedTensors {
+    /// Every tensor of a directory's safetensors files.
+    pub(crate) fn read_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let mut src = NamedTensors {
+            tensors: HashMap::new(),
+            origin: HashMap::new(),
+        };
+        for f in safetensors_files(dir)? {
+            if !f.exists() {
+                return Err(Error::io(
+                    &f,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "safetensors file not found"),
+                ));
+            }
+            let map = candle_core::safetensors::load(&f, device).map_err(|e| file(&f, e))?;
+            for (k, v) in map {
+                src.origin.insert(k.clone(), f.clone());
+                src.tensors.insert(k, v);
+            }
+        }
+        Ok(src)
+    }
 }
 
 impl TensorSource for NamedTensors {
@@ -80,23 +104,7 @@ pub fn load_hf_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Resu
     let dir = dir.as_ref();
     let cfg_path = dir.join("config.json");
     let cfg = LlamaConfig::from_hf_json(&read_json(&cfg_path)?, &cfg_path)?;
-    let mut src = NamedTensors {
-        tensors: HashMap::new(),
-        origin: HashMap::new(),
-    };
-    for f in safetensors_files(dir)? {
-        if !f.exists() {
-            return Err(Error::io(
-                &f,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "safetensors file not found"),
-            ));
-        }
-        let map = candle_core::safetensors::load(&f, device).map_err(|e| file(&f, e))?;
-        for (k, v) in map {
-            src.origin.insert(k.clone(), f.clone());
-            src.tensors.insert(k, v);
-        }
-    }
+    let mut src = NamedTensors::read_dir(dir, device)?;
     let weights = ModelWeights::assemble(&cfg, &mut src, dtype)?;
     LlamaModel::new(cfg, weights)
 }

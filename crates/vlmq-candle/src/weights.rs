@@ -85,7 +85,7 @@ fn expected_linear(cfg: &LlamaConfig, name: &str) -> [usize; 2] {
     }
 }
 
-fn check(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+pub(crate) fn check(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
     if t.dims() != expected {
         return Err(Error::shape(
             format!("tensor {name:?} against the config"),
@@ -102,7 +102,7 @@ pub(crate) trait TensorSource {
     fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>>;
 }
 
-fn required(src: &mut dyn TensorSource, name: &str, dtype: DType) -> Result<Tensor> {
+pub(crate) fn required(src: &mut dyn TensorSource, name: &str, dtype: DType) -> Result<Tensor> {
     src.get(name, dtype)?.ok_or_else(|| Error::MissingTensor {
         name: name.to_string(),
     })

@@ -1,0 +1,189 @@
+//! Writing a quantized [`LlavaModel`] as a GPTQ checkpoint in the
+//! checkpoint's own LLaVA layout, and reading it back.
+//!
+//! Every linear that the pipeline quantized is stored packed under its
+//! block's name (e.g. `language_model.model.layers.0.self_attn.q_proj.qweight`);
+//! everything else (usually the whole vision tower and the projector, plus
+//! embeddings, norms and biases) stays dense f32 under its original name.
+//! `config.json` is the loaded one (vision and text configs included) with
+//! `quantization_config` added.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use ndarray::{ArrayD, IxDyn};
+use vlmq::pack::DenseTensor;
+use vlmq::pipeline::PipelineOutput;
+use vlmq::{Checkpoint, CheckpointWriter, Error, QuantizableModel, Result};
+
+use crate::error::file;
+use crate::llava::LlavaModel;
+use crate::vision::{LayerNorm, VISION_LINEAR_NAMES};
+
+fn dense(t: &Tensor, path: &Path) -> Result<DenseTensor> {
+    let shape = t.dims().to_vec();
+    let v = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| file(path, e))?;
+    Ok(DenseTensor::F32(
+        ArrayD::from_shape_vec(IxDyn(&shape), v).expect("shape matches"),
+    ))
+}
+
+impl LlavaModel {
+    /// Every parameter under its name in the checkpoint's own spelling (the
+    /// tied head is not repeated; encoder layers past the feature layer and
+    /// the post-LayerNorm are included, unchanged).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let v = &self.naming.vision;
+        let mut out = Vec::new();
+        let ln = |out: &mut Vec<(String, Tensor)>, stem: String, n: &LayerNorm| {
+            out.push((format!("{stem}.weight"), n.weight.clone()));
+            out.push((format!("{stem}.bias"), n.bias.clone()));
+        };
+        let w = &self.vision;
+        out.push((
+            format!("{v}embeddings.patch_embedding.weight"),
+            w.patch_embedding.clone(),
+        ));
+        out.push((
+            format!("{v}embeddings.class_embedding"),
+            w.class_embedding.clone(),
+        ));
+        out.push((
+            format!("{v}embeddings.position_embedding.weight"),
+            w.position_embedding.clone(),
+        ));
+        ln(&mut out, format!("{v}pre_layrnorm"), &w.pre_norm);
+        for (i, l) in w.layers.iter().enumerate() {
+            let p = format!("{v}encoder.layers.{i}.");
+            ln(&mut out, format!("{p}layer_norm1"), &l.norm1);
+            ln(&mut out, format!("{p}layer_norm2"), &l.norm2);
+            for (n, lin) in VISION_LINEAR_NAMES.iter().zip(&l.linears) {
+                out.push((format!("{p}{n}.weight"), lin.weight.clone()));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}{n}.bias"), b.clone()));
+                }
+            }
+        }
+        ln(&mut out, format!("{v}post_layernorm"), &w.post_norm);
+        let pp = &self.naming.projector;
+        for (n, lin) in [
+            ("linear_1", &self.projector.linear_1),
+            ("linear_2", &self.projector.linear_2),
+        ] {
+            out.push((format!("{pp}{n}.weight"), lin.weight.clone()));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{pp}{n}.bias"), b.clone()));
+            }
+        }
+        for (n, t) in self.lm.weights().named_tensors() {
+            let name = match n.strip_prefix("model.") {
+                Some(rest) => format!("{}{rest}", self.naming.lm),
+                None => self.naming.lm_head.clone(),
+            };
+            out.push((name, t));
+        }
+        out
+    }
+
+    /// `stem -> (block, linear)` for every quantizable linear.
+    fn linear_stems(&self) -> HashMap<String, (usize, String)> {
+        let mut m = HashMap::new();
+        for b in 0..self.num_blocks() {
+            let name = self.block_name(b);
+            for l in self.linear_groups(b).into_iter().flatten() {
+                m.insert(format!("{name}.{}", l.name), (b, l.name));
+            }
+        }
+        m
+    }
+}
+
+/// Writes `quantized` (a pipeline run on `model`) as a GPTQ checkpoint in
+/// `dir`, in the model's own LLaVA layout. Linears absent from `quantized`
+/// (e.g. the vision tower and projector with an LM-only selection) are
+/// stored as dense f32. `tokenizer`, when given, is saved as `tokenizer.json`.
+pub fn write_llava_gptq(
+    model: &LlavaModel,
+    quantized: &PipelineOutput,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    dir: impl AsRef<Path>,
+) -> Result<()> {
+    let dir = dir.as_ref();
+    let mut cfg = model.raw_config().clone();
+    cfg["torch_dtype"] = "float32".into();
+    if cfg.get("dtype").is_some() {
+        cfg["dtype"] = "float32".into();
+    }
+    let stems = model.linear_stems();
+    let is_quantized = |stem: &str| {
+        stems
+            .get(stem)
+            .filter(|(b, l)| quantized.weights.contains_key(&(*b, l.clone())))
+    };
+    let mut w = CheckpointWriter::new().with_model_config(cfg);
+    let tensors = model.named_tensors();
+    let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    for (name, t) in &tensors {
+        if let Some(stem) = name.strip_suffix(".weight") {
+            if let Some((b, l)) = is_quantized(stem) {
+                let q = quantized.weights[&(*b, l.clone())].clone();
+                let bias = by_name
+                    .get(format!("{stem}.bias").as_str())
+                    .map(|bt| dense(bt, dir))
+                    .transpose()?;
+                w.add_layer(stem, q, bias)?;
+                continue;
+            }
+        }
+        // Biases of quantized layers were written with their layer.
+        if name
+            .strip_suffix(".bias")
+            .is_some_and(|stem| is_quantized(stem).is_some())
+        {
+            continue;
+        }
+        w.add_tensor(name, dense(t, dir)?)?;
+    }
+    w.write(dir)?;
+    if let Some(tk) = tokenizer {
+        let p = dir.join("tokenizer.json");
+        tk.save(&p, false).map_err(|e| file(&p, e))?;
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint written by [`write_llava_gptq`] back into `model`:
+/// every packed linear (named `block_name.linear`) goes through
+/// [`vlmq::PackedLinear`] (its weight is recovered by running the packed
+/// kernel on the identity), so the model then computes with exactly what
+/// the checkpoint stores. Returns how many linears were read.
+pub fn load_llava_gptq_into(model: &mut LlavaModel, dir: impl AsRef<Path>) -> Result<usize> {
+    let ckpt = Checkpoint::open(dir.as_ref())?;
+    let mut n = 0;
+    for (stem, (b, lin)) in model.linear_stems() {
+        if !ckpt.names().contains(&stem.as_str()) {
+            continue;
+        }
+        let packed = ckpt.packed_linear(&stem)?;
+        let eye = ndarray::Array2::<f32>::eye(packed.in_features());
+        // forward(I) = I W^T (+ b): subtract the bias to get W^T.
+        let mut wt = packed.forward(eye.view())?;
+        if let Some(bias) = packed.bias() {
+            wt -= &bias;
+        }
+        model.set_linear_weight(b, &lin, wt.t())?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(Error::CorruptCheckpoint {
+            path: dir.as_ref().to_path_buf(),
+            reason: "no quantized linear of this model in the checkpoint".into(),
+        });
+    }
+    Ok(n)
+}
