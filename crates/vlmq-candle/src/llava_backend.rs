@@ -118,6 +118,7 @@ impl LlavaModel {
         TextSample {
             tokens: s.tokens.clone(),
             targets,
+            modality: None,
         }
     }
 
