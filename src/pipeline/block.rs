@@ -49,6 +49,10 @@ struct BlockInputs<'a, M: QuantizableModel> {
     saliency: Option<(&'a SaliencyMaps, usize)>,
 }
 
+/// A capture pass's statistics (one per group) and, when kept, the block's
+/// full-precision output.
+type PassResult<H> = (Vec<GroupStatistics>, Option<Vec<H>>);
+
 /// One input group's statistics after a capture pass.
 struct GroupStatistics {
     weighted: LayerStatistics,
@@ -116,7 +120,7 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
     let passes: Vec<Range<usize>> = if cfg.true_sequential() {
         (0..groups.len()).map(|k| k..k + 1).collect()
     } else {
-        vec![0..groups.len()]
+        std::iter::once(0..groups.len()).collect()
     };
     let mut swapped = Swapped::default();
     let mut fp_next = None;
@@ -194,7 +198,7 @@ fn capture_pass<M: QuantizableModel>(
     pass: Range<usize>,
     swapped: &Swapped,
     keep_fp_output: bool,
-) -> Result<(Vec<GroupStatistics>, Option<Vec<M::Hidden>>)> {
+) -> Result<PassResult<M::Hidden>> {
     let (b, name, samples, cfg) = (inputs.b, inputs.name, run.samples, run.cfg);
     let firsts: Vec<&LinearInfo> = groups[pass.clone()].iter().map(|g| &g[0].info).collect();
     let names: Vec<String> = firsts.iter().map(|l| l.name.clone()).collect();
