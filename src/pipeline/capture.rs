@@ -51,7 +51,9 @@ pub(crate) fn capture<M: QuantizableModel + ?Sized>(
                 .map_err(in_block(b, block_name, None, Some(i)))?;
             Ok((sink.rows, keep_output.then_some(out)))
         })
-        .collect::<Result<_>>()?;
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
+        .collect::<Result<_>>()?; // the first error in sample order
     let mut caps = Vec::with_capacity(per_sample.len());
     let mut outs = Vec::with_capacity(per_sample.len());
     for (c, o) in per_sample {

@@ -95,7 +95,9 @@ where
         .par_iter()
         .enumerate()
         .map(|(i, s)| model.embed(s).map_err(in_sample(i, "embedding")))
-        .collect::<Result<_>>()?;
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
+        .collect::<Result<_>>()?; // the first error in sample order
     let mut fp_stream = cfg
         .method()
         .needs_full_precision_stream()
