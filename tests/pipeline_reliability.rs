@@ -211,3 +211,87 @@ fn gradients_with_the_wrong_token_count_or_width_name_block_and_sample() {
         );
     }
 }
+
+/// Samples whose rows are `x` with the listed input columns set to 0.
+fn with_zero_columns(data: Vec<Sample>, cols: std::ops::Range<usize>) -> Vec<Sample> {
+    data.into_iter()
+        .map(|mut s| {
+            s.x.slice_mut(s![.., cols.clone()]).fill(0.0);
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn dead_columns_are_reported_and_an_all_dead_layer_is_an_error_unless_rtn_is_asked_for() {
+    // Column 3 of the first layer's input is always 0: one dead column, reported.
+    let mut model = TinyModel::new(1, 16, 24, 1);
+    let out = quantize_model(
+        &mut model,
+        &with_zero_columns(samples(2, 3, 16), 3..4),
+        &config(QuantMethod::Gptq),
+        |_| {},
+    )
+    .unwrap();
+    let dead: Vec<(String, usize)> = out
+        .report
+        .layers
+        .iter()
+        .map(|r| (r.layer.clone(), r.dead_columns))
+        .collect();
+    assert_eq!(dead, [("a".to_string(), 1), ("b".to_string(), 0)]);
+
+    // Every input zero: both layers are all dead (b's input is tanh(0 A^T) = 0).
+    let zeros = with_zero_columns(samples(2, 3, 16), 0..16);
+    for method in [QuantMethod::Gptq, QuantMethod::Gptaq, QuantMethod::Vlmq] {
+        let mut model = TinyModel::new(1, 16, 24, 1);
+        let before = all_weights(&model);
+        let err = quantize_model(&mut model, &zeros, &config(method), |_| {}).unwrap_err();
+        assert!(
+            matches!(&err, Error::InBlock { block: 0, layer: Some(l), .. } if l == "a"),
+            "{method}: {err}"
+        );
+        assert!(
+            matches!(
+                err.root(),
+                Error::DeadLayer {
+                    in_features: 16,
+                    tokens: 48
+                }
+            ),
+            "{method}: {err}"
+        );
+        assert!(
+            err.to_string().contains("with_dead_layer_fallback"),
+            "{err}"
+        );
+        assert_eq!(all_weights(&model), before, "{method}: nothing written");
+    }
+
+    // RTN never reads the Hessian: it runs, and reports the dead columns.
+    let out = quantize_model(
+        &mut TinyModel::new(1, 16, 24, 1),
+        &zeros,
+        &config(QuantMethod::Rtn),
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(out.report.layers[0].dead_columns, 16);
+
+    // Opting in: the layers are quantized with round-to-nearest, not zeroed.
+    let cfg = config(QuantMethod::Gptq).with_dead_layer_fallback(vlmq::DeadLayerFallback::Rtn);
+    let mut model = TinyModel::new(1, 16, 24, 1);
+    let original = all_weights(&model);
+    let out = quantize_model(&mut model, &zeros, &cfg, |_| {}).unwrap();
+    let scheme = cfg.solver().scheme;
+    for (w, (r, now)) in original
+        .iter()
+        .zip(out.report.layers.iter().zip(all_weights(&model)))
+    {
+        assert_eq!(r.dead_columns, w.ncols(), "{}", r.layer);
+        assert_eq!(r.objective, 0.0, "zero Hessian");
+        let rtn = vlmq::quantize_rtn(w.view(), &scheme).unwrap().dequantize();
+        assert_eq!(now, rtn, "{}: RTN of the original weight", r.layer);
+        assert!(now.iter().any(|&v| v != 0.0));
+    }
+}

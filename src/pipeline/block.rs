@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use ndarray::Array2;
 
 use super::capture::{capture, sample_factors, stack_rows};
-use super::config::{GradientSource, PipelineConfig};
+use super::config::{DeadLayerFallback, GradientSource, PipelineConfig};
 use super::context::in_block;
 use super::plan::PlannedLayer;
 use super::progress::Progress;
@@ -145,15 +145,27 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
         } else {
             None
         };
+        let dead_columns = stats.hessian.diag().iter().filter(|&&v| v == 0.0).count();
+        let all_dead = dead_columns == stats.hessian.nrows();
         for layer in group {
             let Some(scheme) = layer.scheme else {
                 continue;
             };
             let info = &layer.info;
             let at = in_block(b, name, Some(&info.name), None);
+            // RTN never reads the Hessian: only the solvers would zero such a layer.
+            if all_dead
+                && cfg.solver_method().is_some()
+                && cfg.dead_layer_fallback() == DeadLayerFallback::Refuse
+            {
+                return Err(at(Error::DeadLayer {
+                    in_features: info.in_features,
+                    tokens: stats.tokens,
+                }));
+            }
             let t0 = Instant::now();
             let (w, qw, deq, damp) =
-                solve_one(&*model, b, info, scheme, &stats, cfg).map_err(at)?;
+                solve_one(&*model, b, info, scheme, &stats, cfg, all_dead).map_err(at)?;
             let objective = hessian_objective(w.view(), deq.view(), stats.hessian.view())
                 .map_err(in_block(b, name, Some(&info.name), None))?;
             let objective_unweighted = match &unweighted {
@@ -173,6 +185,7 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
                 tokens: stats.tokens,
                 objective,
                 objective_unweighted,
+                dead_columns,
                 damp_percent: damp,
                 seconds: t0.elapsed().as_secs_f64(),
                 shares,
@@ -201,7 +214,8 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
     Ok((saved, fp_next))
 }
 
-/// Reads, checks and quantizes one layer: (original, codes, dequantized, damping).
+/// Reads, checks and quantizes one layer: (original, codes, dequantized,
+/// damping); with `rtn` (the dead-layer fallback) by round-to-nearest.
 fn solve_one<M: QuantizableModel>(
     model: &M,
     b: usize,
@@ -209,6 +223,7 @@ fn solve_one<M: QuantizableModel>(
     scheme: QuantScheme,
     stats: &LayerStatistics,
     cfg: &PipelineConfig,
+    rtn: bool,
 ) -> Result<(Array2<f32>, QuantizedWeight, Array2<f32>, f64)> {
     let w = model.linear_weight(b, &info.name)?;
     let expected = [info.out_features, info.in_features];
@@ -223,7 +238,8 @@ fn solve_one<M: QuantizableModel>(
         scheme,
         ..*cfg.solver()
     };
-    let (qw, deq, damp) = match cfg.solver_method() {
+    let method = if rtn { None } else { cfg.solver_method() };
+    let (qw, deq, damp) = match method {
         None => {
             let qw = quantize_rtn(w.view(), &solver.scheme)?;
             let deq = qw.dequantize();

@@ -210,6 +210,18 @@ impl ImportanceOptions {
     }
 }
 
+/// What the pipeline does with a layer whose every input column is dead
+/// (see [`PipelineConfig::with_dead_layer_fallback`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeadLayerFallback {
+    /// Stop with [`Error::DeadLayer`] (the default).
+    #[default]
+    Refuse,
+    /// Quantize the layer with round-to-nearest (its objective is then 0 on
+    /// the zero Hessian; the report counts every column as dead).
+    Rtn,
+}
+
 /// Configuration of a pipeline run: the method, the solver settings and
 /// default grid, GPTAQ's strength, the importance options, which blocks,
 /// per-layer grids and an optional state directory.
@@ -235,6 +247,7 @@ impl ImportanceOptions {
 /// ```
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
+    dead_layer_fallback: DeadLayerFallback,
     method: QuantMethod,
     solver: GptqConfig,
     gptaq_strength: f32,
@@ -258,7 +271,25 @@ impl PipelineConfig {
             blocks: BlockSelection::All,
             layer_overrides: BTreeMap::new(),
             state_dir: None,
+            dead_layer_fallback: DeadLayerFallback::Refuse,
         }
+    }
+
+    /// What to do with a layer whose every input column is dead (all its
+    /// calibration inputs zero): [`DeadLayerFallback::Refuse`] (the default)
+    /// stops the run with [`Error::DeadLayer`]; [`DeadLayerFallback::Rtn`]
+    /// quantizes such a layer with round-to-nearest instead. Layers with
+    /// some dead columns are quantized as usual (dead columns become 0, as
+    /// in GPTQ) and report the count in
+    /// [`LayerReport::dead_columns`](super::LayerReport::dead_columns).
+    pub fn with_dead_layer_fallback(mut self, fallback: DeadLayerFallback) -> Self {
+        self.dead_layer_fallback = fallback;
+        self
+    }
+
+    /// What happens to a layer whose every input column is dead.
+    pub fn dead_layer_fallback(&self) -> DeadLayerFallback {
+        self.dead_layer_fallback
     }
 
     /// Replaces the solver settings (and default grid).
@@ -378,7 +409,7 @@ impl PipelineConfig {
             .iter()
             .map(|(k, v)| format!("{k}={v:?}"))
             .collect();
-        format!(
+        let mut text = format!(
             "method={};solver={:?};gptaq_strength={};importance={};blocks={};overrides={}",
             self.method,
             self.solver,
@@ -386,6 +417,11 @@ impl PipelineConfig {
             importance,
             self.blocks,
             overrides.join(",")
-        )
+        );
+        // Only when set, so that states saved before the option existed still match.
+        if self.dead_layer_fallback == DeadLayerFallback::Rtn {
+            text.push_str(";dead_layer_fallback=rtn");
+        }
+        text
     }
 }

@@ -68,6 +68,11 @@ pub struct LayerReport {
     pub objective: f64,
     /// Objective on the unweighted Hessian (comparable across methods).
     pub objective_unweighted: f64,
+    /// Input columns whose Hessian diagonal is 0 (every calibration input
+    /// zero or underflowing); they are quantized as 0, or the whole layer
+    /// with round-to-nearest when all are dead and
+    /// [`DeadLayerFallback::Rtn`](super::DeadLayerFallback::Rtn) is set.
+    pub dead_columns: usize,
     /// Relative damping used (0 for RTN).
     pub damp_percent: f64,
     /// Seconds spent solving the layer.

@@ -339,6 +339,7 @@ fn report_to_json(r: &LayerReport) -> serde_json::Value {
         "block": r.block, "block_name": r.block_name, "layer": r.layer, "bits": r.bits,
         "group_size": r.group_size, "tokens": r.tokens, "objective": r.objective,
         "objective_unweighted": r.objective_unweighted, "damp_percent": r.damp_percent,
+        "dead_columns": r.dead_columns,
         "seconds": r.seconds,
         "shares": [r.shares.vision_before, r.shares.vision_after, r.shares.text_before,
                    r.shares.text_after, r.shares.mean_alpha_vision, r.shares.mean_alpha_text],
@@ -366,6 +367,11 @@ fn report_from_json(v: &serde_json::Value) -> Option<LayerReport> {
         objective: f("objective")?,
         objective_unweighted: f("objective_unweighted")?,
         damp_percent: f("damp_percent")?,
+        // Absent from states saved before the field existed.
+        dead_columns: match v.get("dead_columns") {
+            Some(d) => d.as_u64()? as usize,
+            None => 0,
+        },
         seconds: f("seconds")?,
         shares: TraceShares {
             vision_before: shares[0],
