@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+mod digest;
 pub mod error;
 pub mod fsutil;
 pub mod hessian;

@@ -1,7 +1,7 @@
 //! Writing GPTQ checkpoints: `model.safetensors`, `quantize_config.json` and
 //! the `quantization_config` block of `config.json`, each atomically.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -12,14 +12,20 @@ use safetensors::Dtype;
 use serde_json::{json, Value};
 
 use crate::config::{Bits, GptqConfig, GroupFit, ScalePrecision};
+use crate::digest::digest_hex;
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic_with;
+use crate::fsutil::{write_atomic, write_atomic_with};
 use crate::quant::QuantizedWeight;
 use crate::solver::Method;
 
 use super::bits::{check_checkpoint_bits, pack_qweight, pack_qzeros, qzeros_v2_to_v1, words_for};
 use super::config_json::{CheckpointFormat, QuantizeConfig};
 use super::tensor::DenseTensor;
+
+/// The safetensors header metadata key under which the writer records the
+/// tensor digests: a JSON object `{tensor name: 16 hex digits}` (FNV-1a 64
+/// of the tensor's bytes). See docs/FORMAT.md.
+pub const TENSOR_DIGESTS_KEY: &str = "vlmq.tensor_digests";
 
 /// Suffixes of the tensors that make up one quantized layer.
 pub(crate) const LAYER_SUFFIXES: [&str; 5] = ["qweight", "qzeros", "scales", "g_idx", "bias"];
@@ -37,6 +43,7 @@ pub struct CheckpointWriter {
     format: Option<CheckpointFormat>,
     static_groups: bool,
     asymmetric_v1: bool,
+    omit_digests: bool,
     settings: Option<(GptqConfig, Method)>,
     model_config: Option<Value>,
     layers: Vec<(String, QuantizedWeight, Option<DenseTensor>)>,
@@ -51,6 +58,16 @@ impl CheckpointWriter {
     /// [`CheckpointWriter::with_asymmetric_v1`] allows it.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether `model.safetensors` records a digest of every tensor's bytes
+    /// (default `true`): FNV-1a 64 of the little-endian data, as one JSON
+    /// object under the header metadata key [`TENSOR_DIGESTS_KEY`]; the
+    /// reader verifies each tensor it reads against it. `false` omits them,
+    /// e.g. to reproduce another tool's file byte for byte.
+    pub fn with_tensor_digests(mut self, digests: bool) -> Self {
+        self.omit_digests = !digests;
+        self
     }
 
     /// Forces a zero-point format instead of the automatic choice.
@@ -255,12 +272,23 @@ impl CheckpointWriter {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         let target = dir.join("model.safetensors");
-        write_atomic_with(&target, |tmp| {
-            safetensors::serialize_to_file(views, Some(meta), tmp).map_err(|e| Error::Safetensors {
-                path: target.clone(),
-                reason: e.to_string(),
-            })
-        })?;
+        let st_err = |e: safetensors::SafeTensorError| Error::Safetensors {
+            path: target.clone(),
+            reason: e.to_string(),
+        };
+        if self.omit_digests {
+            write_atomic_with(&target, |tmp| {
+                safetensors::serialize_to_file(views, Some(meta), tmp).map_err(st_err)
+            })?;
+        } else {
+            let digests: BTreeMap<&str, String> = owned
+                .iter()
+                .map(|(name, _, _, bytes)| (name.as_str(), digest_hex(bytes)))
+                .collect();
+            let bytes = safetensors::serialize(views, Some(meta)).map_err(st_err)?;
+            let bytes = add_digests(&bytes, &digests, &target)?;
+            write_atomic(&target, &bytes)?;
+        }
         let mut qc = config.to_json();
         if let Some((cfg, method)) = &self.settings {
             record_settings(&mut qc, cfg, *method);
@@ -409,6 +437,44 @@ fn encode_layer(
         ));
     }
     Ok(())
+}
+
+/// Adds the digests to the metadata of a file serialized with the single
+/// metadata entry `format = pt`. (safetensors keeps metadata in a `HashMap`,
+/// so two entries would come out in a different order from run to run; the
+/// splice keeps the file deterministic: `format` first, then the digests.)
+fn add_digests(bytes: &[u8], digests: &BTreeMap<&str, String>, path: &Path) -> Result<Vec<u8>> {
+    const PREFIX: &str = r#"{"__metadata__":{"format":"pt"}"#;
+    let internal = |reason: &str| Error::Safetensors {
+        path: path.to_path_buf(),
+        reason: format!("adding tensor digests: {reason}"),
+    };
+    let n = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| internal("no header length"))?;
+    let header = bytes
+        .get(8..8 + n)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| internal("header out of range"))?
+        .trim_end_matches(' ');
+    let rest = header
+        .strip_prefix(PREFIX)
+        .ok_or_else(|| internal("unexpected header layout"))?;
+    let object = serde_json::to_string(digests).map_err(|e| internal(&e.to_string()))?;
+    let value = serde_json::to_string(&object).map_err(|e| internal(&e.to_string()))?;
+    let mut new_header =
+        format!(r#"{{"__metadata__":{{"format":"pt","{TENSOR_DIGESTS_KEY}":{value}}}{rest}"#)
+            .into_bytes();
+    new_header.resize(new_header.len().next_multiple_of(8), b' ');
+    let data = bytes.get(8 + n..).ok_or_else(|| internal("no data"))?;
+    let mut out = Vec::with_capacity(8 + new_header.len() + data.len());
+    out.extend_from_slice(&(new_header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&new_header);
+    out.extend_from_slice(data);
+    Ok(out)
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {

@@ -37,7 +37,7 @@ pub use bits::{
     unpack_qzeros, unpack_stream, v1_word_offset, values_for, words_for,
 };
 pub use checkpoint_read::{Checkpoint, RawTensor};
-pub use checkpoint_write::CheckpointWriter;
+pub use checkpoint_write::{CheckpointWriter, TENSOR_DIGESTS_KEY};
 pub use config_json::{CheckpointFormat, QuantizeConfig};
 pub use packed_linear::PackedLinear;
 pub use tensor::DenseTensor;

@@ -19,32 +19,10 @@ use super::config::PipelineConfig;
 use super::report::{LayerReport, TraceShares};
 use crate::backend::QuantizableModel;
 use crate::config::Bits;
+use crate::digest::Fnv;
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
 use crate::quant::QuantizedWeight;
-
-/// FNV-1a, 64 bit: a small stable hash for fingerprints (not for security).
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        for &x in b {
-            self.0 ^= u64::from(x);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    fn floats(&mut self, v: impl IntoIterator<Item = f32>) {
-        for x in v {
-            self.bytes(&x.to_le_bytes());
-        }
-    }
-    fn hex(&self) -> String {
-        format!("{:016x}", self.0)
-    }
-}
 
 /// A saved block: its layers' quantized weights and their reports.
 pub(crate) type SavedBlock = (Vec<(String, QuantizedWeight)>, Vec<LayerReport>);
