@@ -31,6 +31,8 @@ mod checkpoint_write;
 mod config_json;
 mod packed_linear;
 mod tensor;
+#[cfg(test)]
+mod write_atomic_tests;
 
 pub use bits::{
     pack_qweight, pack_qzeros, pack_stream, qzeros_v1_to_v2, qzeros_v2_to_v1, unpack_qweight,
