@@ -117,7 +117,13 @@ where
     for (b, planned) in plan.blocks.iter().enumerate() {
         let name = planned.name.as_str();
         let saved: Vec<SavedLayer> = if b < resume_from {
-            let st = state.as_ref().expect("resuming needs a state");
+            // resume_from > 0 only comes from a state; an error, not a panic, if not.
+            let Some(st) = state.as_ref() else {
+                return Err(Error::StateMismatch {
+                    path: Default::default(),
+                    reason: "resuming without a state directory".into(),
+                });
+            };
             let (restored, reports) = st.load_block(b)?;
             check_restored(b, planned, &restored, cfg)?;
             if let Some(fp) = fp_stream.as_mut() {
