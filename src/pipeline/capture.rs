@@ -102,13 +102,6 @@ pub(crate) fn stack_rows<'a>(
 
 /// One sample's rows: `tokens x in_features`, finite, consistent token info.
 fn check_rows(c: ArrayView2<'_, f32>, layer: &LinearInfo, info: &TokenInfo) -> Result<()> {
-    if info.valid.len() != info.modality.len() {
-        return Err(Error::shape(
-            "token validity mask (one flag per token)",
-            &[info.modality.len()],
-            &[info.valid.len()],
-        ));
-    }
     if c.dim() != (info.len(), layer.in_features) {
         return Err(Error::shape(
             "input rows (tokens from token_info x in_features)",

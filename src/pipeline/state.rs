@@ -376,7 +376,7 @@ fn calibration_fingerprint<M: QuantizableModel>(
     let mut h = Fnv::new();
     for s in samples {
         let info = model.token_info(0, s);
-        for (m, v) in info.modality.iter().zip(&info.valid) {
+        for (m, v) in info.modality().iter().zip(info.valid()) {
             h.bytes(&[*m as u8, u8::from(*v)]);
         }
         // The rows block 0 shows for its linears stand for the sample
