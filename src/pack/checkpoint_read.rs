@@ -16,11 +16,11 @@ use crate::error::{Error, Result};
 use crate::quant::QuantizedWeight;
 
 use super::bits::{qzeros_v1_to_v2, unpack_qweight, unpack_qzeros, values_for, words_for};
-use super::checkpoint_write::{LAYER_SUFFIXES, TENSOR_DIGESTS_KEY};
+use super::checkpoint_write::LAYER_SUFFIXES;
 use super::config_json::{CheckpointFormat, QuantizeConfig};
+use super::digests::{check_digest, read_digests};
 use super::packed_linear::PackedLinear;
 use super::tensor::DenseTensor;
-use crate::digest::digest_hex;
 
 /// Shape facts of one quantized layer, checked when the checkpoint is opened.
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +94,7 @@ impl Checkpoint {
             passthrough: Vec::new(),
             digests: None,
         };
-        ck.digests = ck.read_digests()?;
+        ck.digests = read_digests(&ck.meta, &ck.path)?;
         ck.index_layers()?;
         Ok(ck)
     }
@@ -112,39 +112,6 @@ impl Checkpoint {
     /// Names of the passthrough (unquantized) tensors, sorted.
     pub fn tensor_names(&self) -> Vec<&str> {
         self.passthrough.iter().map(String::as_str).collect()
-    }
-
-    /// The digests recorded under [`TENSOR_DIGESTS_KEY`], checked to name
-    /// exactly the file's tensors; `None` for files without them.
-    fn read_digests(&self) -> Result<Option<BTreeMap<String, String>>> {
-        let Some(text) = self
-            .meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(TENSOR_DIGESTS_KEY))
-        else {
-            return Ok(None);
-        };
-        let digests: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| {
-            corrupt(
-                &self.path,
-                format!("metadata {TENSOR_DIGESTS_KEY} is not a JSON object of strings: {e}"),
-            )
-        })?;
-        let names: std::collections::BTreeSet<String> = self.meta.tensors().into_keys().collect();
-        if let Some(extra) = digests.keys().find(|k| !names.contains(*k)) {
-            return Err(corrupt(
-                &self.path,
-                format!("metadata {TENSOR_DIGESTS_KEY} names {extra:?}, which the file lacks"),
-            ));
-        }
-        if let Some(missing) = names.iter().find(|k| !digests.contains_key(*k)) {
-            return Err(corrupt(
-                &self.path,
-                format!("tensor {missing:?} has no digest in {TENSOR_DIGESTS_KEY}"),
-            ));
-        }
-        Ok(Some(digests))
     }
 
     fn owning_layer<'a>(&self, name: &'a str) -> Option<&'a str> {
@@ -168,17 +135,8 @@ impl Checkpoint {
             .zip(self.data_start.checked_add(e))
             .and_then(|(a, b)| self.mmap.get(a..b))
             .ok_or_else(|| corrupt(&self.path, format!("tensor {name:?} lies outside the file")))?;
-        if let Some(expected) = self.digests.as_ref().and_then(|d| d.get(name)) {
-            let actual = digest_hex(data);
-            if &actual != expected {
-                return Err(corrupt(
-                    &self.path,
-                    format!(
-                        "tensor {name:?}: its bytes have digest {actual}, the file records \
-                         {expected} (the data changed after it was written)"
-                    ),
-                ));
-            }
+        if let Some(d) = &self.digests {
+            check_digest(d, name, data, &self.path)?;
         }
         Ok(RawTensor {
             dtype: info.dtype,

@@ -12,6 +12,8 @@ use serde_json::{json, Value};
 
 use crate::config::{Bits, GptqConfig, GroupFit, ScalePrecision};
 use crate::digest::digest_hex;
+
+use super::digests::add_digests;
 use crate::error::{Error, Result};
 use crate::fsutil::{write_dir_atomic_hooked, Step};
 use crate::quant::QuantizedWeight;
@@ -20,11 +22,6 @@ use crate::solver::Method;
 use super::bits::{check_checkpoint_bits, pack_qweight, pack_qzeros, qzeros_v2_to_v1, words_for};
 use super::config_json::{CheckpointFormat, QuantizeConfig};
 use super::tensor::DenseTensor;
-
-/// The safetensors header metadata key under which the writer records the
-/// tensor digests: a JSON object `{tensor name: 16 hex digits}` (FNV-1a 64
-/// of the tensor's bytes). See docs/FORMAT.md.
-pub const TENSOR_DIGESTS_KEY: &str = "vlmq.tensor_digests";
 
 /// Suffixes of the tensors that make up one quantized layer.
 pub(crate) const LAYER_SUFFIXES: [&str; 5] = ["qweight", "qzeros", "scales", "g_idx", "bias"];
@@ -61,7 +58,7 @@ impl CheckpointWriter {
 
     /// Whether `model.safetensors` records a digest of every tensor's bytes
     /// (default `true`): FNV-1a 64 of the little-endian data, as one JSON
-    /// object under the header metadata key [`TENSOR_DIGESTS_KEY`]; the
+    /// object under the header metadata key [`TENSOR_DIGESTS_KEY`](super::TENSOR_DIGESTS_KEY); the
     /// reader verifies each tensor it reads against it. `false` omits them,
     /// e.g. to reproduce another tool's file byte for byte.
     pub fn with_tensor_digests(mut self, digests: bool) -> Self {
@@ -454,44 +451,6 @@ fn encode_layer(
         ));
     }
     Ok(())
-}
-
-/// Adds the digests to the metadata of a file serialized with the single
-/// metadata entry `format = pt`. (safetensors keeps metadata in a `HashMap`,
-/// so two entries would come out in a different order from run to run; the
-/// splice keeps the file deterministic: `format` first, then the digests.)
-fn add_digests(bytes: &[u8], digests: &BTreeMap<&str, String>, path: &Path) -> Result<Vec<u8>> {
-    const PREFIX: &str = r#"{"__metadata__":{"format":"pt"}"#;
-    let internal = |reason: &str| Error::Safetensors {
-        path: path.to_path_buf(),
-        reason: format!("adding tensor digests: {reason}"),
-    };
-    let n = bytes
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes)
-        .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| internal("no header length"))?;
-    let header = bytes
-        .get(8..8 + n)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| internal("header out of range"))?
-        .trim_end_matches(' ');
-    let rest = header
-        .strip_prefix(PREFIX)
-        .ok_or_else(|| internal("unexpected header layout"))?;
-    let object = serde_json::to_string(digests).map_err(|e| internal(&e.to_string()))?;
-    let value = serde_json::to_string(&object).map_err(|e| internal(&e.to_string()))?;
-    let mut new_header =
-        format!(r#"{{"__metadata__":{{"format":"pt","{TENSOR_DIGESTS_KEY}":{value}}}{rest}"#)
-            .into_bytes();
-    new_header.resize(new_header.len().next_multiple_of(8), b' ');
-    let data = bytes.get(8 + n..).ok_or_else(|| internal("no data"))?;
-    let mut out = Vec::with_capacity(8 + new_header.len() + data.len());
-    out.extend_from_slice(&(new_header.len() as u64).to_le_bytes());
-    out.extend_from_slice(&new_header);
-    out.extend_from_slice(data);
-    Ok(out)
 }
 
 /// Pretty JSON with a final newline.

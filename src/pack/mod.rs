@@ -29,6 +29,7 @@ mod bits;
 mod checkpoint_read;
 mod checkpoint_write;
 mod config_json;
+mod digests;
 mod packed_linear;
 mod tensor;
 #[cfg(test)]
@@ -39,7 +40,8 @@ pub use bits::{
     unpack_qzeros, unpack_stream, v1_word_offset, values_for, words_for,
 };
 pub use checkpoint_read::{Checkpoint, RawTensor};
-pub use checkpoint_write::{CheckpointWriter, TENSOR_DIGESTS_KEY};
+pub use checkpoint_write::CheckpointWriter;
 pub use config_json::{CheckpointFormat, QuantizeConfig};
+pub use digests::TENSOR_DIGESTS_KEY;
 pub use packed_linear::PackedLinear;
 pub use tensor::DenseTensor;
