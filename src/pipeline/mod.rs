@@ -17,6 +17,7 @@ mod inputs;
 mod plan;
 mod progress;
 mod report;
+mod report_json;
 mod saliency;
 mod state;
 
