@@ -156,6 +156,22 @@ pub enum Error {
         /// How to make it work.
         remedy: String,
     },
+    /// A layer whose every input column is dead: all its calibration inputs
+    /// are zero (or underflow), so its Hessian is zero and any weight is as
+    /// good as any other; quantizing it would give all zeros.
+    #[error(
+        "every one of the layer's {in_features} input columns is dead (its {tokens} calibration \
+         tokens are all zero or underflow), so the calibration data says nothing about it; use \
+         calibration samples that reach this layer, keep it in full precision with a layer \
+         override, or opt in to round-to-nearest with \
+         PipelineConfig::with_dead_layer_fallback(DeadLayerFallback::Rtn)"
+    )]
+    DeadLayer {
+        /// Input columns of the layer (all dead).
+        in_features: usize,
+        /// Calibration tokens in the layer's statistics.
+        tokens: usize,
+    },
     /// A run was cancelled by the caller's progress callback.
     #[error("cancelled by the caller")]
     Cancelled,

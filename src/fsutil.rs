@@ -86,6 +86,189 @@ fn sync_parent(path: &Path) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    sync_dir(dir)
+}
+
+/// Replaces the directory `dir` with one holding `files` (plain file names
+/// and their bytes), all or nothing: the files are written into a new
+/// temporary sibling directory and flushed, together with every other entry
+/// of the old `dir` (hard-linked, or copied where links are not possible);
+/// then the old directory is renamed aside, the new one renamed into place,
+/// the parent flushed and the old one removed. After an error `dir` is the
+/// old directory, untouched (or absent if it was); after success it is the
+/// new one.
+///
+/// A crash (not an error) between the two renames leaves the old directory
+/// under a hidden sibling name (`.{name}.{pid}.{n}.old`) and no `dir`; the
+/// parent directory then holds either `dir` or that sibling, each complete.
+///
+/// ```
+/// let root = std::env::temp_dir().join(format!("vlmq-doc-dir-{}", std::process::id()));
+/// let dir = root.join("ckpt");
+/// vlmq::fsutil::write_dir_atomic(&dir, &[("a.txt", b"one"), ("b.txt", b"two")])?;
+/// vlmq::fsutil::write_dir_atomic(&dir, &[("a.txt", b"three")])?;
+/// assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"three");
+/// assert_eq!(std::fs::read(dir.join("b.txt")).unwrap(), b"two"); // carried over
+/// # std::fs::remove_dir_all(&root).unwrap();
+/// # Ok::<(), vlmq::Error>(())
+/// ```
+pub fn write_dir_atomic(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    write_dir_atomic_hooked(dir, files, &mut |_| Ok(()))
+}
+
+/// Points of [`write_dir_atomic`] where a failure-injection test may fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step<'a> {
+    /// Before a file is created in the new directory.
+    Before(&'a str),
+    /// Half of a file's bytes are written.
+    During(&'a str),
+    /// A file is complete and flushed.
+    After(&'a str),
+    /// The old directory has been renamed aside.
+    MovedAside,
+    /// The new directory is in place; the parent is not yet flushed.
+    Swapped,
+}
+
+/// [`write_dir_atomic`] with a hook called at every [`Step`]; an error from
+/// the hook is handled like an I/O error at that point.
+pub(crate) fn write_dir_atomic_hooked(
+    dir: &Path,
+    files: &[(&str, &[u8])],
+    hook: &mut dyn FnMut(Step<'_>) -> Result<()>,
+) -> Result<()> {
+    let invalid = |p: &Path, what: String| {
+        Error::io(
+            p,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+        )
+    };
+    for (name, _) in files {
+        let plain = !name.is_empty()
+            && *name != "."
+            && *name != ".."
+            && !name.contains(['/', '\\'])
+            && Path::new(name).file_name() == Some(std::ffi::OsStr::new(name));
+        if !plain {
+            return Err(invalid(dir, format!("{name:?} is not a plain file name")));
+        }
+    }
+    let dir = match dir.file_name() {
+        Some(_) => dir.to_path_buf(),
+        None => dir.canonicalize().map_err(|e| Error::io(dir, e))?,
+    };
+    let name = dir
+        .file_name()
+        .ok_or_else(|| invalid(&dir, "the path names no directory".into()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => Path::new(".").to_path_buf(),
+    };
+    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let existed = match fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => true,
+        Ok(_) => return Err(invalid(&dir, "exists and is not a directory".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let serial = TEMP_SERIAL.fetch_add(1, Ordering::Relaxed);
+    let stem = format!(".{name}.{}.{serial}", std::process::id());
+    let new = parent.join(format!("{stem}.new"));
+    let old = parent.join(format!("{stem}.old"));
+    fs::create_dir(&new).map_err(|e| Error::io(&new, e))?;
+    let filled = fill_dir(&new, existed.then_some(dir.as_path()), files, hook);
+    if let Err(e) = filled {
+        let _ = fs::remove_dir_all(&new);
+        return Err(e);
+    }
+    if existed {
+        if let Err(e) = fs::rename(&dir, &old) {
+            let _ = fs::remove_dir_all(&new);
+            return Err(Error::io(&dir, e));
+        }
+        let swapped = hook(Step::MovedAside)
+            .and_then(|()| fs::rename(&new, &dir).map_err(|e| Error::io(&dir, e)));
+        if let Err(e) = swapped {
+            let _ = fs::rename(&old, &dir);
+            let _ = fs::remove_dir_all(&new);
+            return Err(e);
+        }
+    } else if let Err(e) = fs::rename(&new, &dir) {
+        let _ = fs::remove_dir_all(&new);
+        return Err(Error::io(&dir, e));
+    }
+    if let Err(e) = hook(Step::Swapped).and_then(|()| sync_dir(&parent)) {
+        // Undo: the call fails, so `dir` must be the old directory again.
+        let _ = fs::rename(&dir, &new);
+        if existed {
+            let _ = fs::rename(&old, &dir);
+        }
+        let _ = fs::remove_dir_all(&new);
+        return Err(e);
+    }
+    if existed {
+        // The new directory is in place and durable; a leftover is only litter.
+        let _ = fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+/// Writes `files` into the empty directory `new`, carries over the other
+/// entries of `old`, and flushes everything.
+fn fill_dir(
+    new: &Path,
+    old: Option<&Path>,
+    files: &[(&str, &[u8])],
+    hook: &mut dyn FnMut(Step<'_>) -> Result<()>,
+) -> Result<()> {
+    if let Some(old) = old {
+        let keep = |n: &std::ffi::OsStr| !files.iter().any(|(f, _)| std::ffi::OsStr::new(f) == n);
+        carry_over(old, new, &keep)?;
+    }
+    for (name, bytes) in files {
+        hook(Step::Before(name))?;
+        let path = new.join(name);
+        let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let half = bytes.len() / 2;
+        f.write_all(&bytes[..half])
+            .map_err(|e| Error::io(&path, e))?;
+        hook(Step::During(name))?;
+        f.write_all(&bytes[half..])
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io(&path, e))?;
+        hook(Step::After(name))?;
+    }
+    sync_dir(new)
+}
+
+/// Hard-links (or copies) every entry of `from` that `keep` accepts into
+/// `to`, recursing into directories.
+fn carry_over(from: &Path, to: &Path, keep: &dyn Fn(&std::ffi::OsStr) -> bool) -> Result<()> {
+    for entry in fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let name = entry.file_name();
+        if !keep(&name) {
+            continue;
+        }
+        let src = entry.path();
+        let dst = to.join(&name);
+        let ty = entry.file_type().map_err(|e| Error::io(&src, e))?;
+        if ty.is_dir() {
+            fs::create_dir(&dst).map_err(|e| Error::io(&dst, e))?;
+            carry_over(&src, &dst, &|_| true)?;
+            sync_dir(&dst)?;
+        } else if fs::hard_link(&src, &dst).is_err() {
+            fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Flushes a directory's entries (a no-op where directories cannot be opened).
+fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         let d = File::open(dir).map_err(|e| Error::io(dir, e))?;

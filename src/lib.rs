@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+mod digest;
 pub mod error;
 pub mod fsutil;
 pub mod hessian;
@@ -31,8 +32,8 @@ pub use hessian::{HessianAccumulator, LayerStatistics};
 pub use importance::{GradientSaliency, Normalization, SampleSignals, TokenImportance};
 pub use pack::{Checkpoint, CheckpointFormat, CheckpointWriter, PackedLinear};
 pub use pipeline::{
-    quantize_model, PipelineConfig, PipelineOutput, PipelineReport, Progress, ProgressControl,
-    QuantMethod,
+    quantize_model, DeadLayerFallback, PipelineConfig, PipelineOutput, PipelineReport, Progress,
+    ProgressControl, QuantMethod,
 };
 pub use quant::{quantize_rtn, GridFit, GridParams, QuantizedWeight};
 pub use solver::{solve_layer, LayerSolution, Method, SolveReport};

@@ -387,17 +387,21 @@ fn config_json_must_agree_with_quantize_config() {
 
 #[test]
 fn failed_write_leaves_no_partial_file() {
+    // The writer replaces the whole directory (failure injection at every
+    // step: src/pack/write_atomic_tests.rs). Here the target is a regular
+    // file: the write fails, the file is untouched, nothing is left beside it.
     let w = original(4, 2);
     let dir = TempDir::new("atomic");
-    // A directory where the safetensors file should go makes the final rename fail.
-    std::fs::create_dir(dir.path().join("model.safetensors")).unwrap();
+    let target = dir.path().join("ckpt");
+    std::fs::write(&target, b"not a directory").unwrap();
     let mut writer = CheckpointWriter::new();
     writer.add_layer(LAYER, w, None).unwrap();
-    assert!(writer.write(dir.path()).is_err());
+    assert!(writer.write(&target).is_err());
+    assert_eq!(std::fs::read(&target).unwrap(), b"not a directory");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n != "model.safetensors")
+        .filter(|n| n != "ckpt")
         .collect();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }

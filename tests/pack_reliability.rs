@@ -77,3 +77,89 @@ fn symmetric_v2_data_under_a_v1_config_is_detected() {
         Err(Error::CorruptCheckpoint { .. })
     ));
 }
+
+/// Reads every layer and passthrough tensor of the checkpoint in `dir`.
+fn read_all(dir: &std::path::Path) -> Result<(), Error> {
+    let ck = Checkpoint::open(dir)?;
+    for name in ck.names() {
+        ck.layer(name)?;
+        ck.bias(name)?;
+    }
+    for name in ck.tensor_names() {
+        ck.tensor(name)?;
+    }
+    Ok(())
+}
+
+/// Issue 13 item 12: every single-byte change of tensor data is refused by
+/// the digest check (before digests, a flip that kept codes, zero points
+/// and scales in range read back as a different weight); a file written
+/// without digests (as other tools write them) still loads.
+#[test]
+fn tensor_data_flips_are_caught_by_the_digests() {
+    let mut writer = CheckpointWriter::new();
+    writer
+        .add_layer("layer", weight(0.5).unwrap(), None)
+        .unwrap();
+    writer
+        .add_tensor(
+            "norm",
+            DenseTensor::F32(Array2::from_elem((1, 8), 1.5).into_dyn()),
+        )
+        .unwrap();
+    let dir = TempDir::new("digest-flip");
+    writer.write(dir.path()).unwrap();
+    let path = dir.path().join("model.safetensors");
+    let good = std::fs::read(&path).unwrap();
+    read_all(dir.path()).unwrap();
+    let header = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let text = std::str::from_utf8(&good[8..8 + header]).unwrap();
+    assert!(text.contains(vlmq::pack::TENSOR_DIGESTS_KEY), "{text}");
+    let data = 8 + header..good.len();
+    assert!(data.len() > 500);
+    let mut refused = 0;
+    for (k, at) in data.clone().enumerate() {
+        let mut bytes = good.clone();
+        // Flip patterns vary with the position: one low bit, one high bit, all bits.
+        bytes[at] ^= [0x01, 0x80, 0xff][k % 3];
+        std::fs::write(&path, &bytes).unwrap();
+        match read_all(dir.path()) {
+            Err(Error::CorruptCheckpoint { reason, .. }) if reason.contains("digest") => {
+                refused += 1
+            }
+            other => panic!("flip at byte {at}: {other:?}"),
+        }
+    }
+    assert_eq!(refused, data.len());
+
+    // Without digests the same file format loads, and a flip in a code goes unseen.
+    let mut writer = CheckpointWriter::new().with_tensor_digests(false);
+    writer
+        .add_layer("layer", weight(0.5).unwrap(), None)
+        .unwrap();
+    let dir = TempDir::new("digest-none");
+    writer.write(dir.path()).unwrap();
+    let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let text = std::str::from_utf8(&bytes[8..8 + header]).unwrap();
+    assert!(!text.contains(vlmq::pack::TENSOR_DIGESTS_KEY), "{text}");
+    read_all(dir.path()).unwrap();
+
+    // Digests are deterministic: two writes give the same bytes.
+    let again = TempDir::new("digest-again");
+    let mut writer = CheckpointWriter::new();
+    writer
+        .add_layer("layer", weight(0.5).unwrap(), None)
+        .unwrap();
+    writer.write(again.path()).unwrap();
+    let mut writer = CheckpointWriter::new();
+    writer
+        .add_layer("layer", weight(0.5).unwrap(), None)
+        .unwrap();
+    let other = TempDir::new("digest-again2");
+    writer.write(other.path()).unwrap();
+    assert_eq!(
+        std::fs::read(again.path().join("model.safetensors")).unwrap(),
+        std::fs::read(other.path().join("model.safetensors")).unwrap()
+    );
+}

@@ -124,7 +124,8 @@ fn bad_backend_output_is_a_typed_error_naming_block_layer_and_sample() {
     assert!(matches!(err.root(), Error::Backend { .. }), "{err}");
 
     let mut data = samples(1, 3, 16);
-    data[0].info.valid.pop();
+    // Token info for 15 tokens while the sample has 16 rows.
+    data[0].info = vlmq::TokenInfo::uniform(vlmq::Modality::Text, 15);
     let err = run(&mut TinyModel::new(1, 16, 24, 2), &data, &cfg).unwrap_err();
     assert!(at(&err, "a", Some(0)), "{err}");
     assert!(matches!(err.root(), Error::ShapeMismatch { .. }), "{err}");

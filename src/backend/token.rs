@@ -2,6 +2,8 @@
 
 use ndarray::Array1;
 
+use crate::error::{Error, Result};
+
 /// The modality of one token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Modality {
@@ -16,12 +18,13 @@ pub enum Modality {
 /// Modality and validity of every token of one sample (one entry per row).
 ///
 /// Invalid tokens (padding) never enter a Hessian: their importance is 0.
+/// The fields are private so that there is always exactly one validity flag
+/// per token (checked in [`with_valid`](Self::with_valid), the one place a
+/// mask of another length could come in).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TokenInfo {
-    /// Modality of each token.
-    pub modality: Vec<Modality>,
-    /// `false` for padding tokens.
-    pub valid: Vec<bool>,
+    modality: Vec<Modality>,
+    valid: Vec<bool>,
 }
 
 impl TokenInfo {
@@ -36,10 +39,40 @@ impl TokenInfo {
         TokenInfo::new(vec![modality; n])
     }
 
-    /// Sets the validity mask.
-    pub fn with_valid(mut self, valid: Vec<bool>) -> Self {
+    /// Tokens given one by one as `(modality, valid)`.
+    ///
+    /// ```
+    /// use vlmq::{Modality, TokenInfo};
+    /// let info = TokenInfo::from_tokens([(Modality::Vision, true), (Modality::Text, false)]);
+    /// assert_eq!(info.valid(), &[true, false]);
+    /// ```
+    pub fn from_tokens(tokens: impl IntoIterator<Item = (Modality, bool)>) -> Self {
+        let (modality, valid) = tokens.into_iter().unzip();
+        TokenInfo { modality, valid }
+    }
+
+    /// Sets the validity mask (`false` for padding): one flag per token, or
+    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch).
+    pub fn with_valid(mut self, valid: Vec<bool>) -> Result<Self> {
+        if valid.len() != self.modality.len() {
+            return Err(Error::shape(
+                "token validity mask (one flag per token)",
+                &[self.modality.len()],
+                &[valid.len()],
+            ));
+        }
         self.valid = valid;
-        self
+        Ok(self)
+    }
+
+    /// The modality of each token.
+    pub fn modality(&self) -> &[Modality] {
+        &self.modality
+    }
+
+    /// Whether each token is valid (`false` for padding).
+    pub fn valid(&self) -> &[bool] {
+        &self.valid
     }
 
     /// Number of tokens.
@@ -65,8 +98,9 @@ impl TokenInfo {
     /// ```
     /// use vlmq::{Modality, TokenInfo};
     /// let info = TokenInfo::new(vec![Modality::Vision, Modality::Text, Modality::Text])
-    ///     .with_valid(vec![true, true, false]);
+    ///     .with_valid(vec![true, true, false])?;
     /// assert_eq!(info.mask(Modality::Text).to_vec(), vec![0.0, 1.0, 0.0]);
+    /// # Ok::<(), vlmq::Error>(())
     /// ```
     pub fn mask(&self, modality: Modality) -> Array1<f32> {
         self.modality

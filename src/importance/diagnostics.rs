@@ -129,11 +129,11 @@ impl ImportanceDiagnostics {
             return Err(Error::InvalidImportance { token, value });
         }
         for (t, row) in x.rows().into_iter().enumerate() {
-            if !tokens.valid[t] {
+            if !tokens.valid()[t] {
                 self.padding += 1;
                 continue;
             }
-            let s = slot(tokens.modality[t]);
+            let s = slot(tokens.modality()[t]);
             let sq: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
             self.before[s] += sq;
             self.after[s] += f64::from(alpha[t]) * sq;

@@ -88,7 +88,7 @@ impl<'a> SampleSignals<'a> {
 /// use vlmq::{Modality, TokenInfo};
 ///
 /// let tokens = TokenInfo::new(vec![Modality::Vision, Modality::Text, Modality::Text])
-///     .with_valid(vec![true, true, false]);
+///     .with_valid(vec![true, true, false])?;
 /// let scorer: Box<dyn TokenImportance> = Box::new(ModalityWeights::new(0.25, 1.0, 1.0)?);
 /// let alpha = scorer.factors(&SampleSignals::new(&tokens, 0))?;
 /// assert_eq!(alpha.to_vec(), vec![0.25, 1.0, 0.0]);
@@ -115,13 +115,15 @@ pub trait TokenImportance: Send + Sync + std::fmt::Debug {
     fn factors(&self, sample: &SampleSignals<'_>) -> Result<Array1<f32>>;
 }
 
-/// Checks that `tokens` is consistent (as many validity flags as modalities).
+/// Checks that `tokens` is consistent (as many validity flags as
+/// modalities): guaranteed by [`TokenInfo`]'s constructors, checked again
+/// because the scorers index both by token.
 pub(crate) fn check_tokens(tokens: &TokenInfo) -> Result<()> {
-    if tokens.valid.len() != tokens.modality.len() {
+    if tokens.valid().len() != tokens.modality().len() {
         return Err(Error::shape(
             "token validity mask",
-            &[tokens.modality.len()],
-            &[tokens.valid.len()],
+            &[tokens.modality().len()],
+            &[tokens.valid().len()],
         ));
     }
     Ok(())

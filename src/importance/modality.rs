@@ -54,9 +54,9 @@ impl TokenImportance for ModalityWeights {
         check_tokens(sample.tokens)?;
         Ok(sample
             .tokens
-            .modality
+            .modality()
             .iter()
-            .zip(&sample.tokens.valid)
+            .zip(sample.tokens.valid())
             .map(|(&m, &v)| if v { self.weight(m) } else { 0.0 })
             .collect())
     }

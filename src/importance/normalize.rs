@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 /// use vlmq::importance::Normalization;
 /// use vlmq::{Modality, TokenInfo};
 ///
-/// let tokens = TokenInfo::uniform(Modality::Vision, 4).with_valid(vec![true, true, true, false]);
+/// let tokens = TokenInfo::uniform(Modality::Vision, 4).with_valid(vec![true, true, true, false])?;
 /// let alpha = Normalization::new(0.1, None)?.apply(array![0.0f32, 1.0, 2.0, 9.0].view(), &tokens)?;
 /// assert_eq!(alpha.to_vec(), vec![0.1, 1.0, 2.0, 0.0]);
 /// # Ok::<(), vlmq::Error>(())
@@ -92,7 +92,7 @@ impl Normalization {
         }
         let mut sum = 0.0f64;
         let mut count = 0usize;
-        for (t, (&s, &valid)) in raw.iter().zip(&tokens.valid).enumerate() {
+        for (t, (&s, &valid)) in raw.iter().zip(tokens.valid()).enumerate() {
             if !valid {
                 continue;
             }
@@ -109,7 +109,7 @@ impl Normalization {
         let cap = self.cap.unwrap_or(f32::INFINITY);
         Ok(raw
             .iter()
-            .zip(&tokens.valid)
+            .zip(tokens.valid())
             .map(|(&s, &valid)| {
                 if !valid {
                     0.0

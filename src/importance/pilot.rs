@@ -108,10 +108,10 @@ impl TokenImportance for PilotScorer {
         let tokens = sample.tokens;
         check_tokens(tokens)?;
         let vision: Vec<usize> = (0..tokens.len())
-            .filter(|&t| tokens.valid[t] && tokens.modality[t] == Modality::Vision)
+            .filter(|&t| tokens.valid()[t] && tokens.modality()[t] == Modality::Vision)
             .collect();
         let mut alpha: Array1<f32> = tokens
-            .valid
+            .valid()
             .iter()
             .map(|&v| if v { 1.0 } else { 0.0 })
             .collect();

@@ -13,7 +13,9 @@ fn mixed(n_vision: usize, n_text: usize) -> TokenInfo {
 
 #[test]
 fn uniform_is_ones_with_zero_padding() {
-    let tokens = mixed(2, 2).with_valid(vec![true, false, true, true]);
+    let tokens = mixed(2, 2)
+        .with_valid(vec![true, false, true, true])
+        .unwrap();
     let a = Uniform.factors(&SampleSignals::new(&tokens, 0)).unwrap();
     assert_eq!(a.to_vec(), vec![1.0, 0.0, 1.0, 1.0]);
     assert!(!Uniform.needs_gradients());
@@ -21,10 +23,8 @@ fn uniform_is_ones_with_zero_padding() {
 
 #[test]
 fn inconsistent_token_info_is_a_shape_error() {
-    let tokens = mixed(2, 1).with_valid(vec![true]);
-    let err = Uniform
-        .factors(&SampleSignals::new(&tokens, 0))
-        .unwrap_err();
+    // A mask of another length cannot be built (the fields are private).
+    let err = mixed(2, 1).with_valid(vec![true]).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
 }
 
@@ -39,14 +39,17 @@ fn modality_weights_validate_and_apply() {
         Modality::Other,
         Modality::Text,
     ])
-    .with_valid(vec![true, true, true, false]);
+    .with_valid(vec![true, true, true, false])
+    .unwrap();
     let a = w.factors(&SampleSignals::new(&tokens, 9)).unwrap();
     assert_eq!(a.to_vec(), vec![0.5, 2.0, 1.0, 0.0]);
 }
 
 #[test]
 fn normalization_means_one_floors_caps_and_zeroes_padding() {
-    let tokens = mixed(5, 0).with_valid(vec![true, true, true, true, false]);
+    let tokens = mixed(5, 0)
+        .with_valid(vec![true, true, true, true, false])
+        .unwrap();
     let raw = array![0.0f32, 1.0, 1.0, 10.0, 100.0];
     // Mean over the 4 valid tokens is 3.
     let a = Normalization::new(0.05, Some(2.0))
@@ -85,7 +88,7 @@ fn normalization_means_one_floors_caps_and_zeroes_padding() {
         .is_err());
     assert!(Normalization::new(1.5, None).is_err());
     assert!(Normalization::new(0.1, Some(0.5)).is_err());
-    let all_pad = mixed(2, 0).with_valid(vec![false, false]);
+    let all_pad = mixed(2, 0).with_valid(vec![false, false]).unwrap();
     assert_eq!(
         Normalization::default()
             .apply(array![1.0f32, 2.0].view(), &all_pad)
@@ -159,9 +162,10 @@ fn saliency_rejects_missing_ragged_or_non_finite_gradients() {
 
 #[test]
 fn pilot_random_is_deterministic_per_sample_and_touches_only_valid_vision() {
-    let mut tokens = mixed(40, 10);
-    tokens.valid[3] = false;
-    tokens.valid[45] = false;
+    let mut valid = vec![true; 50];
+    valid[3] = false;
+    valid[45] = false;
+    let tokens = mixed(40, 10).with_valid(valid).unwrap();
     let p = PilotScorer::new(0.5, 0.2, PilotSelection::Random { seed: 11 }).unwrap();
     let a = p.factors(&SampleSignals::new(&tokens, 5)).unwrap();
     assert_eq!(a, p.factors(&SampleSignals::new(&tokens, 5)).unwrap());
@@ -214,7 +218,9 @@ fn pilot_lowest_saliency_picks_the_quietest_vision_tokens() {
 
 #[test]
 fn diagnostics_shares_and_stats() {
-    let tokens = mixed(3, 1).with_valid(vec![true, true, true, false]);
+    let tokens = mixed(3, 1)
+        .with_valid(vec![true, true, true, false])
+        .unwrap();
     let x = array![[1.0f32, 1.0], [1.0, 1.0], [0.0, 2.0], [5.0, 5.0]];
     let mut d = ImportanceDiagnostics::new();
     d.add(x.view(), &tokens, array![1.0f32, 1.0, 1.0, 0.0].view())

@@ -24,7 +24,7 @@ impl TokenImportance for Uniform {
         check_tokens(sample.tokens)?;
         Ok(sample
             .tokens
-            .valid
+            .valid()
             .iter()
             .map(|&v| if v { 1.0 } else { 0.0 })
             .collect())

@@ -18,6 +18,7 @@ use crate::quant::QuantizedWeight;
 use super::bits::{qzeros_v1_to_v2, unpack_qweight, unpack_qzeros, values_for, words_for};
 use super::checkpoint_write::LAYER_SUFFIXES;
 use super::config_json::{CheckpointFormat, QuantizeConfig};
+use super::digests::{check_digest, read_digests};
 use super::packed_linear::PackedLinear;
 use super::tensor::DenseTensor;
 
@@ -58,6 +59,8 @@ pub struct Checkpoint {
     config: QuantizeConfig,
     layers: BTreeMap<String, LayerShape>,
     passthrough: Vec<String>,
+    /// Digest of each tensor's bytes, when the file records them.
+    digests: Option<BTreeMap<String, String>>,
 }
 
 impl Checkpoint {
@@ -89,7 +92,9 @@ impl Checkpoint {
             config,
             layers: BTreeMap::new(),
             passthrough: Vec::new(),
+            digests: None,
         };
+        ck.digests = read_digests(&ck.meta, &ck.path)?;
         ck.index_layers()?;
         Ok(ck)
     }
@@ -130,6 +135,9 @@ impl Checkpoint {
             .zip(self.data_start.checked_add(e))
             .and_then(|(a, b)| self.mmap.get(a..b))
             .ok_or_else(|| corrupt(&self.path, format!("tensor {name:?} lies outside the file")))?;
+        if let Some(d) = &self.digests {
+            check_digest(d, name, data, &self.path)?;
+        }
         Ok(RawTensor {
             dtype: info.dtype,
             shape: &info.shape,

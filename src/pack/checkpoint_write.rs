@@ -1,9 +1,8 @@
 //! Writing GPTQ checkpoints: `model.safetensors`, `quantize_config.json` and
 //! the `quantization_config` block of `config.json`, each atomically.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use half::f16;
@@ -12,8 +11,11 @@ use safetensors::Dtype;
 use serde_json::{json, Value};
 
 use crate::config::{Bits, GptqConfig, GroupFit, ScalePrecision};
+use crate::digest::digest_hex;
+
+use super::digests::add_digests;
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic_with;
+use crate::fsutil::{write_dir_atomic_hooked, Step};
 use crate::quant::QuantizedWeight;
 use crate::solver::Method;
 
@@ -37,6 +39,7 @@ pub struct CheckpointWriter {
     format: Option<CheckpointFormat>,
     static_groups: bool,
     asymmetric_v1: bool,
+    omit_digests: bool,
     settings: Option<(GptqConfig, Method)>,
     model_config: Option<Value>,
     layers: Vec<(String, QuantizedWeight, Option<DenseTensor>)>,
@@ -51,6 +54,16 @@ impl CheckpointWriter {
     /// [`CheckpointWriter::with_asymmetric_v1`] allows it.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether `model.safetensors` records a digest of every tensor's bytes
+    /// (default `true`): FNV-1a 64 of the little-endian data, as one JSON
+    /// object under the header metadata key [`TENSOR_DIGESTS_KEY`](super::TENSOR_DIGESTS_KEY); the
+    /// reader verifies each tensor it reads against it. `false` omits them,
+    /// e.g. to reproduce another tool's file byte for byte.
+    pub fn with_tensor_digests(mut self, digests: bool) -> Self {
+        self.omit_digests = !digests;
+        self
     }
 
     /// Forces a zero-point format instead of the automatic choice.
@@ -229,12 +242,26 @@ impl CheckpointWriter {
     }
 
     /// Writes `model.safetensors`, `quantize_config.json` and `config.json`
-    /// into `dir` (created if needed) and returns the config written.
+    /// into `dir` and returns the config written.
     ///
-    /// Each file is written under a temporary name, flushed to disk and then
-    /// renamed over the target, so a failure never leaves a partial file.
+    /// All or nothing: every file is built and checked in memory first (the
+    /// model config must be a JSON object), then written with
+    /// [`write_dir_atomic`](crate::fsutil::write_dir_atomic) into a new
+    /// sibling directory, flushed, and swapped in by renames; the other files
+    /// of an existing `dir` are carried over. After an error `dir` is the
+    /// complete old checkpoint (or absent); after success the complete new
+    /// one. Peak memory is about twice the file size (the tensors and the
+    /// serialized file).
     pub fn write(&self, dir: impl AsRef<Path>) -> Result<QuantizeConfig> {
-        let dir = dir.as_ref();
+        self.write_hooked(dir.as_ref(), &mut |_| Ok(()))
+    }
+
+    /// [`write`](Self::write) with a failure-injection hook.
+    pub(crate) fn write_hooked(
+        &self,
+        dir: &Path,
+        hook: &mut dyn FnMut(Step<'_>) -> Result<()>,
+    ) -> Result<QuantizeConfig> {
         let config = self.quantize_config()?;
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, w, bias) in &self.layers {
@@ -243,29 +270,35 @@ impl CheckpointWriter {
         for (name, t) in &self.tensors {
             owned.push((name.clone(), t.dtype(), t.shape().to_vec(), t.to_le_bytes()));
         }
+        let target = dir.join("model.safetensors");
         let mut views = Vec::with_capacity(owned.len());
         for (name, dtype, shape, bytes) in &owned {
             let v =
                 TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| Error::Safetensors {
-                    path: dir.join("model.safetensors"),
+                    path: target.clone(),
                     reason: format!("{name}: {e}"),
                 })?;
             views.push((name.as_str(), v));
         }
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let target = dir.join("model.safetensors");
-        write_atomic_with(&target, |tmp| {
-            safetensors::serialize_to_file(views, Some(meta), tmp).map_err(|e| Error::Safetensors {
+        let mut model_bytes =
+            safetensors::serialize(views, Some(meta)).map_err(|e| Error::Safetensors {
                 path: target.clone(),
                 reason: e.to_string(),
-            })
-        })?;
+            })?;
+        if !self.omit_digests {
+            let digests: BTreeMap<&str, String> = owned
+                .iter()
+                .map(|(name, _, _, bytes)| (name.as_str(), digest_hex(bytes)))
+                .collect();
+            model_bytes = add_digests(&model_bytes, &digests, &target)?;
+        }
+        drop(owned);
         let mut qc = config.to_json();
         if let Some((cfg, method)) = &self.settings {
             record_settings(&mut qc, cfg, *method);
         }
-        write_json(&dir.join("quantize_config.json"), &qc)?;
+        let qc_bytes = json_bytes(&dir.join("quantize_config.json"), &qc)?;
         let config_path = dir.join("config.json");
         let mut model = match &self.model_config {
             Some(v) => v.clone(),
@@ -284,7 +317,16 @@ impl CheckpointWriter {
             reason: "the model config is not a JSON object".into(),
         })?;
         obj.insert("quantization_config".into(), qc);
-        write_json(&config_path, &model)?;
+        let config_bytes = json_bytes(&config_path, &model)?;
+        write_dir_atomic_hooked(
+            dir,
+            &[
+                ("model.safetensors", &model_bytes),
+                ("quantize_config.json", &qc_bytes),
+                ("config.json", &config_bytes),
+            ],
+            hook,
+        )?;
         Ok(config)
     }
 }
@@ -411,15 +453,12 @@ fn encode_layer(
     Ok(())
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Json {
+/// Pretty JSON with a final newline.
+fn json_bytes(path: &Path, value: &Value) -> Result<Vec<u8>> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    write_atomic_with(path, |tmp| {
-        let mut f = fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-        f.write_all(text.as_bytes())
-            .map_err(|e| Error::io(tmp, e))?;
-        f.write_all(b"\n").map_err(|e| Error::io(tmp, e))
-    })
+    text.push(b'\n');
+    Ok(text)
 }

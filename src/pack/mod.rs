@@ -29,8 +29,11 @@ mod bits;
 mod checkpoint_read;
 mod checkpoint_write;
 mod config_json;
+mod digests;
 mod packed_linear;
 mod tensor;
+#[cfg(test)]
+mod write_atomic_tests;
 
 pub use bits::{
     pack_qweight, pack_qzeros, pack_stream, qzeros_v1_to_v2, qzeros_v2_to_v1, unpack_qweight,
@@ -39,5 +42,6 @@ pub use bits::{
 pub use checkpoint_read::{Checkpoint, RawTensor};
 pub use checkpoint_write::CheckpointWriter;
 pub use config_json::{CheckpointFormat, QuantizeConfig};
+pub use digests::TENSOR_DIGESTS_KEY;
 pub use packed_linear::PackedLinear;
 pub use tensor::DenseTensor;

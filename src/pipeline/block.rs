@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ndarray::Array2;
 
 use super::capture::{capture, check_rows, sample_chunks, sample_factors};
-use super::config::{GradientSource, PipelineConfig};
+use super::config::{DeadLayerFallback, GradientSource, PipelineConfig};
 use super::context::in_block;
 use super::plan::PlannedLayer;
 use super::progress::Progress;
@@ -336,9 +336,28 @@ fn quantize_layer<M: QuantizableModel>(
     cfg: &PipelineConfig,
 ) -> Result<(QuantizedWeight, LayerReport, Array2<f32>, Array2<f32>)> {
     let at = || in_block(b, name, Some(&info.name), None);
+    let dead_columns = st.map(|s| {
+        s.weighted
+            .hessian
+            .diag()
+            .iter()
+            .filter(|&&v| v == 0.0)
+            .count()
+    });
+    let all_dead = dead_columns == Some(info.in_features);
+    // RTN never reads the Hessian: only the solvers would zero such a layer.
+    if all_dead
+        && cfg.solver_method().is_some()
+        && cfg.dead_layer_fallback() == DeadLayerFallback::Refuse
+    {
+        return Err(at()(Error::DeadLayer {
+            in_features: info.in_features,
+            tokens: st.map_or(0, |s| s.weighted.tokens),
+        }));
+    }
     let t0 = Instant::now();
-    let (w, qw, deq, damp) =
-        solve_one(&*model, b, info, scheme, st.map(|s| &s.weighted), cfg).map_err(at())?;
+    let stats = st.map(|s| &s.weighted).filter(|_| !all_dead);
+    let (w, qw, deq, damp) = solve_one(&*model, b, info, scheme, stats, cfg).map_err(at())?;
     let (objective, objective_unweighted) = match st {
         Some(st) if cfg.layer_objectives() => {
             let o =
@@ -365,6 +384,7 @@ fn quantize_layer<M: QuantizableModel>(
         tokens: st.map_or(0, |s| s.weighted.tokens),
         objective,
         objective_unweighted,
+        dead_columns,
         damp_percent: damp,
         seconds: t0.elapsed().as_secs_f64(),
         shares: st.map(|s| s.shares).unwrap_or_default(),
@@ -373,7 +393,8 @@ fn quantize_layer<M: QuantizableModel>(
 }
 
 /// Reads, checks and quantizes one layer: (original, codes, dequantized,
-/// damping). The solver methods need `stats`; RTN ignores them.
+/// damping). The solver methods use `stats`; without them (RTN, or the
+/// dead-layer fallback) the layer is rounded to nearest.
 fn solve_one<M: QuantizableModel>(
     model: &M,
     b: usize,

@@ -54,7 +54,9 @@ pub(crate) fn capture<M: QuantizableModel + ?Sized>(
                 .map_err(in_block(b, block_name, None, Some(i)))?;
             Ok((sink.rows, keep_output.then_some(out)))
         })
-        .collect::<Result<_>>()?;
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
+        .collect::<Result<_>>()?; // the first error in sample order
     let mut caps = Vec::with_capacity(per_sample.len());
     let mut outs = Vec::with_capacity(per_sample.len());
     for (c, o) in per_sample {
@@ -98,13 +100,6 @@ pub(crate) fn check_rows<'a>(
         layer: Some(layer.name.clone()),
         reason: "block_forward never showed this layer's input rows to the sink".into(),
     })?;
-    if info.valid.len() != info.modality.len() {
-        return Err(Error::shape(
-            "token validity mask (one flag per token)",
-            &[info.modality.len()],
-            &[info.valid.len()],
-        ));
-    }
     if c.dim() != (info.len(), layer.in_features) {
         return Err(Error::shape(
             "input rows (tokens from token_info x in_features)",

@@ -240,6 +240,18 @@ impl ImportanceOptions {
     }
 }
 
+/// What the pipeline does with a layer whose every input column is dead
+/// (see [`PipelineConfig::with_dead_layer_fallback`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeadLayerFallback {
+    /// Stop with [`Error::DeadLayer`] (the default).
+    #[default]
+    Refuse,
+    /// Quantize the layer with round-to-nearest (its objective is then 0 on
+    /// the zero Hessian; the report counts every column as dead).
+    Rtn,
+}
+
 /// Configuration of a pipeline run: the method, the solver settings and
 /// default grid, GPTAQ's strength, the importance options, which blocks,
 /// per-layer grids and an optional state directory.
@@ -265,6 +277,7 @@ impl ImportanceOptions {
 /// ```
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
+    dead_layer_fallback: DeadLayerFallback,
     method: QuantMethod,
     solver: GptqConfig,
     gptaq_strength: f32,
@@ -298,7 +311,25 @@ impl PipelineConfig {
             true_sequential: true,
             capture_tokens: Self::DEFAULT_CAPTURE_TOKENS,
             layer_objectives: false,
+            dead_layer_fallback: DeadLayerFallback::Refuse,
         }
+    }
+
+    /// What to do with a layer whose every input column is dead (all its
+    /// calibration inputs zero): [`DeadLayerFallback::Refuse`] (the default)
+    /// stops the run with [`Error::DeadLayer`]; [`DeadLayerFallback::Rtn`]
+    /// quantizes such a layer with round-to-nearest instead. Layers with
+    /// some dead columns are quantized as usual (dead columns become 0, as
+    /// in GPTQ) and report the count in
+    /// [`LayerReport::dead_columns`](super::LayerReport::dead_columns).
+    pub fn with_dead_layer_fallback(mut self, fallback: DeadLayerFallback) -> Self {
+        self.dead_layer_fallback = fallback;
+        self
+    }
+
+    /// What happens to a layer whose every input column is dead.
+    pub fn dead_layer_fallback(&self) -> DeadLayerFallback {
+        self.dead_layer_fallback
     }
 
     /// Replaces the solver settings (and default grid).
@@ -467,19 +498,22 @@ impl PipelineConfig {
             .iter()
             .map(|(k, v)| format!("{k}={v:?}"))
             .collect();
-        let capture = if self.true_sequential {
-            ""
-        } else {
-            ";true_sequential=false"
-        };
-        format!(
-            "method={};solver={:?};gptaq_strength={};importance={};blocks={};overrides={}{capture}",
+        let mut text = format!(
+            "method={};solver={:?};gptaq_strength={};importance={};blocks={};overrides={}",
             self.method,
             self.solver,
             self.gptaq_strength,
             importance,
             self.blocks,
             overrides.join(",")
-        )
+        );
+        // Only when set, so that states saved before the option existed still match.
+        if self.dead_layer_fallback == DeadLayerFallback::Rtn {
+            text.push_str(";dead_layer_fallback=rtn");
+        }
+        if !self.true_sequential {
+            text.push_str(";true_sequential=false");
+        }
+        text
     }
 }

@@ -97,7 +97,9 @@ where
         .par_iter()
         .enumerate()
         .map(|(i, s)| model.embed(s).map_err(in_sample(i, "embedding")))
-        .collect::<Result<_>>()?;
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
+        .collect::<Result<_>>()?; // the first error in sample order
     let mut fp_stream = cfg
         .method()
         .needs_full_precision_stream()
@@ -117,8 +119,15 @@ where
     for (b, planned) in plan.blocks.iter().enumerate() {
         let name = planned.name.as_str();
         let saved: Vec<SavedLayer> = if b < resume_from {
-            let st = state.as_ref().expect("resuming needs a state");
+            // resume_from > 0 only comes from a state; an error, not a panic, if not.
+            let Some(st) = state.as_ref() else {
+                return Err(Error::StateMismatch {
+                    path: Default::default(),
+                    reason: "resuming without a state directory".into(),
+                });
+            };
             let (restored, reports) = st.load_block(b)?;
+            check_restored(b, planned, &restored, cfg)?;
             if let Some(fp) = fp_stream.as_mut() {
                 *fp = forward(&*model, b, name, fp, samples)?;
             }
@@ -176,6 +185,51 @@ where
         },
         weights,
     })
+}
+
+/// A restored block must hold exactly the layers the plan quantizes, in
+/// order, with their shapes (a state file emptied to `[]` would otherwise
+/// leave the block in full precision).
+fn check_restored(
+    b: usize,
+    planned: &super::plan::PlannedBlock,
+    restored: &[(String, crate::quant::QuantizedWeight)],
+    cfg: &PipelineConfig,
+) -> Result<()> {
+    let expected: Vec<(&str, [usize; 2])> = planned
+        .groups
+        .iter()
+        .flatten()
+        .flatten()
+        .filter(|l| l.scheme.is_some())
+        .map(|l| {
+            (
+                l.info.name.as_str(),
+                [l.info.out_features, l.info.in_features],
+            )
+        })
+        .collect();
+    let got: Vec<(&str, [usize; 2])> = restored
+        .iter()
+        .map(|(n, qw)| (n.as_str(), [qw.codes().nrows(), qw.codes().ncols()]))
+        .collect();
+    if expected != got {
+        let list = |v: &[(&str, [usize; 2])]| {
+            v.iter()
+                .map(|(n, [o, i])| format!("{n} [{o}, {i}]"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(Error::StateMismatch {
+            path: cfg.state_dir().map(|d| d.to_path_buf()).unwrap_or_default(),
+            reason: format!(
+                "block_{b} holds the layers [{}] but the run quantizes [{}] in that block",
+                list(&got),
+                list(&expected)
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Runs one block on every sample (in parallel, results in sample order).

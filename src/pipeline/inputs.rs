@@ -50,7 +50,7 @@ pub fn input_statistics<M: QuantizableModel>(
         for (h, sample) in hidden.iter_mut().zip(samples) {
             let info = model.token_info(block, sample);
             let mut alpha = weight(&info).unwrap_or_else(|| Array1::ones(info.len()));
-            for (a, &valid) in alpha.iter_mut().zip(&info.valid) {
+            for (a, &valid) in alpha.iter_mut().zip(info.valid()) {
                 if !valid {
                     *a = 0.0;
                 }

@@ -17,10 +17,14 @@ mod inputs;
 mod plan;
 mod progress;
 mod report;
+mod report_json;
 mod saliency;
 mod state;
 
-pub use config::{BlockSelection, GradientSource, ImportanceOptions, PipelineConfig, QuantMethod};
+pub use config::{
+    BlockSelection, DeadLayerFallback, GradientSource, ImportanceOptions, PipelineConfig,
+    QuantMethod,
+};
 pub use driver::quantize_model;
 pub use inputs::{input_statistics, GroupStatistics};
 pub use progress::{Progress, ProgressControl};

@@ -32,7 +32,8 @@ pub(crate) struct RunPlan {
 impl RunPlan {
     /// Checks `cfg` against `model`: block indices in range, a block prefix
     /// that matches a block, override keys that name a layer (`"layer"` or
-    /// `"block/layer"`), every group non-empty with one input width, and
+    /// `"block/layer"`), every block's layout (no empty group, no empty or
+    /// repeated layer name), every selected group with one input width, and
     /// every grid valid for its layer's width.
     pub(crate) fn new<M: QuantizableModel + ?Sized>(
         model: &M,
@@ -76,6 +77,7 @@ impl RunPlan {
         let mut layers_total = 0;
         for (b, name) in names.into_iter().enumerate() {
             let groups = model.linear_groups(b);
+            check_layout(b, &name, &groups)?;
             for group in &groups {
                 for l in group {
                     all_layers.insert(l.name.clone());
@@ -138,14 +140,44 @@ impl RunPlan {
     }
 }
 
-/// A group the pipeline can capture: non-empty, one input width.
+/// What `linear_groups` returns for any block (selected or not, since the
+/// importance pass walks every block): no empty group, no empty layer name,
+/// no layer name listed twice in the block.
+fn check_layout(b: usize, name: &str, groups: &[Vec<LinearInfo>]) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for (k, group) in groups.iter().enumerate() {
+        if group.is_empty() {
+            return Err(in_block(b, name, None, None)(Error::Backend {
+                block: b,
+                layer: None,
+                reason: format!("linear_groups lists an empty group (group {k})"),
+            }));
+        }
+        for l in group {
+            let problem = if l.name.is_empty() {
+                Some("linear_groups lists a layer with an empty name")
+            } else if !seen.insert(l.name.as_str()) {
+                Some("linear_groups lists this layer name twice in one block")
+            } else {
+                None
+            };
+            if let Some(reason) = problem {
+                return Err(in_block(b, name, Some(&l.name), None)(Error::Backend {
+                    block: b,
+                    layer: Some(l.name.clone()),
+                    reason: reason.into(),
+                }));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A group the pipeline can capture: one input width (non-empty: see
+/// [`check_layout`]).
 fn check_group(b: usize, name: &str, group: &[LinearInfo]) -> Result<()> {
     let Some(first) = group.first() else {
-        return Err(in_block(b, name, None, None)(Error::Backend {
-            block: b,
-            layer: None,
-            reason: "linear_groups lists an empty group".into(),
-        }));
+        return Ok(());
     };
     for l in group {
         if l.in_features != first.in_features {

@@ -70,6 +70,13 @@ pub struct LayerReport {
     /// Objective on the unweighted Hessian (comparable across methods),
     /// when asked for.
     pub objective_unweighted: Option<f64>,
+    /// Input columns whose Hessian diagonal is 0 (every calibration input
+    /// zero or underflowing); they are quantized as 0, or the whole layer
+    /// with round-to-nearest when all are dead and
+    /// [`DeadLayerFallback::Rtn`](super::DeadLayerFallback::Rtn) is set.
+    /// `None` when no calibration statistics were gathered (RTN without
+    /// objectives never runs the calibration set through the layer).
+    pub dead_columns: Option<usize>,
     /// Relative damping used (0 for RTN).
     pub damp_percent: f64,
     /// Seconds spent solving the layer.

@@ -72,63 +72,133 @@ impl SaliencyMaps {
     }
 }
 
-/// Collects one sample's per-group saliency from the gradient rows a block shows.
+/// Collects one sample's per-group saliency from the gradient rows a block
+/// shows, checking each against the layer it names (listed, `tokens x
+/// out_features`).
 pub(crate) struct GroupSink<'a> {
-    group_of: &'a HashMap<String, usize>,
+    layers: &'a HashMap<String, LayerSlot>,
+    tokens: usize,
     sums: Vec<Option<Array1<f32>>>,
-    unknown: Option<String>,
+    error: Option<Error>,
+}
+
+/// Where a layer's gradient goes: its input group and its output width.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerSlot {
+    group: usize,
+    out_features: usize,
 }
 
 impl<'a> GroupSink<'a> {
-    pub(crate) fn new(group_of: &'a HashMap<String, usize>, groups: usize) -> Self {
+    /// A sink for one sample with `tokens` tokens at the block input.
+    pub(crate) fn new(
+        layers: &'a HashMap<String, LayerSlot>,
+        groups: usize,
+        tokens: usize,
+    ) -> Self {
         GroupSink {
-            group_of,
+            layers,
+            tokens,
             sums: vec![None; groups],
-            unknown: None,
+            error: None,
         }
     }
 
     pub(crate) fn finish(self, block: usize) -> Result<Vec<Option<Array1<f32>>>> {
-        if let Some(layer) = self.unknown {
-            return Err(Error::Backend {
+        match self.error {
+            Some(Error::Backend { layer, reason, .. }) => Err(Error::Backend {
                 block,
-                layer: Some(layer),
-                reason: "the block showed a gradient for a layer it does not list".into(),
-            });
+                layer,
+                reason,
+            }),
+            Some(e) => Err(e),
+            None => Ok(self.sums),
         }
-        Ok(self.sums)
     }
 }
 
 impl RowSink for GroupSink<'_> {
     fn rows(&mut self, layer: &str, rows: ArrayView2<'_, f32>) {
-        let Some(&g) = self.group_of.get(layer) else {
-            self.unknown.get_or_insert_with(|| layer.to_string());
+        if self.error.is_some() {
+            return;
+        }
+        let Some(&slot) = self.layers.get(layer) else {
+            self.error = Some(Error::Backend {
+                block: 0,
+                layer: Some(layer.to_string()),
+                reason: "the block showed a gradient for a layer it does not list".into(),
+            });
             return;
         };
+        if rows.dim() != (self.tokens, slot.out_features) {
+            self.error = Some(Error::shape(
+                format!(
+                    "gradient at the output of layer {layer} shown by block_backward \
+                     (tokens from token_info x out_features)"
+                ),
+                &[self.tokens, slot.out_features],
+                rows.shape(),
+            ));
+            return;
+        }
         let sq = rows.map_axis(ndarray::Axis(1), |r| r.iter().map(|v| v * v).sum::<f32>());
-        match &mut self.sums[g] {
-            Some(acc) if acc.len() == sq.len() => *acc += &sq,
-            Some(_) => {
-                self.unknown
-                    .get_or_insert_with(|| format!("{layer} (token count changed)"));
-            }
-            slot => *slot = Some(sq),
+        match &mut self.sums[slot.group] {
+            Some(acc) => *acc += &sq,
+            entry => *entry = Some(sq),
         }
     }
 }
 
-/// Layer name -> input-group index for a block.
+/// Layer name -> input group and output width, for a block.
 pub(crate) fn group_index<M: QuantizableModel + ?Sized>(
     model: &M,
     block: usize,
-) -> HashMap<String, usize> {
+) -> HashMap<String, LayerSlot> {
     model
         .linear_groups(block)
         .iter()
         .enumerate()
-        .flat_map(|(g, layers)| layers.iter().map(move |l| (l.name.clone(), g)))
+        .flat_map(|(group, layers)| {
+            layers.iter().map(move |l| {
+                (
+                    l.name.clone(),
+                    LayerSlot {
+                        group,
+                        out_features: l.out_features,
+                    },
+                )
+            })
+        })
         .collect()
+}
+
+/// Checks that a gradient returned by the backend has the shape (rows of
+/// [`GradientModel::hidden_rows`]) of the value it is the gradient of, and,
+/// when given, one row per token of `token_info`.
+fn check_gradient<M: GradientModel + ?Sized>(
+    model: &M,
+    what: &str,
+    grad: &M::Hidden,
+    value: &M::Hidden,
+    tokens: Option<usize>,
+) -> Result<()> {
+    let g = model.hidden_rows(grad)?.dim();
+    let v = model.hidden_rows(value)?.dim();
+    if g != v {
+        return Err(Error::shape(
+            format!("{what} (rows of the value it is the gradient of)"),
+            &[v.0, v.1],
+            &[g.0, g.1],
+        ));
+    }
+    if let Some(t) = tokens.filter(|&t| t != g.0) {
+        return Err(Error::shape(
+            format!("{what} (one row per token of token_info)"),
+            &[t, g.1],
+            &[g.0, g.1],
+        ));
+    }
+    Ok(())
 }
 
 fn row_saliency<M: GradientModel + ?Sized>(model: &M, grad: &M::Hidden) -> Result<Array1<f32>> {
@@ -184,7 +254,9 @@ fn chunk_saliency<M: GradientModel + ?Sized>(
         .par_iter()
         .enumerate()
         .map(|(i, s)| model.embed(s).map_err(in_sample(offset + i, "embedding")))
-        .collect::<Result<_>>()?;
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
+        .collect::<Result<_>>()?; // the first error in sample order
     let mut inputs: Vec<Vec<M::Hidden>> = Vec::with_capacity(nb);
     for (b, name) in names.iter().enumerate() {
         let next: Vec<M::Hidden> = hidden
@@ -199,7 +271,9 @@ fn chunk_saliency<M: GradientModel + ?Sized>(
                     Some(offset + i),
                 ))
             })
-            .collect::<Result<_>>()?;
+            .collect::<Vec<Result<_>>>()
+            .into_iter()
+            .collect::<Result<_>>()?; // the first error in sample order
         inputs.push(std::mem::replace(&mut hidden, next));
     }
     let mut grads: Vec<Option<M::Hidden>> = hidden
@@ -210,14 +284,22 @@ fn chunk_saliency<M: GradientModel + ?Sized>(
             let out = model
                 .loss_and_grad(h, s)
                 .map_err(in_sample(offset + i, "task loss"))?;
+            if let (Some((_, g)), Some(last)) = (&out, nb.checked_sub(1)) {
+                check_gradient(model, "gradient returned by loss_and_grad", g, h, None)
+                    .map_err(in_block(last, &names[last], None, Some(offset + i)))?;
+            }
             Ok(out.map(|(_, g)| g))
         })
-        .collect::<Result<_>>()?;
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
+        .collect::<Result<_>>()?; // the first error in sample order
     let any_targets = grads.iter().any(Option::is_some);
     let mut groups = vec![Vec::new(); nb];
     let mut blocks = vec![Vec::new(); nb];
     for b in (0..nb).rev() {
-        let block_inputs = inputs.pop().expect("one stored input per block");
+        let Some(block_inputs) = inputs.pop() else {
+            break; // one stored input per block: not reached
+        };
         let group_of = group_index(model, b);
         let n_groups = model.linear_groups(b).len();
         let name = &names[b];
@@ -232,13 +314,24 @@ fn chunk_saliency<M: GradientModel + ?Sized>(
                 };
                 let at = || in_block(b, name, None, Some(offset + i));
                 let out_sal = row_saliency(model, g).map_err(at())?;
-                let mut sink = GroupSink::new(&group_of, n_groups);
+                let tokens = model.token_info(b, s).len();
+                let mut sink = GroupSink::new(&group_of, n_groups, tokens);
                 let gin = model
                     .block_backward(b, x, s, g, Some(&mut sink))
                     .map_err(at())?;
+                check_gradient(
+                    model,
+                    "input gradient returned by block_backward",
+                    &gin,
+                    x,
+                    Some(tokens),
+                )
+                .map_err(at())?;
                 Ok((Some(gin), sink.finish(b).map_err(at())?, Some(out_sal)))
             })
-            .collect::<Result<_>>()?;
+            .collect::<Vec<Result<_>>>()
+            .into_iter()
+            .collect::<Result<_>>()?; // the first error in sample order
         let mut per_group = vec![Vec::with_capacity(samples.len()); n_groups];
         let mut per_block = Vec::with_capacity(samples.len());
         grads = Vec::with_capacity(samples.len());
@@ -279,14 +372,16 @@ pub(crate) fn block_local_saliency<M: GradientModel + ?Sized>(
         .zip(samples.par_iter())
         .enumerate()
         .map(|(i, (h, s))| {
-            let mut sink = GroupSink::new(&group_of, n_groups);
+            let mut sink = GroupSink::new(&group_of, n_groups, model.token_info(b, s).len());
             let at = || in_block(b, block_name, None, Some(i));
             model
                 .block_local_backward(b, h, s, &perturb, &mut sink)
                 .map_err(at())?;
             sink.finish(b).map_err(at())
         })
-        .collect::<Result<_>>()?;
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
+        .collect::<Result<_>>()?; // the first error in sample order
     let mut groups = vec![Vec::with_capacity(samples.len()); n_groups];
     for s in per_sample {
         for (k, v) in s.into_iter().enumerate() {

@@ -6,9 +6,13 @@
 //! zero points, g_idx of its layers) and `block_{b}.json` (their reports).
 //! Every file is written under a temporary name and renamed into place, and
 //! the manifest is updated last, so an interruption never leaves a block
-//! half recorded.
+//! half recorded. The manifest records a checksum (FNV-1a 64) of every block
+//! file, verified when the block is loaded: a changed code, bit width or
+//! report, or a truncated or emptied file, is an error naming the file. A
+//! missing manifest while block files remain is an error too (not a silent
+//! restart).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -16,35 +20,14 @@ use ndarray::Array2;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::config::PipelineConfig;
-use super::report::{LayerReport, TraceShares};
+use super::report::LayerReport;
+use super::report_json::{report_from_json, report_to_json};
 use crate::backend::QuantizableModel;
 use crate::config::Bits;
+use crate::digest::{digest_hex, Fnv};
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
 use crate::quant::QuantizedWeight;
-
-/// FNV-1a, 64 bit: a small stable hash for fingerprints (not for security).
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        for &x in b {
-            self.0 ^= u64::from(x);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    fn floats(&mut self, v: impl IntoIterator<Item = f32>) {
-        for x in v {
-            self.bytes(&x.to_le_bytes());
-        }
-    }
-    fn hex(&self) -> String {
-        format!("{:016x}", self.0)
-    }
-}
 
 /// A saved block: its layers' quantized weights and their reports.
 pub(crate) type SavedBlock = (Vec<(String, QuantizedWeight)>, Vec<LayerReport>);
@@ -54,6 +37,16 @@ pub(crate) struct RunState {
     dir: PathBuf,
     fingerprints: [(String, String); 3],
     completed: usize,
+    /// Checksum of every block file of the completed blocks, by file name.
+    checksums: BTreeMap<String, String>,
+}
+
+/// The manifest's format version (2: with block-file checksums).
+const MANIFEST_VERSION: u64 = 2;
+
+/// The two files of block `b`.
+fn block_files(b: usize) -> [String; 2] {
+    [format!("block_{b}.safetensors"), format!("block_{b}.json")]
 }
 
 impl RunState {
@@ -75,6 +68,7 @@ impl RunState {
         ];
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let manifest = dir.join("manifest.json");
+        let mut checksums = BTreeMap::new();
         let completed = if manifest.exists() {
             let text = fs::read_to_string(&manifest).map_err(|e| Error::io(&manifest, e))?;
             let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
@@ -90,13 +84,54 @@ impl RunState {
                     });
                 }
             }
-            json.get("completed_blocks")
+            if json.get("version").and_then(|v| v.as_u64()) != Some(MANIFEST_VERSION) {
+                return Err(Error::StateMismatch {
+                    path: dir.to_path_buf(),
+                    reason: format!(
+                        "{} has another format version than {MANIFEST_VERSION} (a state \
+                         without block checksums); remove the directory to start over",
+                        manifest.display()
+                    ),
+                });
+            }
+            let completed = json
+                .get("completed_blocks")
                 .and_then(|v| v.as_u64())
+                .and_then(|v| usize::try_from(v).ok())
                 .ok_or_else(|| Error::Json {
                     path: manifest.clone(),
                     reason: "missing completed_blocks".into(),
-                })? as usize
+                })?;
+            let files = json.get("files").and_then(|v| v.as_object());
+            for b in 0..completed.min(model.num_blocks()) {
+                for file in block_files(b) {
+                    let sum = files
+                        .and_then(|f| f.get(&file))
+                        .and_then(|v| v.as_str())
+                        .ok_or_else(|| Error::Json {
+                            path: manifest.clone(),
+                            reason: format!("no checksum for {file}"),
+                        })?;
+                    checksums.insert(file, sum.to_string());
+                }
+            }
+            completed
         } else {
+            // No manifest: only a fresh directory may start from scratch.
+            let leftover = fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| n.starts_with("block_"));
+            if let Some(file) = leftover {
+                return Err(Error::StateMismatch {
+                    path: dir.to_path_buf(),
+                    reason: format!(
+                        "manifest.json is missing but block files remain ({file}); remove \
+                         the directory to start over"
+                    ),
+                });
+            }
             0
         };
         if completed > model.num_blocks() {
@@ -112,6 +147,7 @@ impl RunState {
             dir: dir.to_path_buf(),
             fingerprints,
             completed,
+            checksums,
         };
         state.write_manifest(completed)?;
         Ok(state)
@@ -128,9 +164,14 @@ impl RunState {
             json.insert(k.clone(), serde_json::Value::String(v.clone()));
         }
         json.insert("completed_blocks".into(), completed.into());
-        json.insert("version".into(), 1.into());
-        let text =
-            serde_json::to_string_pretty(&serde_json::Value::Object(json)).expect("plain JSON");
+        json.insert("version".into(), MANIFEST_VERSION.into());
+        let files: serde_json::Map<String, serde_json::Value> = self
+            .checksums
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        json.insert("files".into(), files.into());
+        let text = serde_json::Value::Object(json).to_string();
         write_atomic(&self.dir.join("manifest.json"), text.as_bytes())
     }
 
@@ -174,16 +215,18 @@ impl RunState {
                 vec![g.len()],
             ));
         }
+        let path = self.dir.join(format!("block_{b}.safetensors"));
         let views: Vec<(String, TensorView<'_>)> = tensors
             .iter()
             .map(|(n, data, dt, shape)| {
-                (
-                    n.clone(),
-                    TensorView::new(*dt, shape.clone(), data).expect("consistent tensor"),
-                )
+                TensorView::new(*dt, shape.clone(), data)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| Error::Safetensors {
+                        path: path.clone(),
+                        reason: format!("{n}: {e}"),
+                    })
             })
-            .collect();
-        let path = self.dir.join(format!("block_{b}.safetensors"));
+            .collect::<Result<_>>()?;
         let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Safetensors {
             path: path.clone(),
             reason: e.to_string(),
@@ -192,14 +235,37 @@ impl RunState {
         let reports: Vec<serde_json::Value> =
             layers.iter().map(|(_, _, r)| report_to_json(r)).collect();
         let json_path = self.dir.join(format!("block_{b}.json"));
-        write_atomic(
-            &json_path,
-            serde_json::to_string(&reports)
-                .expect("plain JSON")
-                .as_bytes(),
-        )?;
+        let json = serde_json::Value::Array(reports).to_string();
+        write_atomic(&json_path, json.as_bytes())?;
+        let [st_name, json_name] = block_files(b);
+        self.checksums.insert(st_name, digest_hex(&bytes));
+        self.checksums
+            .insert(json_name, digest_hex(json.as_bytes()));
         self.completed = b + 1;
         self.write_manifest(self.completed)
+    }
+
+    /// A block file's bytes, checked against the manifest's checksum.
+    fn read_checked(&self, path: &Path) -> Result<Vec<u8>> {
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let expected = self.checksums.get(&name).map(String::as_str);
+        let actual = digest_hex(&bytes);
+        if expected != Some(actual.as_str()) {
+            return Err(Error::CorruptCheckpoint {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "resume state file {name} has checksum {actual}, the manifest records {}; \
+                     the file changed after it was saved (remove the state directory to start \
+                     over)",
+                    expected.unwrap_or("none")
+                ),
+            });
+        }
+        Ok(bytes)
     }
 
     /// The layers and reports saved for block `b`.
@@ -209,7 +275,8 @@ impl RunState {
             path: path.to_path_buf(),
             reason,
         };
-        let text = fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+        let text = self.read_checked(&json_path)?;
+        let text = String::from_utf8(text).map_err(|e| corrupt(&json_path, e.to_string()))?;
         let reports: Vec<serde_json::Value> =
             serde_json::from_str(&text).map_err(|e| corrupt(&json_path, e.to_string()))?;
         let reports: Vec<LayerReport> = reports
@@ -220,7 +287,7 @@ impl RunState {
             })
             .collect::<Result<_>>()?;
         let path = self.dir.join(format!("block_{b}.safetensors"));
-        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = self.read_checked(&path)?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| corrupt(&path, e.to_string()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -310,7 +377,7 @@ fn calibration_fingerprint<M: QuantizableModel>(
     let mut h = Fnv::new();
     for s in samples {
         let info = model.token_info(0, s);
-        for (m, v) in info.modality.iter().zip(&info.valid) {
+        for (m, v) in info.modality().iter().zip(info.valid()) {
             h.bytes(&[*m as u8, u8::from(*v)]);
         }
         // The rows block 0 shows for its linears stand for the sample
@@ -332,48 +399,4 @@ fn config_fingerprint(cfg: &PipelineConfig) -> String {
     let mut h = Fnv::new();
     h.bytes(cfg.description().as_bytes());
     h.hex()
-}
-
-fn report_to_json(r: &LayerReport) -> serde_json::Value {
-    serde_json::json!({
-        "block": r.block, "block_name": r.block_name, "layer": r.layer, "bits": r.bits,
-        "group_size": r.group_size, "tokens": r.tokens, "objective": r.objective,
-        "objective_unweighted": r.objective_unweighted, "damp_percent": r.damp_percent,
-        "seconds": r.seconds,
-        "shares": [r.shares.vision_before, r.shares.vision_after, r.shares.text_before,
-                   r.shares.text_after, r.shares.mean_alpha_vision, r.shares.mean_alpha_text],
-    })
-}
-
-fn report_from_json(v: &serde_json::Value) -> Option<LayerReport> {
-    let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
-    let shares: Vec<f64> = v
-        .get("shares")?
-        .as_array()?
-        .iter()
-        .filter_map(|x| x.as_f64())
-        .collect();
-    if shares.len() != 6 {
-        return None;
-    }
-    Some(LayerReport {
-        block: v.get("block")?.as_u64()? as usize,
-        block_name: v.get("block_name")?.as_str()?.to_string(),
-        layer: v.get("layer")?.as_str()?.to_string(),
-        bits: v.get("bits")?.as_u64()? as u32,
-        group_size: v.get("group_size")?.as_i64()?,
-        tokens: v.get("tokens")?.as_u64()? as usize,
-        objective: f("objective"),
-        objective_unweighted: f("objective_unweighted"),
-        damp_percent: f("damp_percent")?,
-        seconds: f("seconds")?,
-        shares: TraceShares {
-            vision_before: shares[0],
-            vision_after: shares[1],
-            text_before: shares[2],
-            text_after: shares[3],
-            mean_alpha_vision: shares[4],
-            mean_alpha_text: shares[5],
-        },
-    })
 }

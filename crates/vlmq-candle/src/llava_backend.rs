@@ -276,19 +276,14 @@ impl QuantizableModel for LlavaModel {
             Ok(Kind::Projector) => TokenInfo::new(image(self.cfg.keep_class_token)),
             _ => {
                 let id = self.cfg.image_token_id;
-                let m = s
-                    .tokens
-                    .iter()
-                    .map(|&t| {
-                        if t == id {
-                            Modality::Vision
-                        } else {
-                            Modality::Text
-                        }
-                    })
-                    .collect();
-                let valid = (0..s.tokens.len()).map(|t| t < s.valid_len).collect();
-                TokenInfo::new(m).with_valid(valid)
+                TokenInfo::from_tokens(s.tokens.iter().enumerate().map(|(t, &token)| {
+                    let m = if token == id {
+                        Modality::Vision
+                    } else {
+                        Modality::Text
+                    };
+                    (m, t < s.valid_len)
+                }))
             }
         }
     }

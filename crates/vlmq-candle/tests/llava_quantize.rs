@@ -141,7 +141,7 @@ fn token_info_tags_vision_and_padding() {
     assert_eq!(info.mask(Modality::Vision).sum(), 16.0);
     assert_eq!(info.valid_count(), 32);
     assert_eq!(m.token_info(0, &ss[0]).len(), 17);
-    assert_eq!(m.token_info(0, &ss[0]).modality[0], Modality::Other);
+    assert_eq!(m.token_info(0, &ss[0]).modality()[0], Modality::Other);
     assert_eq!(
         m.token_info(lm0 - 1, &ss[0]).mask(Modality::Vision).sum(),
         16.0

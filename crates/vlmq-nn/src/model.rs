@@ -488,7 +488,8 @@ impl QuantizableModel for SequenceModel {
             Some(v) if v.len() == sample.len() => v[..modality.len()].to_vec(),
             _ => vec![true; modality.len()],
         };
-        TokenInfo::new(modality).with_valid(valid)
+        // One flag per token by construction (`valid` has `modality.len()` entries).
+        TokenInfo::from_tokens(modality.into_iter().zip(valid))
     }
 
     fn embed(&self, sample: &Sample) -> Result<Array2<f32>> {

@@ -221,11 +221,11 @@ fn two_stage_token_info_and_bad_samples() {
         .with_vision(Vision::Patches(rng.normal_matrix(3, 5, 1.0)))
         .with_valid(vec![true, false, true, true, true]);
     let vis = model.token_info(0, &sample);
-    assert_eq!(vis.modality, vec![Modality::Vision; 3]);
-    assert_eq!(vis.valid, vec![true, false, true]);
+    assert_eq!(vis.modality(), vec![Modality::Vision; 3]);
+    assert_eq!(vis.valid(), vec![true, false, true]);
     let lm_info = model.token_info(2, &sample);
     assert_eq!(
-        lm_info.modality,
+        lm_info.modality(),
         [vec![Modality::Vision; 3], vec![Modality::Text; 2]].concat()
     );
     assert_eq!(model.embed(&sample).unwrap().dim(), (3, 6));
