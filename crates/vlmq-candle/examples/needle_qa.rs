@@ -180,24 +180,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let qa = score_answers(&model, &held_out, &mut prog)?;
     let ppl = evaluate(&model, Some(&reference), ppl_set, 2, &mut prog)?;
     // Context tokens are tagged `Other`: their share is what text and
-    // vision (absent here) leave.
-    let layers = q.report.layers.len().max(1) as f64;
-    let context_before: f64 = q
-        .report
-        .layers
-        .iter()
-        .map(|l| 1.0 - l.shares.text_before - l.shares.vision_before)
-        .sum::<f64>()
-        / layers;
-    let context_after: f64 = q
-        .report
-        .layers
-        .iter()
-        .map(|l| 1.0 - l.shares.text_after - l.shares.vision_after)
-        .sum::<f64>()
-        / layers;
+    // vision (absent here) leave. RTN gathers no statistics: no shares.
+    let with_stats: Vec<_> = q.report.layers.iter().filter(|l| l.tokens > 0).collect();
+    let share = |after: bool| -> Option<f64> {
+        if with_stats.is_empty() {
+            return None;
+        }
+        let sum: f64 = with_stats
+            .iter()
+            .map(|l| {
+                let s = &l.shares;
+                if after {
+                    1.0 - s.text_after - s.vision_after
+                } else {
+                    1.0 - s.text_before - s.vision_before
+                }
+            })
+            .sum();
+        Some(sum / with_stats.len() as f64)
+    };
+    let (context_before, context_after) = (share(false), share(true));
     eprintln!(
-        "\n{} W{} g{} ({quant_s:.1}s): answer NLL {:.4} (fp {:.4}), exact match {:.3} (fp {:.3}), ppl {:.4} (fp {:.4}), KL {:.4}; context share of the Hessian trace {:.3} -> {:.3}",
+        "\n{} W{} g{} ({quant_s:.1}s): answer NLL {:.4} (fp {:.4}), exact match {:.3} (fp {:.3}), ppl {:.4} (fp {:.4}), KL {:.4}; context share of the Hessian trace {:?} -> {:?}",
         a.method,
         a.bits,
         a.group,

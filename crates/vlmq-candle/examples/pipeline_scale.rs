@@ -88,16 +88,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_capture_tokens(capture)
         .with_true_sequential(!one_forward);
     let t = Instant::now();
-    let mut last = (0usize, 0.0f64);
+    let mut seen = None;
     let out = vlmq::quantize_model(&mut model, &calib, &pcfg, |p| {
-        if p.block != last.0 || p.layers_done == p.layers_total {
-            let now = p.elapsed.as_secs_f64();
+        // A block's layers are solved after its capture pass: the first
+        // solved layer of each block marks the end of that block's capture.
+        if seen != Some(p.block) {
+            seen = Some(p.block);
             eprintln!(
-                "block {:>2} done at {now:>7.1}s ({:.1}s)",
-                last.0,
-                now - last.1
+                "block {:>2}: captured by {:>7.1}s",
+                p.block,
+                p.elapsed.as_secs_f64()
             );
-            last = (p.block, now);
         }
     })?;
     let total = t.elapsed().as_secs_f64();
