@@ -375,24 +375,6 @@ impl QuantizableModel for LlavaModel {
     ) -> Result<()> {
         let (dtype, dev) = (self.dtype(), self.device().clone());
         let lin = self.linear_mut(block, layer)?;
-        let want = lin.weight.dims().to_vec();
-        if weight.shape() != want.as_slice() {
-            return Err(Error::shape(
-                format!("new weight of {layer}"),
-                &want,
-                weight.shape(),
-            ));
-        }
-        if let Some(((r, c), _)) = weight.indexed_iter().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: format!("new weight of {layer}"),
-                index: vec![r, c],
-            });
-        }
-        let data: Vec<f32> = weight.iter().copied().collect();
-        lin.weight = Tensor::from_vec(data, (want[0], want[1]), &dev)
-            .and_then(|t| t.to_dtype(dtype))
-            .in_block(block)?;
-        Ok(())
+        lin.replace_weight(block, layer, weight, dtype, &dev)
     }
 }

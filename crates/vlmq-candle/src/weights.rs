@@ -1,9 +1,11 @@
 //! The decoder's parameters as candle tensors, addressed by their HF names.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use ndarray::ArrayView2;
 use vlmq::{Error, Result};
 
 use crate::config::LlamaConfig;
+use crate::error::CandleResultExt;
 
 /// The seven quantizable linears of a decoder layer, by their HF names
 /// (relative to `model.layers.N.`), in forward order.
@@ -24,6 +26,40 @@ pub struct Linear {
     pub weight: Tensor,
     /// Bias `[out]`.
     pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Replaces the weight with `weight` (`[out, in]` in f32, converted to
+    /// `dtype` on `device`) after checking its shape and that every value is
+    /// finite; errors name `layer` and `block`.
+    pub(crate) fn replace_weight(
+        &mut self,
+        block: usize,
+        layer: &str,
+        weight: ArrayView2<'_, f32>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        let want = self.weight.dims().to_vec();
+        if weight.shape() != want.as_slice() {
+            return Err(Error::shape(
+                format!("new weight of {layer}"),
+                &want,
+                weight.shape(),
+            ));
+        }
+        if let Some(((r, c), _)) = weight.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: format!("new weight of {layer}"),
+                index: vec![r, c],
+            });
+        }
+        let data: Vec<f32> = weight.iter().copied().collect();
+        self.weight = Tensor::from_vec(data, (want[0], want[1]), device)
+            .and_then(|t| t.to_dtype(dtype))
+            .in_block(block)?;
+        Ok(())
+    }
 }
 
 /// The parameters of one decoder layer.
