@@ -10,6 +10,7 @@ use ndarray::Array2;
 use vlmq::RowSink;
 
 use crate::config::LlamaConfig;
+use crate::linear_op::InputGradMatmul;
 use crate::weights::{LayerWeights, Linear, LINEAR_NAMES};
 
 /// Cosine and sine tables `[T, head_dim]` (the half angles repeated twice,
@@ -81,10 +82,19 @@ pub(crate) fn rms_norm(
 }
 
 /// `y = x W^T + b` on `[B, T, in]`, as one matrix product over all rows.
+///
+/// When `x` is part of an autograd graph on the CPU, the product runs as
+/// [`InputGradMatmul`]: same forward bits, and the backward pass skips the
+/// weight's gradient (a whole product per layer that nothing reads).
 pub(crate) fn linear(x: &Tensor, l: &Linear) -> candle_core::Result<Tensor> {
     let (b, t, i) = x.dims3()?;
     let out = l.weight.dim(0)?;
-    let y = x.reshape((b * t, i))?.matmul(&l.weight.t()?)?;
+    let x2 = x.reshape((b * t, i))?;
+    let y = if x.track_op() && x.device().is_cpu() {
+        InputGradMatmul::apply(&x2, &l.weight)?
+    } else {
+        x2.matmul(&l.weight.t()?)?
+    };
     let y = match &l.bias {
         Some(bias) => y.broadcast_add(bias)?,
         None => y,
