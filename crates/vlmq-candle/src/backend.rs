@@ -6,7 +6,7 @@
 //! The gradient methods (`loss_and_grad`, `block_backward`, `hidden_rows`)
 //! implement [`GradientModel`], which VLMQ's task-loss importance needs.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use ndarray::{Array2, ArrayView2};
 use vlmq::{
     Error, GradientModel, LinearInfo, Modality, QuantizableModel, Result, RowSink, TokenInfo,
@@ -202,15 +202,9 @@ impl QuantizableModel for LlamaModel {
 
     fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>> {
         let l = self.layer_weights(block)?;
-        let lin = l.linear(layer).ok_or_else(|| unknown(block, layer))?;
-        let w = &lin.weight;
-        let (o, i) = w.dims2().in_block(block)?;
-        let v = w
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .in_block(block)?;
-        Ok(Array2::from_shape_vec((o, i), v).expect("o x i values"))
+        l.linear(layer)
+            .ok_or_else(|| unknown(block, layer))?
+            .weight_rows(block)
     }
 
     fn set_linear_weight(

@@ -2,20 +2,23 @@
 //! own HF layout (`model.layers.N.self_attn.q_proj.qweight`, ...), with the
 //! unquantized tensors (embedding, norms, head, biases), `config.json`
 //! carrying `quantization_config`, `quantize_config.json` and the tokenizer.
+//! The writing and reading loops are shared with the LLaVA layout
+//! (`llava_export`).
 
+use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::DType;
-use ndarray::{ArrayD, IxDyn};
+use candle_core::{DType, Tensor};
+use ndarray::{Array2, ArrayD, ArrayView2, IxDyn};
+use serde_json::Value;
 use vlmq::pack::DenseTensor;
 use vlmq::pipeline::PipelineOutput;
 use vlmq::{Checkpoint, CheckpointWriter, Error, QuantizableModel, Result};
 
 use crate::error::file;
 use crate::model::LlamaModel;
-use crate::weights::LINEAR_NAMES;
 
-fn dense(t: &candle_core::Tensor, path: &Path) -> Result<DenseTensor> {
+fn dense(t: &Tensor, path: &Path) -> Result<DenseTensor> {
     let shape = t.dims().to_vec();
     let v = t
         .to_dtype(DType::F32)
@@ -27,54 +30,58 @@ fn dense(t: &candle_core::Tensor, path: &Path) -> Result<DenseTensor> {
     ))
 }
 
-/// Writes `quantized` (from a pipeline run on `model`) as a GPTQ checkpoint
-/// in `dir`. Linears absent from `quantized` are stored as dense weights.
-/// `tokenizer`, when given, is saved as `tokenizer.json`.
-pub fn write_gptq(
-    model: &LlamaModel,
+/// `stem -> (block, linear)` for every quantizable linear of `model`: the
+/// checkpoint name of a linear is its block's name, a dot and its own name.
+pub(crate) fn linear_stems<M: QuantizableModel>(model: &M) -> HashMap<String, (usize, String)> {
+    let mut m = HashMap::new();
+    for b in 0..model.num_blocks() {
+        let name = model.block_name(b);
+        for l in model.linear_groups(b).into_iter().flatten() {
+            m.insert(format!("{name}.{}", l.name), (b, l.name));
+        }
+    }
+    m
+}
+
+/// Writes every tensor of `tensors` to `dir`: a linear whose stem (in
+/// `stems`) the pipeline quantized is stored packed with its bias, anything
+/// else dense f32 under its own name. `tokenizer`, when given, is saved as
+/// `tokenizer.json`.
+pub(crate) fn write_checkpoint(
+    config: Value,
+    tensors: &[(String, Tensor)],
+    stems: &HashMap<String, (usize, String)>,
     quantized: &PipelineOutput,
     tokenizer: Option<&tokenizers::Tokenizer>,
-    dir: impl AsRef<Path>,
+    dir: &Path,
 ) -> Result<()> {
-    let dir = dir.as_ref();
-    let mut cfg = model.config().to_hf_json();
-    cfg["torch_dtype"] = "float32".into();
-    let mut w = CheckpointWriter::new().with_model_config(cfg);
-    for (name, t) in model.weights().named_tensors() {
-        let layer = name.strip_suffix(".weight").and_then(|stem| {
-            let rest = stem.strip_prefix("model.layers.")?;
-            let (n, lin) = rest.split_once('.')?;
-            LINEAR_NAMES
-                .contains(&lin)
-                .then(|| (n.parse::<usize>().ok(), lin))
-        });
-        match layer {
-            Some((Some(b), lin)) if quantized.weights.contains_key(&(b, lin.to_string())) => {
-                let q = quantized.weights[&(b, lin.to_string())].clone();
-                let stem = format!("model.layers.{b}.{lin}");
-                let bias = model.weights().layers[b]
-                    .linear(lin)
-                    .and_then(|l| l.bias.as_ref())
+    let is_quantized = |stem: &str| {
+        stems
+            .get(stem)
+            .filter(|(b, l)| quantized.weights.contains_key(&(*b, l.clone())))
+    };
+    let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut w = CheckpointWriter::new().with_model_config(config);
+    for (name, t) in tensors {
+        if let Some(stem) = name.strip_suffix(".weight") {
+            if let Some((b, l)) = is_quantized(stem) {
+                let q = quantized.weights[&(*b, l.clone())].clone();
+                let bias = by_name
+                    .get(format!("{stem}.bias").as_str())
                     .map(|bt| dense(bt, dir))
                     .transpose()?;
-                w.add_layer(&stem, q, bias)?;
-            }
-            _ => {
-                // Biases of quantized layers are written with their layer.
-                let is_qbias = name.strip_suffix(".bias").is_some_and(|stem| {
-                    stem.strip_prefix("model.layers.")
-                        .and_then(|r| r.split_once('.'))
-                        .is_some_and(|(n, lin)| {
-                            n.parse::<usize>().is_ok_and(|b| {
-                                quantized.weights.contains_key(&(b, lin.to_string()))
-                            })
-                        })
-                });
-                if !is_qbias {
-                    w.add_tensor(&name, dense(&t, dir)?)?;
-                }
+                w.add_layer(stem, q, bias)?;
+                continue;
             }
         }
+        // Biases of quantized layers were written with their layer.
+        if name
+            .strip_suffix(".bias")
+            .is_some_and(|stem| is_quantized(stem).is_some())
+        {
+            continue;
+        }
+        w.add_tensor(name, dense(t, dir)?)?;
     }
     w.write(dir)?;
     if let Some(tk) = tokenizer {
@@ -84,36 +91,64 @@ pub fn write_gptq(
     Ok(())
 }
 
+/// Hands every packed linear of the checkpoint in `dir` whose stem is in
+/// `stems` to `set(block, linear, W)` with `W` `[out, in]` as the packed
+/// kernel computes it (recovered by running [`vlmq::PackedLinear`] on the
+/// identity, bias subtracted). Returns how many linears were read; none is
+/// an error.
+pub(crate) fn read_checkpoint(
+    dir: &Path,
+    stems: &HashMap<String, (usize, String)>,
+    mut set: impl FnMut(usize, &str, ArrayView2<'_, f32>) -> Result<()>,
+) -> Result<usize> {
+    let ckpt = Checkpoint::open(dir)?;
+    let mut n = 0;
+    for (stem, (b, lin)) in stems {
+        if !ckpt.names().contains(&stem.as_str()) {
+            continue;
+        }
+        let packed = ckpt.packed_linear(stem)?;
+        let eye = Array2::<f32>::eye(packed.in_features());
+        // forward(I) = I W^T (+ b): subtract the bias to get W^T.
+        let mut wt = packed.forward(eye.view())?;
+        if let Some(bias) = packed.bias() {
+            wt -= &bias;
+        }
+        set(*b, lin, wt.t())?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(Error::CorruptCheckpoint {
+            path: dir.to_path_buf(),
+            reason: "no quantized linear of this model in the checkpoint".into(),
+        });
+    }
+    Ok(n)
+}
+
+/// Writes `quantized` (from a pipeline run on `model`) as a GPTQ checkpoint
+/// in `dir`. Linears absent from `quantized` are stored as dense weights.
+/// `tokenizer`, when given, is saved as `tokenizer.json`.
+pub fn write_gptq(
+    model: &LlamaModel,
+    quantized: &PipelineOutput,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    dir: impl AsRef<Path>,
+) -> Result<()> {
+    let mut cfg = model.config().to_hf_json();
+    cfg["torch_dtype"] = "float32".into();
+    let tensors = model.weights().named_tensors();
+    let stems = linear_stems(model);
+    write_checkpoint(cfg, &tensors, &stems, quantized, tokenizer, dir.as_ref())
+}
+
 /// Reads a checkpoint written by [`write_gptq`] back into `model`: every
 /// quantized linear goes through [`vlmq::PackedLinear`] (its weight is
 /// recovered by running the packed kernel on the identity), so the model then
 /// computes with exactly what the checkpoint stores. Returns how many linears were read.
 pub fn load_gptq_into(model: &mut LlamaModel, dir: impl AsRef<Path>) -> Result<usize> {
-    let ckpt = Checkpoint::open(dir.as_ref())?;
-    let mut n = 0;
-    for b in 0..model.num_blocks() {
-        for lin in LINEAR_NAMES {
-            let stem = format!("model.layers.{b}.{lin}");
-            if !ckpt.names().contains(&stem.as_str()) {
-                continue;
-            }
-            let packed = ckpt.packed_linear(&stem)?;
-            let inp = packed.in_features();
-            let eye = ndarray::Array2::<f32>::eye(inp);
-            // forward(I) = I W^T (+ b): subtract the bias to get W^T.
-            let mut wt = packed.forward(eye.view())?;
-            if let Some(bias) = packed.bias() {
-                wt -= &bias;
-            }
-            model.set_linear_weight(b, lin, wt.t())?;
-            n += 1;
-        }
-    }
-    if n == 0 {
-        return Err(Error::CorruptCheckpoint {
-            path: dir.as_ref().to_path_buf(),
-            reason: "no quantized linear of this model in the checkpoint".into(),
-        });
-    }
-    Ok(n)
+    let stems = linear_stems(model);
+    read_checkpoint(dir.as_ref(), &stems, |b, lin, w| {
+        model.set_linear_weight(b, lin, w)
+    })
 }

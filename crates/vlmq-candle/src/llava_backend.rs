@@ -357,14 +357,7 @@ impl QuantizableModel for LlavaModel {
     }
 
     fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>> {
-        let w = &self.linear_ref(block, layer)?.weight;
-        let (o, i) = w.dims2().in_block(block)?;
-        let v = w
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .in_block(block)?;
-        Ok(Array2::from_shape_vec((o, i), v).expect("o x i values"))
+        self.linear_ref(block, layer)?.weight_rows(block)
     }
 
     fn set_linear_weight(

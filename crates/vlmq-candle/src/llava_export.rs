@@ -8,30 +8,15 @@
 //! `config.json` is the loaded one (vision and text configs included) with
 //! `quantization_config` added.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
-use ndarray::{ArrayD, IxDyn};
-use vlmq::pack::DenseTensor;
+use candle_core::Tensor;
 use vlmq::pipeline::PipelineOutput;
-use vlmq::{Checkpoint, CheckpointWriter, Error, QuantizableModel, Result};
+use vlmq::{QuantizableModel, Result};
 
-use crate::error::file;
+use crate::export::{linear_stems, read_checkpoint, write_checkpoint};
 use crate::llava::LlavaModel;
 use crate::vision::{LayerNorm, VISION_LINEAR_NAMES};
-
-fn dense(t: &Tensor, path: &Path) -> Result<DenseTensor> {
-    let shape = t.dims().to_vec();
-    let v = t
-        .to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| file(path, e))?;
-    Ok(DenseTensor::F32(
-        ArrayD::from_shape_vec(IxDyn(&shape), v).expect("shape matches"),
-    ))
-}
 
 impl LlavaModel {
     /// Every parameter under its name in the checkpoint's own spelling (the
@@ -89,18 +74,6 @@ impl LlavaModel {
         }
         out
     }
-
-    /// `stem -> (block, linear)` for every quantizable linear.
-    fn linear_stems(&self) -> HashMap<String, (usize, String)> {
-        let mut m = HashMap::new();
-        for b in 0..self.num_blocks() {
-            let name = self.block_name(b);
-            for l in self.linear_groups(b).into_iter().flatten() {
-                m.insert(format!("{name}.{}", l.name), (b, l.name));
-            }
-        }
-        m
-    }
 }
 
 /// Writes `quantized` (a pipeline run on `model`) as a GPTQ checkpoint in
@@ -113,48 +86,14 @@ pub fn write_llava_gptq(
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: impl AsRef<Path>,
 ) -> Result<()> {
-    let dir = dir.as_ref();
     let mut cfg = model.raw_config().clone();
     cfg["torch_dtype"] = "float32".into();
     if cfg.get("dtype").is_some() {
         cfg["dtype"] = "float32".into();
     }
-    let stems = model.linear_stems();
-    let is_quantized = |stem: &str| {
-        stems
-            .get(stem)
-            .filter(|(b, l)| quantized.weights.contains_key(&(*b, l.clone())))
-    };
-    let mut w = CheckpointWriter::new().with_model_config(cfg);
     let tensors = model.named_tensors();
-    let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    for (name, t) in &tensors {
-        if let Some(stem) = name.strip_suffix(".weight") {
-            if let Some((b, l)) = is_quantized(stem) {
-                let q = quantized.weights[&(*b, l.clone())].clone();
-                let bias = by_name
-                    .get(format!("{stem}.bias").as_str())
-                    .map(|bt| dense(bt, dir))
-                    .transpose()?;
-                w.add_layer(stem, q, bias)?;
-                continue;
-            }
-        }
-        // Biases of quantized layers were written with their layer.
-        if name
-            .strip_suffix(".bias")
-            .is_some_and(|stem| is_quantized(stem).is_some())
-        {
-            continue;
-        }
-        w.add_tensor(name, dense(t, dir)?)?;
-    }
-    w.write(dir)?;
-    if let Some(tk) = tokenizer {
-        let p = dir.join("tokenizer.json");
-        tk.save(&p, false).map_err(|e| file(&p, e))?;
-    }
-    Ok(())
+    let stems = linear_stems(model);
+    write_checkpoint(cfg, &tensors, &stems, quantized, tokenizer, dir.as_ref())
 }
 
 /// Reads a checkpoint written by [`write_llava_gptq`] back into `model`:
@@ -163,27 +102,8 @@ pub fn write_llava_gptq(
 /// kernel on the identity), so the model then computes with exactly what
 /// the checkpoint stores. Returns how many linears were read.
 pub fn load_llava_gptq_into(model: &mut LlavaModel, dir: impl AsRef<Path>) -> Result<usize> {
-    let ckpt = Checkpoint::open(dir.as_ref())?;
-    let mut n = 0;
-    for (stem, (b, lin)) in model.linear_stems() {
-        if !ckpt.names().contains(&stem.as_str()) {
-            continue;
-        }
-        let packed = ckpt.packed_linear(&stem)?;
-        let eye = ndarray::Array2::<f32>::eye(packed.in_features());
-        // forward(I) = I W^T (+ b): subtract the bias to get W^T.
-        let mut wt = packed.forward(eye.view())?;
-        if let Some(bias) = packed.bias() {
-            wt -= &bias;
-        }
-        model.set_linear_weight(b, &lin, wt.t())?;
-        n += 1;
-    }
-    if n == 0 {
-        return Err(Error::CorruptCheckpoint {
-            path: dir.as_ref().to_path_buf(),
-            reason: "no quantized linear of this model in the checkpoint".into(),
-        });
-    }
-    Ok(n)
+    let stems = linear_stems(model);
+    read_checkpoint(dir.as_ref(), &stems, |b, lin, w| {
+        model.set_linear_weight(b, lin, w)
+    })
 }

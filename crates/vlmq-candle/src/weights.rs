@@ -1,7 +1,7 @@
 //! The decoder's parameters as candle tensors, addressed by their HF names.
 
 use candle_core::{DType, Device, Tensor};
-use ndarray::ArrayView2;
+use ndarray::{Array2, ArrayView2};
 use vlmq::{Error, Result};
 
 use crate::config::LlamaConfig;
@@ -29,6 +29,18 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The weight `[out, in]` as f32 rows; errors name `block`.
+    pub(crate) fn weight_rows(&self, block: usize) -> Result<Array2<f32>> {
+        let (o, i) = self.weight.dims2().in_block(block)?;
+        let v = self
+            .weight
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .in_block(block)?;
+        Ok(Array2::from_shape_vec((o, i), v).expect("o x i values"))
+    }
+
     /// Replaces the weight with `weight` (`[out, in]` in f32, converted to
     /// `dtype` on `device`) after checking its shape and that every value is
     /// finite; errors name `layer` and `block`.
