@@ -3,9 +3,9 @@
 
 mod pack_common;
 
-use ndarray::{Array1, Array2, ArrayView2};
-use pack_common::{fixtures, TempDir};
-use safetensors::{Dtype, SafeTensors};
+use ndarray::{Array2, ArrayView2};
+use pack_common::{fixtures, read_expected, Expected, TempDir};
+use safetensors::Dtype;
 use vlmq::pack::{
     pack_qzeros, pack_stream, qzeros_v2_to_v1, unpack_stream, Checkpoint, CheckpointFormat,
     CheckpointWriter, DenseTensor, PackedLinear,
@@ -99,32 +99,8 @@ fn v1_word_wise_zero_offset_example() {
     assert_eq!(q[[0, 0]] as u32, 0x87f5_7867);
 }
 
-struct Expected {
-    weight: Array2<f32>,
-    bias: Array1<f32>,
-    codes: Array2<u8>,
-    zeros: Array2<u8>,
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 fn expected(b: u32) -> Expected {
-    let bytes = std::fs::read(fixtures().join(format!("{b}bit/expected.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = |suffix: &str| st.tensor(&format!("{LAYER}{suffix}")).unwrap();
-    let w = t("");
-    let c = t(".codes");
-    let z = t(".zeros");
-    Expected {
-        weight: Array2::from_shape_vec((w.shape()[0], w.shape()[1]), f32s(w.data())).unwrap(),
-        bias: Array1::from(f32s(t(".bias").data())),
-        codes: Array2::from_shape_vec((c.shape()[0], c.shape()[1]), c.data().to_vec()).unwrap(),
-        zeros: Array2::from_shape_vec((z.shape()[0], z.shape()[1]), z.data().to_vec()).unwrap(),
-    }
+    read_expected(&fixtures().join(format!("{b}bit")), LAYER)
 }
 
 fn checkpoint_dir(b: u32, version: u32) -> std::path::PathBuf {

@@ -7,9 +7,8 @@ mod pack_common;
 
 use std::path::PathBuf;
 
-use ndarray::{Array1, Array2};
-use pack_common::TempDir;
-use safetensors::SafeTensors;
+use ndarray::Array2;
+use pack_common::{read_expected, Expected, TempDir};
 use vlmq::pack::{Checkpoint, CheckpointFormat, CheckpointWriter};
 use vlmq::{Error, GroupSize};
 
@@ -34,30 +33,8 @@ fn dir(b: u32, version: u32) -> PathBuf {
     root().join(format!("{b}bit/checkpoint_v{version}"))
 }
 
-struct Expected {
-    weight: Array2<f32>,
-    bias: Array1<f32>,
-    codes: Array2<u8>,
-    zeros: Array2<u8>,
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 fn expected(b: u32) -> Expected {
-    let bytes = std::fs::read(root().join(format!("{b}bit/expected.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = |suffix: &str| st.tensor(&format!("{LAYER}{suffix}")).unwrap();
-    let (w, c, z) = (t(""), t(".codes"), t(".zeros"));
-    Expected {
-        weight: Array2::from_shape_vec((w.shape()[0], w.shape()[1]), f32s(w.data())).unwrap(),
-        bias: Array1::from(f32s(t(".bias").data())),
-        codes: Array2::from_shape_vec((c.shape()[0], c.shape()[1]), c.data().to_vec()).unwrap(),
-        zeros: Array2::from_shape_vec((z.shape()[0], z.shape()[1]), z.data().to_vec()).unwrap(),
-    }
+    read_expected(&root().join(format!("{b}bit")), LAYER)
 }
 
 #[test]
