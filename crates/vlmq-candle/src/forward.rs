@@ -10,7 +10,7 @@ use ndarray::Array2;
 use vlmq::RowSink;
 
 use crate::config::LlamaConfig;
-use crate::linear_op::InputGradMatmul;
+use crate::linear_op::matmul_weight_t;
 use crate::weights::{LayerWeights, Linear, LINEAR_NAMES};
 
 /// Cosine and sine tables `[T, head_dim]` (the half angles repeated twice,
@@ -84,17 +84,13 @@ pub(crate) fn rms_norm(
 /// `y = x W^T + b` on `[B, T, in]`, as one matrix product over all rows.
 ///
 /// When `x` is part of an autograd graph on the CPU, the product runs as
-/// [`InputGradMatmul`]: same forward bits, and the backward pass skips the
-/// weight's gradient (a whole product per layer that nothing reads).
+/// [`InputGradMatmul`](crate::linear_op::InputGradMatmul): same forward
+/// bits, and the backward pass skips the weight's gradient (a whole product
+/// per layer that nothing reads).
 pub(crate) fn linear(x: &Tensor, l: &Linear) -> candle_core::Result<Tensor> {
     let (b, t, i) = x.dims3()?;
     let out = l.weight.dim(0)?;
-    let x2 = x.reshape((b * t, i))?;
-    let y = if x.track_op() && x.device().is_cpu() {
-        InputGradMatmul::apply(&x2, &l.weight)?
-    } else {
-        x2.matmul(&l.weight.t()?)?
-    };
+    let y = matmul_weight_t(&x.reshape((b * t, i))?, &l.weight)?;
     let y = match &l.bias {
         Some(bias) => y.broadcast_add(bias)?,
         None => y,

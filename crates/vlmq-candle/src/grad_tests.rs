@@ -132,23 +132,33 @@ fn block_backward_matches_finite_differences() {
 
 #[test]
 fn loss_gradient_matches_finite_differences() {
-    for bias in [false, true] {
+    // 150 tokens: the head runs over several chunks of target rows.
+    for (bias, t) in [(false, 7), (true, 7), (false, 150)] {
         let m = random_model(&tiny(bias), 9, DType::F64).unwrap();
-        let t = 7;
         let mut s = TextSample::causal((0..t as u32).map(|i| (i * 7 + 3) % 23).collect());
         s.targets[2] = false;
         let h = randn(&[1, t, 16], 4);
-        let (_, g) = m.loss_and_grad(&h, &s).unwrap().unwrap();
+        let (value, g) = m.loss_and_grad(&h, &s).unwrap().unwrap();
         let d = randn(&[1, t, 16], 5);
         let eps = 1e-5;
+        // The loss from the full logits (every row through the head), written
+        // independently of the row-selecting `target_loss` it checks.
         let loss = |h: &Tensor| {
-            let logits = m.head_logits(h, true).unwrap();
-            m.target_loss(&logits, &s.tokens, &s.targets)
-                .unwrap()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+            let logits = m.head_logits(h, false).unwrap().squeeze(0).unwrap();
+            let lp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
+            let lp = lp.to_vec2::<f64>().unwrap();
+            let picked: Vec<f64> = (1..t)
+                .filter(|&i| s.targets[i])
+                .map(|i| lp[i - 1][s.tokens[i] as usize])
+                .collect();
+            -picked.iter().sum::<f64>() / picked.len() as f64
         };
+        // The loss is returned as f32: equal to the f64 value to f32 rounding.
+        let full = loss(&h);
+        assert!(
+            (f64::from(value) - full).abs() <= 1e-6 * full.abs().max(1.0),
+            "loss {value} vs {full}"
+        );
         let fd = (loss(&(&h + (&d * eps).unwrap()).unwrap())
             - loss(&(&h - (&d * eps).unwrap()).unwrap()))
             / (2.0 * eps);

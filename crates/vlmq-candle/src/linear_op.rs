@@ -71,6 +71,17 @@ impl CustomOp1 for InputGradMatmul {
     }
 }
 
+/// `x W^T` for a 2-D `x: [m, in]` and `W: [out, in]`: through
+/// [`InputGradMatmul`] when `x` is part of an autograd graph on the CPU,
+/// candle's plain product otherwise (same forward bits either way).
+pub(crate) fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() && x.device().is_cpu() {
+        InputGradMatmul::apply(x, weight)
+    } else {
+        x.matmul(&weight.t()?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

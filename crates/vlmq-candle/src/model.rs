@@ -6,7 +6,12 @@ use vlmq::{Error, Result};
 use crate::config::LlamaConfig;
 use crate::error::CandleResultExt;
 use crate::forward::{layer_forward, rms_norm, Hooks, Positional};
+use crate::linear_op::matmul_weight_t;
 use crate::weights::ModelWeights;
+
+/// Target rows that go through the head together in the loss's backward
+/// pass (a `[HEAD_ROWS, vocab]` block of logits at a time).
+const HEAD_ROWS: usize = 64;
 
 /// A decoder: configuration, parameters, device and compute dtype.
 ///
@@ -149,9 +154,7 @@ impl LlamaModel {
         let run = || -> candle_core::Result<Tensor> {
             let (b, t, d) = h.dims3()?;
             let n = rms_norm(h, &self.weights.norm, self.cfg.rms_eps, differentiable)?;
-            n.reshape((b * t, d))?
-                .matmul(&head.t()?)?
-                .reshape((b, t, self.cfg.vocab_size))
+            matmul_weight_t(&n.reshape((b * t, d))?, head)?.reshape((b, t, self.cfg.vocab_size))
         };
         run().at_model()
     }
@@ -175,57 +178,68 @@ impl LlamaModel {
         self.head_logits(hs.last().expect("embeddings"), false)
     }
 
-    /// Mean next-token cross-entropy of one row over positions `t >= 1`
-    /// with `targets[t]` true, from `logits: [1, T, vocab]`; `None` when no
-    /// position counts.
-    pub(crate) fn target_loss(
-        &self,
-        logits: &Tensor,
-        tokens: &[u32],
-        targets: &[bool],
-    ) -> candle_core::Result<Option<Tensor>> {
-        let t = tokens.len();
-        let n = targets.iter().skip(1).filter(|&&b| b).count();
-        if n == 0 || t < 2 {
-            return Ok(None);
-        }
-        let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.narrow(0, 0, t - 1)?, D::Minus1)?;
-        let next = Tensor::from_vec(tokens[1..].to_vec(), (t - 1, 1), &self.device)?;
+    /// `-(1 / n) * sum_r log p(next[r] | row r)` for the last layer's output
+    /// rows `rows: [c, hidden]` (each the position before its target): the
+    /// final norm, the head and the log-softmax act row by row, so a chunk of
+    /// rows is one term of the mean over all `n` target positions.
+    fn rows_loss(&self, rows: &Tensor, next: &[u32], n: usize) -> candle_core::Result<Tensor> {
+        let normed = rms_norm(
+            &rows.unsqueeze(0)?,
+            &self.weights.norm,
+            self.cfg.rms_eps,
+            true,
+        )?;
+        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        let logits = matmul_weight_t(&normed.squeeze(0)?, head)?;
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let next = Tensor::from_vec(next.to_vec(), (next.len(), 1), &self.device)?;
         let picked = lp.gather(&next, 1)?.squeeze(1)?;
-        let w: Vec<f64> = targets[1..]
-            .iter()
-            .map(|&b| if b { -1.0 / n as f64 } else { 0.0 })
-            .collect();
-        let w = Tensor::from_vec(w, t - 1, &self.device)?.to_dtype(picked.dtype())?;
-        Ok(Some((picked * w)?.sum_all()?))
+        picked.sum_all()?.affine(-1.0 / n as f64, 0.0)
     }
 
-    /// Loss (as in [`target_loss`](Self::target_loss)) and its gradient with
-    /// respect to the last layer's output `h: [1, T, hidden]`.
+    /// Mean next-token cross-entropy of one row over positions `t >= 1`
+    /// with `targets[t]` true, and its gradient with respect to the last
+    /// layer's output `h: [1, T, hidden]`; `None` when no position is a
+    /// target.
+    ///
+    /// Only the rows that predict a target (`t - 1` for each target `t`) go
+    /// through the final norm and the head, [`HEAD_ROWS`] at a time, each
+    /// chunk differentiated on its own and its gradient added into its rows:
+    /// the `[rows, vocab]` logits, softmax and gradients live for one chunk at
+    /// a time, so memory does not grow with the sequence length, and with a
+    /// task loss on a few answer tokens the other rows never reach the head.
     pub(crate) fn loss_and_grad_at(
         &self,
         h: &Tensor,
         tokens: &[u32],
         targets: &[bool],
     ) -> Result<Option<(f32, Tensor)>> {
-        let run = || -> Result<Option<(f32, Tensor)>> {
-            let v = Var::from_tensor(&h.detach()).at_model()?;
-            let logits = self.head_logits(v.as_tensor(), true)?;
-            let Some(loss) = self.target_loss(&logits, tokens, targets).at_model()? else {
-                return Ok(None);
-            };
-            let grads = loss.backward().at_model()?;
-            let g = grads.get(v.as_tensor()).cloned().ok_or(Error::Backend {
-                block: usize::MAX,
-                layer: None,
-                reason: "no gradient reached the last layer's output".into(),
-            })?;
-            let l = loss
-                .to_dtype(DType::F64)
-                .and_then(|l| l.to_scalar::<f64>())
-                .at_model()?;
-            Ok(Some((l as f32, g)))
+        let rows: Vec<u32> = (1..tokens.len().min(targets.len()))
+            .filter(|&t| targets[t])
+            .map(|t| (t - 1) as u32)
+            .collect();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let run = || -> candle_core::Result<(f64, Tensor)> {
+            let h = h.detach().squeeze(0)?;
+            let mut grad = h.zeros_like()?;
+            let mut total = 0.0f64;
+            for chunk in rows.chunks(HEAD_ROWS) {
+                let idx = Tensor::from_vec(chunk.to_vec(), chunk.len(), &self.device)?;
+                let v = Var::from_tensor(&h.index_select(&idx, 0)?)?;
+                let next: Vec<u32> = chunk.iter().map(|&r| tokens[r as usize + 1]).collect();
+                let loss = self.rows_loss(v.as_tensor(), &next, rows.len())?;
+                let grads = loss.backward()?;
+                let g = grads.get(v.as_tensor()).ok_or_else(|| {
+                    candle_core::Error::Msg("no gradient reached the last layer's output".into())
+                })?;
+                grad = grad.index_add(&idx, g, 0)?;
+                total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+            Ok((total, grad.unsqueeze(0)?))
         };
-        run()
+        let (loss, grad) = run().at_model()?;
+        Ok(Some((loss as f32, grad)))
     }
 }
