@@ -95,9 +95,11 @@ def ppl(path):
         for m in sorted({k[2] for k in runs if k[:2] == (b, g)}, key=ORDER.get):
             rows = [runs[k] for k in sorted(runs) if k[:3] == (b, g, m)]
             for d in rows:
-                ts = d.get("true_sequential")
+                # Lines written before the flag was recorded come from runs
+                # without --one-forward: true-sequential, the default.
+                ts = d.get("true_sequential", True)
                 print(
-                    f"| {m} | W{b} | {g} | {d['seed']} | {'?' if ts is None else ('yes' if ts else 'no')} "
+                    f"| {m} | W{b} | {g} | {d['seed']} | {'yes' if ts else 'no'} "
                     f"| {d['ppl_fp']:.3f} | {d['ppl']:.3f} | {d['kl']:.4f} | {seconds(d)} |"
                 )
             if len(rows) > 1:
