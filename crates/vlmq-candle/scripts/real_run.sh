@@ -13,7 +13,10 @@ WINDOW_LEN=${WINDOW_LEN:-256}
 EVAL_WINDOWS=${EVAL_WINDOWS:-16}
 SEEDS=${SEEDS:-"0"}
 METHODS=${METHODS:-"rtn gptq gptaq vlmq vlmq+gptaq"}
-SETTINGS=${SETTINGS:-"4:64 3:64 2:64"}   # bits:group
+SETTINGS=${SETTINGS:-"4:128 3:128 2:64"}   # bits:group
+ONE_FORWARD=${ONE_FORWARD:-0}
+EXTRA=()
+[ "$ONE_FORWARD" = 1 ] && EXTRA+=(--one-forward)
 cargo build --profile "$PROFILE" -p vlmq-candle --example quantize
 BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/quantize
 for setting in $SETTINGS; do
@@ -22,7 +25,7 @@ for setting in $SETTINGS; do
     for seed in $SEEDS; do
       "$BIN" --model "$MODEL" --calib "$TEXT" --method "$method" --bits "$bits" --group "$group" \
         --windows "$WINDOWS" --window-len "$WINDOW_LEN" --eval-windows "$EVAL_WINDOWS" \
-        --seed "$seed" --json "$OUT"
+        --seed "$seed" --json "$OUT" "${EXTRA[@]}"
     done
   done
 done
