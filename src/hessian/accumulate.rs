@@ -16,9 +16,10 @@ use crate::validate::check_finite;
 /// Only the upper triangle of the symmetric sum is computed, in place, tile
 /// by tile in parallel (see [`gram_upper_into`]), from a column-major copy of
 /// the batch (rows scaled by the root weights when weighted; an unweighted
-/// column-major `f32` batch is used where it lies). Tiles are fixed, so for a given sequence of batches the
-/// result is bit-identical for any thread count; splitting the same tokens
-/// into other batches changes only the order of additions.
+/// column-major `f32` batch is used where it lies). Tiles are fixed, so for a
+/// given sequence of batches the result is bit-identical for any thread
+/// count; splitting the same tokens into other batches changes only the
+/// order of additions.
 ///
 /// ```
 /// use ndarray::array;
@@ -270,10 +271,10 @@ fn scaled_difference<T: Scalar>(
     column_major(quantized.nrows(), quantized.ncols(), |t, c0, out| {
         let c1 = c0 + out.len();
         let (f, q) = (full.slice(s![t, c0..c1]), quantized.slice(s![t, c0..c1]));
+        // Without weights the root is 1, and multiplying by 1 is exact.
         let root = roots.as_ref().map_or(T::one(), |r| r[t]);
         for ((o, &f), &q) in out.iter_mut().zip(f).zip(q) {
-            let d = T::widen(f) - T::widen(q);
-            *o = if roots.is_some() { d * root } else { d };
+            *o = (T::widen(f) - T::widen(q)) * root;
         }
     })
 }

@@ -31,8 +31,13 @@ def load(path, keep):
     return runs
 
 
-def settings(runs):
-    return sorted({(b, g) for (b, g, _, _) in runs}, key=lambda s: (-s[0], s[1]))
+def groups(runs):
+    """Yields `(bits, group, method, rows)` in table order: settings by falling
+    bit width, methods in ORDER, rows by seed."""
+    settings = sorted({(b, g) for (b, g, _, _) in runs}, key=lambda s: (-s[0], s[1]))
+    for b, g in settings:
+        for m in sorted({k[2] for k in runs if k[:2] == (b, g)}, key=ORDER.get):
+            yield b, g, m, [runs[k] for k in sorted(runs) if k[:3] == (b, g, m)]
 
 
 def wins(runs, b, g, m, key):
@@ -59,29 +64,27 @@ def needle(path):
         "| KL vs fp | context share of H trace, uniform -> weighted | quantize s (importance s) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for b, g in settings(runs):
-        for m in sorted({k[2] for k in runs if k[:2] == (b, g)}, key=ORDER.get):
-            rows = [runs[k] for k in sorted(runs) if k[:3] == (b, g, m)]
-            for d in rows:
-                cs = d.get("context_share_before")
-                share = (
-                    "n/a (no statistics)"
-                    if cs is None or d["method"] == "RTN"
-                    else f"{cs:.3f} -> {d['context_share_after']:.3f}"
-                )
-                print(
-                    f"| {m} | W{b} | {g} | {d['seed']} | {d['answer_nll']:.3f} | {d['exact_match']:.3f} "
-                    f"| {d['ppl']:.2f} | {d['kl']:.3f} | {share} | {seconds(d)} |"
-                )
-            if len(rows) > 1:
-                w = wins(runs, b, g, m, "answer_nll")
-                print(
-                    f"| **{m} mean** | W{b} | {g} | {len(rows)} seeds "
-                    f"| **{mean(d['answer_nll'] for d in rows):.3f}** "
-                    f"| **{mean(d['exact_match'] for d in rows):.3f}** "
-                    f"| {mean(d['ppl'] for d in rows):.2f} | {mean(d['kl'] for d in rows):.3f} "
-                    f"| {'lower NLL than GPTQ on ' + w + ' seeds' if w else ''} | |"
-                )
+    for b, g, m, rows in groups(runs):
+        for d in rows:
+            cs = d.get("context_share_before")
+            share = (
+                "n/a (no statistics)"
+                if cs is None or d["method"] == "RTN"
+                else f"{cs:.3f} -> {d['context_share_after']:.3f}"
+            )
+            print(
+                f"| {m} | W{b} | {g} | {d['seed']} | {d['answer_nll']:.3f} | {d['exact_match']:.3f} "
+                f"| {d['ppl']:.2f} | {d['kl']:.3f} | {share} | {seconds(d)} |"
+            )
+        if len(rows) > 1:
+            w = wins(runs, b, g, m, "answer_nll")
+            print(
+                f"| **{m} mean** | W{b} | {g} | {len(rows)} seeds "
+                f"| **{mean(d['answer_nll'] for d in rows):.3f}** "
+                f"| **{mean(d['exact_match'] for d in rows):.3f}** "
+                f"| {mean(d['ppl'] for d in rows):.2f} | {mean(d['kl'] for d in rows):.3f} "
+                f"| {'lower NLL than GPTQ on ' + w + ' seeds' if w else ''} | |"
+            )
 
 
 def ppl(path):
@@ -91,24 +94,22 @@ def ppl(path):
         "| quantize s (importance s) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for b, g in settings(runs):
-        for m in sorted({k[2] for k in runs if k[:2] == (b, g)}, key=ORDER.get):
-            rows = [runs[k] for k in sorted(runs) if k[:3] == (b, g, m)]
-            for d in rows:
-                # Lines written before the flag was recorded come from runs
-                # without --one-forward: true-sequential, the default.
-                ts = d.get("true_sequential", True)
-                print(
-                    f"| {m} | W{b} | {g} | {d['seed']} | {'yes' if ts else 'no'} "
-                    f"| {d['ppl_fp']:.3f} | {d['ppl']:.3f} | {d['kl']:.4f} | {seconds(d)} |"
-                )
-            if len(rows) > 1:
-                w = wins(runs, b, g, m, "ppl")
-                print(
-                    f"| **{m} mean** | W{b} | {g} | {len(rows)} seeds | | "
-                    f"| **{mean(d['ppl'] for d in rows):.3f}** | **{mean(d['kl'] for d in rows):.4f}** "
-                    f"| {'lower ppl than GPTQ on ' + w + ' seeds' if w else ''} |"
-                )
+    for b, g, m, rows in groups(runs):
+        for d in rows:
+            # Lines written before the flag was recorded come from runs
+            # without --one-forward: true-sequential, the default.
+            ts = d.get("true_sequential", True)
+            print(
+                f"| {m} | W{b} | {g} | {d['seed']} | {'yes' if ts else 'no'} "
+                f"| {d['ppl_fp']:.3f} | {d['ppl']:.3f} | {d['kl']:.4f} | {seconds(d)} |"
+            )
+        if len(rows) > 1:
+            w = wins(runs, b, g, m, "ppl")
+            print(
+                f"| **{m} mean** | W{b} | {g} | {len(rows)} seeds | | "
+                f"| **{mean(d['ppl'] for d in rows):.3f}** | **{mean(d['kl'] for d in rows):.4f}** "
+                f"| {'lower ppl than GPTQ on ' + w + ' seeds' if w else ''} |"
+            )
 
 
 if __name__ == "__main__":

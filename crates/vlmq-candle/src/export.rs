@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use ndarray::{Array2, ArrayD, ArrayView2, IxDyn};
+use ndarray::{Array2, ArrayD, IxDyn};
 use serde_json::Value;
 use vlmq::pack::DenseTensor;
 use vlmq::pipeline::PipelineOutput;
@@ -32,7 +32,7 @@ fn dense(t: &Tensor, path: &Path) -> Result<DenseTensor> {
 
 /// `stem -> (block, linear)` for every quantizable linear of `model`: the
 /// checkpoint name of a linear is its block's name, a dot and its own name.
-pub(crate) fn linear_stems<M: QuantizableModel>(model: &M) -> HashMap<String, (usize, String)> {
+fn linear_stems<M: QuantizableModel>(model: &M) -> HashMap<String, (usize, String)> {
     let mut m = HashMap::new();
     for b in 0..model.num_blocks() {
         let name = model.block_name(b);
@@ -43,18 +43,19 @@ pub(crate) fn linear_stems<M: QuantizableModel>(model: &M) -> HashMap<String, (u
     m
 }
 
-/// Writes every tensor of `tensors` to `dir`: a linear whose stem (in
-/// `stems`) the pipeline quantized is stored packed with its bias, anything
-/// else dense f32 under its own name. `tokenizer`, when given, is saved as
-/// `tokenizer.json`.
-pub(crate) fn write_checkpoint(
+/// Writes every tensor of `tensors` (the parameters of `model` under their
+/// checkpoint names) to `dir`: a linear of `model` that the pipeline
+/// quantized is stored packed with its bias, anything else dense f32 under
+/// its own name. `tokenizer`, when given, is saved as `tokenizer.json`.
+pub(crate) fn write_checkpoint<M: QuantizableModel>(
+    model: &M,
     config: Value,
     tensors: &[(String, Tensor)],
-    stems: &HashMap<String, (usize, String)>,
     quantized: &PipelineOutput,
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: &Path,
 ) -> Result<()> {
+    let stems = linear_stems(model);
     let is_quantized = |stem: &str| {
         stems
             .get(stem)
@@ -91,30 +92,25 @@ pub(crate) fn write_checkpoint(
     Ok(())
 }
 
-/// Hands every packed linear of the checkpoint in `dir` whose stem is in
-/// `stems` to `set(block, linear, W)` with `W` `[out, in]` as the packed
-/// kernel computes it (recovered by running [`vlmq::PackedLinear`] on the
-/// identity, bias subtracted). Returns how many linears were read; none is
-/// an error.
-pub(crate) fn read_checkpoint(
-    dir: &Path,
-    stems: &HashMap<String, (usize, String)>,
-    mut set: impl FnMut(usize, &str, ArrayView2<'_, f32>) -> Result<()>,
-) -> Result<usize> {
+/// Sets every linear of `model` that the checkpoint in `dir` stores packed
+/// to the weight `[out, in]` the packed kernel computes (recovered by running
+/// [`vlmq::PackedLinear`] on the identity, bias subtracted). Returns how many
+/// linears were read; none is an error.
+pub(crate) fn read_checkpoint<M: QuantizableModel>(model: &mut M, dir: &Path) -> Result<usize> {
     let ckpt = Checkpoint::open(dir)?;
     let mut n = 0;
-    for (stem, (b, lin)) in stems {
+    for (stem, (b, lin)) in linear_stems(model) {
         if !ckpt.names().contains(&stem.as_str()) {
             continue;
         }
-        let packed = ckpt.packed_linear(stem)?;
+        let packed = ckpt.packed_linear(&stem)?;
         let eye = Array2::<f32>::eye(packed.in_features());
         // forward(I) = I W^T (+ b): subtract the bias to get W^T.
         let mut wt = packed.forward(eye.view())?;
         if let Some(bias) = packed.bias() {
             wt -= &bias;
         }
-        set(*b, lin, wt.t())?;
+        model.set_linear_weight(b, &lin, wt.t())?;
         n += 1;
     }
     if n == 0 {
@@ -138,8 +134,7 @@ pub fn write_gptq(
     let mut cfg = model.config().to_hf_json();
     cfg["torch_dtype"] = "float32".into();
     let tensors = model.weights().named_tensors();
-    let stems = linear_stems(model);
-    write_checkpoint(cfg, &tensors, &stems, quantized, tokenizer, dir.as_ref())
+    write_checkpoint(model, cfg, &tensors, quantized, tokenizer, dir.as_ref())
 }
 
 /// Reads a checkpoint written by [`write_gptq`] back into `model`: every
@@ -147,8 +142,5 @@ pub fn write_gptq(
 /// recovered by running the packed kernel on the identity), so the model then
 /// computes with exactly what the checkpoint stores. Returns how many linears were read.
 pub fn load_gptq_into(model: &mut LlamaModel, dir: impl AsRef<Path>) -> Result<usize> {
-    let stems = linear_stems(model);
-    read_checkpoint(dir.as_ref(), &stems, |b, lin, w| {
-        model.set_linear_weight(b, lin, w)
-    })
+    read_checkpoint(model, dir.as_ref())
 }

@@ -142,7 +142,7 @@ fn loss_gradient_matches_finite_differences() {
         let d = randn(&[1, t, 16], 5);
         let eps = 1e-5;
         // The loss from the full logits (every row through the head), written
-        // independently of the row-selecting `target_loss` it checks.
+        // independently of `loss_and_grad`'s row-selecting, chunked head.
         let loss = |h: &Tensor| {
             let logits = m.head_logits(h, false).unwrap().squeeze(0).unwrap();
             let lp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();

@@ -12,9 +12,9 @@ use std::path::Path;
 
 use candle_core::Tensor;
 use vlmq::pipeline::PipelineOutput;
-use vlmq::{QuantizableModel, Result};
+use vlmq::Result;
 
-use crate::export::{linear_stems, read_checkpoint, write_checkpoint};
+use crate::export::{read_checkpoint, write_checkpoint};
 use crate::llava::LlavaModel;
 use crate::vision::{LayerNorm, VISION_LINEAR_NAMES};
 
@@ -92,8 +92,7 @@ pub fn write_llava_gptq(
         cfg["dtype"] = "float32".into();
     }
     let tensors = model.named_tensors();
-    let stems = linear_stems(model);
-    write_checkpoint(cfg, &tensors, &stems, quantized, tokenizer, dir.as_ref())
+    write_checkpoint(model, cfg, &tensors, quantized, tokenizer, dir.as_ref())
 }
 
 /// Reads a checkpoint written by [`write_llava_gptq`] back into `model`:
@@ -102,8 +101,5 @@ pub fn write_llava_gptq(
 /// kernel on the identity), so the model then computes with exactly what
 /// the checkpoint stores. Returns how many linears were read.
 pub fn load_llava_gptq_into(model: &mut LlavaModel, dir: impl AsRef<Path>) -> Result<usize> {
-    let stems = linear_stems(model);
-    read_checkpoint(dir.as_ref(), &stems, |b, lin, w| {
-        model.set_linear_weight(b, lin, w)
-    })
+    read_checkpoint(model, dir.as_ref())
 }
