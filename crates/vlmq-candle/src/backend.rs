@@ -6,7 +6,7 @@
 //! The gradient methods (`loss_and_grad`, `block_backward`, `hidden_rows`)
 //! implement [`GradientModel`], which VLMQ's task-loss importance needs.
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use ndarray::{Array2, ArrayView2};
 use vlmq::{
     Error, GradientModel, LinearInfo, Modality, QuantizableModel, Result, RowSink, TokenInfo,
@@ -14,6 +14,7 @@ use vlmq::{
 
 use crate::error::CandleResultExt;
 use crate::forward::{rows, Hooks};
+use crate::layer_backward::layer_backward;
 use crate::model::LlamaModel;
 use crate::weights::LINEAR_NAMES;
 
@@ -97,45 +98,15 @@ impl LlamaModel {
         self.check_hidden("block input", input, sample)?;
         self.check_hidden("block output gradient", grad_output, sample)?;
         let l = self.layer_weights(block)?;
-        let t = sample.tokens.len();
-        let pos = self.positional(t)?;
-        let run = || -> candle_core::Result<(Tensor, Vec<Option<Tensor>>)> {
-            let x = Var::from_tensor(&input.detach())?;
-            let probes = l
-                .linears
-                .iter()
-                .map(|lin| Var::zeros((1, t, lin.weight.dim(0)?), self.dtype(), self.device()))
-                .collect::<candle_core::Result<Vec<Var>>>()?;
-            let probe_t: Vec<Tensor> = probes.iter().map(|p| p.as_tensor().clone()).collect();
-            let mut hooks = Hooks {
-                capture: None,
-                probes: Some(&probe_t),
-                differentiable: true,
-            };
-            let out = crate::forward::layer_forward(self.config(), l, &x, &pos, &mut hooks)?;
-            let grads = (out * grad_output.to_dtype(self.dtype())?)?
-                .sum_all()?
-                .backward()?;
-            let gx = grads
-                .get(x.as_tensor())
-                .cloned()
-                .ok_or_else(|| candle_core::Error::Msg("no gradient at the block input".into()))?;
-            let gp = probe_t.iter().map(|p| grads.get(p).cloned()).collect();
-            Ok((gx, gp))
-        };
-        let (gx, gp) = run().in_block(block)?;
+        let pos = self.positional(sample.tokens.len())?;
+        let grads = layer_backward(self.config(), l, input, &pos, grad_output).in_block(block)?;
         if let Some(sink) = sink {
-            for (name, g) in LINEAR_NAMES.iter().zip(gp) {
-                let g = g.ok_or_else(|| Error::Backend {
-                    block,
-                    layer: Some(name.to_string()),
-                    reason: "no gradient reached this linear's output".into(),
-                })?;
-                let r = rows(&g).in_block(block)?;
+            for (name, g) in LINEAR_NAMES.iter().zip(&grads.linear_outputs) {
+                let r = rows(g).in_block(block)?;
                 sink.rows(name, r.view());
             }
         }
-        Ok(gx)
+        Ok(grads.input)
     }
 }
 
@@ -191,7 +162,6 @@ impl QuantizableModel for LlamaModel {
         let mut hooks = Hooks {
             capture: sink,
             probes: None,
-            differentiable: false,
         };
         self.layer(block, input, &pos, &mut hooks)
     }
@@ -230,8 +200,8 @@ impl QuantizableModel for LlamaModel {
     }
 }
 
-/// The gradient extension: task loss, block backward through candle's
-/// autograd, and the rows of a hidden-state gradient.
+/// The gradient extension: task loss (candle's autograd over the head), the
+/// hand-written block backward, and the rows of a hidden-state gradient.
 impl GradientModel for LlamaModel {
     fn block_backward(
         &self,

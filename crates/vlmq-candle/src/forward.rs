@@ -1,9 +1,8 @@
 //! The decoder's arithmetic: RMSNorm, RoPE, grouped-query attention, SwiGLU,
 //! one decoder layer with input capture and output probes.
 //!
-//! Two flavours of the same maths: `differentiable = false` uses candle-nn's
-//! fused RMSNorm and softmax (fast, no backward), `true` composes them from
-//! primitives so candle's autograd reaches every parameter and probe.
+//! The forward pass can keep a [`Tape`] of its intermediates for the
+//! hand-written backward in [`crate::layer_backward`].
 
 use candle_core::{DType, Device, Tensor, D};
 use ndarray::Array2;
@@ -17,9 +16,9 @@ use crate::weights::{LayerWeights, Linear, LINEAR_NAMES};
 /// HF's half-split layout) and the causal mask `[T, T]` for one length.
 #[derive(Debug, Clone)]
 pub(crate) struct Positional {
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) mask: Tensor,
 }
 
 impl Positional {
@@ -116,23 +115,21 @@ pub(crate) fn rows(t: &Tensor) -> candle_core::Result<Array2<f32>> {
     Ok(Array2::from_shape_vec((n, f), v).expect("length is rows x features"))
 }
 
-/// What a layer run shows and where it can be differentiated.
+/// What a layer run shows.
 pub(crate) struct Hooks<'a> {
     /// Receives every linear's input rows (forward capture).
     pub capture: Option<&'a mut dyn RowSink>,
-    /// Zero-valued variables added to each linear's output, in [`LINEAR_NAMES`] order.
+    /// Tensors added to each linear's output, in [`LINEAR_NAMES`] order (the
+    /// finite-difference tests perturb linear outputs through them).
     pub probes: Option<&'a [Tensor]>,
-    /// Compose the fused ops from primitives (needed for a backward pass).
-    pub differentiable: bool,
 }
 
 impl Hooks<'_> {
-    /// No capture, no probes, fused ops.
+    /// No capture, no probes.
     pub(crate) fn none() -> Hooks<'static> {
         Hooks {
             capture: None,
             probes: None,
-            differentiable: false,
         }
     }
 
@@ -155,6 +152,37 @@ impl Hooks<'_> {
     }
 }
 
+/// The intermediates of one layer's forward pass that its hand-written
+/// backward ([`crate::layer_backward`]) reads.
+pub(crate) struct Tape {
+    /// `rsqrt(mean(x^2) + eps)` of the layer input, `[B, T, 1]`.
+    pub r_in: Tensor,
+    /// Queries and keys after RoPE, values; keys and values already repeated
+    /// to every query head: `[B, heads, T, hd]`.
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Attention probabilities `[B, heads, T, T]`.
+    pub probs: Tensor,
+    /// The residual stream after attention, its RMS reciprocal.
+    pub mid: Tensor,
+    pub r_mid: Tensor,
+    /// Gate and up projections `[B, T, intermediate]`.
+    pub gate: Tensor,
+    pub up: Tensor,
+}
+
+/// `(x * r * w, r)` with `r = rsqrt(mean(x^2) + eps)` over the last dimension.
+pub(crate) fn rms_norm_keep(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let h = x.broadcast_mul(&r)?.broadcast_mul(w)?;
+    Ok((h, r))
+}
+
 /// One decoder layer on `x: [B, T, hidden]`.
 pub(crate) fn layer_forward(
     cfg: &LlamaConfig,
@@ -163,11 +191,32 @@ pub(crate) fn layer_forward(
     pos: &Positional,
     hooks: &mut Hooks<'_>,
 ) -> candle_core::Result<Tensor> {
+    Ok(layer_forward_taped(cfg, l, x, pos, hooks, false)?.0)
+}
+
+/// One decoder layer on `x: [B, T, hidden]`, also returning its [`Tape`]
+/// when `keep` is set.
+pub(crate) fn layer_forward_taped(
+    cfg: &LlamaConfig,
+    l: &LayerWeights,
+    x: &Tensor,
+    pos: &Positional,
+    hooks: &mut Hooks<'_>,
+    keep: bool,
+) -> candle_core::Result<(Tensor, Option<Tape>)> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-    let diff = hooks.differentiable || x.dtype() == DType::F64;
+    let f64_maths = x.dtype() == DType::F64;
+    let norm = |x: &Tensor, w: &Tensor| -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        if keep {
+            let (h, r) = rms_norm_keep(x, w, cfg.rms_eps)?;
+            Ok((h, Some(r)))
+        } else {
+            Ok((rms_norm(x, w, cfg.rms_eps, f64_maths)?, None))
+        }
+    };
 
-    let h = rms_norm(x, &l.input_norm, cfg.rms_eps, diff)?;
+    let (h, r_in) = norm(x, &l.input_norm)?;
     hooks.show(&[0, 1, 2], &h)?;
     let q = hooks.lin(0, &h, l)?;
     let k = hooks.lin(1, &h, l)?;
@@ -191,23 +240,34 @@ pub(crate) fn layer_forward(
     };
     let scale = 1.0 / (hd as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&pos.mask)?;
-    let probs = if diff {
-        candle_nn::ops::softmax(&scores, D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let att = probs
         .matmul(&v)?
         .transpose(1, 2)?
         .reshape((b, t, nh * hd))?;
     hooks.show(&[3], &att)?;
-    let x = (x + hooks.lin(3, &att, l)?)?;
+    let mid = (x + hooks.lin(3, &att, l)?)?;
 
-    let h = rms_norm(&x, &l.post_norm, cfg.rms_eps, diff)?;
+    let (h, r_mid) = norm(&mid, &l.post_norm)?;
     hooks.show(&[4, 5], &h)?;
-    let g = hooks.lin(4, &h, l)?;
-    let u = hooks.lin(5, &h, l)?;
-    let a = (g.silu()? * u)?;
+    let gate = hooks.lin(4, &h, l)?;
+    let up = hooks.lin(5, &h, l)?;
+    let a = (gate.silu()? * &up)?;
     hooks.show(&[6], &a)?;
-    x + hooks.lin(6, &a, l)?
+    let out = (&mid + hooks.lin(6, &a, l)?)?;
+    let tape = match (keep, r_in, r_mid) {
+        (true, Some(r_in), Some(r_mid)) => Some(Tape {
+            r_in,
+            q,
+            k,
+            v,
+            probs,
+            mid,
+            r_mid,
+            gate,
+            up,
+        }),
+        _ => None,
+    };
+    Ok((out, tape))
 }

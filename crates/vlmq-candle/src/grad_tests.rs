@@ -64,7 +64,6 @@ fn objective(m: &LlamaModel, block: usize, x: &Tensor, probes: &[Tensor], g: &Te
     let mut hooks = Hooks {
         capture: None,
         probes: Some(probes),
-        differentiable: false,
     };
     let y = layer_forward(m.config(), &m.weights().layers[block], x, &pos, &mut hooks).unwrap();
     dot(&y, g)

@@ -27,6 +27,7 @@ pub mod eval;
 pub mod export;
 mod forward;
 pub mod image_input;
+mod layer_backward;
 mod linear_op;
 mod llava;
 mod llava_backend;

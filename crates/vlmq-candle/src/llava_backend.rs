@@ -336,7 +336,6 @@ impl QuantizableModel for LlavaModel {
                 let mut hooks = Hooks {
                     capture: sink,
                     probes: None,
-                    differentiable: false,
                 };
                 Ok(VlmHidden::Text(
                     self.lm.layer(i, x, &pos, &mut hooks).map_err(|e| match e {

@@ -1,6 +1,8 @@
 //! [`GradientModel`] for [`LlavaModel`]: the task loss on the LM's output and
 //! a real backward pass through every block (vision layers, projector, LM
-//! layers) with candle's autograd and zero-valued probes at each linear output.
+//! layers): the LM layers through the hand-written decoder backward, the
+//! vision layers and the projector with candle's autograd and zero-valued
+//! probes at each linear output.
 
 use candle_core::{Tensor, Var};
 use ndarray::Array2;
