@@ -9,7 +9,7 @@
 //! cargo run --release -p vlmq-candle --example needle_qa -- --model PATH --text FILE \
 //!     --method vlmq --bits 3 --group 128 [--seed 0] [--calib 16] [--eval 64] \
 //!     [--context-tokens 320] [--eval-windows 8] [--window-len 256] [--json results.jsonl] \
-//!     [--one-forward] [--fp-cache FILE]
+//!     [--one-forward] [--fp-cache FILE] [--asym]
 //! ```
 //!
 //! Calibration prompts come from the first 80% of the text's sentences with
@@ -17,10 +17,13 @@
 //! every run is scored on the same prompts. Perplexity is measured on the
 //! last `--eval-windows` windows of `--window-len` tokens of the text.
 
+mod cli;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
-use vlmq::{Bits, GptqConfig, GroupSize, PipelineConfig, QuantMethod, QuantScheme};
+use cli::{emit, Flags, Quant};
+use vlmq::QuantMethod;
 use vlmq_candle::candle_core::{DType, Device};
 use vlmq_candle::eval::{evaluate, windows};
 use vlmq_candle::needle::{
@@ -34,9 +37,7 @@ const HELD_OUT_SEED: u64 = 0x4E45_4544_4C45;
 struct Args {
     model: PathBuf,
     text: PathBuf,
-    method: QuantMethod,
-    bits: u32,
-    group: usize,
+    quant: Quant,
     seed: u64,
     calib: usize,
     eval: usize,
@@ -49,47 +50,38 @@ struct Args {
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        model: PathBuf::new(),
-        text: PathBuf::new(),
-        method: QuantMethod::Vlmq,
-        bits: 4,
-        group: 128,
-        seed: 0,
-        calib: 16,
-        eval: 64,
-        context_tokens: NeedleOptions::default().context_tokens,
-        eval_windows: 8,
-        window_len: 256,
-        json: None,
-        one_forward: false,
-        fp_cache: None,
+    let f = Flags::parse(
+        &[
+            "--model",
+            "--text",
+            "--method",
+            "--bits",
+            "--group",
+            "--seed",
+            "--calib",
+            "--eval",
+            "--context-tokens",
+            "--eval-windows",
+            "--window-len",
+            "--json",
+            "--fp-cache",
+        ],
+        &["--asym", "--one-forward"],
+    )?;
+    let a = Args {
+        model: f.path("--model").unwrap_or_default(),
+        text: f.path("--text").unwrap_or_default(),
+        quant: Quant::from_flags(&f, QuantMethod::Vlmq)?,
+        seed: f.or("--seed", 0)?,
+        calib: f.or("--calib", 16)?,
+        eval: f.or("--eval", 64)?,
+        context_tokens: f.or("--context-tokens", NeedleOptions::default().context_tokens)?,
+        eval_windows: f.or("--eval-windows", 8)?,
+        window_len: f.or("--window-len", 256)?,
+        json: f.path("--json"),
+        one_forward: f.switch("--one-forward"),
+        fp_cache: f.path("--fp-cache"),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        if k == "--one-forward" {
-            a.one_forward = true;
-            continue;
-        }
-        let v = it.next().ok_or(format!("{k} needs a value"))?;
-        let num = |v: &str| v.parse::<usize>().map_err(|e| format!("{k}: {e}"));
-        match k.as_str() {
-            "--model" => a.model = v.into(),
-            "--text" => a.text = v.into(),
-            "--method" => a.method = v.parse().map_err(|e| format!("{k}: {e}"))?,
-            "--bits" => a.bits = num(&v)? as u32,
-            "--group" => a.group = num(&v)?,
-            "--seed" => a.seed = num(&v)? as u64,
-            "--calib" => a.calib = num(&v)?,
-            "--eval" => a.eval = num(&v)?,
-            "--context-tokens" => a.context_tokens = num(&v)?,
-            "--eval-windows" => a.eval_windows = num(&v)?,
-            "--window-len" => a.window_len = num(&v)?,
-            "--json" => a.json = Some(v.into()),
-            "--fp-cache" => a.fp_cache = Some(v.into()),
-            o => return Err(format!("unknown flag {o:?}")),
-        }
-    }
     if a.model.as_os_str().is_empty() || a.text.as_os_str().is_empty() {
         return Err("--model and --text are required".into());
     }
@@ -170,9 +162,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         qa_fp.answer_nll, qa_fp.exact_match, ppl_fp
     );
 
-    let scheme = QuantScheme::new(Bits::new(a.bits)?).with_group_size(GroupSize::new(a.group)?);
-    let cfg =
-        PipelineConfig::new(a.method, GptqConfig::new(scheme)).with_true_sequential(!a.one_forward);
+    let cfg = a.quant.pipeline(a.one_forward)?;
     let samples: Vec<_> = calib.iter().map(|p| p.sample.clone()).collect();
     let t0 = Instant::now();
     let q = vlmq::quantize_model(&mut model, &samples, &cfg, |p| eprint!("\r  {p}      "))?;
@@ -202,9 +192,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (context_before, context_after) = (share(false), share(true));
     eprintln!(
         "\n{} W{} g{} ({quant_s:.1}s): answer NLL {:.4} (fp {:.4}), exact match {:.3} (fp {:.3}), ppl {:.4} (fp {:.4}), KL {:.4}; context share of the Hessian trace {:?} -> {:?}",
-        a.method,
-        a.bits,
-        a.group,
+        a.quant.method,
+        a.quant.bits,
+        a.quant.group,
         qa.answer_nll,
         qa_fp.answer_nll,
         qa.exact_match,
@@ -216,8 +206,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         context_after
     );
     let line = serde_json::json!({
-        "task": "needle_qa", "model": a.model, "method": a.method.name(), "bits": a.bits,
-        "group": a.group, "seed": a.seed, "calib_prompts": a.calib, "eval_prompts": a.eval,
+        "task": "needle_qa", "model": a.model, "method": a.quant.method.name(), "bits": a.quant.bits,
+        "group": a.quant.group, "symmetric": a.quant.symmetric, "seed": a.seed, "calib_prompts": a.calib, "eval_prompts": a.eval,
         "context_tokens": a.context_tokens, "answer_nll_fp": qa_fp.answer_nll,
         "answer_nll": qa.answer_nll, "exact_match_fp": qa_fp.exact_match,
         "exact_match": qa.exact_match, "ppl_fp": ppl_fp, "ppl": ppl.perplexity,
@@ -225,14 +215,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "context_share_after": context_after, "quant_seconds": quant_s,
         "importance_seconds": q.report.importance_seconds, "true_sequential": !a.one_forward,
     });
-    println!("{line}");
-    if let Some(j) = &a.json {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(j)?;
-        writeln!(f, "{line}")?;
-    }
-    Ok(())
+    Ok(emit(&line, a.json.as_deref())?)
 }

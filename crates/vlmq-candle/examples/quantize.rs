@@ -25,12 +25,14 @@
 //! `--windows` calibration windows are drawn without replacement from the
 //! others by a seeded shuffle.
 
+mod cli;
 mod quantize_vlm;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use vlmq::{Bits, GptqConfig, GroupSize, PipelineConfig, QuantMethod, QuantScheme};
+use cli::{emit, Flags, Quant};
+use vlmq::QuantMethod;
 use vlmq_candle::candle_core::{DType, Device};
 use vlmq_candle::eval::{evaluate, windows};
 use vlmq_candle::export::{load_gptq_into, write_gptq};
@@ -39,15 +41,12 @@ use vlmq_candle::{encode, load_model, TextSample};
 struct Args {
     model: PathBuf,
     calib: PathBuf,
-    method: QuantMethod,
-    bits: u32,
-    group: usize,
+    quant: Quant,
     out: Option<PathBuf>,
     windows: usize,
     window_len: usize,
     seed: u64,
     eval_windows: Option<usize>,
-    asym: bool,
     json: Option<PathBuf>,
     one_forward: bool,
     images: Option<String>,
@@ -56,51 +55,39 @@ struct Args {
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        model: PathBuf::new(),
-        calib: PathBuf::new(),
-        method: QuantMethod::Gptq,
-        bits: 4,
-        group: 128,
-        out: None,
-        windows: 32,
-        window_len: 256,
-        seed: 0,
-        eval_windows: None,
-        asym: false,
-        json: None,
-        one_forward: false,
-        images: None,
-        prompts: None,
-        all_blocks: false,
+    let f = Flags::parse(
+        &[
+            "--model",
+            "--calib",
+            "--method",
+            "--bits",
+            "--group",
+            "--out",
+            "--windows",
+            "--window-len",
+            "--seed",
+            "--eval-windows",
+            "--images",
+            "--prompts",
+            "--json",
+        ],
+        &["--asym", "--all-blocks", "--one-forward"],
+    )?;
+    let a = Args {
+        model: f.path("--model").unwrap_or_default(),
+        calib: f.path("--calib").unwrap_or_default(),
+        quant: Quant::from_flags(&f, QuantMethod::Gptq)?,
+        out: f.path("--out"),
+        windows: f.or("--windows", 32)?,
+        window_len: f.or("--window-len", 256)?,
+        seed: f.or("--seed", 0)?,
+        eval_windows: f.parsed("--eval-windows")?,
+        json: f.path("--json"),
+        one_forward: f.switch("--one-forward"),
+        images: f.parsed("--images")?,
+        prompts: f.path("--prompts"),
+        all_blocks: f.switch("--all-blocks"),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        if k == "--asym" || k == "--all-blocks" || k == "--one-forward" {
-            a.asym |= k == "--asym";
-            a.all_blocks |= k == "--all-blocks";
-            a.one_forward |= k == "--one-forward";
-            continue;
-        }
-        let v = it.next().ok_or(format!("{k} needs a value"))?;
-        let num = |v: &str| v.parse::<usize>().map_err(|e| format!("{k}: {e}"));
-        match k.as_str() {
-            "--model" => a.model = v.into(),
-            "--calib" => a.calib = v.into(),
-            "--method" => a.method = v.parse().map_err(|e| format!("{k}: {e}"))?,
-            "--bits" => a.bits = num(&v)? as u32,
-            "--group" => a.group = num(&v)?,
-            "--out" => a.out = Some(v.into()),
-            "--windows" => a.windows = num(&v)?,
-            "--window-len" => a.window_len = num(&v)?,
-            "--seed" => a.seed = num(&v)? as u64,
-            "--eval-windows" => a.eval_windows = Some(num(&v)?),
-            "--images" => a.images = Some(v),
-            "--prompts" => a.prompts = Some(v.into()),
-            "--json" => a.json = Some(v.into()),
-            o => return Err(format!("unknown flag {o:?}")),
-        }
-    }
     let vlm = a.images.is_some() || a.prompts.is_some();
     if vlm && (a.images.is_none() || a.prompts.is_none()) {
         return Err("--images and --prompts go together".into());
@@ -125,9 +112,7 @@ fn shuffle(n: usize, seed: u64) -> Vec<usize> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a =
         parse().map_err(|e| format!("{e}\nusage: see the doc comment of examples/quantize.rs"))?;
-    let scheme = QuantScheme::new(Bits::new(a.bits)?)
-        .with_group_size(GroupSize::new(a.group)?)
-        .with_symmetric(!a.asym);
+    let scheme = a.quant.scheme()?;
     if let (Some(images), Some(prompts)) = (&a.images, &a.prompts) {
         if !quantize_vlm::is_llava(&a.model) {
             return Err(format!(
@@ -140,13 +125,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             model: &a.model,
             prompts,
             images,
-            method: a.method,
+            method: a.quant.method,
             scheme,
             eval: a.eval_windows.unwrap_or(0),
             all_blocks: a.all_blocks,
             out: a.out.as_deref(),
         })?;
-        return emit(&line, a.json.as_ref());
+        return Ok(emit(&line, a.json.as_deref())?);
     }
     let eval_windows = a.eval_windows.unwrap_or(16);
     let dev = Device::Cpu;
@@ -194,22 +179,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         base.perplexity, base.tokens, base.seconds
     );
 
-    let cfg =
-        PipelineConfig::new(a.method, GptqConfig::new(scheme)).with_true_sequential(!a.one_forward);
+    let cfg = a.quant.pipeline(a.one_forward)?;
     let tq = Instant::now();
     let q = vlmq::quantize_model(&mut model, &samples, &cfg, |p| eprint!("\r  {p}      "))?;
     let quant_s = tq.elapsed().as_secs_f64();
     eprintln!(
         "\n{} done in {quant_s:.1}s (importance pass {:.1}s)",
-        a.method, q.report.importance_seconds
+        a.quant.method, q.report.importance_seconds
     );
 
     let after = evaluate(&model, Some(&reference), &eval_set, 2, &mut prog)?;
     eprintln!(
         "\n{} W{} g{}: ppl {:.4} (fp {:.4}), KL {:.5} nats/token",
-        a.method,
-        a.bits,
-        a.group,
+        a.quant.method,
+        a.quant.bits,
+        a.quant.group,
         after.perplexity,
         base.perplexity,
         after.kl.unwrap_or(f64::NAN)
@@ -231,28 +215,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let line = serde_json::json!({
-        "model": a.model, "method": a.method.name(), "bits": a.bits, "group": a.group,
-        "symmetric": !a.asym, "seed": a.seed, "calib_windows": calib_idx, "window_len": a.window_len,
+        "model": a.model, "method": a.quant.method.name(), "bits": a.quant.bits, "group": a.quant.group,
+        "symmetric": a.quant.symmetric, "seed": a.seed, "calib_windows": calib_idx, "window_len": a.window_len,
         "eval_windows": [pool, all.len()], "ppl_fp": base.perplexity, "ppl": after.perplexity,
         "kl": after.kl, "quant_seconds": quant_s, "importance_seconds": q.report.importance_seconds, "true_sequential": !a.one_forward,
         "eval_tokens": after.tokens, "readback_nll": readback,
     });
-    emit(&line, a.json.as_ref())
-}
-
-/// Prints the summary line and appends it to the JSON-lines file when given.
-fn emit(
-    line: &serde_json::Value,
-    json: Option<&PathBuf>,
-) -> Result<(), Box<dyn std::error::Error>> {
-    println!("{line}");
-    if let Some(j) = json {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(j)?;
-        writeln!(f, "{line}")?;
-    }
-    Ok(())
+    Ok(emit(&line, a.json.as_deref())?)
 }
