@@ -9,27 +9,20 @@ use memmap2::Mmap;
 use ndarray::{Array1, Array2};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
-use serde_json::Value;
 
-use crate::config::Bits;
 use crate::error::{Error, Result};
 use crate::quant::QuantizedWeight;
 
-use super::bits::{qzeros_v1_to_v2, unpack_qweight, unpack_qzeros, values_for, words_for};
+use super::bits::{qzeros_v1_to_v2, unpack_qweight, unpack_qzeros};
 use super::checkpoint_write::LAYER_SUFFIXES;
-use super::config_json::{CheckpointFormat, QuantizeConfig};
+use super::config_json::{read_config, CheckpointFormat, QuantizeConfig};
 use super::digests::{check_digest, read_digests};
 use super::packed_linear::PackedLinear;
 use super::tensor::DenseTensor;
 
-/// Shape facts of one quantized layer, checked when the checkpoint is opened.
-#[derive(Debug, Clone, Copy)]
-struct LayerShape {
-    out: usize,
-    inp: usize,
-    groups: usize,
-    has_g_idx: bool,
-}
+mod index;
+
+use index::LayerShape;
 
 /// A raw, zero-copy view of one stored tensor.
 #[derive(Debug, Clone, Copy)]
@@ -282,160 +275,12 @@ impl Checkpoint {
         };
         PackedLinear::new(&w, bias)
     }
-
-    fn index_layers(&mut self) -> Result<()> {
-        let bits = self.config.bits;
-        let b = bits.get() as usize;
-        let mut layers = BTreeMap::new();
-        let names: Vec<String> = self.meta.tensors().into_keys().collect();
-        for n in &names {
-            if let Some(prefix) = n.strip_suffix(".qweight") {
-                let s = self.check_layer(prefix, bits, b)?;
-                layers.insert(prefix.to_string(), s);
-            }
-        }
-        for n in &names {
-            if let Some(prefix) = n.strip_suffix(".qzeros") {
-                if !layers.contains_key(prefix) {
-                    return Err(corrupt(
-                        &self.path,
-                        format!("{n:?} has no matching {prefix}.qweight"),
-                    ));
-                }
-            }
-        }
-        self.layers = layers;
-        let mut passthrough: Vec<String> = names
-            .into_iter()
-            .filter(|n| self.owning_layer(n).is_none())
-            .collect();
-        passthrough.sort();
-        self.passthrough = passthrough;
-        Ok(())
-    }
-
-    fn expect(&self, name: &str, dtypes: &[Dtype], shape: Option<&[usize]>) -> Result<&TensorInfo> {
-        let info = self.info(name)?;
-        if !dtypes.contains(&info.dtype) {
-            return Err(Error::DtypeMismatch {
-                name: name.into(),
-                expected: format!("{dtypes:?}"),
-                actual: format!("{:?}", info.dtype),
-            });
-        }
-        if let Some(s) = shape {
-            if info.shape != s {
-                return Err(Error::shape(name, s, &info.shape));
-            }
-        }
-        Ok(info)
-    }
-
-    fn check_layer(&self, name: &str, bits: Bits, b: usize) -> Result<LayerShape> {
-        let qw = self.expect(&format!("{name}.qweight"), &[Dtype::I32], None)?;
-        let [rows, out] = qw.shape[..] else {
-            return Err(corrupt(
-                &self.path,
-                format!("{name}.qweight must be 2-D, has shape {:?}", qw.shape),
-            ));
-        };
-        let inp = values_for(rows, bits).ok_or_else(|| {
-            corrupt(
-                &self.path,
-                format!("{name}.qweight has {rows} rows, not a whole number of {b}-bit inputs"),
-            )
-        })?;
-        let zcols = words_for(out, bits).ok_or_else(|| {
-            corrupt(
-                &self.path,
-                format!("{name}: {out} outputs at {b} bits do not fill whole qzeros words"),
-            )
-        })?;
-        if inp == 0 || out == 0 {
-            return Err(corrupt(&self.path, format!("{name}.qweight is empty")));
-        }
-        let groups = self.config.group_size.groups_for(inp)?;
-        self.expect(
-            &format!("{name}.qzeros"),
-            &[Dtype::I32],
-            Some(&[groups, zcols]),
-        )?;
-        self.expect(
-            &format!("{name}.scales"),
-            &[Dtype::F16],
-            Some(&[groups, out]),
-        )?;
-        let has_g_idx = self.meta.info(&format!("{name}.g_idx")).is_some();
-        if has_g_idx {
-            self.expect(&format!("{name}.g_idx"), &[Dtype::I32], Some(&[inp]))?;
-        } else if self.config.desc_act {
-            return Err(Error::MissingTensor {
-                name: format!("{name}.g_idx"),
-            });
-        }
-        if self.meta.info(&format!("{name}.bias")).is_some() {
-            self.expect(
-                &format!("{name}.bias"),
-                &[Dtype::F16, Dtype::BF16, Dtype::F32],
-                Some(&[out]),
-            )?;
-        }
-        Ok(LayerShape {
-            out,
-            inp,
-            groups,
-            has_g_idx,
-        })
-    }
 }
 
+/// A `CorruptCheckpoint` error for the file at `path`.
 fn corrupt(path: &Path, reason: String) -> Error {
     Error::CorruptCheckpoint {
         path: path.to_path_buf(),
         reason,
-    }
-}
-
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    match fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Json {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-fn read_config(dir: &Path) -> Result<QuantizeConfig> {
-    let qpath = dir.join("quantize_config.json");
-    let cpath = dir.join("config.json");
-    let from_quantize = read_json(&qpath)?
-        .map(|v| QuantizeConfig::from_json(&v, &qpath))
-        .transpose()?;
-    let from_model = match read_json(&cpath)? {
-        Some(v) => {
-            let obj = v.as_object().ok_or_else(|| Error::Json {
-                path: cpath.clone(),
-                reason: "config.json is not a JSON object".into(),
-            })?;
-            obj.get("quantization_config")
-                .map(|q| QuantizeConfig::from_json(q, &cpath))
-                .transpose()?
-        }
-        None => None,
-    };
-    match (from_quantize, from_model) {
-        (Some(a), Some(b)) if a != b => Err(Error::Json {
-            path: cpath,
-            reason: format!("quantization_config {b:?} disagrees with quantize_config.json {a:?}"),
-        }),
-        (Some(a), _) | (None, Some(a)) => Ok(a),
-        (None, None) => Err(Error::Json {
-            path: qpath,
-            reason: "no quantize_config.json and no quantization_config in config.json".into(),
-        }),
     }
 }

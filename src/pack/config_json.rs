@@ -1,5 +1,6 @@
 //! `quantize_config.json` and the `quantization_config` block of `config.json`.
 
+use std::fs;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
@@ -186,5 +187,51 @@ fn parse_format(
                 path: path.to_path_buf(),
                 reason: format!("{key} must be \"gptq\" or \"gptq_v2\", found {v}"),
             }),
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    match fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Json {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// The checkpoint config of directory `dir`: `quantize_config.json`, or
+/// `config.json -> quantization_config`; when both exist they must agree.
+pub(super) fn read_config(dir: &Path) -> Result<QuantizeConfig> {
+    let qpath = dir.join("quantize_config.json");
+    let cpath = dir.join("config.json");
+    let from_quantize = read_json(&qpath)?
+        .map(|v| QuantizeConfig::from_json(&v, &qpath))
+        .transpose()?;
+    let from_model = match read_json(&cpath)? {
+        Some(v) => {
+            let obj = v.as_object().ok_or_else(|| Error::Json {
+                path: cpath.clone(),
+                reason: "config.json is not a JSON object".into(),
+            })?;
+            obj.get("quantization_config")
+                .map(|q| QuantizeConfig::from_json(q, &cpath))
+                .transpose()?
+        }
+        None => None,
+    };
+    match (from_quantize, from_model) {
+        (Some(a), Some(b)) if a != b => Err(Error::Json {
+            path: cpath,
+            reason: format!("quantization_config {b:?} disagrees with quantize_config.json {a:?}"),
+        }),
+        (Some(a), _) | (None, Some(a)) => Ok(a),
+        (None, None) => Err(Error::Json {
+            path: qpath,
+            reason: "no quantize_config.json and no quantization_config in config.json".into(),
+        }),
     }
 }

@@ -30,6 +30,7 @@ mod checkpoint_read;
 mod checkpoint_write;
 mod config_json;
 mod digests;
+mod layer_encode;
 mod packed_linear;
 mod tensor;
 #[cfg(test)]
