@@ -191,19 +191,33 @@ pub(crate) fn layer_forward(
     pos: &Positional,
     hooks: &mut Hooks<'_>,
 ) -> candle_core::Result<Tensor> {
-    Ok(layer_forward_taped(cfg, l, x, pos, hooks, false)?.0)
+    let (mid, act, _) = layer_body(cfg, l, x, pos, hooks, false)?;
+    mid + hooks.lin(6, &act, l)?
 }
 
-/// One decoder layer on `x: [B, T, hidden]`, also returning its [`Tape`]
-/// when `keep` is set.
-pub(crate) fn layer_forward_taped(
+/// The [`Tape`] of layer `l` on `x`: the forward pass up to the down
+/// projection, whose output the backward never reads, so it is not formed.
+pub(crate) fn layer_tape(
+    cfg: &LlamaConfig,
+    l: &LayerWeights,
+    x: &Tensor,
+    pos: &Positional,
+) -> candle_core::Result<Tape> {
+    let (_, _, tape) = layer_body(cfg, l, x, pos, &mut Hooks::none(), true)?;
+    tape.ok_or_else(|| candle_core::Error::Msg("the forward pass kept no tape".into()))
+}
+
+/// Layer `l` on `x` up to the down projection: the residual stream after
+/// attention, the SwiGLU activation (shown to the capture as the down
+/// projection's input) and, when `keep` is set, the [`Tape`].
+fn layer_body(
     cfg: &LlamaConfig,
     l: &LayerWeights,
     x: &Tensor,
     pos: &Positional,
     hooks: &mut Hooks<'_>,
     keep: bool,
-) -> candle_core::Result<(Tensor, Option<Tape>)> {
+) -> candle_core::Result<(Tensor, Tensor, Option<Tape>)> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     let f64_maths = x.dtype() == DType::F64;
@@ -254,20 +268,16 @@ pub(crate) fn layer_forward_taped(
     let up = hooks.lin(5, &h, l)?;
     let a = (gate.silu()? * &up)?;
     hooks.show(&[6], &a)?;
-    let out = (&mid + hooks.lin(6, &a, l)?)?;
-    let tape = match (keep, r_in, r_mid) {
-        (true, Some(r_in), Some(r_mid)) => Some(Tape {
-            r_in,
-            q,
-            k,
-            v,
-            probs,
-            mid,
-            r_mid,
-            gate,
-            up,
-        }),
-        _ => None,
-    };
-    Ok((out, tape))
+    let tape = r_in.zip(r_mid).map(|(r_in, r_mid)| Tape {
+        r_in,
+        q,
+        k,
+        v,
+        probs,
+        mid: mid.clone(),
+        r_mid,
+        gate,
+        up,
+    });
+    Ok((mid, a, tape))
 }

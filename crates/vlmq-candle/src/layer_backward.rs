@@ -26,7 +26,7 @@
 use candle_core::{Tensor, D};
 
 use crate::config::LlamaConfig;
-use crate::forward::{layer_forward_taped, Hooks, Positional};
+use crate::forward::{layer_tape, Positional};
 use crate::weights::LayerWeights;
 
 /// Gradients of `sum(layer(x) * grad_output)`: at the layer input
@@ -46,9 +46,7 @@ pub(crate) fn layer_backward(
     pos: &Positional,
     grad_output: &Tensor,
 ) -> candle_core::Result<LayerGradients> {
-    let (_, tape) = layer_forward_taped(cfg, l, x, pos, &mut Hooks::none(), true)?;
-    let tape =
-        tape.ok_or_else(|| candle_core::Error::Msg("the forward pass kept no tape".into()))?;
+    let tape = layer_tape(cfg, l, x, pos)?;
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     let w = |i: usize| &l.linears[i].weight;
