@@ -1,6 +1,6 @@
 //! GPTQModel checkpoints of a layer whose group size does not divide its
 //! input width (576 inputs at group size 128: four groups of 128 and one of
-//! 64, SmolLM2-135M's shape), read from `../shared/fixtures/gptq-golden-ragged`:
+//! 64, SmolLM2-135M's shape), read from `tests/fixtures/gptq-golden-ragged` (a copy of the shared golden fixture):
 //! decoded bit-exactly and written back byte for byte, in v1 and v2.
 
 mod pack_common;
@@ -19,7 +19,7 @@ const IN: usize = 576;
 fn root() -> PathBuf {
     let p = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/gptq-golden-ragged"
+        "/tests/fixtures/gptq-golden-ragged"
     ));
     assert!(
         p.join("README.md").is_file(),

@@ -16,7 +16,7 @@ use vlmq_candle::{
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/hf-tiny"
+        "/tests/fixtures/hf-tiny"
     ))
     .join(name)
 }

@@ -16,7 +16,7 @@ use vlmq_candle::{encode, load_hf_dir, tokenizer_from_file, TextSample};
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/hf-tiny"
+        "/tests/fixtures/hf-tiny"
     ))
     .join(name)
 }

@@ -19,7 +19,7 @@ use vlmq_candle::{encode, load_llava_dir, tokenizer_from_file, LlavaModel, VlmHi
 fn dir() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/hf-tiny/llava"
+        "/tests/fixtures/hf-tiny/llava"
     ))
 }
 

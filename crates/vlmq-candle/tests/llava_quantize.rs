@@ -18,7 +18,7 @@ use vlmq_candle::{load_llava_dir, tokenizer_from_file, LlavaModel, VlmHidden, Vl
 fn dir() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/hf-tiny/llava"
+        "/tests/fixtures/hf-tiny/llava"
     ))
 }
 

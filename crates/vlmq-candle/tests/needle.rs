@@ -10,7 +10,7 @@ use vlmq_candle::tokenizer_from_file;
 fn tokenizer() -> tokenizers::Tokenizer {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/hf-tiny/tokenizer/tokenizer.json"
+        "/tests/fixtures/hf-tiny/tokenizer/tokenizer.json"
     );
     tokenizer_from_file(path).expect("hf-tiny tokenizer fixture")
 }

@@ -17,7 +17,7 @@ use vlmq_candle::{
 fn fixture_tokenizer() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures/hf-tiny/tokenizer/tokenizer.json"
+        "/tests/fixtures/hf-tiny/tokenizer/tokenizer.json"
     ))
 }
 
