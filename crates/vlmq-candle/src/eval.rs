@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, D};
 use vlmq::{Error, Result};
 
 use crate::error::CandleResultExt;
-use crate::model::LlamaModel;
+use crate::models::llama::model::LlamaModel;
 
 /// Perplexity and (with a reference) KL divergence over a set of windows.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -8,8 +8,8 @@
 //! - [`load_model`] (either format), [`load_hf_dir`] / [`load_gguf`] give a
 //!   [`LlamaModel`];
 //! - [`load_llava_dir`] gives a [`LlavaModel`] (CLIP vision tower, projector,
-//!   Llama-family LM), quantizable with [`VlmSample`]s; [`image_input`]
-//!   turns PNG/JPEG files into CLIP `pixel_values`; [`llava_export`] writes
+//!   Llama-family LM), quantizable with [`VlmSample`]s; [`process::image_input`]
+//!   turns PNG/JPEG files into CLIP `pixel_values`; [`export::llava`] writes
 //!   its GPTQ checkpoint in the LLaVA layout;
 //! - [`tokenizer_from_file`] / [`tokenizer_from_gguf`] give a tokenizer;
 //! - [`eval`] measures perplexity and KL divergence from a reference model;
@@ -21,50 +21,33 @@
 //! [`vlmq::Error::Backend`] or [`vlmq::Error::CorruptCheckpoint`]).
 
 mod backend;
-mod config;
 mod error;
 pub mod eval;
 pub mod export;
-mod forward;
-pub mod image_input;
-mod layer_backward;
-mod linear_op;
-mod llava;
-mod llava_backend;
-pub mod llava_export;
-mod llava_grad;
-mod llava_prompt;
-mod llava_sample;
 mod load;
-mod load_gguf;
-mod load_hf;
-mod load_llava;
-mod model;
+mod models;
 pub mod needle;
+pub mod process;
 mod random;
-mod tokenizer;
 pub mod toy;
-mod vision;
-mod weights;
 
-pub use backend::TextSample;
-pub use config::{Architecture, LlamaConfig};
-pub use llava::{LlavaConfig, LlavaModel, LlavaNaming, Projector, PROJECTOR_LINEAR_NAMES};
-pub use llava_prompt::IMAGE_MARKER;
-pub use llava_sample::{VlmHidden, VlmSample};
+pub use backend::llama::TextSample;
+pub use load::gguf::{config_from_gguf, hf_name, load_gguf, permute_qk, read_gguf_content};
+pub use load::hf::{load_hf_dir, safetensors_files, save_hf_dir};
+pub use load::llava::load_llava_dir;
 pub use load::load_model;
-pub use load_gguf::{config_from_gguf, hf_name, load_gguf, permute_qk, read_gguf_content};
-pub use load_hf::{load_hf_dir, safetensors_files, save_hf_dir};
-pub use load_llava::load_llava_dir;
-pub use model::LlamaModel;
-pub use random::random_model;
-pub use tokenizer::{encode, tokenizer_from_file, tokenizer_from_gguf, tokenizers};
-pub use vision::{
+pub use models::clip::{
     ClipLayerWeights, ClipVisionConfig, LayerNorm, VisionWeights, VISION_LINEAR_NAMES,
 };
-pub use weights::{LayerWeights, Linear, ModelWeights, LINEAR_NAMES};
+pub use models::llama::config::{Architecture, LlamaConfig};
+pub use models::llama::model::LlamaModel;
+pub use models::llama::weights::{LayerWeights, Linear, ModelWeights, LINEAR_NAMES};
+pub use models::llava::model::{
+    LlavaConfig, LlavaModel, LlavaNaming, Projector, PROJECTOR_LINEAR_NAMES,
+};
+pub use models::llava::sample::{VlmHidden, VlmSample};
+pub use process::llava_prompt::IMAGE_MARKER;
+pub use process::tokenizer::{encode, tokenizer_from_file, tokenizer_from_gguf, tokenizers};
+pub use random::random_model;
 
 pub use candle_core;
-
-#[cfg(test)]
-mod grad_tests;

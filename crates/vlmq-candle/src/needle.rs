@@ -31,10 +31,10 @@ use tokenizers::Tokenizer;
 use vlmq::rng::SplitMix64;
 use vlmq::{Error, Modality, Result};
 
-use crate::backend::TextSample;
+use crate::backend::llama::TextSample;
 use crate::error::CandleResultExt;
-use crate::model::LlamaModel;
-use crate::tokenizer::encode;
+use crate::models::llama::model::LlamaModel;
+use crate::process::tokenizer::encode;
 
 const NAMES: [&str; 24] = [
     "Mira", "Tomas", "Elena", "Jonah", "Priya", "Oskar", "Lena", "Rafael", "Ingrid", "Kenji",

@@ -3,10 +3,10 @@
 use candle_core::{DType, Device, Tensor};
 use vlmq::Result;
 
-use crate::config::LlamaConfig;
 use crate::error::CandleResultExt;
-use crate::model::LlamaModel;
-use crate::weights::{LayerWeights, Linear, ModelWeights};
+use crate::models::llama::config::LlamaConfig;
+use crate::models::llama::model::LlamaModel;
+use crate::models::llama::weights::{LayerWeights, Linear, ModelWeights};
 
 /// A small deterministic generator (SplitMix64) of normal samples.
 struct Normal(u64);

@@ -17,12 +17,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 use vlmq::{Error, Result};
 
-use crate::config::{Architecture, LlamaConfig};
 use crate::error::{file, CandleResultExt};
-use crate::forward::{linear, Hooks};
-use crate::model::LlamaModel;
-use crate::vision::{layer_norm, LayerNorm};
-use crate::weights::{Linear, ModelWeights, TensorSource};
+use crate::models::clip::{layer_norm, LayerNorm};
+use crate::models::llama::config::{Architecture, LlamaConfig};
+use crate::models::llama::forward::{linear, Hooks};
+use crate::models::llama::model::LlamaModel;
+use crate::models::llama::weights::{Linear, ModelWeights, TensorSource};
 
 /// Width of one attention head in the toy (`vlmq_toy::ToyConfig::HEAD_DIM`).
 const HEAD_DIM: usize = 16;

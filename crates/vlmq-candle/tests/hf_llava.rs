@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use vlmq::{GradientModel, QuantizableModel};
 use vlmq_candle::candle_core::{DType, Device, Tensor};
-use vlmq_candle::image_input::{rgb_from_hwc, ClipImageProcessor};
+use vlmq_candle::process::image_input::{rgb_from_hwc, ClipImageProcessor};
 use vlmq_candle::{encode, load_llava_dir, tokenizer_from_file, LlavaModel, VlmHidden, VlmSample};
 
 fn dir() -> PathBuf {

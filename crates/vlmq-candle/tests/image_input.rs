@@ -5,7 +5,7 @@
 
 use image::{ImageFormat, Rgb, RgbImage};
 use vlmq_candle::candle_core::Device;
-use vlmq_candle::image_input::{load_image, ClipImageProcessor, CLIP_MEAN, CLIP_STD};
+use vlmq_candle::process::image_input::{load_image, ClipImageProcessor, CLIP_MEAN, CLIP_STD};
 
 fn proc(edge: usize, crop: usize) -> ClipImageProcessor {
     ClipImageProcessor {

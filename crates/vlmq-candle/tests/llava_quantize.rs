@@ -12,7 +12,7 @@ use vlmq::{
     QuantScheme, QuantizableModel,
 };
 use vlmq_candle::candle_core::{DType, Device, Tensor};
-use vlmq_candle::llava_export::{load_llava_gptq_into, write_llava_gptq};
+use vlmq_candle::export::llava::{load_llava_gptq_into, write_llava_gptq};
 use vlmq_candle::{load_llava_dir, tokenizer_from_file, LlavaModel, VlmHidden, VlmSample};
 
 fn dir() -> PathBuf {

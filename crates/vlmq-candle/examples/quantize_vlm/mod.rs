@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use vlmq::{GptqConfig, PipelineConfig, QuantScheme};
 use vlmq_candle::candle_core::{DType, Device, Tensor};
-use vlmq_candle::image_input::{load_image, ClipImageProcessor};
-use vlmq_candle::llava_export::{load_llava_gptq_into, write_llava_gptq};
+use vlmq_candle::export::llava::{load_llava_gptq_into, write_llava_gptq};
+use vlmq_candle::process::image_input::{load_image, ClipImageProcessor};
 use vlmq_candle::{load_llava_dir, tokenizer_from_file, LlavaModel, VlmSample};
 
 /// What the LLaVA branch needs from the command line.

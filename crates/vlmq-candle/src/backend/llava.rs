@@ -27,13 +27,13 @@ use vlmq::{
     Error, GradientModel, LinearInfo, Modality, QuantizableModel, Result, RowSink, TokenInfo,
 };
 
-use crate::backend::TextSample;
+use crate::backend::llama::TextSample;
 use crate::error::CandleResultExt;
-use crate::forward::Hooks;
-use crate::llava::{LlavaModel, PROJECTOR_LINEAR_NAMES};
-use crate::llava_sample::{VlmHidden, VlmSample};
-use crate::vision::{clip_layer_forward, VISION_LINEAR_NAMES};
-use crate::weights::Linear;
+use crate::models::clip::{clip_layer_forward, VISION_LINEAR_NAMES};
+use crate::models::llama::forward::Hooks;
+use crate::models::llama::weights::Linear;
+use crate::models::llava::model::{LlavaModel, PROJECTOR_LINEAR_NAMES};
+use crate::models::llava::sample::{VlmHidden, VlmSample};
 use vlmq::pipeline::BlockSelection;
 
 pub(crate) enum Kind {

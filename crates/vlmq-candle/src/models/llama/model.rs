@@ -3,11 +3,11 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use vlmq::{Error, Result};
 
-use crate::config::LlamaConfig;
+use crate::backend::linear_op::matmul_weight_t;
 use crate::error::CandleResultExt;
-use crate::forward::{layer_forward, rms_norm, Hooks, Positional};
-use crate::linear_op::matmul_weight_t;
-use crate::weights::ModelWeights;
+use crate::models::llama::config::LlamaConfig;
+use crate::models::llama::forward::{layer_forward, rms_norm, Hooks, Positional};
+use crate::models::llama::weights::ModelWeights;
 
 /// Target rows that go through the head together in the loss's backward
 /// pass (a `[HEAD_ROWS, vocab]` block of logits at a time).

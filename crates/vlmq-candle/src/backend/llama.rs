@@ -12,11 +12,11 @@ use vlmq::{
     Error, GradientModel, LinearInfo, Modality, QuantizableModel, Result, RowSink, TokenInfo,
 };
 
+use crate::backend::llama_backward::layer_backward;
 use crate::error::CandleResultExt;
-use crate::forward::{rows, Hooks};
-use crate::layer_backward::layer_backward;
-use crate::model::LlamaModel;
-use crate::weights::LINEAR_NAMES;
+use crate::models::llama::forward::{rows, Hooks};
+use crate::models::llama::model::LlamaModel;
+use crate::models::llama::weights::LINEAR_NAMES;
 
 /// One calibration sample: token ids and which tokens are prediction
 /// targets (`targets[t]`: the prediction of token `t` from tokens `< t`
@@ -76,7 +76,7 @@ impl LlamaModel {
         Ok(())
     }
 
-    fn layer_weights(&self, block: usize) -> Result<&crate::weights::LayerWeights> {
+    fn layer_weights(&self, block: usize) -> Result<&crate::models::llama::weights::LayerWeights> {
         self.weights().layers.get(block).ok_or(Error::Backend {
             block,
             layer: None,

@@ -1,15 +1,19 @@
 //! One entry point for a model and its tokenizer, whatever the format.
 
+pub(crate) mod gguf;
+pub(crate) mod hf;
+pub(crate) mod llava;
+
 use std::path::Path;
 
 use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 use vlmq::Result;
 
-use crate::load_gguf::{load_gguf, read_gguf_content};
-use crate::load_hf::load_hf_dir;
-use crate::model::LlamaModel;
-use crate::tokenizer::{tokenizer_from_file, tokenizer_from_gguf};
+use crate::load::gguf::{load_gguf, read_gguf_content};
+use crate::load::hf::load_hf_dir;
+use crate::models::llama::model::LlamaModel;
+use crate::process::tokenizer::{tokenizer_from_file, tokenizer_from_gguf};
 
 /// Loads a model and its tokenizer from `path`: a `.gguf` file (weights
 /// dequantized, tokenizer from its metadata) or a Hugging Face directory

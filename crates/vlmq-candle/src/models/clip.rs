@@ -11,8 +11,8 @@ use candle_core::{Tensor, D};
 use serde_json::Value;
 use vlmq::{Error, Result};
 
-use crate::forward::{linear, rows};
-use crate::weights::Linear;
+use crate::models::llama::forward::{linear, rows};
+use crate::models::llama::weights::Linear;
 use vlmq::RowSink;
 
 /// The six quantizable linears of a CLIP encoder layer, by their HF names

@@ -5,7 +5,7 @@
 //! gradient of a weight. Going through candle's autograd for that builds a
 //! graph of every elementwise op, zero-fills and adds a gradient buffer per
 //! node, and composes the fused softmax and RMSNorm from primitives so they
-//! can be differentiated. Here the forward pass keeps a [`Tape`](crate::forward::Tape) of the
+//! can be differentiated. Here the forward pass keeps a [`Tape`](crate::models::llama::forward::Tape) of the
 //! intermediates (with the fused softmax) and the chain rule is applied
 //! directly, one tensor op per term:
 //!
@@ -25,13 +25,13 @@
 
 use candle_core::{Tensor, D};
 
-use crate::config::LlamaConfig;
-use crate::forward::{layer_tape, Positional};
-use crate::weights::LayerWeights;
+use crate::models::llama::config::LlamaConfig;
+use crate::models::llama::forward::{layer_tape, Positional};
+use crate::models::llama::weights::LayerWeights;
 
 /// Gradients of `sum(layer(x) * grad_output)`: at the layer input
 /// `[B, T, hidden]`, and at each linear's output `[B, T, out]` in
-/// [`crate::weights::LINEAR_NAMES`] order.
+/// [`crate::models::llama::weights::LINEAR_NAMES`] order.
 pub(crate) struct LayerGradients {
     pub input: Tensor,
     pub linear_outputs: Vec<Tensor>,

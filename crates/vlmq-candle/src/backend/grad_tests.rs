@@ -5,10 +5,10 @@ use candle_core::{DType, Device, Tensor};
 use ndarray::Array2;
 use vlmq::{GradientModel, QuantizableModel};
 
-use crate::config::{Architecture, LlamaConfig};
-use crate::forward::{layer_forward, Hooks};
+use crate::models::llama::config::{Architecture, LlamaConfig};
+use crate::models::llama::forward::{layer_forward, Hooks};
+use crate::models::llama::weights::LINEAR_NAMES;
 use crate::random::random_model;
-use crate::weights::LINEAR_NAMES;
 use crate::{LlamaModel, TextSample};
 
 fn tiny(bias: bool) -> LlamaConfig {

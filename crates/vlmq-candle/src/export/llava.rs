@@ -15,8 +15,8 @@ use vlmq::pipeline::PipelineOutput;
 use vlmq::Result;
 
 use crate::export::{read_checkpoint, write_checkpoint};
-use crate::llava::LlavaModel;
-use crate::vision::{LayerNorm, VISION_LINEAR_NAMES};
+use crate::models::clip::{LayerNorm, VISION_LINEAR_NAMES};
+use crate::models::llava::model::LlavaModel;
 
 impl LlavaModel {
     /// Every parameter under its name in the checkpoint's own spelling (the

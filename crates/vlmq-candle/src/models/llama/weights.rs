@@ -4,8 +4,8 @@ use candle_core::{DType, Device, Tensor};
 use ndarray::{Array2, ArrayView2};
 use vlmq::{Error, Result};
 
-use crate::config::LlamaConfig;
 use crate::error::CandleResultExt;
+use crate::models::llama::config::LlamaConfig;
 
 /// The seven quantizable linears of a decoder layer, by their HF names
 /// (relative to `model.layers.N.`), in forward order.

@@ -9,10 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use vlmq::{Error, Result};
 
-use crate::config::LlamaConfig;
 use crate::error::file;
-use crate::model::LlamaModel;
-use crate::weights::{ModelWeights, TensorSource};
+use crate::models::llama::config::LlamaConfig;
+use crate::models::llama::model::LlamaModel;
+use crate::models::llama::weights::{ModelWeights, TensorSource};
 
 /// Reads and parses a JSON file (a missing file is an [`Error::Io`]).
 pub(crate) fn read_json(path: &Path) -> Result<Value> {

@@ -3,7 +3,7 @@
 //! unquantized tensors (embedding, norms, head, biases), `config.json`
 //! carrying `quantization_config`, `quantize_config.json` and the tokenizer.
 //! The writing and reading loops are shared with the LLaVA layout
-//! (`llava_export`).
+//! ([`super::llava`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +16,7 @@ use vlmq::pipeline::PipelineOutput;
 use vlmq::{Checkpoint, CheckpointWriter, Error, QuantizableModel, Result};
 
 use crate::error::file;
-use crate::model::LlamaModel;
+use crate::models::llama::model::LlamaModel;
 
 fn dense(t: &Tensor, path: &Path) -> Result<DenseTensor> {
     let shape = t.dims().to_vec();

@@ -19,10 +19,10 @@ use serde_json::Value;
 use vlmq::{Error, Result};
 
 use crate::error::CandleResultExt;
-use crate::forward::{linear, Hooks};
-use crate::model::LlamaModel;
-use crate::vision::{clip_layer_forward, embed_images, ClipVisionConfig, VisionWeights};
-use crate::weights::Linear;
+use crate::models::clip::{clip_layer_forward, embed_images, ClipVisionConfig, VisionWeights};
+use crate::models::llama::forward::{linear, Hooks};
+use crate::models::llama::model::LlamaModel;
+use crate::models::llama::weights::Linear;
 
 /// How the tensors of a LLaVA checkpoint are spelled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,11 +276,17 @@ impl LlavaModel {
             }
         };
         if let Some(s) = capture.as_deref_mut() {
-            s.rows(PROJECTOR_LINEAR_NAMES[0], crate::forward::rows(&x)?.view());
+            s.rows(
+                PROJECTOR_LINEAR_NAMES[0],
+                crate::models::llama::forward::rows(&x)?.view(),
+            );
         }
         let h = lin(0, &x)?.gelu_erf()?;
         if let Some(s) = capture {
-            s.rows(PROJECTOR_LINEAR_NAMES[1], crate::forward::rows(&h)?.view());
+            s.rows(
+                PROJECTOR_LINEAR_NAMES[1],
+                crate::models::llama::forward::rows(&h)?.view(),
+            );
         }
         lin(1, &h)
     }

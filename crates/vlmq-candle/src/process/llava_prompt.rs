@@ -10,8 +10,8 @@
 use candle_core::Tensor;
 use vlmq::{Error, GradientModel, QuantizableModel, Result};
 
-use crate::llava::LlavaModel;
-use crate::llava_sample::VlmSample;
+use crate::models::llava::model::LlavaModel;
+use crate::models::llava::sample::VlmSample;
 
 /// The marker of an image in a prompt.
 pub const IMAGE_MARKER: &str = "<image>";
@@ -26,7 +26,7 @@ impl LlavaModel {
             IMAGE_MARKER,
             &IMAGE_MARKER.repeat(self.cfg.tokens_per_image()),
         );
-        let ids = crate::tokenizer::encode(tk, &expanded)?;
+        let ids = crate::process::tokenizer::encode(tk, &expanded)?;
         let have = ids
             .iter()
             .filter(|&&t| t == self.cfg.image_token_id)

@@ -18,12 +18,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
-use crate::config::LlamaConfig;
-use crate::llava::{LlavaConfig, LlavaModel, LlavaNaming, Projector};
-use crate::load_hf::{read_json, NamedTensors};
-use crate::model::LlamaModel;
-use crate::vision::{ClipLayerWeights, LayerNorm, VisionWeights, VISION_LINEAR_NAMES};
-use crate::weights::{check, required, Linear, ModelWeights, TensorSource};
+use crate::load::hf::{read_json, NamedTensors};
+use crate::models::clip::{ClipLayerWeights, LayerNorm, VisionWeights, VISION_LINEAR_NAMES};
+use crate::models::llama::config::LlamaConfig;
+use crate::models::llama::model::LlamaModel;
+use crate::models::llama::weights::{check, required, Linear, ModelWeights, TensorSource};
+use crate::models::llava::model::{LlavaConfig, LlavaModel, LlavaNaming, Projector};
 
 /// The decoder's names (`model.*`, `lm_head.weight`) mapped onto a LLaVA spelling.
 struct LmView<'a> {

@@ -11,10 +11,10 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
-use crate::config::{Architecture, LlamaConfig};
 use crate::error::file;
-use crate::model::LlamaModel;
-use crate::weights::{ModelWeights, TensorSource};
+use crate::models::llama::config::{Architecture, LlamaConfig};
+use crate::models::llama::model::LlamaModel;
+use crate::models::llama::weights::{ModelWeights, TensorSource};
 
 /// HF name of a GGUF tensor name (`None` for tensors the decoder does not use).
 pub fn hf_name(gguf: &str) -> Option<String> {

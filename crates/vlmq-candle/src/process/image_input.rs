@@ -62,7 +62,7 @@ impl ClipImageProcessor {
     /// `crop_size` (`height` or an integer), `image_mean`, `image_std`);
     /// missing fields fall back to `for_image_size(image_size)`.
     pub fn from_preprocessor_config(path: &Path, image_size: usize) -> Result<Self> {
-        let v = crate::load_hf::read_json(path)?;
+        let v = crate::load::hf::read_json(path)?;
         let mut p = Self::for_image_size(image_size);
         let int = |x: Option<&serde_json::Value>| x.and_then(serde_json::Value::as_u64);
         if let Some(s) =

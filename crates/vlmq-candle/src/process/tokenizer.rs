@@ -14,7 +14,7 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 use vlmq::{Error, Result};
 
-use crate::load_gguf::meta;
+use crate::load::gguf::meta;
 
 pub use tokenizers;
 

@@ -2,15 +2,15 @@
 //! one decoder layer with input capture and output probes.
 //!
 //! The forward pass can keep a [`Tape`] of its intermediates for the
-//! hand-written backward in [`crate::layer_backward`].
+//! hand-written backward in [`crate::backend::llama_backward`].
 
 use candle_core::{DType, Device, Tensor, D};
 use ndarray::Array2;
 use vlmq::RowSink;
 
-use crate::config::LlamaConfig;
-use crate::linear_op::matmul_weight_t;
-use crate::weights::{LayerWeights, Linear, LINEAR_NAMES};
+use crate::backend::linear_op::matmul_weight_t;
+use crate::models::llama::config::LlamaConfig;
+use crate::models::llama::weights::{LayerWeights, Linear, LINEAR_NAMES};
 
 /// Cosine and sine tables `[T, head_dim]` (the half angles repeated twice,
 /// HF's half-split layout) and the causal mask `[T, T]` for one length.
@@ -83,7 +83,7 @@ pub(crate) fn rms_norm(
 /// `y = x W^T + b` on `[B, T, in]`, as one matrix product over all rows.
 ///
 /// When `x` is part of an autograd graph on the CPU, the product runs as
-/// [`InputGradMatmul`](crate::linear_op::InputGradMatmul): same forward
+/// [`InputGradMatmul`](crate::backend::linear_op::InputGradMatmul): same forward
 /// bits, and the backward pass skips the weight's gradient (a whole product
 /// per layer that nothing reads).
 pub(crate) fn linear(x: &Tensor, l: &Linear) -> candle_core::Result<Tensor> {
@@ -153,7 +153,7 @@ impl Hooks<'_> {
 }
 
 /// The intermediates of one layer's forward pass that its hand-written
-/// backward ([`crate::layer_backward`]) reads.
+/// backward ([`crate::backend::llama_backward`]) reads.
 pub(crate) struct Tape {
     /// `rsqrt(mean(x^2) + eps)` of the layer input, `[B, T, 1]`.
     pub r_in: Tensor,

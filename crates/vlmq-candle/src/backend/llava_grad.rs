@@ -8,12 +8,12 @@ use candle_core::{Tensor, Var};
 use ndarray::Array2;
 use vlmq::{Error, GradientModel, QuantizableModel, Result, RowSink};
 
+use crate::backend::llava::{stream_error, Kind};
 use crate::error::CandleResultExt;
-use crate::forward::rows;
-use crate::llava::{LlavaModel, PROJECTOR_LINEAR_NAMES};
-use crate::llava_backend::{stream_error, Kind};
-use crate::llava_sample::{VlmHidden, VlmSample};
-use crate::vision::{clip_layer_forward, VISION_LINEAR_NAMES};
+use crate::models::clip::{clip_layer_forward, VISION_LINEAR_NAMES};
+use crate::models::llama::forward::rows;
+use crate::models::llava::model::{LlavaModel, PROJECTOR_LINEAR_NAMES};
+use crate::models::llava::sample::{VlmHidden, VlmSample};
 
 fn show_grads(
     block: usize,

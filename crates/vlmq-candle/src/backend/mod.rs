@@ -1,0 +1,11 @@
+//! What `vlmq` needs from each model: [`vlmq::QuantizableModel`] (capture,
+//! weights) and [`vlmq::GradientModel`] (the task loss and the block
+//! backward) for the Llama-family decoder and for LLaVA.
+
+#[cfg(test)]
+mod grad_tests;
+pub(crate) mod linear_op;
+pub(crate) mod llama;
+pub(crate) mod llama_backward;
+pub(crate) mod llava;
+pub(crate) mod llava_grad;

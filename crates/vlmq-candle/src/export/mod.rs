@@ -1,0 +1,9 @@
+//! Writing quantized models: GPTQ checkpoints in the model's own HF layout
+//! ([`write_gptq`], [`load_gptq_into`] for the Llama family; [`llava`] for
+//! the LLaVA layout).
+
+mod llama;
+pub mod llava;
+
+pub use llama::{load_gptq_into, write_gptq};
+pub(crate) use llama::{read_checkpoint, write_checkpoint};

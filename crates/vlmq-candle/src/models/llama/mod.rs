@@ -1,0 +1,8 @@
+//! The Llama-family decoder (Llama, SmolLM2, Qwen2): its configuration, its
+//! parameters, its arithmetic (with input capture and the backward's tape)
+//! and the model that holds them.
+
+pub(crate) mod config;
+pub(crate) mod forward;
+pub(crate) mod model;
+pub(crate) mod weights;

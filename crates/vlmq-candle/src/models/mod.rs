@@ -1,0 +1,6 @@
+//! What the networks compute, one architecture per file or folder: the
+//! Llama-family decoder, the CLIP vision tower and LLaVA.
+
+pub(crate) mod clip;
+pub(crate) mod llama;
+pub(crate) mod llava;
