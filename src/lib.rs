@@ -32,8 +32,8 @@ pub use hessian::{HessianAccumulator, LayerStatistics};
 pub use importance::{GradientSaliency, Normalization, SampleSignals, TokenImportance};
 pub use pack::{Checkpoint, CheckpointFormat, CheckpointWriter, PackedLinear};
 pub use pipeline::{
-    quantize_model, DeadLayerFallback, PipelineConfig, PipelineOutput, PipelineReport, Progress,
-    ProgressControl, QuantMethod,
+    quantize_model, quantize_model_streaming, BlockSink, DeadLayerFallback, FinishedBlock,
+    PipelineConfig, PipelineOutput, PipelineReport, Progress, ProgressControl, QuantMethod,
 };
 pub use quant::{quantize_rtn, GridFit, GridParams, QuantizedWeight};
 pub use solver::{solve_layer, LayerSolution, Method, SolveReport};

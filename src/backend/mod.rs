@@ -196,6 +196,18 @@ pub trait QuantizableModel: Sync {
         weight: ArrayView2<'_, f32>,
     ) -> Result<()>;
 
+    /// Called by [`quantize_model_streaming`](crate::quantize_model_streaming)
+    /// (and so by [`quantize_model`](crate::quantize_model)) once `block` is
+    /// final: its layers are solved and written back, the next block's
+    /// inputs are computed and the block sink has its results. The pipeline
+    /// does not run the block again. A backend that materializes a block's
+    /// weights on demand (e.g. from a checkpoint on disk) can release them
+    /// here; the default does nothing.
+    fn release_block(&mut self, block: usize) -> Result<()> {
+        let _ = block;
+        Ok(())
+    }
+
     /// The gradient extension when the backend implements it (return
     /// `Some(self)`); `None` (the default) limits the backend to methods and
     /// importance scorers that need no gradients.

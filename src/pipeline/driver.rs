@@ -12,6 +12,7 @@ use super::plan::RunPlan;
 use super::progress::{Progress, ProgressControl};
 use super::report::{PipelineOutput, PipelineReport};
 use super::saliency::task_loss_saliency;
+use super::sink::{BlockSink, FinishedBlock};
 use super::state::RunState;
 use crate::backend::QuantizableModel;
 use crate::error::{Error, Result};
@@ -49,6 +50,38 @@ pub fn quantize_model<M, C>(
     model: &mut M,
     samples: &[M::Sample],
     cfg: &PipelineConfig,
+    progress: impl FnMut(&Progress) -> C,
+) -> Result<PipelineOutput>
+where
+    M: QuantizableModel,
+    C: ProgressControl,
+{
+    let mut weights = BTreeMap::new();
+    let mut keep = |block: FinishedBlock| -> Result<()> {
+        for (layer, qw) in block.layers {
+            weights.insert((block.index, layer), qw);
+        }
+        Ok(())
+    };
+    let mut out = quantize_model_streaming(model, samples, cfg, &mut keep, progress)?;
+    out.weights = weights;
+    Ok(out)
+}
+
+/// [`quantize_model`] that hands each block to `sink` as soon as it is
+/// final instead of keeping every layer's codes until the end, and then
+/// calls [`QuantizableModel::release_block`] so a backend that materializes
+/// blocks on demand can drop the block's working copy.
+///
+/// The returned [`PipelineOutput::weights`] is empty (the sink received
+/// them); the report is complete. The model's released blocks hold what the
+/// backend's `release_block` leaves (for backends that keep every block
+/// resident: the dequantized weights, as with [`quantize_model`]).
+pub fn quantize_model_streaming<M, C>(
+    model: &mut M,
+    samples: &[M::Sample],
+    cfg: &PipelineConfig,
+    sink: &mut dyn BlockSink,
     mut progress: impl FnMut(&Progress) -> C,
 ) -> Result<PipelineOutput>
 where
@@ -105,7 +138,6 @@ where
         .needs_full_precision_stream()
         .then(|| q_stream.clone());
     let mut layers = Vec::new();
-    let mut weights = BTreeMap::new();
     let mut run = BlockRun {
         samples,
         cfg,
@@ -170,10 +202,19 @@ where
                 st.save_block(b, &saved)?;
             }
         }
+        let mut finished = FinishedBlock {
+            index: b,
+            name: name.to_string(),
+            layers: Vec::with_capacity(saved.len()),
+        };
         for (layer, qw, report) in saved {
-            weights.insert((b, layer), qw);
+            finished.layers.push((layer, qw));
             layers.push(report);
         }
+        sink.block_finished(finished)?;
+        model
+            .release_block(b)
+            .map_err(in_block(b, name, None, None))?;
     }
     Ok(PipelineOutput {
         report: PipelineReport {
@@ -183,7 +224,7 @@ where
             total_seconds: start.elapsed().as_secs_f64(),
             resumed_blocks: resume_from,
         },
-        weights,
+        weights: BTreeMap::new(),
     })
 }
 

@@ -19,16 +19,18 @@ mod progress;
 mod report;
 mod report_json;
 mod saliency;
+mod sink;
 mod state;
 
 pub use config::{
     BlockSelection, DeadLayerFallback, GradientSource, ImportanceOptions, PipelineConfig,
     QuantMethod,
 };
-pub use driver::quantize_model;
+pub use driver::{quantize_model, quantize_model_streaming};
 pub use inputs::{input_statistics, GroupStatistics};
 pub use progress::{Progress, ProgressControl};
 #[allow(deprecated)]
 pub use report::QuantizedModel;
 pub use report::{LayerReport, PipelineOutput, PipelineReport, TraceShares};
 pub use saliency::SaliencyMaps;
+pub use sink::{BlockSink, FinishedBlock};
