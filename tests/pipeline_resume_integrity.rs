@@ -117,3 +117,22 @@ fn a_missing_manifest_with_block_files_left_is_an_error_not_a_restart() {
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
+
+/// A report edited into another valid report (a layer's timing) parses and
+/// would resume silently: only the checksum sees it.
+#[test]
+fn a_valid_but_edited_block_report_is_caught_by_the_checksum() {
+    let dir = saved_state("edited-report");
+    let file = dir.join("block_0.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    json[0]["seconds"] = serde_json::json!(12345.0);
+    std::fs::write(&file, json.to_string()).unwrap();
+    let err = resume(&dir).unwrap_err();
+    assert!(
+        matches!(err.root(), Error::CorruptCheckpoint { .. }),
+        "{err}"
+    );
+    assert_names(&err, "block_0.json");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
