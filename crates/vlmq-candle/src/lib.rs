@@ -32,10 +32,13 @@ mod random;
 pub mod toy;
 
 pub use backend::llama::TextSample;
-pub use load::gguf::{config_from_gguf, hf_name, load_gguf, permute_qk, read_gguf_content};
-pub use load::hf::{load_hf_dir, safetensors_files, save_hf_dir};
+pub use load::gguf::{
+    config_from_gguf, hf_name, load_gguf, load_gguf_with, permute_qk, read_gguf_content,
+};
+pub use load::hf::{load_hf_dir, load_hf_dir_with, safetensors_files, save_hf_dir};
 pub use load::llava::load_llava_dir;
-pub use load::load_model;
+pub use load::options::{device_from_name, dtype_from_name, LoadOptions, Residency};
+pub use load::{load_model, load_model_with};
 pub use models::clip::{
     ClipLayerWeights, ClipVisionConfig, LayerNorm, VisionWeights, VISION_LINEAR_NAMES,
 };

@@ -16,7 +16,7 @@ use crate::backend::llama_backward::layer_backward;
 use crate::error::CandleResultExt;
 use crate::models::llama::forward::{rows, Hooks};
 use crate::models::llama::model::LlamaModel;
-use crate::models::llama::weights::LINEAR_NAMES;
+use crate::models::llama::weights::{expected_linear, LINEAR_NAMES};
 
 /// One calibration sample: token ids and which tokens are prediction
 /// targets (`targets[t]`: the prediction of token `t` from tokens `< t`
@@ -76,14 +76,6 @@ impl LlamaModel {
         Ok(())
     }
 
-    fn layer_weights(&self, block: usize) -> Result<&crate::models::llama::weights::LayerWeights> {
-        self.weights().layers.get(block).ok_or(Error::Backend {
-            block,
-            layer: None,
-            reason: format!("the model has {} layers", self.config().num_layers),
-        })
-    }
-
     /// Gradient pass of layer `block`: returns dL/d input for
     /// `L = sum(output * grad_output)` and shows dL/d every linear output.
     pub(crate) fn layer_backward(
@@ -99,7 +91,7 @@ impl LlamaModel {
         self.check_hidden("block output gradient", grad_output, sample)?;
         let l = self.layer_weights(block)?;
         let pos = self.positional(sample.tokens.len())?;
-        let grads = layer_backward(self.config(), l, input, &pos, grad_output).in_block(block)?;
+        let grads = layer_backward(self.config(), &l, input, &pos, grad_output).in_block(block)?;
         if let Some(sink) = sink {
             for (name, g) in LINEAR_NAMES.iter().zip(&grads.linear_outputs) {
                 let r = rows(g).in_block(block)?;
@@ -123,12 +115,13 @@ impl QuantizableModel for LlamaModel {
     }
 
     fn linear_groups(&self, block: usize) -> Vec<Vec<LinearInfo>> {
-        let Some(l) = self.weights().layers.get(block) else {
+        if block >= self.config().num_layers {
             return Vec::new();
-        };
+        }
+        // The shapes the loader checked every layer against.
         let info = |i: usize| {
-            let d = l.linears[i].weight.dims();
-            LinearInfo::new(LINEAR_NAMES[i], d[1], d[0])
+            let [o, n] = expected_linear(self.config(), LINEAR_NAMES[i]);
+            LinearInfo::new(LINEAR_NAMES[i], n, o)
         };
         vec![
             vec![info(0), info(1), info(2)],
@@ -166,6 +159,15 @@ impl QuantizableModel for LlamaModel {
         self.layer(block, input, &pos, &mut hooks)
     }
 
+    /// A model loaded with [`Residency::Disk`](crate::Residency::Disk) drops
+    /// its copy of the block: a quantized block cannot be run again (its
+    /// weights went to the pipeline's output), an untouched one is read
+    /// again from disk when asked for.
+    fn release_block(&mut self, block: usize) -> Result<()> {
+        self.release_layer(block);
+        Ok(())
+    }
+
     fn gradients(&self) -> Option<&dyn GradientModel<Sample = TextSample, Hidden = Tensor>> {
         Some(self)
     }
@@ -185,16 +187,7 @@ impl QuantizableModel for LlamaModel {
     ) -> Result<()> {
         let dtype = self.dtype();
         let dev = self.device().clone();
-        let nl = self.config().num_layers;
-        let l = self
-            .weights_mut()
-            .layers
-            .get_mut(block)
-            .ok_or(Error::Backend {
-                block,
-                layer: None,
-                reason: format!("the model has {nl} layers"),
-            })?;
+        let l = self.layer_weights_mut(block)?;
         let lin = l.linear_mut(layer).ok_or_else(|| unknown(block, layer))?;
         lin.replace_weight(block, layer, weight, dtype, &dev)
     }

@@ -5,15 +5,17 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
 use crate::error::file;
+use crate::load::options::{LoadOptions, Residency};
 use crate::models::llama::config::{Architecture, LlamaConfig};
 use crate::models::llama::model::LlamaModel;
+use crate::models::llama::store::{LayerSource, StreamedLayers};
 use crate::models::llama::weights::{ModelWeights, TensorSource};
 
 /// HF name of a GGUF tensor name (`None` for tensors the decoder does not use).
@@ -152,25 +154,29 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> Result<LlamaConfig> {
     Ok(cfg)
 }
 
-struct GgufSource<'a> {
-    content: &'a Content,
+/// A GGUF file's tensors by HF name: each read (and dequantized) when asked
+/// for, so a model can keep its layers in the file until it needs them.
+struct GgufSource {
+    content: Content,
     reader: BufReader<File>,
     by_hf: HashMap<String, String>,
-    path: &'a Path,
-    device: &'a Device,
-    cfg: &'a LlamaConfig,
+    path: PathBuf,
+    device: Device,
+    cfg: LlamaConfig,
 }
 
-impl TensorSource for GgufSource<'_> {
+impl TensorSource for GgufSource {
     fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
         let Some(g) = self.by_hf.get(name) else {
             return Ok(None);
         };
         let q = self
             .content
-            .tensor(&mut self.reader, g, self.device)
-            .map_err(|e| file(self.path, format!("tensor {g:?}: {e}")))?;
-        let mut t = q.dequantize(self.device).map_err(|e| file(self.path, e))?;
+            .tensor(&mut self.reader, g, &self.device)
+            .map_err(|e| file(&self.path, format!("tensor {g:?}: {e}")))?;
+        let mut t = q
+            .dequantize(&self.device)
+            .map_err(|e| file(&self.path, e))?;
         if self.cfg.arch == Architecture::Llama {
             let heads = if name.contains("self_attn.q_proj") {
                 Some(self.cfg.num_heads)
@@ -180,17 +186,17 @@ impl TensorSource for GgufSource<'_> {
                 None
             };
             if let Some(h) = heads {
-                if t.dim(0).map_err(|e| file(self.path, e))? % (2 * h) != 0 {
+                if t.dim(0).map_err(|e| file(&self.path, e))? % (2 * h) != 0 {
                     return Err(Error::shape(
                         format!("rows of {g:?} (per head pairs)"),
                         &[2 * h],
                         t.dims(),
                     ));
                 }
-                t = permute_qk(&t, h, true).map_err(|e| file(self.path, e))?;
+                t = permute_qk(&t, h, true).map_err(|e| file(&self.path, e))?;
             }
         }
-        t.to_dtype(dtype).map(Some).map_err(|e| file(self.path, e))
+        t.to_dtype(dtype).map(Some).map_err(|e| file(&self.path, e))
     }
 }
 
@@ -202,6 +208,16 @@ pub fn read_gguf_content(path: &Path) -> Result<Content> {
 
 /// Loads a Llama-family model from a GGUF file, every tensor dequantized to `dtype`.
 pub fn load_gguf(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<LlamaModel> {
+    let opts = LoadOptions::default()
+        .with_dtype(dtype)
+        .with_device(device.clone());
+    load_gguf_with(path, &opts)
+}
+
+/// Loads a Llama-family model from a GGUF file with `opts`: with
+/// [`Residency::Disk`] the decoder layers stay quantized in the file and
+/// are dequantized one block at a time when the model runs it.
+pub fn load_gguf_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<LlamaModel> {
     let path = path.as_ref();
     let content = read_gguf_content(path)?;
     let cfg = config_from_gguf(&content, path)?;
@@ -212,13 +228,23 @@ pub fn load_gguf(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Resul
         .collect();
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut src = GgufSource {
-        content: &content,
+        content,
         reader: BufReader::new(f),
         by_hf,
-        path,
-        device,
-        cfg: &cfg,
+        path: path.to_path_buf(),
+        device: opts.device.clone(),
+        cfg: cfg.clone(),
     };
-    let weights = ModelWeights::assemble(&cfg, &mut src, dtype)?;
-    LlamaModel::new(cfg, weights)
+    match opts.residency {
+        Residency::Memory => {
+            let weights = ModelWeights::assemble(&cfg, &mut src, opts.dtype)?;
+            LlamaModel::new(cfg, weights)
+        }
+        Residency::Disk => {
+            let outer = ModelWeights::assemble_outer(&cfg, &mut src, |_| opts.dtype)?;
+            let layers =
+                StreamedLayers::new(LayerSource::new(cfg.clone(), opts.dtype, Box::new(src)));
+            LlamaModel::streamed(cfg, outer, layers)
+        }
+    }
 }

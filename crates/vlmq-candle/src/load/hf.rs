@@ -10,8 +10,11 @@ use serde_json::Value;
 use vlmq::{Error, Result};
 
 use crate::error::file;
+use crate::load::disk::DiskTensors;
+use crate::load::options::{LoadOptions, Residency};
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::model::LlamaModel;
+use crate::models::llama::store::{LayerSource, StreamedLayers};
 use crate::models::llama::weights::{ModelWeights, TensorSource};
 
 /// Reads and parses a JSON file (a missing file is an [`Error::Io`]).
@@ -101,12 +104,45 @@ impl TensorSource for NamedTensors {
 
 /// Loads a Llama-family model from an HF directory, computing in `dtype`.
 pub fn load_hf_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<LlamaModel> {
+    let opts = LoadOptions::default()
+        .with_dtype(dtype)
+        .with_device(device.clone());
+    load_hf_dir_with(dir, &opts)
+}
+
+/// Loads a Llama-family model from an HF directory with `opts`: with
+/// [`Residency::Disk`] only the shards' headers are read at load time, the
+/// embedding and a separate head are read in their stored dtype, and each
+/// decoder layer is read and converted to `opts.dtype` when the model runs it.
+pub fn load_hf_dir_with(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<LlamaModel> {
     let dir = dir.as_ref();
     let cfg_path = dir.join("config.json");
     let cfg = LlamaConfig::from_hf_json(&read_json(&cfg_path)?, &cfg_path)?;
-    let mut src = NamedTensors::read_dir(dir, device)?;
-    let weights = ModelWeights::assemble(&cfg, &mut src, dtype)?;
-    LlamaModel::new(cfg, weights)
+    match opts.residency {
+        Residency::Memory => {
+            let mut src = NamedTensors::read_dir(dir, &opts.device)?;
+            let weights = ModelWeights::assemble(&cfg, &mut src, opts.dtype)?;
+            LlamaModel::new(cfg, weights)
+        }
+        Residency::Disk => {
+            let mut src = DiskTensors::open(dir, &opts.device)?;
+            // The final norm computes with the layers' output: compute dtype.
+            let stored = |name: &str| match src.dtype(name) {
+                Some(d) if name != "model.norm.weight" => d,
+                _ => opts.dtype,
+            };
+            let dtypes: HashMap<String, DType> = ["model.embed_tokens.weight", "lm_head.weight"]
+                .iter()
+                .map(|n| (n.to_string(), stored(n)))
+                .collect();
+            let outer = ModelWeights::assemble_outer(&cfg, &mut src, |n| {
+                dtypes.get(n).copied().unwrap_or(opts.dtype)
+            })?;
+            let layers =
+                StreamedLayers::new(LayerSource::new(cfg.clone(), opts.dtype, Box::new(src)));
+            LlamaModel::streamed(cfg, outer, layers)
+        }
+    }
 }
 
 /// Writes `model` as an HF directory (`config.json` and one f32

@@ -1,8 +1,10 @@
 //! One entry point for a model and its tokenizer, whatever the format.
 
+pub(crate) mod disk;
 pub(crate) mod gguf;
 pub(crate) mod hf;
 pub(crate) mod llava;
+pub(crate) mod options;
 
 use std::path::Path;
 
@@ -10,8 +12,9 @@ use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 use vlmq::Result;
 
-use crate::load::gguf::{load_gguf, read_gguf_content};
-use crate::load::hf::load_hf_dir;
+use crate::load::gguf::{load_gguf_with, read_gguf_content};
+use crate::load::hf::load_hf_dir_with;
+use crate::load::options::LoadOptions;
 use crate::models::llama::model::LlamaModel;
 use crate::process::tokenizer::{tokenizer_from_file, tokenizer_from_gguf};
 
@@ -23,16 +26,28 @@ pub fn load_model(
     dtype: DType,
     device: &Device,
 ) -> Result<(LlamaModel, Tokenizer)> {
+    let opts = LoadOptions::default()
+        .with_dtype(dtype)
+        .with_device(device.clone());
+    load_model_with(path, &opts)
+}
+
+/// [`load_model`] with every loader setting: device, compute dtype and
+/// where the decoder layers live ([`Residency`](crate::Residency)).
+pub fn load_model_with(
+    path: impl AsRef<Path>,
+    opts: &LoadOptions,
+) -> Result<(LlamaModel, Tokenizer)> {
     let path = path.as_ref();
     if path.extension().is_some_and(|e| e == "gguf") {
         let content = read_gguf_content(path)?;
         Ok((
-            load_gguf(path, dtype, device)?,
+            load_gguf_with(path, opts)?,
             tokenizer_from_gguf(&content, path)?,
         ))
     } else {
         Ok((
-            load_hf_dir(path, dtype, device)?,
+            load_hf_dir_with(path, opts)?,
             tokenizer_from_file(path.join("tokenizer.json"))?,
         ))
     }

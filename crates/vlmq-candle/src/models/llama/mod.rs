@@ -5,4 +5,5 @@
 pub(crate) mod config;
 pub(crate) mod forward;
 pub(crate) mod model;
+pub(crate) mod store;
 pub(crate) mod weights;

@@ -1,5 +1,7 @@
 //! [`LlamaModel`]: a Llama-family decoder held as candle tensors.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use vlmq::{Error, Result};
 
@@ -7,13 +9,18 @@ use crate::backend::linear_op::matmul_weight_t;
 use crate::error::CandleResultExt;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::forward::{layer_forward, rms_norm, Hooks, Positional};
-use crate::models::llama::weights::ModelWeights;
+use crate::models::llama::store::StreamedLayers;
+use crate::models::llama::weights::{LayerWeights, ModelWeights};
 
 /// Target rows that go through the head together in the loss's backward
 /// pass (a `[HEAD_ROWS, vocab]` block of logits at a time).
 const HEAD_ROWS: usize = 64;
 
 /// A decoder: configuration, parameters, device and compute dtype.
+///
+/// Its decoder layers are either all in memory ([`weights`](Self::weights))
+/// or, for a model loaded with [`Residency::Disk`](crate::Residency::Disk),
+/// read from the checkpoint one at a time (then `weights().layers` is empty).
 ///
 /// Cloning is cheap (tensors are shared); replacing a weight in one clone
 /// never changes another.
@@ -22,6 +29,25 @@ pub struct LlamaModel {
     cfg: LlamaConfig,
     weights: ModelWeights,
     device: Device,
+    dtype: DType,
+    streamed: Option<StreamedLayers>,
+}
+
+/// A decoder layer borrowed from a resident model or shared with a streamed
+/// model's cache.
+pub(crate) enum LayerRef<'a> {
+    Resident(&'a LayerWeights),
+    Streamed(Arc<LayerWeights>),
+}
+
+impl std::ops::Deref for LayerRef<'_> {
+    type Target = LayerWeights;
+    fn deref(&self) -> &LayerWeights {
+        match self {
+            LayerRef::Resident(l) => l,
+            LayerRef::Streamed(l) => l,
+        }
+    }
 }
 
 impl LlamaModel {
@@ -33,11 +59,76 @@ impl LlamaModel {
             reason: "the decoder's sizes must be consistent",
         })?;
         let device = weights.embed.device().clone();
+        let dtype = weights.embed.dtype();
         Ok(LlamaModel {
             cfg,
             weights,
             device,
+            dtype,
+            streamed: None,
         })
+    }
+
+    /// A model whose decoder layers come from `layers` on demand; `outer`
+    /// holds the embedding, final norm and head and no layer.
+    pub(crate) fn streamed(
+        cfg: LlamaConfig,
+        outer: ModelWeights,
+        layers: StreamedLayers,
+    ) -> Result<Self> {
+        let mut m = Self::new(cfg, outer)?;
+        m.dtype = layers.dtype();
+        m.streamed = Some(layers);
+        Ok(m)
+    }
+
+    /// Decoder layer `i` (read from disk for a streamed model).
+    pub(crate) fn layer_weights(&self, i: usize) -> Result<LayerRef<'_>> {
+        if i >= self.cfg.num_layers {
+            return Err(Error::Backend {
+                block: i,
+                layer: None,
+                reason: format!("the model has {} layers", self.cfg.num_layers),
+            });
+        }
+        match &self.streamed {
+            Some(s) => s.layer(i).map(LayerRef::Streamed),
+            None => self
+                .weights
+                .layers
+                .get(i)
+                .map(LayerRef::Resident)
+                .ok_or_else(|| Error::Backend {
+                    block: i,
+                    layer: None,
+                    reason: format!("the model holds {} layers", self.weights.layers.len()),
+                }),
+        }
+    }
+
+    /// Decoder layer `i` for writing (kept resident until released).
+    pub(crate) fn layer_weights_mut(&mut self, i: usize) -> Result<&mut LayerWeights> {
+        let n = self.cfg.num_layers;
+        let missing = || Error::Backend {
+            block: i,
+            layer: None,
+            reason: format!("the model has {n} layers"),
+        };
+        if i >= n {
+            return Err(missing());
+        }
+        match &mut self.streamed {
+            Some(s) => s.layer_mut(i),
+            None => self.weights.layers.get_mut(i).ok_or_else(missing),
+        }
+    }
+
+    /// Drops a streamed model's copies of layer `i` (see
+    /// [`StreamedLayers::release`]); nothing for a resident model.
+    pub(crate) fn release_layer(&mut self, i: usize) {
+        if let Some(s) = &mut self.streamed {
+            s.release(i);
+        }
     }
 
     /// The configuration.
@@ -56,9 +147,15 @@ impl LlamaModel {
         &mut self.weights
     }
 
-    /// The compute dtype (that of the embedding).
+    /// The compute dtype (that of the layers; a streamed model's embedding
+    /// and head may be stored in another).
     pub fn dtype(&self) -> DType {
-        self.weights.embed.dtype()
+        self.dtype
+    }
+
+    /// Whether the decoder layers are read from disk on demand.
+    pub fn is_streamed(&self) -> bool {
+        self.streamed.is_some()
     }
 
     /// The device.
@@ -68,6 +165,12 @@ impl LlamaModel {
 
     /// A copy with every parameter converted to `dtype` (e.g. F64 for gradient checks).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        if self.streamed.is_some() {
+            return Err(Error::Unsupported {
+                what: "converting a model whose layers stay on disk".into(),
+                remedy: "load it with the wanted dtype instead".into(),
+            });
+        }
         let c = |t: &Tensor| t.to_dtype(dtype).at_model();
         let mut w = self.weights.clone();
         w.embed = c(&w.embed)?;
@@ -89,6 +192,8 @@ impl LlamaModel {
             cfg: self.cfg.clone(),
             weights: w,
             device: self.device.clone(),
+            dtype,
+            streamed: None,
         })
     }
 
@@ -123,6 +228,7 @@ impl LlamaModel {
         self.weights
             .embed
             .index_select(&ids, 0)
+            .and_then(|e| e.to_dtype(self.dtype))
             .and_then(|e| e.reshape((b, t, self.cfg.hidden_size)))
             .at_model()
     }
@@ -140,21 +246,24 @@ impl LlamaModel {
         pos: &Positional,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
-        let l = self.weights.layers.get(i).ok_or(Error::Backend {
-            block: i,
-            layer: None,
-            reason: format!("the model has {} layers", self.cfg.num_layers),
-        })?;
-        layer_forward(&self.cfg, l, x, pos, hooks).in_block(i)
+        let l = self.layer_weights(i)?;
+        layer_forward(&self.cfg, &l, x, pos, hooks).in_block(i)
+    }
+
+    /// The LM head (the embedding when tied) in the compute dtype: a
+    /// converted copy when it is stored in another dtype.
+    fn head(&self) -> candle_core::Result<Tensor> {
+        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        head.to_dtype(self.dtype)
     }
 
     /// Final norm then LM head: logits `[B, T, vocab]` from the last layer's output.
     pub fn head_logits(&self, h: &Tensor, differentiable: bool) -> Result<Tensor> {
-        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
         let run = || -> candle_core::Result<Tensor> {
+            let head = self.head()?;
             let (b, t, d) = h.dims3()?;
             let n = rms_norm(h, &self.weights.norm, self.cfg.rms_eps, differentiable)?;
-            matmul_weight_t(&n.reshape((b * t, d))?, head)?.reshape((b, t, self.cfg.vocab_size))
+            matmul_weight_t(&n.reshape((b * t, d))?, &head)?.reshape((b, t, self.cfg.vocab_size))
         };
         run().at_model()
     }
@@ -189,8 +298,7 @@ impl LlamaModel {
             self.cfg.rms_eps,
             true,
         )?;
-        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        let logits = matmul_weight_t(&normed.squeeze(0)?, head)?;
+        let logits = matmul_weight_t(&normed.squeeze(0)?, &self.head()?)?;
         let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let next = Tensor::from_vec(next.to_vec(), (next.len(), 1), &self.device)?;
         let picked = lp.gather(&next, 1)?.squeeze(1)?;

@@ -117,7 +117,7 @@ pub struct ModelWeights {
 }
 
 /// Expected `[out, in]` (or `[n]`) shape of every parameter of layer `i`.
-fn expected_linear(cfg: &LlamaConfig, name: &str) -> [usize; 2] {
+pub(crate) fn expected_linear(cfg: &LlamaConfig, name: &str) -> [usize; 2] {
     let (d, f, q, kv) = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -156,6 +156,51 @@ pub(crate) fn required(src: &mut dyn TensorSource, name: &str, dtype: DType) -> 
     })
 }
 
+/// Assembles and shape-checks decoder layer `i` from `src` in `dtype`.
+pub(crate) fn assemble_layer(
+    cfg: &LlamaConfig,
+    i: usize,
+    src: &mut dyn TensorSource,
+    dtype: DType,
+) -> Result<LayerWeights> {
+    let d = cfg.hidden_size;
+    let p = format!("model.layers.{i}.");
+    let mut norm = |n: &str| -> Result<Tensor> {
+        let name = format!("{p}{n}.weight");
+        let t = required(src, &name, dtype)?;
+        check(&name, &t, &[d])?;
+        Ok(t)
+    };
+    let input_norm = norm("input_layernorm")?;
+    let post_norm = norm("post_attention_layernorm")?;
+    let mut lin = Vec::with_capacity(7);
+    for ln in LINEAR_NAMES {
+        let shape = expected_linear(cfg, ln);
+        let wname = format!("{p}{ln}.weight");
+        let weight = required(src, &wname, dtype)?;
+        check(&wname, &weight, &shape)?;
+        let bname = format!("{p}{ln}.bias");
+        let is_qkv = matches!(
+            ln,
+            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+        );
+        let bias = if cfg.qkv_bias && is_qkv {
+            let b = required(src, &bname, dtype)?;
+            check(&bname, &b, &shape[..1])?;
+            Some(b)
+        } else {
+            None
+        };
+        lin.push(Linear { weight, bias });
+    }
+    let linears: [Linear; 7] = lin.try_into().expect("seven linears");
+    Ok(LayerWeights {
+        input_norm,
+        post_norm,
+        linears,
+    })
+}
+
 impl ModelWeights {
     /// Assembles and shape-checks every parameter from `src`.
     pub(crate) fn assemble(
@@ -163,59 +208,36 @@ impl ModelWeights {
         src: &mut dyn TensorSource,
         dtype: DType,
     ) -> Result<Self> {
+        let mut w = Self::assemble_outer(cfg, src, |_| dtype)?;
+        w.layers = (0..cfg.num_layers)
+            .map(|i| assemble_layer(cfg, i, src, dtype))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(w)
+    }
+
+    /// The embedding, final norm and head (in the dtype `dtype_of` picks for
+    /// each name) without any decoder layer.
+    pub(crate) fn assemble_outer(
+        cfg: &LlamaConfig,
+        src: &mut dyn TensorSource,
+        dtype_of: impl Fn(&str) -> DType,
+    ) -> Result<Self> {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = required(src, "model.embed_tokens.weight", dtype)?;
-        check("model.embed_tokens.weight", &embed, &[v, d])?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}.");
-            let mut norm = |n: &str| -> Result<Tensor> {
-                let name = format!("{p}{n}.weight");
-                let t = required(src, &name, dtype)?;
-                check(&name, &t, &[d])?;
-                Ok(t)
-            };
-            let input_norm = norm("input_layernorm")?;
-            let post_norm = norm("post_attention_layernorm")?;
-            let mut lin = Vec::with_capacity(7);
-            for ln in LINEAR_NAMES {
-                let shape = expected_linear(cfg, ln);
-                let wname = format!("{p}{ln}.weight");
-                let weight = required(src, &wname, dtype)?;
-                check(&wname, &weight, &shape)?;
-                let bname = format!("{p}{ln}.bias");
-                let is_qkv = matches!(
-                    ln,
-                    "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
-                );
-                let bias = if cfg.qkv_bias && is_qkv {
-                    let b = required(src, &bname, dtype)?;
-                    check(&bname, &b, &shape[..1])?;
-                    Some(b)
-                } else {
-                    None
-                };
-                lin.push(Linear { weight, bias });
-            }
-            let linears: [Linear; 7] = lin.try_into().expect("seven linears");
-            layers.push(LayerWeights {
-                input_norm,
-                post_norm,
-                linears,
-            });
-        }
-        let norm = required(src, "model.norm.weight", dtype)?;
-        check("model.norm.weight", &norm, &[d])?;
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = required(src, name, dtype_of(name))?;
+            check(name, &t, shape)?;
+            Ok(t)
+        };
+        let embed = get("model.embed_tokens.weight", &[v, d])?;
+        let norm = get("model.norm.weight", &[d])?;
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            let t = required(src, "lm_head.weight", dtype)?;
-            check("lm_head.weight", &t, &[v, d])?;
-            Some(t)
+            Some(get("lm_head.weight", &[v, d])?)
         };
         Ok(ModelWeights {
             embed,
-            layers,
+            layers: Vec::new(),
             norm,
             lm_head,
         })

@@ -1,0 +1,178 @@
+//! Safetensors tensors read from disk when asked for: each shard's header is
+//! parsed once at open time, and a tensor's bytes are read (one positioned
+//! read) only when the model needs that tensor.
+//!
+//! The files are read rather than memory-mapped on purpose: the pages of a
+//! mapping count towards the resident set for as long as the mapping lives,
+//! so a mapped checkpoint's RSS grows with every block the run has touched,
+//! while bytes read into a buffer are freed with the tensor built from them.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use vlmq::{Error, Result};
+
+use crate::error::file;
+use crate::load::hf::safetensors_files;
+use crate::models::llama::weights::TensorSource;
+
+/// Largest header a shard may declare (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: u64,
+    len: usize,
+}
+
+/// Every tensor of a directory's safetensors shards, by name, left on disk.
+#[derive(Debug)]
+pub(crate) struct DiskTensors {
+    files: Vec<PathBuf>,
+    entries: HashMap<String, Entry>,
+    device: Device,
+}
+
+fn dtype_of(code: &str) -> Option<DType> {
+    match code {
+        "F32" => Some(DType::F32),
+        "F16" => Some(DType::F16),
+        "BF16" => Some(DType::BF16),
+        "F64" => Some(DType::F64),
+        _ => None,
+    }
+}
+
+/// Parses one shard's header into `entries` (the shard is `files[index]`).
+fn read_header(path: &Path, index: usize, entries: &mut HashMap<String, Entry>) -> Result<()> {
+    let bad = |reason: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || 8 + n > size {
+        return Err(bad(format!("header length {n} in a file of {size} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let header: Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let map = header
+        .as_object()
+        .ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let data_start = 8 + n;
+    for (name, info) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let field = |key: &str| {
+            info.get(key)
+                .ok_or_else(|| bad(format!("tensor {name:?} has no {key}")))
+        };
+        let code = field("dtype")?.as_str().unwrap_or_default();
+        let dtype = dtype_of(code).ok_or_else(|| Error::DtypeMismatch {
+            name: name.clone(),
+            expected: "F32, F16, BF16 or F64".into(),
+            actual: code.to_string(),
+        })?;
+        let shape: Vec<usize> = field("shape")?
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_u64())
+                    .map(|d| d as usize)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let offsets: Vec<u64> = field("data_offsets")?
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let [a, b] = offsets[..] else {
+            return Err(bad(format!(
+                "data_offsets of {name:?} are not two integers"
+            )));
+        };
+        let want = shape
+            .iter()
+            .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d));
+        if b < a || want != Some((b - a) as usize) || data_start + b > size {
+            return Err(bad(format!(
+                "tensor {name:?}: bytes [{a}, {b}) do not hold {code} {shape:?} inside the file"
+            )));
+        }
+        let entry = Entry {
+            file: index,
+            dtype,
+            shape,
+            start: data_start + a,
+            len: (b - a) as usize,
+        };
+        if entries.insert(name.clone(), entry).is_some() {
+            return Err(bad(format!(
+                "tensor {name:?} appears in more than one shard"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl DiskTensors {
+    /// Reads the headers of a directory's shards (those named by
+    /// `model.safetensors.index.json`, or `model.safetensors`).
+    pub(crate) fn open(dir: &Path, device: &Device) -> Result<Self> {
+        let files = safetensors_files(dir)?;
+        let mut entries = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            read_header(f, i, &mut entries)?;
+        }
+        Ok(DiskTensors {
+            files,
+            entries,
+            device: device.clone(),
+        })
+    }
+
+    /// The stored dtype of `name`, when present.
+    pub(crate) fn dtype(&self, name: &str) -> Option<DType> {
+        self.entries.get(name).map(|e| e.dtype)
+    }
+
+    /// Reads `name` in its stored dtype; `Ok(None)` when absent.
+    pub(crate) fn read(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(e) = self.entries.get(name) else {
+            return Ok(None);
+        };
+        let path = &self.files[e.file];
+        let mut bytes = vec![0u8; e.len];
+        let mut f = File::open(path).map_err(|err| Error::io(path, err))?;
+        f.seek(SeekFrom::Start(e.start))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .map_err(|err| Error::io(path, err))?;
+        Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, &self.device)
+            .map(Some)
+            .map_err(|err| file(path, format!("tensor {name:?}: {err}")))
+    }
+}
+
+impl TensorSource for DiskTensors {
+    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
+        let Some(t) = self.read(name)? else {
+            return Ok(None);
+        };
+        let path = &self.files[self.entries[name].file];
+        t.to_dtype(dtype).map(Some).map_err(|e| file(path, e))
+    }
+}

@@ -1,0 +1,150 @@
+//! Decoder layers kept in their source (on disk) and materialized one at a
+//! time in the compute dtype: what lets a model larger than memory be
+//! quantized block by block.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use candle_core::DType;
+use vlmq::{Error, Result};
+
+use super::config::LlamaConfig;
+use super::weights::{assemble_layer, LayerWeights, TensorSource};
+
+/// A source of decoder layers: any [`TensorSource`] (a checkpoint on disk)
+/// behind a lock, assembling one layer at a time.
+pub(crate) struct LayerSource {
+    cfg: LlamaConfig,
+    dtype: DType,
+    source: Mutex<Box<dyn TensorSource + Send>>,
+}
+
+impl std::fmt::Debug for LayerSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerSource")
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LayerSource {
+    /// Layers of `cfg` read from `source` and converted to `dtype`.
+    pub(crate) fn new(
+        cfg: LlamaConfig,
+        dtype: DType,
+        source: Box<dyn TensorSource + Send>,
+    ) -> Self {
+        LayerSource {
+            cfg,
+            dtype,
+            source: Mutex::new(source),
+        }
+    }
+
+    /// Layer `i` read from the source, shape-checked, in the compute dtype.
+    fn materialize(&self, i: usize) -> Result<LayerWeights> {
+        let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        assemble_layer(&self.cfg, i, &mut **src, self.dtype)
+    }
+}
+
+/// The layers of a streamed model: the source, the one layer materialized
+/// for reading, the layers whose weights were replaced (resident until
+/// released) and the released ones.
+#[derive(Debug)]
+pub(crate) struct StreamedLayers {
+    source: Arc<LayerSource>,
+    current: Mutex<Option<(usize, Arc<LayerWeights>)>>,
+    modified: BTreeMap<usize, Arc<LayerWeights>>,
+    released: BTreeSet<usize>,
+}
+
+impl Clone for StreamedLayers {
+    fn clone(&self) -> Self {
+        StreamedLayers {
+            source: self.source.clone(),
+            current: Mutex::new(self.lock_current().clone()),
+            modified: self.modified.clone(),
+            released: self.released.clone(),
+        }
+    }
+}
+
+impl StreamedLayers {
+    /// Nothing materialized yet.
+    pub(crate) fn new(source: LayerSource) -> Self {
+        StreamedLayers {
+            source: Arc::new(source),
+            current: Mutex::new(None),
+            modified: BTreeMap::new(),
+            released: BTreeSet::new(),
+        }
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<(usize, Arc<LayerWeights>)>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_live(&self, i: usize) -> Result<()> {
+        if self.released.contains(&i) {
+            return Err(Error::Backend {
+                block: i,
+                layer: None,
+                reason: "this layer was quantized and released (its weights are in the \
+                         pipeline's output, no longer in the model)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Layer `i`: its replaced weights when it has some, otherwise the
+    /// materialized copy (read from the source when it is not the layer
+    /// held now; the previous one is dropped). Callers on several threads
+    /// asking for the same layer share one read.
+    pub(crate) fn layer(&self, i: usize) -> Result<Arc<LayerWeights>> {
+        self.check_live(i)?;
+        if let Some(l) = self.modified.get(&i) {
+            return Ok(l.clone());
+        }
+        let mut current = self.lock_current();
+        if let Some((j, l)) = current.as_ref() {
+            if *j == i {
+                return Ok(l.clone());
+            }
+        }
+        *current = None; // drop the old layer before reading the new one
+        let l = Arc::new(self.source.materialize(i)?);
+        *current = Some((i, l.clone()));
+        Ok(l)
+    }
+
+    /// Layer `i` for writing: kept resident until [`release`](Self::release).
+    pub(crate) fn layer_mut(&mut self, i: usize) -> Result<&mut LayerWeights> {
+        if !self.modified.contains_key(&i) {
+            let l = self.layer(i)?;
+            self.modified.insert(i, l);
+        }
+        let l = self.modified.get_mut(&i).expect("inserted above");
+        Ok(Arc::make_mut(l))
+    }
+
+    /// Drops layer `i`'s copies. A layer whose weights were replaced cannot
+    /// be read again (the source holds the old values); an untouched one is
+    /// read again from the source when asked for.
+    pub(crate) fn release(&mut self, i: usize) {
+        let mut current = self.lock_current();
+        if current.as_ref().is_some_and(|(j, _)| *j == i) {
+            *current = None;
+        }
+        drop(current);
+        if self.modified.remove(&i).is_some() {
+            self.released.insert(i);
+        }
+    }
+
+    /// The compute dtype of materialized layers.
+    pub(crate) fn dtype(&self) -> DType {
+        self.source.dtype
+    }
+}

@@ -1,0 +1,182 @@
+//! A model loaded with `Residency::Disk` from a sharded bf16 checkpoint
+//! quantizes to the same codes as the same values loaded into memory in
+//! f32, with its layers read one at a time and each quantized block
+//! released after the pipeline hands it to the sink.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use vlmq::{
+    quantize_model, quantize_model_streaming, Bits, FinishedBlock, GptqConfig, GroupSize,
+    PipelineConfig, QuantMethod, QuantScheme, QuantizableModel, QuantizedWeight, Result,
+};
+use vlmq_candle::candle_core::{safetensors, DType, Device, Tensor};
+use vlmq_candle::{
+    load_hf_dir, load_hf_dir_with, random_model, save_hf_dir, Architecture, LlamaConfig,
+    LoadOptions, Residency, TextSample,
+};
+
+fn cfg(arch: Architecture) -> LlamaConfig {
+    LlamaConfig {
+        arch,
+        vocab_size: 300,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rope_theta: 1e4,
+        rms_eps: 1e-5,
+        tie_embeddings: arch == Architecture::Llama,
+        qkv_bias: arch == Architecture::Qwen2,
+    }
+}
+
+fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vlmq-disk-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Writes a random model twice with the same values: `f32/` as one f32
+/// file, `bf16/` as two bf16 shards plus an index (the values are bf16
+/// numbers to begin with, so both hold exactly the same weights).
+fn checkpoints(arch: Architecture, root: &Path) -> (PathBuf, PathBuf) {
+    let model = random_model(&cfg(arch), 7, DType::F32).unwrap();
+    let rounded = model
+        .to_dtype(DType::BF16)
+        .and_then(|m| m.to_dtype(DType::F32))
+        .unwrap();
+    let (f32_dir, bf16_dir) = (root.join("f32"), root.join("bf16"));
+    save_hf_dir(&rounded, &f32_dir).unwrap();
+    save_hf_dir(&rounded, &bf16_dir).unwrap();
+    let st = bf16_dir.join("model.safetensors");
+    let all = safetensors::load(&st, &Device::Cpu).unwrap();
+    std::fs::remove_file(&st).unwrap();
+    let mut parts: [HashMap<String, Tensor>; 2] = [HashMap::new(), HashMap::new()];
+    let mut map = BTreeMap::new();
+    for (i, (k, v)) in all.into_iter().enumerate() {
+        let f = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        map.insert(k.clone(), serde_json::Value::String(f));
+        parts[i % 2].insert(k, v.to_dtype(DType::BF16).unwrap());
+    }
+    for (i, p) in parts.iter().enumerate() {
+        let f = bf16_dir.join(format!("model-0000{}-of-00002.safetensors", i + 1));
+        safetensors::save(p, f).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        bf16_dir.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    (f32_dir, bf16_dir)
+}
+
+fn samples() -> Vec<TextSample> {
+    (0..4u32)
+        .map(|s| TextSample::causal((0..16).map(|t| (s * 37 + t * 11) % 300).collect()))
+        .collect()
+}
+
+fn pipeline(method: QuantMethod) -> PipelineConfig {
+    let scheme =
+        QuantScheme::new(Bits::new(4).unwrap()).with_group_size(GroupSize::new(32).unwrap());
+    PipelineConfig::new(method, GptqConfig::new(scheme))
+}
+
+type Weights = BTreeMap<(usize, String), QuantizedWeight>;
+
+fn streamed_run(dir: &Path, method: QuantMethod) -> (vlmq_candle::LlamaModel, Weights) {
+    let opts = LoadOptions::default().with_residency(Residency::Disk);
+    let mut model = load_hf_dir_with(dir, &opts).unwrap();
+    assert!(model.is_streamed());
+    assert!(
+        model.weights().layers.is_empty(),
+        "no layer read at load time"
+    );
+    assert_eq!(
+        model.weights().embed.dtype(),
+        DType::BF16,
+        "embedding kept as stored"
+    );
+    assert_eq!(model.dtype(), DType::F32);
+    let mut got = BTreeMap::new();
+    let mut sink = |b: FinishedBlock| -> Result<()> {
+        for (layer, qw) in b.layers {
+            got.insert((b.index, layer), qw);
+        }
+        Ok(())
+    };
+    quantize_model_streaming(&mut model, &samples(), &pipeline(method), &mut sink, |_| {}).unwrap();
+    (model, got)
+}
+
+fn same_codes(arch: Architecture, method: QuantMethod, tag: &str) {
+    let root = temp(tag);
+    let (f32_dir, bf16_dir) = checkpoints(arch, &root);
+    let mut memory = load_hf_dir(&f32_dir, DType::F32, &Device::Cpu).unwrap();
+    let expected = quantize_model(&mut memory, &samples(), &pipeline(method), |_| {}).unwrap();
+    let (streamed, got) = streamed_run(&bf16_dir, method);
+    assert_eq!(got.len(), 3 * 7);
+    assert_eq!(got, expected.weights);
+    // A quantized block was released: running it again is an error, not a
+    // silent run with the unquantized weights from disk.
+    let s = &samples()[0];
+    let h = streamed.embed(s).unwrap();
+    let err = streamed.block_forward(0, &h, s, None).unwrap_err();
+    assert!(err.to_string().contains("released"), "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn gptq_from_bf16_shards_on_disk_gives_the_f32_codes() {
+    same_codes(Architecture::Llama, QuantMethod::Gptq, "gptq");
+}
+
+#[test]
+fn vlmq_from_bf16_shards_on_disk_gives_the_f32_codes() {
+    same_codes(Architecture::Qwen2, QuantMethod::Vlmq, "vlmq");
+}
+
+#[test]
+fn an_untouched_layer_is_read_again_after_release() {
+    let root = temp("reread");
+    let (f32_dir, bf16_dir) = checkpoints(Architecture::Llama, &root);
+    let memory = load_hf_dir(&f32_dir, DType::F32, &Device::Cpu).unwrap();
+    let opts = LoadOptions::default().with_residency(Residency::Disk);
+    let mut disk = load_hf_dir_with(&bf16_dir, &opts).unwrap();
+    let s = &samples()[1];
+    let h = memory.embed(s).unwrap();
+    let want = memory.block_forward(2, &h, s, None).unwrap();
+    for _ in 0..2 {
+        let got = disk
+            .block_forward(2, &disk.embed(s).unwrap(), s, None)
+            .unwrap();
+        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        disk.release_block(2).unwrap();
+    }
+    assert_eq!(
+        disk.linear_weight(1, "mlp.up_proj").unwrap(),
+        memory.linear_weight(1, "mlp.up_proj").unwrap()
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_truncated_shard_is_a_typed_error_naming_the_file() {
+    let root = temp("trunc");
+    let (_, bf16_dir) = checkpoints(Architecture::Llama, &root);
+    let f = bf16_dir.join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 10]).unwrap();
+    let opts = LoadOptions::default().with_residency(Residency::Disk);
+    let err = load_hf_dir_with(&bf16_dir, &opts).unwrap_err();
+    assert!(
+        matches!(&err, vlmq::Error::Safetensors { path, .. } if path == &f),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
