@@ -14,29 +14,32 @@ use ndarray::{s, Array2, ArrayView2};
 use super::plan::Plan;
 use crate::config::GroupFit;
 use crate::linalg::{faer_mut, faer_ref};
-use crate::quant::{GridFit, GridParams};
+use crate::quant::cell::{CellGrid, RowFit};
 
 /// Rows solved together by one task.
 pub(crate) const ROW_CHUNK: usize = 256;
 
 /// Read-only inputs shared by every chunk.
-pub(crate) struct Shared<'a> {
+pub(crate) struct Shared<'a, F: RowFit> {
     pub plan: &'a Plan,
     /// Upper factor of the damped inverse Hessian, in plan order.
     pub u: ArrayView2<'a, f32>,
     /// GPTAQ's strictly upper correction matrix, in plan order.
     pub p: Option<ArrayView2<'a, f32>>,
-    pub fit: GridFit,
+    pub fit: F,
+    /// Per-column importance handed to the fit (the Hessian diagonal), in
+    /// plan order.
+    pub importance: &'a [f32],
     /// Static group parameters `[groups, out]`, fitted on the original weight.
-    pub static_params: Option<&'a Array2<GridParams>>,
+    pub static_params: Option<&'a Array2<F::Grid>>,
 }
 
 /// One chunk's results, in natural column order.
-pub(crate) struct ChunkResult {
+pub(crate) struct ChunkResult<G> {
     pub codes: Array2<u8>,
     pub dequantized: Array2<f32>,
     /// `[groups, rows]`.
-    pub params: Array2<GridParams>,
+    pub params: Array2<G>,
     pub obs_loss: f64,
 }
 
@@ -45,12 +48,12 @@ pub(crate) struct ChunkResult {
 /// Dispatches to a copy of the kernel compiled for AVX2 when the CPU has it.
 /// Both copies perform the same operations in the same order (no FMA
 /// contraction), so results do not depend on the CPU.
-pub(crate) fn solve_chunk(
-    shared: &Shared<'_>,
+pub(crate) fn solve_chunk<F: RowFit>(
+    shared: &Shared<'_, F>,
     w: ArrayView2<'_, f32>,
     row0: usize,
     groups: usize,
-) -> ChunkResult {
+) -> ChunkResult<F::Grid> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
@@ -63,12 +66,12 @@ pub(crate) fn solve_chunk(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn solve_chunk_avx2(
-    shared: &Shared<'_>,
+unsafe fn solve_chunk_avx2<F: RowFit>(
+    shared: &Shared<'_, F>,
     w: ArrayView2<'_, f32>,
     row0: usize,
     groups: usize,
-) -> ChunkResult {
+) -> ChunkResult<F::Grid> {
     solve_chunk_impl(shared, w, row0, groups)
 }
 
@@ -77,12 +80,12 @@ unsafe fn solve_chunk_avx2(
 /// of the block are loops over contiguous rows (vectorized), while `wc` stays
 /// row-major for the lazy update product.
 #[inline(always)]
-fn solve_chunk_impl(
-    shared: &Shared<'_>,
+fn solve_chunk_impl<F: RowFit>(
+    shared: &Shared<'_, F>,
     w: ArrayView2<'_, f32>,
     row0: usize,
     groups: usize,
-) -> ChunkResult {
+) -> ChunkResult<F::Grid> {
     let plan = shared.plan;
     let (r, n) = w.dim();
     let max_code = shared.fit.max_code();
@@ -103,17 +106,15 @@ fn solve_chunk_impl(
     let mut blk = vec![0.0f32; width * r];
     let mut err_t = Array2::<f32>::zeros((width, r));
     let mut saved_t = shared.p.map(|_| Array2::<f32>::zeros((width, r)));
-    let placeholder = GridParams {
-        scale: 1.0,
-        zero: 0,
-    };
+    let placeholder = shared.fit.placeholder();
     let mut params = Array2::from_elem((groups, r), placeholder);
     if let Some(sp) = shared.static_params {
         params.assign(&sp.slice(s![.., row0..row0 + r]));
     }
     let mut cur = vec![placeholder; r];
     let mut cur_group = usize::MAX;
-    let mut group_vals = vec![0.0f32; plan.group_cols.min(n)];
+    let mut group_vals = vec![0.0f32; plan.fit_cols.min(n)];
+    let mut fitted = vec![placeholder; plan.fit_cols.div_ceil(plan.group_cols)];
     let mut obs_loss = 0.0f64;
 
     for block in &plan.blocks {
@@ -129,26 +130,30 @@ fn solve_chunk_impl(
             let k = i - b0;
             let group = plan.group_at(i);
             if plan.fits_group_at(i) {
-                let end = (i + plan.group_cols).min(n);
+                let end = (i + plan.fit_cols).min(n);
+                let fitted = &mut fitted[..(end - i).div_ceil(plan.group_cols)];
+                let importance = &shared.importance[i..end];
                 for row in 0..r {
                     // Block-start rule: `wc` holds every column as it stood at the
                     // start of this block (earlier blocks' lazy updates applied,
                     // this block's in-block updates only in `blk`). Updated rule: a
-                    // group inside the block has its in-block updates in `blk`; a
-                    // wider group starts at the block start, where `wc` is current.
+                    // span inside the block has its in-block updates in `blk`; a
+                    // wider span starts at the block start, where `wc` is current.
                     let in_block = plan.group_fit == GroupFit::Updated && end <= b1;
-                    let fitted = if in_block {
+                    if in_block {
                         let vals = &mut group_vals[..end - i];
                         for (t, v) in vals.iter_mut().enumerate() {
                             *v = blk[(k + t) * r + row];
                         }
-                        shared.fit.fit(vals)
+                        shared.fit.fit_span(vals, importance, fitted);
                     } else {
-                        shared
-                            .fit
-                            .fit(wc.slice(s![row, i..end]).as_slice().expect("contiguous"))
-                    };
-                    params[[group, row]] = fitted;
+                        let vals = wc.slice(s![row, i..end]);
+                        let vals = vals.as_slice().expect("contiguous");
+                        shared.fit.fit_span(vals, importance, fitted);
+                    }
+                    for (t, &g) in fitted.iter().enumerate() {
+                        params[[group + t, row]] = g;
+                    }
                 }
                 cur_group = usize::MAX;
             }

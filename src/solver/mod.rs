@@ -7,13 +7,16 @@
 //! it needs no code path of its own.
 
 mod factor;
+mod gguf;
 mod kernel;
 mod objective;
 mod plan;
 mod report;
 mod solve;
+mod walk;
 
 pub use factor::{inverse_factor_f64, solve_layer_with_factor};
+pub use gguf::{solve_layer_gguf, GgufSolution};
 pub use objective::{asymmetric_objective, hessian_objective};
 pub use plan::act_order_permutation;
 pub use report::{LayerSolution, SolveReport};

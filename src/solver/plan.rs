@@ -26,6 +26,10 @@ pub(crate) struct Plan {
     pub blocks: Vec<Range<usize>>,
     /// Columns per full group (the last group may be shorter).
     pub group_cols: usize,
+    /// Columns whose groups are fitted together (a multiple of
+    /// `group_cols`: one group for GPTQ's grid, a super-block for the GGUF
+    /// K-quants).
+    pub fit_cols: usize,
     /// Groups are fitted once on the original weight, by original column.
     pub static_groups: bool,
     /// Which values a dynamic group is fitted on.
@@ -40,13 +44,35 @@ impl Plan {
         static_groups: bool,
         group_fit: GroupFit,
     ) -> Self {
+        Self::with_fit_span(
+            perm,
+            block_size,
+            group_cols,
+            group_cols,
+            static_groups,
+            group_fit,
+        )
+    }
+
+    /// A plan whose groups are fitted `fit_cols` columns at a time (a
+    /// multiple of `group_cols`); under [`GroupFit::Updated`] no fitted span
+    /// straddles a block end.
+    pub fn with_fit_span(
+        perm: Vec<usize>,
+        block_size: usize,
+        group_cols: usize,
+        fit_cols: usize,
+        static_groups: bool,
+        group_fit: GroupFit,
+    ) -> Self {
         let n = perm.len();
         let aligned = !static_groups && group_fit == GroupFit::Updated;
-        let blocks = block_ranges(n, block_size, group_cols, !aligned);
+        let blocks = block_ranges(n, block_size, fit_cols, !aligned);
         Plan {
             perm,
             blocks,
             group_cols,
+            fit_cols,
             static_groups,
             group_fit,
         }
@@ -62,10 +88,11 @@ impl Plan {
         }
     }
 
-    /// Whether a dynamic group is fitted when position `p` is reached.
+    /// Whether a dynamic span of groups is fitted when position `p` is
+    /// reached.
     #[inline]
     pub fn fits_group_at(&self, p: usize) -> bool {
-        !self.static_groups && p % self.group_cols == 0
+        !self.static_groups && p % self.fit_cols == 0
     }
 
     /// Group index of each original column (`g_idx`).

@@ -3,19 +3,18 @@
 use std::time::Instant;
 
 use faer::{Accum, Par};
-use ndarray::{s, Array2, ArrayView2, Axis};
-use rayon::prelude::*;
+use ndarray::{s, Array2, ArrayView2};
 
-use super::kernel::{solve_chunk, ChunkResult, Shared, ROW_CHUNK};
 use super::objective::hessian_objective;
 use super::plan::{act_order_permutation, Plan};
 use super::report::{LayerSolution, SolveReport};
+use super::walk::walk;
 use crate::config::GptqConfig;
 use crate::error::{Error, Result};
 use crate::hessian::LayerStatistics;
 use crate::linalg::{faer_mut, faer_ref, inverse_cholesky_upper};
 use crate::quant::grid::check_f16_scales;
-use crate::quant::{GridFit, GridParams, QuantizedWeight};
+use crate::quant::{GridFit, QuantizedWeight};
 use crate::validate::check_finite;
 
 /// Which column-walk corrections a solve applies. VLMQ is not a variant:
@@ -88,6 +87,46 @@ pub fn solve_layer(
 ) -> Result<LayerSolution> {
     let start = Instant::now();
     cfg.validate()?;
+    let n = w.ncols();
+    check_inputs(w, stats)?;
+    let group_cols = cfg.scheme.group_size.columns_for(n)?;
+    let groups = cfg.scheme.group_size.groups_for(n)?;
+    check_f16_scales(w, &cfg.scheme, group_cols)?;
+    let prep = prepare(w, stats, cfg, method)?;
+    let plan = Plan::new(
+        prep.perm.clone(),
+        cfg.block_size,
+        group_cols,
+        cfg.static_groups,
+        cfg.group_fit,
+    );
+    let (weight, dequantized, obs_loss) = run_plan(
+        prep.w_work.view(),
+        &plan,
+        prep.factor.u.view(),
+        prep.p.as_ref().map(|p| p.view()),
+        cfg,
+        groups,
+    )?;
+    let objective = if cfg.compute_objective {
+        Some(hessian_objective(
+            w,
+            dequantized.view(),
+            stats.hessian.view(),
+        )?)
+    } else {
+        None
+    };
+    Ok(LayerSolution {
+        weight,
+        dequantized,
+        report: prep.report(obs_loss, objective, start),
+    })
+}
+
+/// Checks a weight and its statistics: non-empty, matching shapes, finite,
+/// and a Hessian that can be one.
+pub(crate) fn check_inputs(w: ArrayView2<'_, f32>, stats: &LayerStatistics) -> Result<()> {
     let (m, n) = w.dim();
     if m == 0 || n == 0 {
         return Err(Error::Empty {
@@ -99,10 +138,45 @@ pub fn solve_layer(
     }
     check_finite("weight", w)?;
     check_finite("Hessian", stats.hessian.view())?;
-    check_hessian(stats.hessian.view())?;
-    let group_cols = cfg.scheme.group_size.columns_for(n)?;
-    let groups = cfg.scheme.group_size.groups_for(n)?;
-    check_f16_scales(w, &cfg.scheme, group_cols)?;
+    check_hessian(stats.hessian.view())
+}
+
+/// What every column walk of one layer starts from: the weight with dead
+/// columns zeroed, the column order, the damped inverse factor in that
+/// order and GPTAQ's correction.
+pub(crate) struct Prepared {
+    pub w_work: Array2<f32>,
+    pub perm: Vec<usize>,
+    pub factor: crate::linalg::InverseCholesky,
+    pub p: Option<Array2<f32>>,
+    pub dead_columns: usize,
+}
+
+impl Prepared {
+    /// The solve's report.
+    pub fn report(&self, obs_loss: f64, objective: Option<f64>, start: Instant) -> SolveReport {
+        SolveReport {
+            obs_loss,
+            objective,
+            damp_percent: self.factor.damp_percent,
+            damp_absolute: self.factor.damp_absolute,
+            attempts: self.factor.attempts,
+            dead_columns: self.dead_columns,
+            elapsed: start.elapsed(),
+        }
+    }
+}
+
+/// Zeroes dead columns (zero Hessian diagonal, quantized as zero), orders
+/// the columns (act-order when configured), factors the damped inverse
+/// Hessian and forms GPTAQ's correction for `method`.
+pub(crate) fn prepare(
+    w: ArrayView2<'_, f32>,
+    stats: &LayerStatistics,
+    cfg: &GptqConfig,
+    method: Method,
+) -> Result<Prepared> {
+    let n = w.ncols();
     method.validate()?;
     let strength = match method {
         Method::Gptq => None,
@@ -147,43 +221,12 @@ pub fn solve_layer(
         (Some(a), Some(c)) => Some(gptaq_correction(c.view(), &perm, factor.u.view(), a)),
         _ => None,
     };
-
-    let plan = Plan::new(
+    Ok(Prepared {
+        w_work,
         perm,
-        cfg.block_size,
-        group_cols,
-        cfg.static_groups,
-        cfg.group_fit,
-    );
-    let (weight, dequantized, obs_loss) = run_plan(
-        w_work.view(),
-        &plan,
-        factor.u.view(),
-        p.as_ref().map(|p| p.view()),
-        cfg,
-        groups,
-    )?;
-    let objective = if cfg.compute_objective {
-        Some(hessian_objective(
-            w,
-            dequantized.view(),
-            stats.hessian.view(),
-        )?)
-    } else {
-        None
-    };
-    Ok(LayerSolution {
-        weight,
-        dequantized,
-        report: SolveReport {
-            obs_loss,
-            objective,
-            damp_percent: factor.damp_percent,
-            damp_absolute: factor.damp_absolute,
-            attempts: factor.attempts,
-            dead_columns,
-            elapsed: start.elapsed(),
-        },
+        factor,
+        p,
+        dead_columns,
     })
 }
 
@@ -198,55 +241,29 @@ pub(crate) fn run_plan(
     cfg: &GptqConfig,
     groups: usize,
 ) -> Result<(QuantizedWeight, Array2<f32>, f64)> {
-    let (m, n) = w_work.dim();
-    let fit = GridFit::new(cfg.scheme);
-    let static_params = cfg
-        .static_groups
-        .then(|| static_group_params(w_work, &fit, plan.group_cols));
-    let shared = Shared {
+    let n = w_work.ncols();
+    // GPTQ's grid fit ignores importance.
+    let importance = vec![1.0f32; n];
+    let walked = walk(
+        w_work,
         plan,
         u,
         p,
-        fit,
-        static_params: static_params.as_ref(),
-    };
-    let chunks: Vec<ChunkResult> = w_work
-        .axis_chunks_iter(Axis(0), ROW_CHUNK)
-        .into_par_iter()
-        .enumerate()
-        .map(|(c, rows)| solve_chunk(&shared, rows, c * ROW_CHUNK, groups))
-        .collect();
-
-    let mut codes = Array2::<u8>::zeros((m, n));
-    let mut dequantized = Array2::<f32>::zeros((m, n));
-    let mut scales = Array2::<f32>::zeros((groups, m));
-    let mut zeros = Array2::<u8>::zeros((groups, m));
-    let mut obs_loss = 0.0;
-    for (c, chunk) in chunks.iter().enumerate() {
-        let rows = c * ROW_CHUNK..c * ROW_CHUNK + chunk.codes.nrows();
-        codes.slice_mut(s![rows.clone(), ..]).assign(&chunk.codes);
-        dequantized
-            .slice_mut(s![rows.clone(), ..])
-            .assign(&chunk.dequantized);
-        scales
-            .slice_mut(s![.., rows.clone()])
-            .assign(&chunk.params.mapv(|p| p.scale));
-        zeros
-            .slice_mut(s![.., rows])
-            .assign(&chunk.params.mapv(|p| p.zero));
-        obs_loss += chunk.obs_loss;
-    }
+        GridFit::new(cfg.scheme),
+        &importance,
+        groups,
+    );
     let weight = QuantizedWeight::grouped(
         cfg.scheme.bits,
         cfg.scheme.symmetric,
         cfg.scheme.group_size,
-        codes,
-        scales,
-        zeros,
+        walked.codes,
+        walked.params.mapv(|p| p.scale),
+        walked.params.mapv(|p| p.zero),
         plan.g_idx(),
     )?
     .with_static_groups(cfg.static_groups);
-    Ok((weight, dequantized, obs_loss))
+    Ok((weight, walked.dequantized, walked.obs_loss))
 }
 
 /// Rejects a Hessian that cannot be one: a negative diagonal entry (a zero
@@ -345,25 +362,4 @@ fn gptaq_correction(
         row.slice_mut(s![..=i]).fill(0.0);
     }
     p
-}
-
-/// Grid parameters `[groups, out]` fitted on the original weight, by
-/// original column (group `g` holds columns `g * group_cols ..` up to the
-/// next group or the end of a ragged layer).
-fn static_group_params(
-    w: ArrayView2<'_, f32>,
-    fit: &GridFit,
-    group_cols: usize,
-) -> Array2<GridParams> {
-    let (m, n) = w.dim();
-    let groups = n.div_ceil(group_cols);
-    let mut row = vec![0.0f32; group_cols];
-    Array2::from_shape_fn((groups, m), |(g, o)| {
-        let cols = g * group_cols..((g + 1) * group_cols).min(n);
-        let vals = &mut row[..cols.len()];
-        for (v, c) in vals.iter_mut().zip(cols) {
-            *v = w[[o, c]];
-        }
-        fit.fit(vals)
-    })
 }
