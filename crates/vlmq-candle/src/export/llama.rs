@@ -18,7 +18,7 @@ use vlmq::{Checkpoint, CheckpointWriter, Error, QuantizableModel, Result};
 use crate::error::file;
 use crate::models::llama::model::LlamaModel;
 
-fn dense(t: &Tensor, path: &Path) -> Result<DenseTensor> {
+pub(super) fn dense(t: &Tensor, path: &Path) -> Result<DenseTensor> {
     let shape = t.dims().to_vec();
     let v = t
         .to_dtype(DType::F32)

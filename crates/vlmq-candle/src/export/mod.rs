@@ -1,9 +1,11 @@
 //! Writing quantized models: GPTQ checkpoints in the model's own HF layout
 //! ([`write_gptq`], [`load_gptq_into`] for the Llama family; [`llava`] for
-//! the LLaVA layout).
+//! the LLaVA layout; [`ShardedGptqWriter`] block by block during a run).
 
 mod llama;
 pub mod llava;
+mod sharded;
 
 pub use llama::{load_gptq_into, write_gptq};
 pub(crate) use llama::{read_checkpoint, write_checkpoint};
+pub use sharded::ShardedGptqWriter;

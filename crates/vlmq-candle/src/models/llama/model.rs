@@ -9,7 +9,7 @@ use crate::backend::linear_op::matmul_weight_t;
 use crate::error::CandleResultExt;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::forward::{layer_forward, rms_norm, Hooks, Positional};
-use crate::models::llama::store::StreamedLayers;
+use crate::models::llama::store::{LayerSource, StreamedLayers};
 use crate::models::llama::weights::{LayerWeights, ModelWeights};
 
 /// Target rows that go through the head together in the loss's backward
@@ -151,6 +151,11 @@ impl LlamaModel {
     /// and head may be stored in another).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// A streamed model's layer source.
+    pub(crate) fn layer_source(&self) -> Option<Arc<LayerSource>> {
+        self.streamed.as_ref().map(StreamedLayers::source)
     }
 
     /// Whether the decoder layers are read from disk on demand.

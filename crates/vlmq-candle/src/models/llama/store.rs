@@ -41,6 +41,13 @@ impl LayerSource {
         }
     }
 
+    /// The tensor `name` read from the source in `dtype` (for exporters that
+    /// need a layer's norms and biases without materializing the layer).
+    pub(crate) fn tensor(&self, name: &str, dtype: DType) -> Result<Option<candle_core::Tensor>> {
+        let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        src.get(name, dtype)
+    }
+
     /// Layer `i` read from the source, shape-checked, in the compute dtype.
     fn materialize(&self, i: usize) -> Result<LayerWeights> {
         let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
@@ -123,6 +130,13 @@ impl StreamedLayers {
     pub(crate) fn layer_mut(&mut self, i: usize) -> Result<&mut LayerWeights> {
         if !self.modified.contains_key(&i) {
             let l = self.layer(i)?;
+            // Moved, not shared: a replaced weight's old values are then
+            // freed instead of living on in the read cache.
+            let mut current = self.lock_current();
+            if current.as_ref().is_some_and(|(j, _)| *j == i) {
+                *current = None;
+            }
+            drop(current);
             self.modified.insert(i, l);
         }
         let l = self.modified.get_mut(&i).expect("inserted above");
@@ -141,6 +155,11 @@ impl StreamedLayers {
         if self.modified.remove(&i).is_some() {
             self.released.insert(i);
         }
+    }
+
+    /// The source the layers are read from.
+    pub(crate) fn source(&self) -> Arc<LayerSource> {
+        self.source.clone()
     }
 
     /// The compute dtype of materialized layers.

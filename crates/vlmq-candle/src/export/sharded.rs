@@ -1,0 +1,222 @@
+//! A GPTQ checkpoint written block by block while the pipeline runs: one
+//! safetensors shard per decoder layer (`model-00001-of-000NN.safetensors`,
+//! the last one also holding the embedding, final norm and head; GPTQModel's
+//! sharded layout) plus `model.safetensors.index.json`, built in a
+//! temporary sibling directory and swapped in when the run is done.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use vlmq::{BlockSink, CheckpointWriter, Error, FinishedBlock, Result};
+
+use super::llama::dense;
+use crate::models::llama::model::LlamaModel;
+use crate::models::llama::store::LayerSource;
+use crate::models::llama::weights::{ModelWeights, LINEAR_NAMES};
+
+/// Where the writer reads what the pipeline does not hand it (norms,
+/// biases, linears left unquantized): the checkpoint on disk for a streamed
+/// model, a copy of the parameters as loaded otherwise.
+enum Originals {
+    Disk(Arc<LayerSource>),
+    Memory(Box<ModelWeights>),
+}
+
+impl Originals {
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
+        match self {
+            Originals::Disk(src) => src.tensor(name, DType::F32),
+            Originals::Memory(w) => Ok(w
+                .named_tensors()
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)),
+        }
+    }
+}
+
+/// Receives finished blocks from
+/// [`quantize_model_streaming`](vlmq::quantize_model_streaming) and writes
+/// each as its own shard at once; [`finish`](Self::finish) adds the
+/// embedding, final norm and head, the configs and the index, and replaces
+/// the target directory. Until then the target is untouched; after an
+/// error the partial directory is left beside it and the next writer for
+/// the same target starts it afresh.
+pub struct ShardedGptqWriter {
+    target: PathBuf,
+    partial: PathBuf,
+    model_config: serde_json::Value,
+    blocks: usize,
+    originals: Originals,
+    outer: Vec<(String, Tensor)>,
+    weight_map: BTreeMap<String, String>,
+    configs_from: Option<usize>,
+}
+
+impl ShardedGptqWriter {
+    /// A writer for `model`'s run into `dir` (built in a sibling
+    /// `.NAME.partial` directory).
+    pub fn new(model: &LlamaModel, dir: impl AsRef<Path>) -> Result<Self> {
+        let target = dir.as_ref().to_path_buf();
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "output directory",
+                value: target.display().to_string(),
+                reason: "the output needs a directory name",
+            })?
+            .to_string_lossy()
+            .to_string();
+        let partial = target.with_file_name(format!(".{name}.partial"));
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+        }
+        std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+        let originals = match model.layer_source() {
+            Some(src) => Originals::Disk(src),
+            None => Originals::Memory(Box::new(model.weights().clone())),
+        };
+        let w = model.weights();
+        let mut outer = vec![
+            ("model.embed_tokens.weight".to_string(), w.embed.clone()),
+            ("model.norm.weight".to_string(), w.norm.clone()),
+        ];
+        if let Some(h) = &w.lm_head {
+            outer.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        let mut model_config = model.config().to_hf_json();
+        model_config["torch_dtype"] = "float32".into();
+        Ok(ShardedGptqWriter {
+            target,
+            partial,
+            model_config,
+            blocks: model.config().num_layers,
+            originals,
+            outer,
+            weight_map: BTreeMap::new(),
+            configs_from: None,
+        })
+    }
+
+    fn shard_name(&self, k: usize) -> String {
+        format!("model-{:05}-of-{:05}.safetensors", k + 1, self.blocks)
+    }
+
+    /// Writes `w` as shard `k` (its `model.safetensors` renamed), recording
+    /// its tensors in the index; keeps its config files when `configs`.
+    fn write_shard(&mut self, k: usize, w: &CheckpointWriter, names: Vec<String>) -> Result<()> {
+        let dir = self.partial.join(format!("shard-{k}"));
+        w.write(&dir)?;
+        let shard = self.shard_name(k);
+        let from = dir.join("model.safetensors");
+        let to = self.partial.join(&shard);
+        std::fs::rename(&from, &to).map_err(|e| Error::io(&to, e))?;
+        if self.configs_from.is_none() && dir.join("quantize_config.json").exists() {
+            for f in ["config.json", "quantize_config.json"] {
+                let to = self.partial.join(f);
+                std::fs::rename(dir.join(f), &to).map_err(|e| Error::io(&to, e))?;
+            }
+            self.configs_from = Some(k);
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        for n in names {
+            self.weight_map.insert(n, shard.clone());
+        }
+        Ok(())
+    }
+
+    /// Writes the index and the tokenizer, then swaps the finished
+    /// directory in for the target. Every block must have been written.
+    pub fn finish(self, tokenizer: Option<&tokenizers::Tokenizer>) -> Result<()> {
+        if self.configs_from.is_none() || !self.outer.is_empty() {
+            return Err(Error::Empty {
+                what: format!(
+                    "blocks handed to the sharded writer of {} (the run did not finish)",
+                    self.target.display()
+                ),
+            });
+        }
+        let mut index = serde_json::json!({"metadata": {}, "weight_map": self.weight_map});
+        index["metadata"]["format"] = "gptq".into();
+        let path = self.partial.join("model.safetensors.index.json");
+        let text = serde_json::to_vec_pretty(&index).map_err(|e| Error::Json {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        vlmq::fsutil::write_atomic(&path, &text)?;
+        if let Some(tk) = tokenizer {
+            let p = self.partial.join("tokenizer.json");
+            tk.save(&p, false).map_err(|e| crate::error::file(&p, e))?;
+        }
+        let old = self.target.with_file_name(format!(
+            ".{}.old",
+            self.target
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+        ));
+        if self.target.exists() {
+            std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
+        }
+        std::fs::rename(&self.partial, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockSink for ShardedGptqWriter {
+    fn block_finished(&mut self, block: FinishedBlock) -> Result<()> {
+        let b = block.index;
+        let p = format!("model.layers.{b}.");
+        let mut w = CheckpointWriter::new().with_model_config(self.model_config.clone());
+        let mut names = Vec::new();
+        if b + 1 == self.blocks {
+            for (name, t) in std::mem::take(&mut self.outer) {
+                w.add_tensor(&name, dense(&t, &self.partial)?)?;
+                names.push(name);
+            }
+        }
+        let mut quantized = std::collections::BTreeSet::new();
+        for (layer, qw) in block.layers {
+            let stem = format!("{p}{layer}");
+            let bias = self
+                .originals
+                .tensor(&format!("{stem}.bias"))?
+                .map(|t| dense(&t, &self.partial))
+                .transpose()?;
+            for s in ["qweight", "qzeros", "scales", "g_idx"] {
+                names.push(format!("{stem}.{s}"));
+            }
+            if bias.is_some() {
+                names.push(format!("{stem}.bias"));
+            }
+            w.add_layer(&stem, qw, bias)?;
+            quantized.insert(layer);
+        }
+        let mut dense_names = vec![
+            format!("{p}input_layernorm.weight"),
+            format!("{p}post_attention_layernorm.weight"),
+        ];
+        for l in LINEAR_NAMES.iter().filter(|l| !quantized.contains(**l)) {
+            dense_names.push(format!("{p}{l}.weight"));
+            dense_names.push(format!("{p}{l}.bias"));
+        }
+        for name in dense_names {
+            if let Some(t) = self.originals.tensor(&name)? {
+                w.add_tensor(&name, dense(&t, &self.partial)?)?;
+                names.push(name);
+            }
+        }
+        if quantized.is_empty() {
+            return Err(Error::Unsupported {
+                what: format!("block {b} without quantized layers in a sharded GPTQ checkpoint"),
+                remedy: "quantize every block, or write the run with write_gptq".into(),
+            });
+        }
+        self.write_shard(b, &w, names)
+    }
+}

@@ -1,0 +1,129 @@
+//! The sharded GPTQ writer, fed block by block by the streaming pipeline,
+//! writes the same tensors as the single-file writer after the run, with an
+//! index naming the shard of each; the target appears only at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use vlmq::{
+    quantize_model, quantize_model_streaming, Bits, GptqConfig, GroupSize, PipelineConfig,
+    QuantMethod, QuantScheme,
+};
+use vlmq_candle::candle_core::{safetensors, DType, Device, Tensor};
+use vlmq_candle::export::{write_gptq, ShardedGptqWriter};
+use vlmq_candle::{
+    load_hf_dir, load_hf_dir_with, random_model, save_hf_dir, Architecture, LlamaConfig,
+    LoadOptions, Residency, TextSample,
+};
+
+fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vlmq-sharded-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tensors(dir: &std::path::Path) -> HashMap<String, (Tensor, String)> {
+    let mut out = HashMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let file = p.file_name().unwrap().to_string_lossy().to_string();
+            for (k, v) in safetensors::load(&p, &Device::Cpu).unwrap() {
+                assert!(
+                    out.insert(k, (v, file.clone())).is_none(),
+                    "one shard per tensor"
+                );
+            }
+        }
+    }
+    out
+}
+
+fn run(residency: Residency, tag: &str) {
+    let cfg = LlamaConfig {
+        arch: Architecture::Qwen2,
+        vocab_size: 300,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rope_theta: 1e4,
+        rms_eps: 1e-5,
+        tie_embeddings: false,
+        qkv_bias: true,
+    };
+    let root = temp(tag);
+    let src = root.join("src");
+    save_hf_dir(&random_model(&cfg, 3, DType::F32).unwrap(), &src).unwrap();
+    let samples: Vec<TextSample> = (0..3u32)
+        .map(|s| TextSample::causal((0..16).map(|t| (s * 31 + t * 7) % 300).collect()))
+        .collect();
+    let scheme =
+        QuantScheme::new(Bits::new(4).unwrap()).with_group_size(GroupSize::new(32).unwrap());
+    let pcfg = PipelineConfig::new(QuantMethod::Gptq, GptqConfig::new(scheme));
+
+    let mut whole = load_hf_dir(&src, DType::F32, &Device::Cpu).unwrap();
+    let original = whole.clone();
+    let out = quantize_model(&mut whole, &samples, &pcfg, |_| {}).unwrap();
+    let single = root.join("single");
+    write_gptq(&original, &out, None, &single).unwrap();
+
+    let opts = LoadOptions::default().with_residency(residency);
+    let mut model = load_hf_dir_with(&src, &opts).unwrap();
+    let target = root.join("sharded");
+    let mut writer = ShardedGptqWriter::new(&model, &target).unwrap();
+    quantize_model_streaming(&mut model, &samples, &pcfg, &mut writer, |_| {}).unwrap();
+    assert!(!target.exists(), "the target appears only when finished");
+    writer.finish(None).unwrap();
+
+    let want = tensors(&single);
+    let got = tensors(&target);
+    let mut names: Vec<_> = want.keys().collect();
+    names.sort();
+    let mut got_names: Vec<_> = got.keys().collect();
+    got_names.sort();
+    assert_eq!(names, got_names);
+    for n in names {
+        let (a, b) = (&want[n].0, &got[n].0);
+        assert_eq!(a.dtype(), b.dtype(), "{n}");
+        let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{n}");
+    }
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(target.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let map: BTreeMap<String, String> =
+        serde_json::from_value(index["weight_map"].clone()).unwrap();
+    assert_eq!(map.len(), got.len());
+    for (name, (_, file)) in &got {
+        assert_eq!(&map[name], file, "{name}");
+    }
+    assert_eq!(
+        map["model.layers.0.self_attn.q_proj.qweight"],
+        "model-00001-of-00003.safetensors"
+    );
+    let qc = std::fs::read_to_string(target.join("quantize_config.json")).unwrap();
+    assert!(qc.contains("\"bits\": 4"), "{qc}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn sharded_output_of_a_resident_model_matches_the_single_file() {
+    run(Residency::Memory, "memory");
+}
+
+#[test]
+fn sharded_output_of_a_disk_model_matches_the_single_file() {
+    run(Residency::Disk, "disk");
+}
