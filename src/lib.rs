@@ -22,7 +22,8 @@ pub use ndarray;
 pub use safetensors;
 
 pub use backend::{
-    GradientModel, LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo, WeightPerturbation,
+    GradientModel, LinearInfo, Modality, QuantizableModel, RowSink, StageCarry, StageOutput,
+    TokenInfo, WeightPerturbation,
 };
 pub use config::{
     Bits, Damping, GptqConfig, GroupFit, GroupSize, MseClip, QuantScheme, ScalePrecision,

@@ -14,8 +14,10 @@
 //! [`GradientModel`]; the only `vlmq` types it touches are the small ones in
 //! this module and [`ndarray`] views for the rows (`tokens x features`) it shows.
 
+mod stage;
 mod token;
 
+pub use stage::{StageCarry, StageOutput};
 pub use token::{Modality, TokenInfo};
 
 use ndarray::{Array2, ArrayView2};
@@ -184,6 +186,49 @@ pub trait QuantizableModel: Sync {
         sample: &Self::Sample,
         sink: Option<&mut dyn RowSink>,
     ) -> Result<Self::Hidden>;
+
+    /// One stage of the block's staged forward, which true-sequential
+    /// capture runs instead of one [`block_forward`](Self::block_forward)
+    /// per group.
+    ///
+    /// With `G` groups (from [`linear_groups`](Self::linear_groups)), stage
+    /// `k < G` shows group `k`'s input rows to `sink` and returns
+    /// [`StageOutput::Carry`]; stage `G` returns [`StageOutput::Output`], the
+    /// block's output. Stage `k` reads `carry`, what stage `k - 1` returned
+    /// for the same sample (`None` for stage 0), and computes with the
+    /// block's weights as they are when it runs: the pipeline quantizes group
+    /// `k - 1` between stages `k - 1` and `k`, so the rows of group `k` and
+    /// the block's output come from the already quantized earlier groups,
+    /// exactly as a full `block_forward` at that moment would give them.
+    ///
+    /// Contract: the rows each stage shows for its group and the output of
+    /// stage `G` are bit for bit those of `block_forward` on the same weights
+    /// (the pipeline's true-sequential results do not depend on whether a
+    /// backend overrides this method). Like `block_forward`, it must be safe
+    /// to call from several threads at once for different samples.
+    ///
+    /// The default runs `block_forward` for every stage (`G + 1` forwards
+    /// per block, what true-sequential capture cost before stages existed);
+    /// a backend overrides it to run each part of the block once.
+    fn block_stage(
+        &self,
+        block: usize,
+        stage: usize,
+        input: &Self::Hidden,
+        sample: &Self::Sample,
+        carry: Option<StageCarry>,
+        sink: &mut dyn RowSink,
+    ) -> Result<StageOutput<Self::Hidden>> {
+        let _ = carry;
+        if stage < self.linear_groups(block).len() {
+            self.block_forward(block, input, sample, Some(sink))?;
+            Ok(StageOutput::Carry(Box::new(())))
+        } else {
+            Ok(StageOutput::Output(
+                self.block_forward(block, input, sample, None)?,
+            ))
+        }
+    }
 
     /// The current weight `[out, in]` of a linear.
     fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>>;

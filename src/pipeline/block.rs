@@ -6,26 +6,32 @@ use std::time::{Duration, Instant};
 
 use ndarray::Array2;
 
-use super::capture::{capture, check_rows, sample_chunks, sample_factors};
 use super::config::{DeadLayerFallback, GradientSource, PipelineConfig};
 use super::context::in_block;
+use super::pass::{capture_pass, BlockInputs, GroupStatistics, PassRun, Swapped};
 use super::plan::PlannedLayer;
 use super::progress::Progress;
-use super::report::{LayerReport, TraceShares};
+use super::report::LayerReport;
 use super::saliency::{block_local_saliency, SaliencyMaps};
-use crate::backend::{LinearInfo, QuantizableModel, TokenInfo};
+use super::stages::{finish_stages, StageCarries};
+use crate::backend::{LinearInfo, QuantizableModel};
 use crate::config::{GptqConfig, QuantScheme};
 use crate::error::{Error, Result};
-use crate::hessian::{HessianAccumulator, LayerStatistics};
-use crate::importance::{ImportanceDiagnostics, TokenImportance, Uniform};
+use crate::hessian::LayerStatistics;
 use crate::quant::{quantize_rtn, QuantizedWeight};
 use crate::solver::{hessian_objective, solve_layer};
 
 /// One quantized layer: name, codes and grids, report.
 pub(crate) type SavedLayer = (String, QuantizedWeight, LayerReport);
 
-/// A quantized block's layers and its full-precision output (GPTAQ methods).
-pub(crate) type BlockResult<H> = (Vec<SavedLayer>, Option<Vec<H>>);
+/// A quantized block: its layers, its full-precision output (GPTAQ
+/// methods) and, when the staged forward computed it, its output with the
+/// quantized weights (the next block's input).
+pub(crate) struct BlockResult<H> {
+    pub(crate) layers: Vec<SavedLayer>,
+    pub(crate) fp_next: Option<Vec<H>>,
+    pub(crate) q_next: Option<Vec<H>>,
+}
 
 /// What every block of a run shares.
 pub(crate) struct BlockRun<'a, S> {
@@ -37,50 +43,14 @@ pub(crate) struct BlockRun<'a, S> {
     pub(crate) needs_gradients: bool,
 }
 
-/// The block being quantized: where it is and what feeds it.
-struct BlockInputs<'a, M: QuantizableModel> {
-    b: usize,
-    name: &'a str,
-    q_stream: &'a [M::Hidden],
-    fp_stream: Option<&'a [M::Hidden]>,
-    infos: Vec<TokenInfo>,
-    /// Per-token squared gradient norms: the run-wide maps (index = block)
-    /// or this block's block-local maps (index 0).
-    saliency: Option<(&'a SaliencyMaps, usize)>,
-}
-
-/// A capture pass's statistics (one per group) and, when kept, the block's
-/// full-precision output.
-type PassResult<H> = (Vec<GroupStatistics>, Option<Vec<H>>);
-
-/// One input group's statistics after a capture pass.
-struct GroupStatistics {
-    weighted: LayerStatistics,
-    unweighted: Option<LayerStatistics>,
-    shares: TraceShares,
-}
-
-/// Layers already quantized in this block, with their original weights:
-/// GPTAQ's full-precision captures run with the originals put back.
-#[derive(Default)]
-struct Swapped {
-    layers: Vec<(String, Array2<f32>, Array2<f32>)>,
-}
-
-impl Swapped {
-    fn set<M: QuantizableModel>(&self, model: &mut M, b: usize, original: bool) -> Result<()> {
-        for (layer, w, deq) in &self.layers {
-            let v = if original { w } else { deq };
-            model.set_linear_weight(b, layer, v.view())?;
-        }
-        Ok(())
-    }
-}
-
 /// Quantizes the layers of block `b`: with true-sequential capture, one
-/// capture pass per input group, each after the previous groups were
-/// quantized; otherwise one pass for every group. Returns the layers and,
-/// for GPTAQ methods, the block's full-precision output.
+/// stage of the backend's staged forward per input group, each after the
+/// previous groups were quantized, then the last stage gives the block's
+/// outputs; otherwise one forward pass captures every group. Returns the
+/// layers and, for GPTAQ methods, the block's full-precision output.
+///
+/// While a true-sequential block runs, every sample's stage carry (one per
+/// stream) stays resident between the stages, through the group's solve.
 /// `stop` is the progress callback; `true` cancels.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn quantize_block<M: QuantizableModel>(
@@ -127,19 +97,20 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
     let mut saved = Vec::new();
     // RTN needs no calibration statistics unless objectives are asked for.
     let capture = cfg.solver_method().is_some() || cfg.layer_objectives();
+    let mut carries = (capture && cfg.true_sequential())
+        .then(|| StageCarries::new(samples.len(), fp_stream.is_some()));
     for pass in passes {
         let first_pass = pass.start == 0;
         let stats: Vec<Option<GroupStatistics>> = if capture {
-            let (stats, fp_out) = capture_pass(
-                run,
-                model,
-                &inputs,
-                groups,
-                pass.clone(),
-                &swapped,
-                first_pass,
-            )?;
-            if first_pass {
+            let how = match carries.as_mut() {
+                Some(c) => PassRun::Stage(c),
+                None => PassRun::Forward {
+                    keep_fp_output: first_pass,
+                },
+            };
+            let (stats, fp_out) =
+                capture_pass(run, model, &inputs, groups, pass.clone(), &swapped, how)?;
+            if fp_out.is_some() {
                 fp_next = fp_out;
             }
             stats.into_iter().map(Some).collect()
@@ -180,147 +151,33 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
             }
         }
     }
-    Ok((saved, fp_next))
-}
-
-/// One capture pass over the samples for the groups `pass`, chunk by chunk
-/// (a chunk holds at most the configured number of tokens, or one sample):
-/// each chunk's rows go straight into the groups' accumulators, one sample
-/// at a time in sample order, so the sums do not depend on the chunking or
-/// the thread count. With a full-precision stream, the chunk also runs
-/// through the block's original weights and, in the first pass, keeps the
-/// block's full-precision output.
-fn capture_pass<M: QuantizableModel>(
-    run: &BlockRun<'_, M::Sample>,
-    model: &mut M,
-    inputs: &BlockInputs<'_, M>,
-    groups: &[Vec<PlannedLayer>],
-    pass: Range<usize>,
-    swapped: &Swapped,
-    keep_fp_output: bool,
-) -> Result<PassResult<M::Hidden>> {
-    let (b, name, samples, cfg) = (inputs.b, inputs.name, run.samples, run.cfg);
-    let firsts: Vec<&LinearInfo> = groups[pass.clone()].iter().map(|g| &g[0].info).collect();
-    let names: Vec<String> = firsts.iter().map(|l| l.name.clone()).collect();
-    let paired = inputs.fp_stream.is_some();
-    let unweighted = cfg.layer_objectives() && cfg.method().needs_importance();
-    let new_acc = |n: usize| {
-        if paired {
-            HessianAccumulator::<f32>::with_cross_term(n)
-        } else {
-            HessianAccumulator::<f32>::new(n)
+    let mut q_next = None;
+    if let Some(StageCarries { q, fp }) = carries {
+        if let (Some(fp), Some(fp_in)) = (fp, fp_stream) {
+            swapped
+                .set(model, b, true)
+                .map_err(in_block(b, name, None, None))?;
+            let out = finish_stages(&*model, b, name, groups.len(), fp_in, samples, fp);
+            swapped
+                .set(model, b, false)
+                .map_err(in_block(b, name, None, None))?;
+            fp_next = Some(out?);
         }
-    };
-    let mut weighted: Vec<_> = firsts.iter().map(|l| new_acc(l.in_features)).collect();
-    let mut plain: Vec<Option<HessianAccumulator<f32>>> = firsts
-        .iter()
-        .map(|l| unweighted.then(|| HessianAccumulator::<f32>::new(l.in_features)))
-        .collect();
-    let mut diagnostics = vec![ImportanceDiagnostics::new(); firsts.len()];
-    let mut fp_out = (keep_fp_output && paired).then(Vec::new);
-    let scorer: &dyn TokenImportance = if cfg.method().needs_importance() {
-        cfg.importance().scorer()
-    } else {
-        &Uniform
-    };
-    for chunk in sample_chunks(&inputs.infos, cfg.capture_tokens()) {
-        let fp_caps = match inputs.fp_stream {
-            Some(fp) => {
-                swapped
-                    .set(model, b, true)
-                    .map_err(in_block(b, name, None, None))?;
-                let caps = capture(
-                    &*model,
-                    b,
-                    name,
-                    &fp[chunk.clone()],
-                    &samples[chunk.clone()],
-                    &names,
-                    fp_out.is_some(),
-                );
-                swapped
-                    .set(model, b, false)
-                    .map_err(in_block(b, name, None, None))?;
-                let (caps, outs) = caps?;
-                if let Some(all) = fp_out.as_mut() {
-                    all.extend(outs);
-                }
-                Some(caps)
-            }
-            None => None,
-        };
-        let (q_caps, _) = capture(
+        q_next = Some(finish_stages(
             &*model,
             b,
             name,
-            &inputs.q_stream[chunk.clone()],
-            &samples[chunk.clone()],
-            &names,
-            false,
-        )?;
-        for (j, i) in chunk.enumerate() {
-            let info = &inputs.infos[i];
-            for (g, layer) in firsts.iter().enumerate() {
-                let at = || in_block(b, name, Some(&layer.name), Some(i));
-                let x = check_rows(b, layer, q_caps[j][g].as_ref(), info).map_err(at())?;
-                let alpha = sample_factors(
-                    scorer,
-                    info,
-                    i,
-                    saliency_of(inputs, pass.start + g, i, info, cfg),
-                )
-                .map_err(at())?;
-                diagnostics[g].add(x, info, alpha.view()).map_err(at())?;
-                match &fp_caps {
-                    Some(fc) => {
-                        let xf = check_rows(b, layer, fc[j][g].as_ref(), info).map_err(at())?;
-                        weighted[g].add_paired(x, xf, Some(alpha.view()))
-                    }
-                    None => weighted[g].add(x, Some(alpha.view())),
-                }
-                .map_err(at())?;
-                if let Some(acc) = plain[g].as_mut() {
-                    let ones = sample_factors(&Uniform, info, i, None).map_err(at())?;
-                    acc.add(x, Some(ones.view())).map_err(at())?;
-                }
-            }
-        }
+            groups.len(),
+            q_stream,
+            samples,
+            q,
+        )?);
     }
-    let stats = firsts
-        .iter()
-        .zip(weighted.iter().zip(plain.iter().zip(&diagnostics)))
-        .map(|(layer, (w, (p, d)))| {
-            let at = || in_block(b, name, Some(&layer.name), None);
-            Ok(GroupStatistics {
-                weighted: w.finish().map_err(at())?,
-                unweighted: p.as_ref().map(|p| p.finish()).transpose().map_err(at())?,
-                shares: TraceShares::from_diagnostics(d),
-            })
-        })
-        .collect::<Result<_>>()?;
-    Ok((stats, fp_out))
-}
-
-/// Sample `i`'s per-token squared gradient norms for group `k`, when the
-/// run has some (per block when configured and the token counts agree).
-fn saliency_of<'a, M: QuantizableModel>(
-    inputs: &'a BlockInputs<'_, M>,
-    k: usize,
-    i: usize,
-    info: &TokenInfo,
-    cfg: &PipelineConfig,
-) -> Option<ndarray::ArrayView1<'a, f32>> {
-    let (maps, index) = inputs.saliency?;
-    let group = maps.group(index, k, i);
-    if cfg.importance().per_block() {
-        // A block whose output has other tokens than its input (a projector
-        // that appends the text) uses its group saliency instead.
-        maps.block(index, i)
-            .filter(|s| s.len() == info.len())
-            .or(group)
-    } else {
-        group
-    }
+    Ok(BlockResult {
+        layers: saved,
+        fp_next,
+        q_next,
+    })
 }
 
 /// Solves one layer on its group's statistics (none for RTN without

@@ -12,9 +12,24 @@ use crate::error::{Error, Result};
 use crate::importance::{SampleSignals, TokenImportance};
 
 /// Captures the input rows of the named layers while running one block.
-struct Capture<'a> {
+pub(crate) struct Capture<'a> {
     names: &'a [String],
     rows: Vec<Option<Array2<f32>>>,
+}
+
+impl<'a> Capture<'a> {
+    /// A sink that keeps the rows of `names` (nothing captured yet).
+    pub(crate) fn new(names: &'a [String]) -> Self {
+        Capture {
+            names,
+            rows: vec![None; names.len()],
+        }
+    }
+
+    /// The captured rows, one slot per name.
+    pub(crate) fn into_rows(self) -> Vec<Option<Array2<f32>>> {
+        self.rows
+    }
 }
 
 impl RowSink for Capture<'_> {
@@ -45,14 +60,11 @@ pub(crate) fn capture<M: QuantizableModel + ?Sized>(
         .zip(samples.par_iter())
         .enumerate()
         .map(|(i, (h, s))| {
-            let mut sink = Capture {
-                names,
-                rows: vec![None; names.len()],
-            };
+            let mut sink = Capture::new(names);
             let out = model
                 .block_forward(b, h, s, Some(&mut sink))
                 .map_err(in_block(b, block_name, None, Some(i)))?;
-            Ok((sink.rows, keep_output.then_some(out)))
+            Ok((sink.into_rows(), keep_output.then_some(out)))
         })
         .collect::<Vec<Result<_>>>()
         .into_iter()

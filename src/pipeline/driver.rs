@@ -147,6 +147,8 @@ where
         needs_gradients,
     };
     let mut stop = |p: &Progress| progress(p).cancels();
+    // The next block's input when the staged forward already computed it.
+    let mut q_next = None;
 
     for (b, planned) in plan.blocks.iter().enumerate() {
         let name = planned.name.as_str();
@@ -175,7 +177,7 @@ where
                 .map(|((layer, qw), report)| (layer, qw, report))
                 .collect()
         } else if let Some(groups) = &planned.groups {
-            let (saved, fp_next) = quantize_block(
+            let result = quantize_block(
                 &mut run,
                 model,
                 b,
@@ -186,17 +188,21 @@ where
                 saliency.as_ref(),
                 &mut stop,
             )?;
-            if let Some(next) = fp_next {
+            if let Some(next) = result.fp_next {
                 fp_stream = Some(next);
             }
-            saved
+            q_next = result.q_next;
+            result.layers
         } else {
             if let Some(fp) = fp_stream.as_mut() {
                 *fp = forward(&*model, b, name, fp, samples)?;
             }
             Vec::new()
         };
-        q_stream = forward(&*model, b, name, &q_stream, samples)?;
+        q_stream = match q_next.take() {
+            Some(next) => next,
+            None => forward(&*model, b, name, &q_stream, samples)?,
+        };
         if b >= resume_from {
             if let Some(st) = state.as_mut() {
                 st.save_block(b, &saved)?;

@@ -3,8 +3,11 @@
 //! [`quantize_model`] takes any [`QuantizableModel`](crate::QuantizableModel)
 //! and its calibration samples and, block by block: runs the calibration
 //! streams, accumulates the (importance-weighted) Hessian of every input
-//! group, solves the group's layers in true-sequential order, writes the
-//! quantized weights back and replays the block to feed the next one. When
+//! group, solves the group's layers in true-sequential order and writes the
+//! quantized weights back. True-sequential capture runs the backend's
+//! staged forward ([`QuantizableModel::block_stage`](crate::QuantizableModel::block_stage)):
+//! one stage per group, and the last stage's result feeds the next block, so
+//! a backend that implements it runs each block once per sample. When
 //! the method needs importance factors, one block-wise backward pass of the
 //! task loss through the full-precision model comes first.
 
@@ -14,12 +17,14 @@ mod config;
 mod context;
 mod driver;
 mod inputs;
+mod pass;
 mod plan;
 mod progress;
 mod report;
 mod report_json;
 mod saliency;
 mod sink;
+mod stages;
 mod state;
 
 pub use config::{

@@ -6,7 +6,7 @@ use ndarray::{s, Array2, ArrayView2, ArrayViewD, ArrayViewMutD, Axis, Zip};
 
 use super::fastexp::softmax_prefix;
 use super::linear::{Linear, LinearCache};
-use super::params::{join, Grads, Module};
+use super::params::{join, reborrow, Grads, Module};
 use super::rope::Rope;
 use super::Rng;
 use vlmq::backend::RowSink;
@@ -98,6 +98,15 @@ pub struct AttentionCache {
     probs: Vec<Array2<f32>>,
 }
 
+/// What computing the context leaves for the backward pass.
+struct ContextParts {
+    q_lin: LinearCache,
+    q: Array2<f32>,
+    k: Array2<f32>,
+    v: Array2<f32>,
+    probs: Vec<Array2<f32>>,
+}
+
 impl Attention {
     /// A randomly initialized attention layer.
     pub fn init(rng: &mut Rng, config: AttentionConfig) -> Result<Self> {
@@ -171,6 +180,50 @@ impl Attention {
         valid: Option<&[bool]>,
         mut sink: Option<&mut dyn RowSink>,
     ) -> Result<(Array2<f32>, AttentionCache)> {
+        let (ctx, parts) = self.context_parts(x, valid, reborrow(&mut sink))?;
+        if let Some(s) = sink {
+            s.rows("attn.o", ctx.view());
+        }
+        let (y, ctx_lin) = self.o.forward(ctx.view())?;
+        let ContextParts {
+            q_lin,
+            q,
+            k,
+            v,
+            probs,
+        } = parts;
+        Ok((
+            y,
+            AttentionCache {
+                q_lin,
+                ctx_lin,
+                q,
+                k,
+                v,
+                probs,
+            },
+        ))
+    }
+
+    /// The attention context (the input of `attn.o`, `[tokens, heads x
+    /// head_dim]`) over `x`, exactly as [`forward`](Self::forward) computes
+    /// it; `sink` sees the inputs of `attn.q/k/v`.
+    pub fn context(
+        &self,
+        x: ArrayView2<'_, f32>,
+        valid: Option<&[bool]>,
+        sink: Option<&mut dyn RowSink>,
+    ) -> Result<Array2<f32>> {
+        Ok(self.context_parts(x, valid, sink)?.0)
+    }
+
+    /// The context and what the backward pass needs of its computation.
+    fn context_parts(
+        &self,
+        x: ArrayView2<'_, f32>,
+        valid: Option<&[bool]>,
+        sink: Option<&mut dyn RowSink>,
+    ) -> Result<(Array2<f32>, ContextParts)> {
         let cfg = &self.config;
         self.check()?;
         let t = x.nrows();
@@ -179,7 +232,7 @@ impl Attention {
                 return Err(Error::shape("attention padding mask", &[t], &[v.len()]));
             }
         }
-        if let Some(s) = sink.as_deref_mut() {
+        if let Some(s) = sink {
             s.rows("attn.q", x);
             s.rows("attn.k", x);
             s.rows("attn.v", x);
@@ -232,15 +285,10 @@ impl Attention {
             );
             probs.push(p);
         }
-        if let Some(s) = sink {
-            s.rows("attn.o", ctx.view());
-        }
-        let (y, ctx_lin) = self.o.forward(ctx.view())?;
         Ok((
-            y,
-            AttentionCache {
+            ctx,
+            ContextParts {
                 q_lin,
-                ctx_lin,
                 q,
                 k,
                 v,

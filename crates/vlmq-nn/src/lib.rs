@@ -33,6 +33,7 @@ mod packed_kernel;
 mod params;
 mod rope;
 mod sample;
+mod stages;
 
 pub use activation::{Activation, ActivationCache};
 pub use adam::Adam;

@@ -5,7 +5,7 @@ use ndarray::{Array2, ArrayView2, ArrayViewD, ArrayViewMutD};
 
 use super::activation::{Activation, ActivationCache};
 use super::linear::{Linear, LinearCache};
-use super::params::{join, Grads, Module};
+use super::params::{join, reborrow, Grads, Module};
 use super::Rng;
 use vlmq::backend::RowSink;
 use vlmq::error::Result;
@@ -32,6 +32,14 @@ pub struct MlpCache {
     act_out: Option<Array2<f32>>,
     up_out: Option<Array2<f32>>,
     down: LinearCache,
+}
+
+/// What computing the hidden activations leaves for the backward pass.
+struct HiddenParts {
+    input: LinearCache,
+    act: ActivationCache,
+    act_out: Option<Array2<f32>>,
+    up_out: Option<Array2<f32>>,
 }
 
 impl Mlp {
@@ -78,7 +86,52 @@ impl Mlp {
         x: ArrayView2<'_, f32>,
         mut sink: Option<&mut dyn RowSink>,
     ) -> Result<(Array2<f32>, MlpCache)> {
-        if let Some(s) = sink.as_deref_mut() {
+        let (h, parts) = self.hidden_parts(x, reborrow(&mut sink))?;
+        if let Some(s) = sink {
+            s.rows("mlp.down", h.view());
+        }
+        let (y, down) = self.down.forward(h.view())?;
+        let HiddenParts {
+            input,
+            act,
+            act_out,
+            up_out,
+        } = parts;
+        Ok((
+            y,
+            MlpCache {
+                input,
+                act,
+                act_out,
+                up_out,
+                down,
+            },
+        ))
+    }
+
+    /// The hidden activations (the input of `mlp.down`) over `x`, exactly
+    /// as [`forward`](Self::forward) computes them; `sink` sees the inputs
+    /// of `mlp.gate` and `mlp.up`.
+    pub fn hidden(
+        &self,
+        x: ArrayView2<'_, f32>,
+        sink: Option<&mut dyn RowSink>,
+    ) -> Result<Array2<f32>> {
+        Ok(self.hidden_parts(x, sink)?.0)
+    }
+
+    /// Applies `mlp.down` to hidden activations.
+    pub fn project_down(&self, h: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
+        self.down.apply(h)
+    }
+
+    /// The hidden activations and what the backward pass needs of them.
+    fn hidden_parts(
+        &self,
+        x: ArrayView2<'_, f32>,
+        sink: Option<&mut dyn RowSink>,
+    ) -> Result<(Array2<f32>, HiddenParts)> {
+        if let Some(s) = sink {
             if self.gate.is_some() {
                 s.rows("mlp.gate", x);
             }
@@ -96,18 +149,13 @@ impl Mlp {
                 (a, act, None, None)
             }
         };
-        if let Some(s) = sink {
-            s.rows("mlp.down", h.view());
-        }
-        let (y, down) = self.down.forward(h.view())?;
         Ok((
-            y,
-            MlpCache {
+            h,
+            HiddenParts {
                 input,
                 act,
                 act_out,
                 up_out,
-                down,
             },
         ))
     }

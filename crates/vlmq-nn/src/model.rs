@@ -209,7 +209,7 @@ impl SequenceModel {
         self.projector_index().is_some_and(|p| block <= p)
     }
 
-    fn block(&self, block: usize) -> Result<&Block> {
+    pub(crate) fn block(&self, block: usize) -> Result<&Block> {
         self.blocks.get(block).ok_or_else(|| Error::Backend {
             block,
             layer: None,
@@ -258,7 +258,7 @@ impl SequenceModel {
     }
 
     /// The key padding mask at block `block`'s input, after checking the sample.
-    fn mask(&self, block: usize, sample: &Sample) -> Result<Option<Vec<bool>>> {
+    pub(crate) fn mask(&self, block: usize, sample: &Sample) -> Result<Option<Vec<bool>>> {
         let Some(valid) = &sample.valid else {
             return Ok(None);
         };
@@ -520,6 +520,18 @@ impl QuantizableModel for SequenceModel {
                 Ok(self.projector_forward(p, input.view(), sample)?.0)
             }
         }
+    }
+
+    fn block_stage(
+        &self,
+        block: usize,
+        stage: usize,
+        input: &Array2<f32>,
+        sample: &Sample,
+        carry: Option<vlmq::StageCarry>,
+        sink: &mut dyn RowSink,
+    ) -> Result<vlmq::StageOutput<Array2<f32>>> {
+        self.run_stage(block, stage, input, sample, carry, sink)
     }
 
     fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>> {
