@@ -11,6 +11,9 @@
 //!   Llama-family LM), quantizable with [`VlmSample`]s; [`process::image_input`]
 //!   turns PNG/JPEG files into CLIP `pixel_values`; [`export::llava`] writes
 //!   its GPTQ checkpoint in the LLaVA layout;
+//! - [`load_qwen2_vl_dir`] gives a [`Qwen2VlModel`] (Qwen2-VL and Qwen2.5-VL:
+//!   native-resolution ViT with 2-D rotary attention, patch merger, Qwen2
+//!   decoder with multimodal RoPE);
 //! - [`tokenizer_from_file`] / [`tokenizer_from_gguf`] give a tokenizer;
 //! - [`eval`] measures perplexity and KL divergence from a reference model;
 //! - [`export`] writes a GPTQ checkpoint in the model's own HF layout;
@@ -38,6 +41,7 @@ pub use load::gguf::{
 pub use load::hf::{load_hf_dir, load_hf_dir_with, safetensors_files, save_hf_dir};
 pub use load::llava::load_llava_dir;
 pub use load::options::{device_from_name, dtype_from_name, LoadOptions, Residency};
+pub use load::qwen2_vl::{load_qwen2_vl_dir, QwenVlNaming};
 pub use load::{load_model, load_model_with};
 pub use models::clip::{
     ClipLayerWeights, ClipVisionConfig, LayerNorm, VisionWeights, VISION_LINEAR_NAMES,
@@ -49,6 +53,12 @@ pub use models::llava::model::{
     LlavaConfig, LlavaModel, LlavaNaming, Projector, PROJECTOR_LINEAR_NAMES,
 };
 pub use models::llava::sample::{VlmHidden, VlmSample};
+pub use models::qwen2_vl::{
+    image_cu_seqlens, rope_delta, rope_index, vision_position_ids, window_index, ImageGrid, Merger,
+    MropePositions, Qwen2VlConfig, Qwen2VlModel, QwenVisionConfig, QwenVisionWeights,
+    QwenVlVariant, VisionBlock, VisionNorm, VisionTrace, MERGER_LINEARS, QWEN2_5_VL_BLOCK_LINEARS,
+    QWEN2_VL_BLOCK_LINEARS, VISION_NORM_EPS,
+};
 pub use process::llava_prompt::IMAGE_MARKER;
 pub use process::tokenizer::{encode, tokenizer_from_file, tokenizer_from_gguf, tokenizers};
 pub use random::random_model;

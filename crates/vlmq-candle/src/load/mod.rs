@@ -5,6 +5,7 @@ pub(crate) mod gguf;
 pub(crate) mod hf;
 pub(crate) mod llava;
 pub(crate) mod options;
+pub(crate) mod qwen2_vl;
 
 use std::path::Path;
 

@@ -4,3 +4,4 @@
 pub(crate) mod clip;
 pub(crate) mod llama;
 pub(crate) mod llava;
+pub(crate) mod qwen2_vl;

@@ -1,0 +1,22 @@
+//! Qwen2-VL and Qwen2.5-VL: a ViT with 2-D rotary attention over native
+//! resolution patches, a 2x2 patch merger, and a Qwen2 decoder with
+//! multimodal RoPE. Qwen2.5-VL differs in the tower only: RMSNorm, SwiGLU
+//! MLP with biases, and windowed attention outside `fullatt_block_indexes`.
+
+mod config;
+mod grid;
+mod model;
+mod mrope;
+mod vision;
+
+pub use config::{Qwen2VlConfig, QwenVisionConfig, QwenVlVariant};
+pub use grid::{image_cu_seqlens, vision_position_ids, window_index, ImageGrid};
+pub use model::{Qwen2VlModel, VisionTrace};
+pub use mrope::{rope_delta, rope_index, MropePositions};
+pub use vision::{
+    Merger, QwenVisionWeights, VisionBlock, VisionNorm, MERGER_LINEARS, QWEN2_5_VL_BLOCK_LINEARS,
+    QWEN2_VL_BLOCK_LINEARS, VISION_NORM_EPS,
+};
+
+#[cfg(test)]
+mod grad_tests;
