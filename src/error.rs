@@ -224,6 +224,19 @@ pub enum Error {
         /// The underlying message.
         reason: String,
     },
+    /// A field of an input file (a recipe, a calibration file, a model's
+    /// configuration) that is missing, malformed or out of range. `field`
+    /// names where in the file (`bits`, `line 3: text`); the message is one
+    /// line.
+    #[error("{}: {field}: {reason}", path.display())]
+    InvalidField {
+        /// The file involved.
+        path: PathBuf,
+        /// Where in the file: a key, or a line and a key.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A JSON config that is malformed or has inconsistent fields.
     #[error("invalid JSON config {path:?}: {reason}")]
     Json {
@@ -260,6 +273,19 @@ impl Error {
             what: what.into(),
             expected: expected.to_vec(),
             actual: actual.to_vec(),
+        }
+    }
+
+    /// [`InvalidField`](Error::InvalidField) helper.
+    pub fn field(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        reason: impl std::fmt::Display,
+    ) -> Self {
+        Error::InvalidField {
+            path: path.into(),
+            field: field.into(),
+            reason: reason.to_string(),
         }
     }
 

@@ -32,6 +32,7 @@ mod models;
 pub mod needle;
 pub mod process;
 mod random;
+pub mod recipe;
 pub mod toy;
 
 pub use backend::llama::TextSample;
@@ -62,5 +63,6 @@ pub use models::qwen2_vl::{
 pub use process::llava_prompt::IMAGE_MARKER;
 pub use process::tokenizer::{encode, tokenizer_from_file, tokenizer_from_gguf, tokenizers};
 pub use random::random_model;
+pub use recipe::{CheckedRecipe, OutputFormat, Recipe};
 
 pub use candle_core;
