@@ -34,8 +34,6 @@ pub use config::{
 pub use driver::{quantize_model, quantize_model_streaming};
 pub use inputs::{input_statistics, GroupStatistics};
 pub use progress::{Progress, ProgressControl};
-#[allow(deprecated)]
-pub use report::QuantizedModel;
 pub use report::{LayerReport, PipelineOutput, PipelineReport, TraceShares};
 pub use saliency::SaliencyMaps;
 pub use sink::{BlockSink, FinishedBlock};

@@ -193,7 +193,3 @@ pub struct PipelineOutput {
     /// Quantized weights by `(block index, layer name)`.
     pub weights: BTreeMap<(usize, String), QuantizedWeight>,
 }
-
-/// The 0.1 name of [`PipelineOutput`].
-#[deprecated(since = "0.2.0", note = "renamed to PipelineOutput")]
-pub type QuantizedModel = PipelineOutput;

@@ -31,11 +31,13 @@ mod load;
 mod models;
 pub mod needle;
 pub mod process;
+mod quantizer;
 mod random;
 pub mod recipe;
 pub mod toy;
 
 pub use backend::llama::TextSample;
+pub use load::checkpoint::{is_gptq_dir, load_gptq_dir};
 pub use load::gguf::{
     config_from_gguf, hf_name, load_gguf, load_gguf_with, permute_qk, read_gguf_content,
 };
@@ -60,8 +62,10 @@ pub use models::qwen2_vl::{
     QwenVlVariant, VisionBlock, VisionNorm, VisionTrace, MERGER_LINEARS, QWEN2_5_VL_BLOCK_LINEARS,
     QWEN2_VL_BLOCK_LINEARS, VISION_NORM_EPS,
 };
+pub use process::calibration::{Calibration, CalibrationRecord};
 pub use process::llava_prompt::IMAGE_MARKER;
 pub use process::tokenizer::{encode, tokenizer_from_file, tokenizer_from_gguf, tokenizers};
+pub use quantizer::{Event, LoadedModel, Quantized, Quantizer, Stage};
 pub use random::random_model;
 pub use recipe::{CheckedRecipe, OutputFormat, Recipe};
 

@@ -1,5 +1,6 @@
 //! One entry point for a model and its tokenizer, whatever the format.
 
+pub(crate) mod checkpoint;
 pub(crate) mod disk;
 pub(crate) mod gguf;
 pub(crate) mod hf;

@@ -24,7 +24,7 @@
 //! | `seed` | 0 | which windows of a text file are drawn |
 //! | `format` | `"gptq"` | GPTQ checkpoint, format v1 (v2 for an asymmetric grid) |
 //! | `dense` | `[]` | layers left in full precision |
-//! | `layers` | `{}` | per-layer grids (`bits`, `group_size`, `symmetric`) |
+//! | `layers` | `{}` | per-layer grids (`bits`, `group_size`, `symmetric`); a GPTQ checkpoint holds one grid, so they must match the recipe's |
 //! | `blocks` | every block | a block-name prefix: only those blocks are quantized |
 //!
 //! ```
@@ -33,8 +33,6 @@
 //!     r#"
 //!     bits = 3
 //!     dense = ["mlp.down_proj"]
-//!     [layers."self_attn.o_proj"]
-//!     bits = 8
 //!     "#,
 //!     "recipe.toml".as_ref(),
 //! )?;

@@ -143,7 +143,7 @@ impl LlamaModel {
 
     /// Mutable parameters (shapes are the caller's responsibility; prefer
     /// [`set_linear_weight`](vlmq::QuantizableModel::set_linear_weight)).
-    pub fn weights_mut(&mut self) -> &mut ModelWeights {
+    pub(crate) fn weights_mut(&mut self) -> &mut ModelWeights {
         &mut self.weights
     }
 

@@ -1,0 +1,299 @@
+//! The one-call API: load a model, calibrate, quantize with a recipe, save.
+//!
+//! ```no_run
+//! use std::ops::ControlFlow;
+//! use vlmq_candle::{Calibration, Quantizer, Recipe};
+//!
+//! let recipe = Recipe { bits: 4, samples: 32, ..Recipe::default() }.check("code".as_ref())?;
+//! Quantizer::from_pretrained("SmolLM2-135M-Instruct")?
+//!     .calibrate(Calibration::from_file("calib.txt")?, "calib.txt")?
+//!     .quantize(&recipe, |e| {
+//!         eprintln!("{} {}/{}", e.stage.name(), e.done, e.total);
+//!         ControlFlow::Continue(())
+//!     })?
+//!     .save("SmolLM2-135M-gptq-w4g128")?;
+//! # Ok::<(), vlmq::Error>(())
+//! ```
+//!
+//! [`LoadedModel`] lists the supported families; a new family joins with
+//! one variant and one arm in each `match` of this module.
+
+mod event;
+mod samples;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use tokenizers::Tokenizer;
+use vlmq::pipeline::{BlockSelection, PipelineOutput, PipelineReport};
+use vlmq::{Error, Progress, QuantizableModel, Result};
+
+pub use event::{Event, Stage};
+
+use crate::export::llava::write_llava_gptq;
+use crate::export::write_gptq;
+use crate::process::calibration::Calibration;
+use crate::process::image_input::ClipImageProcessor;
+use crate::recipe::{CheckedRecipe, OutputFormat};
+use crate::{load_llava_dir, load_model, tokenizer_from_file, LlamaModel, LlavaModel};
+
+/// A model of one of the supported families.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+// One value per run, holding handles to the weights: the variants' sizes
+// do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum LoadedModel {
+    /// A Llama-family decoder (Llama, SmolLM2, Qwen2) from an HF directory
+    /// or a GGUF file.
+    Llama(LlamaModel),
+    /// A LLaVA-style model (CLIP tower, projector, Llama-family LM) with its
+    /// image processor.
+    Llava(LlavaModel, ClipImageProcessor),
+}
+
+impl LoadedModel {
+    /// The family's name.
+    pub fn family(&self) -> &'static str {
+        match self {
+            LoadedModel::Llama(_) => "llama",
+            LoadedModel::Llava(..) => "llava",
+        }
+    }
+
+    /// Number of blocks the pipeline walks.
+    pub fn num_blocks(&self) -> usize {
+        match self {
+            LoadedModel::Llama(m) => m.num_blocks(),
+            LoadedModel::Llava(m, _) => m.num_blocks(),
+        }
+    }
+}
+
+/// A loaded model and its tokenizer, waiting for calibration data.
+pub struct Quantizer {
+    model: LoadedModel,
+    tokenizer: Tokenizer,
+    calibration: Option<(Calibration, PathBuf)>,
+    state_dir: Option<PathBuf>,
+}
+
+/// What [`Quantizer::from_pretrained_on`] reads from `config.json` to pick
+/// the family.
+fn model_type(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("model_type")?.as_str().map(str::to_string)
+}
+
+impl Quantizer {
+    /// Loads `path` on the CPU in f32: a `.gguf` file or a Hugging Face
+    /// directory of a supported family.
+    pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Quantizer> {
+        Quantizer::from_pretrained_on(path, DType::F32, &Device::Cpu)
+    }
+
+    /// Loads `path` in `dtype` on `device`.
+    pub fn from_pretrained_on(
+        path: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Quantizer> {
+        let path = path.as_ref();
+        let is_gguf = path.extension().is_some_and(|e| e == "gguf");
+        if !is_gguf && !path.join("config.json").is_file() {
+            return Err(Error::field(
+                path,
+                "config.json",
+                "is missing: MODEL is a Hugging Face model directory or a .gguf file",
+            ));
+        }
+        let (model, tokenizer) = match model_type(path).as_deref() {
+            Some("llava") if !is_gguf => {
+                let m = load_llava_dir(path, dtype, device)?;
+                let tk = tokenizer_from_file(path.join("tokenizer.json"))?;
+                let processor = clip_processor(path, &m)?;
+                (LoadedModel::Llava(m, processor), tk)
+            }
+            _ => {
+                let (m, tk) = load_model(path, dtype, device)?;
+                (LoadedModel::Llama(m), tk)
+            }
+        };
+        Ok(Quantizer {
+            model,
+            tokenizer,
+            calibration: None,
+            state_dir: None,
+        })
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &LoadedModel {
+        &self.model
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Sets the calibration data; `origin` names it in errors (its file).
+    pub fn calibrate(mut self, data: Calibration, origin: impl Into<PathBuf>) -> Result<Quantizer> {
+        self.calibration = Some((data, origin.into()));
+        Ok(self)
+    }
+
+    /// Saves the run's state after each block in `dir`; a later run with
+    /// the same model, calibration data and recipe resumes from it.
+    pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Quantizer {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Runs the recipe: calibration samples, then every block. `on_event`
+    /// sees each step; returning `ControlFlow::Break(())` cancels the run
+    /// with [`Error::Cancelled`] (with a state directory, the blocks already
+    /// done are kept for the next run).
+    pub fn quantize(
+        self,
+        recipe: &CheckedRecipe,
+        mut on_event: impl FnMut(&Event) -> ControlFlow<()>,
+    ) -> Result<Quantized> {
+        let (data, origin) = self.calibration.as_ref().ok_or_else(|| Error::Empty {
+            what: "calibration data (call Quantizer::calibrate first)".into(),
+        })?;
+        let mut cfg = recipe.pipeline().clone();
+        if let Some(dir) = &self.state_dir {
+            cfg = cfg.with_state_dir(dir);
+        }
+        let mut tick = |stage: Stage, done: usize, total: usize, item: String| -> Result<()> {
+            let e = Event {
+                stage,
+                done,
+                total,
+                item,
+            };
+            match on_event(&e) {
+                ControlFlow::Continue(()) => Ok(()),
+                ControlFlow::Break(()) => Err(Error::Cancelled),
+            }
+        };
+        let mut model = self.model;
+        let output = match &mut model {
+            LoadedModel::Llama(m) => {
+                let texts =
+                    samples::text_samples(&self.tokenizer, data, origin, recipe, |d, n| {
+                        tick(Stage::Calibrate, d, n, format!("sample {d}"))
+                    })?;
+                let set: Vec<_> = texts.into_iter().map(crate::TextSample::causal).collect();
+                run(m, &set, &cfg, &mut tick)?
+            }
+            LoadedModel::Llava(m, processor) => {
+                let set = samples::llava_samples(
+                    m,
+                    &self.tokenizer,
+                    processor,
+                    data,
+                    origin,
+                    recipe,
+                    |d, n| tick(Stage::Calibrate, d, n, format!("sample {d}")),
+                )?;
+                // A VLM's vision tower stays dense unless the recipe names blocks.
+                if *cfg.blocks() == BlockSelection::All {
+                    cfg = cfg.with_blocks(m.lm_only());
+                }
+                run(m, &set, &cfg, &mut tick)?
+            }
+        };
+        Ok(Quantized {
+            model,
+            tokenizer: self.tokenizer,
+            output,
+            format: recipe.format(),
+        })
+    }
+}
+
+/// The pipeline over `set`, each layer reported as a [`Stage::Quantize`] event.
+fn run<M: QuantizableModel>(
+    m: &mut M,
+    set: &[M::Sample],
+    cfg: &vlmq::PipelineConfig,
+    tick: &mut impl FnMut(Stage, usize, usize, String) -> Result<()>,
+) -> Result<PipelineOutput> {
+    vlmq::quantize_model(m, set, cfg, |p: &Progress| {
+        let item = format!("{}/{}", p.block_name, p.layer);
+        match tick(Stage::Quantize, p.layers_done, p.layers_total, item) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    })
+}
+
+/// The CLIP image processor of a LLaVA directory (its
+/// `preprocessor_config.json`, or CLIP's defaults at the tower's size).
+fn clip_processor(dir: &Path, m: &LlavaModel) -> Result<ClipImageProcessor> {
+    let size = m.config().vision.image_size;
+    let pre = dir.join("preprocessor_config.json");
+    let p = if pre.exists() {
+        ClipImageProcessor::from_preprocessor_config(&pre, size)?
+    } else {
+        ClipImageProcessor::for_image_size(size)
+    };
+    if p.crop != size {
+        return Err(Error::field(
+            &pre,
+            "crop_size",
+            format!(
+                "{} differs from the vision tower's image_size {size}",
+                p.crop
+            ),
+        ));
+    }
+    Ok(p)
+}
+
+/// A quantized model, ready to be saved.
+pub struct Quantized {
+    model: LoadedModel,
+    tokenizer: Tokenizer,
+    output: PipelineOutput,
+    format: OutputFormat,
+}
+
+impl Quantized {
+    /// The model with its quantized layers' dequantized weights in place.
+    pub fn model(&self) -> &LoadedModel {
+        &self.model
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The run's report (per layer: objectives, damping, time).
+    pub fn report(&self) -> &PipelineReport {
+        &self.output.report
+    }
+
+    /// The quantized weights by `(block, layer)`.
+    pub fn output(&self) -> &PipelineOutput {
+        &self.output
+    }
+
+    /// Writes the checkpoint in the recipe's format to `dir`.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        match (&self.model, self.format) {
+            (LoadedModel::Llama(m), OutputFormat::Gptq) => {
+                write_gptq(m, &self.output, Some(&self.tokenizer), dir)
+            }
+            (LoadedModel::Llava(m, _), OutputFormat::Gptq) => {
+                write_llava_gptq(m, &self.output, Some(&self.tokenizer), dir)
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The command line: subcommands and their flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Post-training quantization (GPTQ, GPTAQ, VLMQ) of Llama-family and LLaVA
+/// models, written as GPTQ checkpoints.
+#[derive(Parser, Debug)]
+#[command(name = "vlmq", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Quantize MODEL (a Hugging Face directory or a .gguf file) into a GPTQ checkpoint.
+    Quantize(QuantizeArgs),
+    /// Perplexity of a model or checkpoint on a text, and its KL divergence from a reference.
+    Eval(EvalArgs),
+    /// Format, grid and layers of a GPTQ checkpoint, with every tensor digest checked.
+    Inspect(InspectArgs),
+}
+
+/// `vlmq quantize`: every recipe setting as a flag; a flag overrides the
+/// `--recipe` file, which overrides the defaults.
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Hugging Face model directory or .gguf file.
+    pub model: PathBuf,
+    /// Output directory of the checkpoint.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Calibration data: a text file (cut into --seq-len windows) or JSONL
+    /// records {"text": ..., "images": [...]}.
+    #[arg(long)]
+    pub calib: PathBuf,
+    /// TOML recipe with any of the settings below, per-layer grids and dense layers.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// rtn, gptq, gptaq, vlmq or vlmq+gptaq [default: gptq].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Bit width: 2, 3, 4 or 8 [default: 4].
+    #[arg(long)]
+    pub bits: Option<u32>,
+    /// Columns per group, or -1 for one scale per output channel [default: 128].
+    #[arg(long, allow_negative_numbers = true)]
+    pub group: Option<i64>,
+    /// Asymmetric grid (zero point fitted per group) [default: symmetric].
+    #[arg(long)]
+    pub asym: bool,
+    /// Act-order: columns in order of decreasing Hessian diagonal.
+    #[arg(long)]
+    pub act_order: bool,
+    /// Static groups, fitted before any update (with --act-order).
+    #[arg(long)]
+    pub static_groups: bool,
+    /// Relative damping of the Hessian diagonal [default: 0.01].
+    #[arg(long)]
+    pub damping: Option<f64>,
+    /// Capture every linear group of a block in one forward (faster, usually
+    /// slightly worse) instead of true-sequential capture.
+    #[arg(long)]
+    pub one_forward: bool,
+    /// Calibration samples [default: 128].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Tokens per calibration window [default: 512].
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Seed of the draw of calibration windows [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep the run's state here after each block; a rerun with the same
+    /// directory, model, data and recipe resumes.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// After quantizing, the perplexity and KL divergence on this text file.
+    #[arg(long, value_name = "TEXT_FILE")]
+    pub eval: Option<PathBuf>,
+    /// Print the recipe in effect (TOML) and exit.
+    #[arg(long)]
+    pub print_recipe: bool,
+    /// Cancel after this many layers, as Ctrl-C would (for tests of resuming).
+    #[arg(long, hide = true)]
+    pub stop_after_layers: Option<usize>,
+}
+
+/// `vlmq eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Hugging Face model directory, .gguf file or GPTQ checkpoint directory.
+    pub model: PathBuf,
+    /// Text file to evaluate on.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Full-precision model for the KL divergence.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Tokens per window.
+    #[arg(long, default_value_t = vlmq_candle::Recipe::DEFAULT_SEQ_LEN)]
+    pub seq_len: usize,
+    /// Windows evaluated (the first ones of the text); 0 = all.
+    #[arg(long, default_value_t = 0)]
+    pub windows: usize,
+}
+
+/// `vlmq inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// GPTQ checkpoint directory.
+    pub checkpoint: PathBuf,
+}

@@ -1,0 +1,95 @@
+//! `vlmq quantize`: the recipe from defaults, file and flags; load,
+//! calibrate, quantize, save, optionally evaluate.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use vlmq::Result;
+use vlmq_candle::{Calibration, LoadedModel, Quantizer, Recipe};
+
+use crate::args::QuantizeArgs;
+use crate::eval::{eval_text, print_report};
+use crate::progress::{interrupt_flag, spinner, EventBars};
+
+/// The recipe in effect and where its settings came from (for errors).
+fn recipe(a: &QuantizeArgs) -> Result<(Recipe, PathBuf)> {
+    let (mut r, origin) = match &a.recipe {
+        Some(p) => (Recipe::from_toml_file(p)?, p.clone()),
+        None => (Recipe::default(), PathBuf::from("command line")),
+    };
+    if let Some(v) = &a.method {
+        r.method = v.clone();
+    }
+    if let Some(v) = a.bits {
+        r.bits = v;
+    }
+    if let Some(v) = a.group {
+        r.group_size = v;
+    }
+    r.symmetric &= !a.asym;
+    r.act_order |= a.act_order;
+    r.static_groups |= a.static_groups;
+    if let Some(v) = a.damping {
+        r.damping = v;
+    }
+    r.true_sequential &= !a.one_forward;
+    if let Some(v) = a.samples {
+        r.samples = v;
+    }
+    if let Some(v) = a.seq_len {
+        r.seq_len = v;
+    }
+    if let Some(v) = a.seed {
+        r.seed = v;
+    }
+    Ok((r, origin))
+}
+
+/// Runs `vlmq quantize`.
+pub fn run(a: QuantizeArgs) -> Result<()> {
+    let (r, origin) = recipe(&a)?;
+    let checked = r.check(&origin)?;
+    if a.print_recipe {
+        print!("{}", r.to_toml_string());
+        return Ok(());
+    }
+    let data = Calibration::from_file(&a.calib)?;
+    let t0 = Instant::now();
+    let pb = spinner(&format!("loading {}", a.model.display()));
+    let mut q = Quantizer::from_pretrained(&a.model)?;
+    pb.finish_with_message(format!(
+        "loaded {} ({}, {} blocks)",
+        a.model.display(),
+        q.model().family(),
+        q.model().num_blocks()
+    ));
+    if let Some(dir) = &a.state_dir {
+        q = q.with_state_dir(dir);
+    }
+    let reference = a.eval.as_ref().map(|_| q.model().clone());
+    let mut bars = EventBars::new(interrupt_flag(), a.stop_after_layers);
+    let done = q
+        .calibrate(data, &a.calib)?
+        .quantize(&checked, |e| bars.on_event(e))?;
+    bars.finish();
+    let pb = spinner(&format!("writing {}", a.out.display()));
+    done.save(&a.out)?;
+    pb.finish_with_message(format!("wrote {}", a.out.display()));
+    eprintln!(
+        "{} W{} g{}: {} layers quantized in {:.1}s",
+        r.method,
+        r.bits,
+        r.group_size,
+        done.output().weights.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    if let (Some(text), Some(LoadedModel::Llama(fp)), LoadedModel::Llama(m)) =
+        (&a.eval, &reference, done.model())
+    {
+        let report = eval_text(m, Some(fp), done.tokenizer(), text, r.seq_len, 0)?;
+        print_report(&report);
+    } else if a.eval.is_some() {
+        eprintln!("--eval: evaluation runs on Llama-family models only; skipped");
+    }
+    Ok(())
+}

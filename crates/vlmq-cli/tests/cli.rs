@@ -1,0 +1,219 @@
+//! Runs the `vlmq` binary on the tiny Llama fixture of vlmq-candle.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../vlmq-candle/tests/fixtures/hf-tiny/llama")
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vlmq-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Plain English calibration text, long enough for a few 32-token windows.
+fn write_text(dir: &Path) -> PathBuf {
+    let words = [
+        "the", "model", "reads", "a", "long", "page", "of", "text", "and", "every", "token",
+        "counts", "when", "weights", "are", "rounded", "to", "four", "bits", "while", "errors",
+        "stay", "small",
+    ];
+    let text: Vec<&str> = (0..1500)
+        .map(|i| words[(i * 7 + i / 5) % words.len()])
+        .collect();
+    let p = dir.join("calib.txt");
+    std::fs::write(&p, text.join(" ")).unwrap();
+    p
+}
+
+fn vlmq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vlmq"))
+        .args(args)
+        .output()
+        .expect("the vlmq binary runs")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Settings small enough for the 2-layer fixture (hidden 64, MLP 176).
+const SMALL: &[&str] = &["--samples", "4", "--seq-len", "32"];
+
+#[test]
+fn quantize_with_a_recipe_then_inspect_and_eval() {
+    let d = scratch("recipe");
+    let calib = write_text(&d);
+    let recipe = d.join("r.toml");
+    std::fs::write(
+        &recipe,
+        "bits = 4\ngroup_size = 32\ndense = [\"mlp.down_proj\"]\n",
+    )
+    .unwrap();
+    let out = d.join("out");
+    let model = fixture();
+    let mut args = vec![
+        "quantize",
+        s(&model),
+        "--out",
+        s(&out),
+        "--calib",
+        s(&calib),
+    ];
+    args.extend(["--recipe", s(&recipe)]);
+    args.extend(SMALL);
+    let o = vlmq(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = vlmq(&["inspect", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    for want in [
+        "format       gptq\n",
+        "bits         4\n",
+        "group size   32\n",
+        "symmetric    true\n",
+        // 2 blocks x 7 linears, the down projections left dense.
+        "quantized    12 layers\n",
+        "  model.layers.0.mlp.down_proj.weight [64, 176]\n",
+        "digests      every tensor matches its stored digest\n",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+
+    let fp = fixture();
+    let o = vlmq(&[
+        "eval",
+        s(&out),
+        "--data",
+        s(&calib),
+        "--reference",
+        s(&fp),
+        "--seq-len",
+        "32",
+        "--windows",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = stdout(&o);
+    assert!(
+        line.starts_with("perplexity ") && line.contains(" kl "),
+        "{line}"
+    );
+    // The quantized model differs from full precision: KL is positive.
+    let kl: f64 = line
+        .split(" kl ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(kl > 0.0, "{line}");
+}
+
+#[test]
+fn a_cancelled_run_resumes_to_the_same_bytes() {
+    let d = scratch("resume");
+    let calib = write_text(&d);
+    let model = fixture();
+    let run = |out: &Path, state: &Path, stop: Option<&str>| {
+        let mut a = vec!["quantize", s(&model), "--out", s(out), "--calib", s(&calib)];
+        a.extend(["--group", "32", "--state-dir", s(state)]);
+        a.extend(SMALL);
+        if let Some(n) = stop {
+            a.extend(["--stop-after-layers", n]);
+        }
+        vlmq(&a)
+    };
+    let straight = run(&d.join("a"), &d.join("sa"), None);
+    assert!(straight.status.success(), "{}", stderr(&straight));
+
+    // Block 0 has 7 linears: stopping after 9 leaves block 0 in the state.
+    let cut = run(&d.join("b"), &d.join("sb"), Some("9"));
+    assert_eq!(cut.status.code(), Some(130), "{}", stderr(&cut));
+    assert!(stderr(&cut).contains("cancelled"));
+    assert!(
+        !d.join("b").exists(),
+        "a cancelled run writes no checkpoint"
+    );
+    assert!(std::fs::read_dir(d.join("sb")).unwrap().count() > 0);
+
+    let resumed = run(&d.join("b"), &d.join("sb"), None);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let a = std::fs::read(d.join("a/model.safetensors")).unwrap();
+    let b = std::fs::read(d.join("b/model.safetensors")).unwrap();
+    assert!(a == b, "resumed checkpoint differs from the straight run");
+}
+
+/// Exit code 1 and one line on stderr that names the file and the field.
+fn assert_one_line_error(o: &Output, file: &str, field: &str) {
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.starts_with("error: ") && e.contains(file) && e.contains(field),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_inputs_give_one_line_naming_file_and_field() {
+    let d = scratch("errors");
+    let calib = write_text(&d);
+    let model = fixture();
+    let out = d.join("out");
+
+    let recipe = d.join("bad.toml");
+    std::fs::write(&recipe, "method = \"gptq\"\nbits = \"four\"\n").unwrap();
+    let o = vlmq(&[
+        "quantize",
+        s(&model),
+        "--out",
+        s(&out),
+        "--calib",
+        s(&calib),
+        "--recipe",
+        s(&recipe),
+    ]);
+    assert_one_line_error(&o, "bad.toml", "line 2: bits");
+
+    let jsonl = d.join("calib.jsonl");
+    std::fs::write(&jsonl, "{\"text\": \"a b c\"}\n{\"text\": 7}\n").unwrap();
+    let o = vlmq(&[
+        "quantize",
+        s(&model),
+        "--out",
+        s(&out),
+        "--calib",
+        s(&jsonl),
+    ]);
+    assert_one_line_error(&o, "calib.jsonl", "line 2: text");
+
+    let empty = d.join("not-a-model");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = vlmq(&[
+        "quantize",
+        s(&empty),
+        "--out",
+        s(&out),
+        "--calib",
+        s(&calib),
+    ]);
+    assert_one_line_error(&o, "not-a-model", "config.json");
+
+    assert!(!out.exists(), "no failed run writes output");
+}
