@@ -82,6 +82,12 @@ pub struct QuantizeArgs {
     /// After quantizing, the perplexity and KL divergence on this text file.
     #[arg(long, value_name = "TEXT_FILE")]
     pub eval: Option<PathBuf>,
+    /// Where to compute: cpu, cuda or cuda:N (cuda needs a build with the cuda feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype of the model's blocks: f32, f16, bf16 or f64.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Print the recipe in effect (TOML) and exit.
     #[arg(long)]
     pub print_recipe: bool,
@@ -107,6 +113,12 @@ pub struct EvalArgs {
     /// Windows evaluated (the first ones of the text); 0 = all.
     #[arg(long, default_value_t = 0)]
     pub windows: usize,
+    /// Where to compute: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, f16, bf16 or f64.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 /// `vlmq inspect`.

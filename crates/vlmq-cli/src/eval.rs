@@ -3,23 +3,23 @@
 use std::path::Path;
 
 use vlmq::{Error, Result};
-use vlmq_candle::candle_core::{DType, Device};
 use vlmq_candle::eval::{evaluate, windows, EvalReport};
 use vlmq_candle::tokenizers::Tokenizer;
 use vlmq_candle::{
-    encode, is_gptq_dir, load_gptq_dir, load_model, tokenizer_from_file, LlamaModel,
+    device_from_name, dtype_from_name, encode, is_gptq_dir, load_gptq_dir, load_model_with,
+    tokenizer_from_file, LlamaModel, LoadOptions,
 };
 
 use crate::args::EvalArgs;
 use crate::progress::bar;
 
 /// A model directory, GGUF file or GPTQ checkpoint, with its tokenizer.
-fn load(path: &Path) -> Result<(LlamaModel, Tokenizer)> {
+fn load(path: &Path, opts: &LoadOptions) -> Result<(LlamaModel, Tokenizer)> {
     if is_gptq_dir(path) {
-        let m = load_gptq_dir(path, DType::F32, &Device::Cpu)?;
+        let m = load_gptq_dir(path, opts.dtype, &opts.device)?;
         Ok((m, tokenizer_from_file(path.join("tokenizer.json"))?))
     } else if path.extension().is_some_and(|e| e == "gguf") || path.join("config.json").is_file() {
-        load_model(path, DType::F32, &Device::Cpu)
+        load_model_with(path, opts)
     } else {
         Err(Error::field(
             path,
@@ -71,8 +71,11 @@ pub fn print_report(r: &EvalReport) {
 
 /// Runs `vlmq eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
-    let (m, tk) = load(&a.model)?;
-    let reference = a.reference.as_deref().map(load).transpose()?;
+    let opts = LoadOptions::default()
+        .with_device(device_from_name(&a.device)?)
+        .with_dtype(dtype_from_name(&a.dtype)?);
+    let (m, tk) = load(&a.model, &opts)?;
+    let reference = a.reference.as_deref().map(|r| load(r, &opts)).transpose()?;
     let r = eval_text(
         &m,
         reference.as_ref().map(|(r, _)| r),

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use vlmq::Result;
-use vlmq_candle::{Calibration, LoadedModel, Quantizer, Recipe};
+use vlmq_candle::{
+    device_from_name, dtype_from_name, Calibration, LoadOptions, LoadedModel, Quantizer, Recipe,
+};
 
 use crate::args::QuantizeArgs;
 use crate::eval::{eval_text, print_report};
@@ -56,7 +58,10 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let data = Calibration::from_file(&a.calib)?;
     let t0 = Instant::now();
     let pb = spinner(&format!("loading {}", a.model.display()));
-    let mut q = Quantizer::from_pretrained(&a.model)?;
+    let opts = LoadOptions::default()
+        .with_device(device_from_name(&a.device)?)
+        .with_dtype(dtype_from_name(&a.dtype)?);
+    let mut q = Quantizer::from_pretrained_with(&a.model, &opts)?;
     pb.finish_with_message(format!(
         "loaded {} ({}, {} blocks)",
         a.model.display(),

@@ -215,5 +215,18 @@ fn bad_inputs_give_one_line_naming_file_and_field() {
     ]);
     assert_one_line_error(&o, "not-a-model", "config.json");
 
+    let o = vlmq(&[
+        "quantize",
+        s(&model),
+        "--out",
+        s(&out),
+        "--calib",
+        s(&calib),
+        "--dtype",
+        "f8",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("dtype = f8"), "{}", stderr(&o));
+
     assert!(!out.exists(), "no failed run writes output");
 }

@@ -24,7 +24,6 @@ mod samples;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 use vlmq::pipeline::{BlockSelection, PipelineOutput, PipelineReport};
 use vlmq::{Error, Progress, QuantizableModel, Result};
@@ -36,7 +35,9 @@ use crate::export::write_gptq;
 use crate::process::calibration::Calibration;
 use crate::process::image_input::ClipImageProcessor;
 use crate::recipe::{CheckedRecipe, OutputFormat};
-use crate::{load_llava_dir, load_model, tokenizer_from_file, LlamaModel, LlavaModel};
+use crate::{
+    load_llava_dir, load_model_with, tokenizer_from_file, LlamaModel, LlavaModel, LoadOptions,
+};
 
 /// A model of one of the supported families.
 #[derive(Debug, Clone)]
@@ -79,7 +80,7 @@ pub struct Quantizer {
     state_dir: Option<PathBuf>,
 }
 
-/// What [`Quantizer::from_pretrained_on`] reads from `config.json` to pick
+/// What [`Quantizer::from_pretrained_with`] reads from `config.json` to pick
 /// the family.
 fn model_type(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
@@ -91,15 +92,12 @@ impl Quantizer {
     /// Loads `path` on the CPU in f32: a `.gguf` file or a Hugging Face
     /// directory of a supported family.
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Quantizer> {
-        Quantizer::from_pretrained_on(path, DType::F32, &Device::Cpu)
+        Quantizer::from_pretrained_with(path, &LoadOptions::default())
     }
 
-    /// Loads `path` in `dtype` on `device`.
-    pub fn from_pretrained_on(
-        path: impl AsRef<Path>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Quantizer> {
+    /// Loads `path` with the given device, compute dtype and residency
+    /// (LLaVA models are always held in memory).
+    pub fn from_pretrained_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Quantizer> {
         let path = path.as_ref();
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
         if !is_gguf && !path.join("config.json").is_file() {
@@ -111,13 +109,13 @@ impl Quantizer {
         }
         let (model, tokenizer) = match model_type(path).as_deref() {
             Some("llava") if !is_gguf => {
-                let m = load_llava_dir(path, dtype, device)?;
+                let m = load_llava_dir(path, opts.dtype, &opts.device)?;
                 let tk = tokenizer_from_file(path.join("tokenizer.json"))?;
                 let processor = clip_processor(path, &m)?;
                 (LoadedModel::Llava(m, processor), tk)
             }
             _ => {
-                let (m, tk) = load_model(path, dtype, device)?;
+                let (m, tk) = load_model_with(path, opts)?;
                 (LoadedModel::Llama(m), tk)
             }
         };
