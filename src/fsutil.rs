@@ -144,7 +144,13 @@ pub(crate) fn write_dir_atomic_hooked(
             std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
         )
     };
-    for (name, _) in files {
+    for (k, (name, _)) in files.iter().enumerate() {
+        if files[..k].iter().any(|(earlier, _)| earlier == name) {
+            return Err(invalid(
+                dir,
+                format!("{name:?} is given twice (only one content can be kept)"),
+            ));
+        }
         let plain = !name.is_empty()
             && *name != "."
             && *name != ".."

@@ -232,6 +232,19 @@ fn quantize_layer<M: QuantizableModel>(
     model
         .set_linear_weight(b, &info.name, deq.view())
         .map_err(at())?;
+    // A backend that ignores the new weight would give a successful run of
+    // a model that is not the quantized one (later blocks would calibrate on
+    // full-precision inputs). Read it back: it must have moved off the
+    // original (exact equality: a backend may store the weight rounded).
+    if w != deq && model.linear_weight(b, &info.name).map_err(at())? == w {
+        return Err(Error::Backend {
+            block: b,
+            layer: Some(info.name.clone()),
+            reason: "set_linear_weight left the original weight in place: linear_weight \
+                     still returns it after the quantized weight was set"
+                .into(),
+        });
+    }
     let report = LayerReport {
         block: b,
         block_name: name.to_string(),

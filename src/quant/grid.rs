@@ -134,23 +134,31 @@ impl GridFit {
 }
 
 /// Checks that every group of `w` (`[out, in]`, groups of `g` consecutive
-/// columns, the last possibly shorter) gets a scale f16 can hold when the
-/// scheme rounds scales to f16: a range so wide that its scale exceeds
-/// f16's largest value would be clamped (every weight badly wrong), and a
-/// non-zero range whose scale is below f16's smallest positive value would
-/// round every weight to zero. Both are [`Error::Unencodable`] errors that
-/// recommend [`ScalePrecision::F32`]. Nothing is checked for f32 scales.
-pub(crate) fn check_f16_scales(
-    w: ArrayView2<'_, f32>,
-    scheme: &QuantScheme,
-    g: usize,
-) -> Result<()> {
-    if scheme.scale_precision == ScalePrecision::F32 || g == 0 {
+/// columns, the last possibly shorter) gets a scale its precision can hold.
+/// With f16 scales: a range so wide that its scale exceeds f16's largest
+/// value would be clamped (every weight badly wrong), and a non-zero range
+/// whose scale is below f16's smallest positive value would round every
+/// weight to zero; both errors recommend [`ScalePrecision::F32`]. With f32
+/// scales the same two limits apply at f32's range: a range that overflows
+/// f32, or a non-zero range whose scale is below the smallest normal f32
+/// (subnormal weights, which the grid would turn into zeros). All are
+/// [`Error::Unencodable`] errors naming the output and the group.
+pub(crate) fn check_scales(w: ArrayView2<'_, f32>, scheme: &QuantScheme, g: usize) -> Result<()> {
+    if g == 0 {
         return Ok(());
     }
     let max_code = scheme.bits.max_code() as f32;
-    let largest = half::f16::MAX.to_f32();
-    let smallest = half::f16::from_bits(1).to_f32();
+    let f16 = scheme.scale_precision == ScalePrecision::F16;
+    let (largest, smallest, advice) = if f16 {
+        (
+            half::f16::MAX.to_f32(),
+            half::f16::from_bits(1).to_f32(),
+            "; solve with ScalePrecision::F32",
+        )
+    } else {
+        (f32::MAX, f32::MIN_POSITIVE, "; rescale the weights")
+    };
+    let precision = if f16 { "f16" } else { "f32" };
     for (o, row) in w.outer_iter().enumerate() {
         for (k, start) in (0..row.len()).step_by(g).enumerate() {
             let (mut lo, mut hi) = (0.0f32, 0.0f32);
@@ -164,16 +172,16 @@ pub(crate) fn check_f16_scales(
                 hi - lo
             };
             let scale = range / max_code;
-            let problem = if scale > largest {
-                "so large that their scale exceeds the largest f16 value"
+            let problem = if scale > largest || !scale.is_finite() {
+                "so large that their scale exceeds the largest"
             } else if range > 0.0 && scale < smallest {
-                "so small that their scale is below the smallest f16 value (every weight would become 0)"
+                "so small that their scale is below the smallest (every weight would become 0)"
             } else {
                 continue;
             };
             return Err(Error::Unencodable {
                 what: format!("weights of output {o}, group {k} (range {range:e})"),
-                reason: format!("{problem}; solve with ScalePrecision::F32"),
+                reason: format!("{problem} {precision} scale{advice}"),
             });
         }
     }

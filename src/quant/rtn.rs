@@ -4,7 +4,7 @@ use ndarray::{Array2, ArrayView2};
 
 use crate::config::QuantScheme;
 use crate::error::Result;
-use crate::quant::grid::check_f16_scales;
+use crate::quant::grid::check_scales;
 use crate::quant::{GridFit, QuantizedWeight};
 use crate::validate::check_finite;
 
@@ -25,7 +25,7 @@ pub fn quantize_rtn(w: ArrayView2<'_, f32>, scheme: &QuantScheme) -> Result<Quan
     let (out, inp) = w.dim();
     let g = scheme.group_size.columns_for(inp)?;
     let groups = scheme.group_size.groups_for(inp)?;
-    check_f16_scales(w, scheme, g)?;
+    check_scales(w, scheme, g)?;
     let fit = GridFit::new(*scheme);
     let max_code = fit.max_code();
     let mut codes = Array2::<u8>::zeros((out, inp));

@@ -39,6 +39,9 @@ impl QuantizedWeight {
         zeros: Array2<u8>,
         g_idx: Vec<u32>,
     ) -> Result<Self> {
+        // The group size is inferred from g_idx: an index out of range must
+        // be named as such, not as a group-size mismatch.
+        check_g_idx(&g_idx, scales.nrows())?;
         let group_size = if scales.nrows() <= 1 {
             GroupSize::PerChannel
         } else {
@@ -118,13 +121,7 @@ impl QuantizedWeight {
                 reason: "a scale must be positive",
             });
         }
-        if let Some(i) = g_idx.iter().position(|&g| g as usize >= groups) {
-            return Err(Error::InvalidConfig {
-                field: "g_idx",
-                value: format!("{} at input {i}", g_idx[i]),
-                reason: "group index out of range",
-            });
-        }
+        check_g_idx(&g_idx, groups)?;
         Ok(QuantizedWeight {
             bits,
             symmetric,
@@ -244,5 +241,17 @@ impl QuantizedWeight {
             *v = self.scales[[g, o]] * (code - f32::from(self.zeros[[g, o]]));
         }
         w
+    }
+}
+
+/// Every group index must name one of the `groups` rows of the scales.
+fn check_g_idx(g_idx: &[u32], groups: usize) -> Result<()> {
+    match g_idx.iter().position(|&g| g as usize >= groups) {
+        Some(i) => Err(Error::InvalidConfig {
+            field: "g_idx",
+            value: format!("{} at input {i} (scales have {groups} groups)", g_idx[i]),
+            reason: "group index out of range",
+        }),
+        None => Ok(()),
     }
 }

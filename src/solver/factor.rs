@@ -14,7 +14,7 @@ use super::report::{LayerSolution, SolveReport};
 use super::solve::{check_hessian, run_plan};
 use crate::config::GptqConfig;
 use crate::error::{Error, Result};
-use crate::quant::grid::check_f16_scales;
+use crate::quant::grid::check_scales;
 use crate::validate::check_finite;
 
 /// Quantizes `w` (`[out, in]`) with GPTQ from a given upper-triangular factor
@@ -52,6 +52,19 @@ pub fn solve_layer_with_factor(
     }
     check_finite("weight", w)?;
     check_finite("factor U", u)?;
+    // Only the upper triangle is read: a factor with entries below the
+    // diagonal (a lower factor, or U^T by mistake) would silently be taken
+    // for another matrix.
+    if let Some((i, j)) = (1..n)
+        .flat_map(|i| (0..i).map(move |j| (i, j)))
+        .find(|&(i, j)| u[[i, j]] != 0.0)
+    {
+        return Err(Error::InvalidConfig {
+            field: "factor U",
+            value: format!("U[{i}, {j}] = {} below the diagonal", u[[i, j]]),
+            reason: "the factor must be upper-triangular (zero below the diagonal)",
+        });
+    }
     if let Some(i) = (0..n).find(|&i| u[[i, i]] <= 0.0) {
         return Err(Error::InvalidConfig {
             field: "factor U",
@@ -66,7 +79,7 @@ pub fn solve_layer_with_factor(
         check_finite("Hessian", h)?;
         check_hessian(h)?;
     }
-    check_f16_scales(w, &cfg.scheme, cfg.scheme.group_size.columns_for(n)?)?;
+    check_scales(w, &cfg.scheme, cfg.scheme.group_size.columns_for(n)?)?;
     let perm: Vec<usize> = match (perm, hessian) {
         (Some(p), _) => {
             check_permutation(p, n)?;
@@ -184,6 +197,7 @@ pub fn inverse_factor_f64(
             index: vec![i, j],
         });
     }
+    check_hessian(hessian)?;
     let diag = |i: usize| {
         let d = hessian[[i, i]];
         if d == 0.0 {

@@ -13,7 +13,7 @@ use crate::config::GptqConfig;
 use crate::error::{Error, Result};
 use crate::hessian::LayerStatistics;
 use crate::linalg::{faer_mut, faer_ref, inverse_cholesky_upper};
-use crate::quant::grid::check_f16_scales;
+use crate::quant::grid::check_scales;
 use crate::quant::{GridFit, QuantizedWeight};
 use crate::validate::check_finite;
 
@@ -91,7 +91,7 @@ pub fn solve_layer(
     check_inputs(w, stats)?;
     let group_cols = cfg.scheme.group_size.columns_for(n)?;
     let groups = cfg.scheme.group_size.groups_for(n)?;
-    check_f16_scales(w, &cfg.scheme, group_cols)?;
+    check_scales(w, &cfg.scheme, group_cols)?;
     let prep = prepare(w, stats, cfg, method)?;
     let plan = Plan::new(
         prep.perm.clone(),
@@ -271,9 +271,12 @@ pub(crate) fn run_plan(
 /// read, so an asymmetric matrix would silently be replaced by another):
 /// `|H_ij - H_ji| <= 1e-4 max(|H_ij|, |H_ji|, sqrt(H_ii H_jj))`, far above
 /// f32 rounding of any symmetric computation and far below a real defect.
-pub(crate) fn check_hessian(h: ArrayView2<'_, f32>) -> Result<()> {
+pub(crate) fn check_hessian<T>(h: ArrayView2<'_, T>) -> Result<()>
+where
+    T: Copy + Into<f64> + std::fmt::Display,
+{
     let n = h.nrows();
-    if let Some(i) = (0..n).find(|&i| h[[i, i]] < 0.0) {
+    if let Some(i) = (0..n).find(|&i| h[[i, i]].into() < 0.0) {
         return Err(Error::InvalidConfig {
             field: "Hessian",
             value: format!("diagonal entry {} at {i}", h[[i, i]]),
@@ -287,11 +290,12 @@ pub(crate) fn check_hessian(h: ArrayView2<'_, f32>) -> Result<()> {
     for i0 in (0..n).step_by(TILE) {
         for j0 in (i0..n).step_by(TILE) {
             for i in i0..(i0 + TILE).min(n) {
-                let hii = f64::from(h[[i, i]]);
+                let hii: f64 = h[[i, i]].into();
                 for j in j0.max(i + 1)..(j0 + TILE).min(n) {
                     let (a, b) = (h[[i, j]], h[[j, i]]);
-                    let (fa, fb) = (f64::from(a), f64::from(b));
-                    let size2 = (fa * fa).max(fb * fb).max(hii * f64::from(h[[j, j]]));
+                    let (fa, fb): (f64, f64) = (a.into(), b.into());
+                    let hjj: f64 = h[[j, j]].into();
+                    let size2 = (fa * fa).max(fb * fb).max(hii * hjj);
                     if (fa - fb) * (fa - fb) > 1e-8 * size2 {
                         return Err(Error::InvalidConfig {
                             field: "Hessian",

@@ -32,6 +32,8 @@ pub struct TinyModel {
     pub fail_at: Option<usize>,
     /// Hide a layer from `linear_weight`.
     pub hide_layer: bool,
+    /// `set_linear_weight` succeeds without changing anything (a broken backend).
+    pub ignore_sets: bool,
 }
 
 impl TinyModel {
@@ -47,6 +49,7 @@ impl TinyModel {
             blocks,
             fail_at: None,
             hide_layer: false,
+            ignore_sets: false,
         }
     }
 }
@@ -125,6 +128,9 @@ impl QuantizableModel for TinyModel {
         layer: &str,
         w: ArrayView2<'_, f32>,
     ) -> vlmq::Result<()> {
+        if self.ignore_sets {
+            return Ok(());
+        }
         let bl = &mut self.blocks[block];
         let slot = match layer {
             "a" => &mut bl.a,
