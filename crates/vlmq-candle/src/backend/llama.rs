@@ -9,13 +9,15 @@
 use candle_core::Tensor;
 use ndarray::{Array2, ArrayView2};
 use vlmq::{
-    Error, GradientModel, LinearInfo, Modality, QuantizableModel, Result, RowSink, TokenInfo,
+    Error, GradientModel, LinearInfo, Modality, QuantizableModel, Result, RowSink, StageCarry,
+    StageOutput, TokenInfo,
 };
 
 use crate::backend::llama_backward::layer_backward;
 use crate::error::CandleResultExt;
 use crate::models::llama::forward::{rows, Hooks};
 use crate::models::llama::model::LlamaModel;
+use crate::models::llama::stages::layer_stage;
 use crate::models::llama::weights::{expected_linear, LINEAR_NAMES};
 
 /// One calibration sample: token ids and which tokens are prediction
@@ -157,6 +159,21 @@ impl QuantizableModel for LlamaModel {
             probes: None,
         };
         self.layer(block, input, &pos, &mut hooks)
+    }
+
+    fn block_stage(
+        &self,
+        block: usize,
+        stage: usize,
+        input: &Tensor,
+        sample: &TextSample,
+        carry: Option<StageCarry>,
+        sink: &mut dyn RowSink,
+    ) -> Result<StageOutput<Tensor>> {
+        self.check_hidden("block input", input, sample)?;
+        let pos = self.positional(sample.tokens.len())?;
+        let l = self.layer_weights(block)?;
+        layer_stage(self.config(), &l, stage, input, &pos, carry, sink).in_block(block)
     }
 
     /// A model loaded with [`Residency::Disk`](crate::Residency::Disk) drops

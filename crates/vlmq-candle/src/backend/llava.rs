@@ -24,7 +24,8 @@
 use candle_core::{Tensor, Var};
 use ndarray::{Array2, ArrayView2};
 use vlmq::{
-    Error, GradientModel, LinearInfo, Modality, QuantizableModel, Result, RowSink, TokenInfo,
+    Error, GradientModel, LinearInfo, Modality, QuantizableModel, Result, RowSink, StageCarry,
+    StageOutput, TokenInfo,
 };
 
 use crate::backend::llama::TextSample;
@@ -349,6 +350,18 @@ impl QuantizableModel for LlavaModel {
                 ))
             }
         }
+    }
+
+    fn block_stage(
+        &self,
+        block: usize,
+        stage: usize,
+        input: &VlmHidden,
+        s: &VlmSample,
+        carry: Option<StageCarry>,
+        sink: &mut dyn RowSink,
+    ) -> Result<StageOutput<VlmHidden>> {
+        self.run_stage(block, stage, input, s, carry, sink)
     }
 
     fn gradients(&self) -> Option<&dyn GradientModel<Sample = VlmSample, Hidden = VlmHidden>> {

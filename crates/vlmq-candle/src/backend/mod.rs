@@ -9,3 +9,4 @@ pub(crate) mod llama;
 pub(crate) mod llama_backward;
 pub(crate) mod llava;
 pub(crate) mod llava_grad;
+pub(crate) mod llava_stages;

@@ -133,7 +133,7 @@ impl Hooks<'_> {
         }
     }
 
-    fn show(&mut self, idx: &[usize], x: &Tensor) -> candle_core::Result<()> {
+    pub(crate) fn show(&mut self, idx: &[usize], x: &Tensor) -> candle_core::Result<()> {
         if let Some(sink) = self.capture.as_deref_mut() {
             let r = rows(x)?;
             for &i in idx {
@@ -143,7 +143,12 @@ impl Hooks<'_> {
         Ok(())
     }
 
-    fn lin(&self, i: usize, x: &Tensor, l: &LayerWeights) -> candle_core::Result<Tensor> {
+    pub(crate) fn lin(
+        &self,
+        i: usize,
+        x: &Tensor,
+        l: &LayerWeights,
+    ) -> candle_core::Result<Tensor> {
         let y = linear(x, &l.linears[i])?;
         match self.probes {
             Some(p) => y + &p[i],
@@ -192,7 +197,7 @@ pub(crate) fn layer_forward(
     hooks: &mut Hooks<'_>,
 ) -> candle_core::Result<Tensor> {
     let (mid, act, _) = layer_body(cfg, l, x, pos, hooks, false)?;
-    mid + hooks.lin(6, &act, l)?
+    mlp_residual(l, &mid, &act, hooks)
 }
 
 /// The [`Tape`] of layer `l` on `x`: the forward pass up to the down
@@ -218,8 +223,6 @@ fn layer_body(
     hooks: &mut Hooks<'_>,
     keep: bool,
 ) -> candle_core::Result<(Tensor, Tensor, Option<Tape>)> {
-    let (b, t, _) = x.dims3()?;
-    let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     let f64_maths = x.dtype() == DType::F64;
     let norm = |x: &Tensor, w: &Tensor| -> candle_core::Result<(Tensor, Option<Tensor>)> {
         if keep {
@@ -232,9 +235,58 @@ fn layer_body(
 
     let (h, r_in) = norm(x, &l.input_norm)?;
     hooks.show(&[0, 1, 2], &h)?;
-    let q = hooks.lin(0, &h, l)?;
-    let k = hooks.lin(1, &h, l)?;
-    let v = hooks.lin(2, &h, l)?;
+    let Attended {
+        q,
+        k,
+        v,
+        probs,
+        att,
+    } = attend(cfg, l, &h, pos, hooks)?;
+    hooks.show(&[3], &att)?;
+    let mid = attention_residual(l, x, &att, hooks)?;
+
+    let (h, r_mid) = norm(&mid, &l.post_norm)?;
+    hooks.show(&[4, 5], &h)?;
+    let (gate, up, a) = swiglu(l, &h, hooks)?;
+    hooks.show(&[6], &a)?;
+    let tape = r_in.zip(r_mid).map(|(r_in, r_mid)| Tape {
+        r_in,
+        q,
+        k,
+        v,
+        probs,
+        mid: mid.clone(),
+        r_mid,
+        gate,
+        up,
+    });
+    Ok((mid, a, tape))
+}
+
+/// The attention of one layer on its normed input: queries and keys after
+/// RoPE, values repeated to every query head, probabilities, and the
+/// context `att: [B, T, heads x hd]` (the input of `o_proj`).
+pub(crate) struct Attended {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub probs: Tensor,
+    pub att: Tensor,
+}
+
+/// Grouped-query attention of layer `l` on `h = input_norm(x)`.
+pub(crate) fn attend(
+    cfg: &LlamaConfig,
+    l: &LayerWeights,
+    h: &Tensor,
+    pos: &Positional,
+    hooks: &Hooks<'_>,
+) -> candle_core::Result<Attended> {
+    let (b, t, _) = h.dims3()?;
+    let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let q = hooks.lin(0, h, l)?;
+    let k = hooks.lin(1, h, l)?;
+    let v = hooks.lin(2, h, l)?;
     let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
     let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -259,25 +311,45 @@ fn layer_body(
         .matmul(&v)?
         .transpose(1, 2)?
         .reshape((b, t, nh * hd))?;
-    hooks.show(&[3], &att)?;
-    let mid = (x + hooks.lin(3, &att, l)?)?;
-
-    let (h, r_mid) = norm(&mid, &l.post_norm)?;
-    hooks.show(&[4, 5], &h)?;
-    let gate = hooks.lin(4, &h, l)?;
-    let up = hooks.lin(5, &h, l)?;
-    let a = (gate.silu()? * &up)?;
-    hooks.show(&[6], &a)?;
-    let tape = r_in.zip(r_mid).map(|(r_in, r_mid)| Tape {
-        r_in,
+    Ok(Attended {
         q,
         k,
         v,
         probs,
-        mid: mid.clone(),
-        r_mid,
-        gate,
-        up,
-    });
-    Ok((mid, a, tape))
+        att,
+    })
+}
+
+/// The residual stream after attention: `x + o_proj(att)`.
+pub(crate) fn attention_residual(
+    l: &LayerWeights,
+    x: &Tensor,
+    att: &Tensor,
+    hooks: &Hooks<'_>,
+) -> candle_core::Result<Tensor> {
+    x + hooks.lin(3, att, l)?
+}
+
+/// Gate and up projections of `h = post_norm(mid)` and the SwiGLU
+/// activation `silu(gate) * up` (the input of `down_proj`).
+pub(crate) fn swiglu(
+    l: &LayerWeights,
+    h: &Tensor,
+    hooks: &Hooks<'_>,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let gate = hooks.lin(4, h, l)?;
+    let up = hooks.lin(5, h, l)?;
+    let a = (gate.silu()? * &up)?;
+    Ok((gate, up, a))
+}
+
+/// The layer output from the residual after attention and the SwiGLU
+/// activation: `mid + down_proj(a)`.
+pub(crate) fn mlp_residual(
+    l: &LayerWeights,
+    mid: &Tensor,
+    a: &Tensor,
+    hooks: &Hooks<'_>,
+) -> candle_core::Result<Tensor> {
+    mid + hooks.lin(6, a, l)?
 }

@@ -5,5 +5,6 @@
 pub(crate) mod config;
 pub(crate) mod forward;
 pub(crate) mod model;
+pub(crate) mod stages;
 pub(crate) mod store;
 pub(crate) mod weights;
