@@ -373,6 +373,12 @@ pub struct GptqConfig {
     pub block_size: usize,
     /// Process columns in order of decreasing Hessian diagonal.
     pub act_order: bool,
+    /// Group-aware activation ordering (GAR, GPTQModel's `act_group_aware`):
+    /// groups stay the contiguous runs of original columns, but the walk
+    /// visits the groups in order of their largest Hessian diagonal entry
+    /// and, inside a group, the columns in order of decreasing diagonal.
+    /// The checkpoint needs no `g_idx` permutation. Excludes `act_order`.
+    pub act_group_aware: bool,
     /// Fit group parameters on the original weight before any update
     /// (required for act-order checkpoints whose groups stay contiguous).
     pub static_groups: bool,
@@ -393,6 +399,7 @@ impl GptqConfig {
             damping: Damping::default(),
             block_size: 128,
             act_order: false,
+            act_group_aware: false,
             static_groups: false,
             compute_objective: true,
             group_fit: GroupFit::BlockStart,
@@ -414,6 +421,12 @@ impl GptqConfig {
     /// Enables or disables act-order.
     pub fn with_act_order(mut self, act_order: bool) -> Self {
         self.act_order = act_order;
+        self
+    }
+
+    /// Enables or disables group-aware activation ordering (GAR).
+    pub fn with_act_group_aware(mut self, act_group_aware: bool) -> Self {
+        self.act_group_aware = act_group_aware;
         self
     }
 
@@ -439,6 +452,20 @@ impl GptqConfig {
     pub fn validate(&self) -> Result<()> {
         if self.block_size == 0 {
             return Err(invalid("block_size", 0, "must be positive"));
+        }
+        if self.act_group_aware && self.act_order {
+            return Err(invalid(
+                "act_group_aware",
+                true,
+                "orders columns itself: turn act_order off",
+            ));
+        }
+        if self.act_group_aware && self.static_groups {
+            return Err(invalid(
+                "act_group_aware",
+                true,
+                "fits each group when the walk reaches it: turn static_groups off",
+            ));
         }
         Ok(())
     }

@@ -42,6 +42,7 @@ pub(super) fn record_settings(qc: &mut Value, cfg: &GptqConfig, method: Method) 
             "gptaq_strength": strength,
             "block_size": cfg.block_size,
             "act_order": cfg.act_order,
+            "act_group_aware": cfg.act_group_aware,
             "damp_growth": d.growth(),
             "damp_max_attempts": d.max_attempts(),
             "group_fit": match cfg.group_fit {

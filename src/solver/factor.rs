@@ -9,7 +9,7 @@ use faer::{Mat, Par, Spec};
 use ndarray::{Array2, ArrayView2};
 
 use super::objective::hessian_objective;
-use super::plan::{act_order_permutation, Plan};
+use super::plan::{act_order_permutation, group_aware_permutation, Plan};
 use super::report::{LayerSolution, SolveReport};
 use super::solve::{check_hessian, run_plan};
 use crate::config::GptqConfig;
@@ -94,11 +94,20 @@ pub fn solve_layer_with_factor(
             }
             act_order_permutation(h.view())
         }
-        (None, None) if cfg.act_order => {
+        (None, Some(h)) if cfg.act_group_aware => {
+            let mut h = h.to_owned();
+            for i in 0..n {
+                if h[[i, i]] == 0.0 {
+                    h[[i, i]] = 1.0;
+                }
+            }
+            group_aware_permutation(h.view(), cfg.scheme.group_size.columns_for(n)?)
+        }
+        (None, None) if cfg.act_order || cfg.act_group_aware => {
             return Err(Error::InvalidConfig {
                 field: "perm",
                 value: "none".into(),
-                reason: "act-order needs the permutation or the Hessian to compute it",
+                reason: "act-order and GAR need the permutation or the Hessian to compute it",
             })
         }
         (None, _) => (0..n).collect(),
@@ -121,7 +130,8 @@ pub fn solve_layer_with_factor(
         group_cols,
         cfg.static_groups,
         cfg.group_fit,
-    );
+    )
+    .with_original_groups(cfg.act_group_aware);
     // The kernel reads rows of the factor as contiguous slices.
     let u = u.as_standard_layout();
     let (weight, dequantized, obs_loss) =

@@ -75,6 +75,13 @@ pub fn solve_layer_gguf(
             reason: "GGUF stores no column order (g_idx): act-order needs static groups",
         });
     }
+    if cfg.act_group_aware {
+        return Err(Error::InvalidConfig {
+            field: "act_group_aware",
+            value: "true".into(),
+            reason: "GAR orders GPTQ groups, not GGUF blocks and super-blocks",
+        });
+    }
     if let Some(((o, c), v)) = w.indexed_iter().find(|(_, v)| v.abs() > MAX_WEIGHT) {
         return Err(Error::Unencodable {
             what: format!("weight [{o}, {c}] = {v:e}"),

@@ -18,6 +18,6 @@ mod walk;
 pub use factor::{inverse_factor_f64, solve_layer_with_factor};
 pub use gguf::{solve_layer_gguf, GgufSolution};
 pub use objective::{asymmetric_objective, hessian_objective};
-pub use plan::act_order_permutation;
+pub use plan::{act_order_permutation, group_aware_permutation};
 pub use report::{LayerSolution, SolveReport};
 pub use solve::{solve_layer, Method};

@@ -16,6 +16,35 @@ pub fn act_order_permutation(hessian: ArrayView2<'_, f32>) -> Vec<usize> {
     perm
 }
 
+/// Column order of group-aware activation ordering (GAR, GPTQModel's
+/// `act_group_aware`). The full groups of `group_cols` original columns are
+/// visited in order of decreasing largest diagonal entry (ties in natural
+/// order), each group's columns in order of decreasing diagonal (ties in
+/// natural order); the columns of a ragged last group follow in natural
+/// order. Every group stays a contiguous run of walk positions, so groups
+/// keep their original columns and `g_idx` stays `column / group_cols`.
+/// Returns `perm` with `perm[p]` = original column at position `p`.
+pub fn group_aware_permutation(hessian: ArrayView2<'_, f32>, group_cols: usize) -> Vec<usize> {
+    let diag = hessian.diag();
+    let n = diag.len();
+    let full = n.checked_div(group_cols).unwrap_or(0);
+    let groups: Vec<Vec<usize>> = (0..full)
+        .map(|g| {
+            let mut cols: Vec<usize> = (g * group_cols..(g + 1) * group_cols).collect();
+            cols.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
+            cols
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..full).collect();
+    order.sort_by(|&a, &b| diag[groups[b][0]].total_cmp(&diag[groups[a][0]]));
+    let mut perm: Vec<usize> = order
+        .iter()
+        .flat_map(|&g| groups[g].iter().copied())
+        .collect();
+    perm.extend(full * group_cols..n);
+    perm
+}
+
 /// Everything about the column walk that does not depend on the weights.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
@@ -32,6 +61,9 @@ pub(crate) struct Plan {
     pub fit_cols: usize,
     /// Groups are fitted once on the original weight, by original column.
     pub static_groups: bool,
+    /// Groups are named by original column even though they are fitted as
+    /// the walk reaches them (static groups, and GAR's whole-group order).
+    pub original_groups: bool,
     /// Which values a dynamic group is fitted on.
     pub group_fit: GroupFit,
 }
@@ -74,14 +106,22 @@ impl Plan {
             group_cols,
             fit_cols,
             static_groups,
+            original_groups: static_groups,
             group_fit,
         }
+    }
+
+    /// Names groups by original column (GAR: every group is a contiguous
+    /// run of walk positions holding one original group).
+    pub fn with_original_groups(mut self, original_groups: bool) -> Self {
+        self.original_groups |= original_groups;
+        self
     }
 
     /// Group of the column at position `p`.
     #[inline]
     pub fn group_at(&self, p: usize) -> usize {
-        if self.static_groups {
+        if self.original_groups {
             self.perm[p] / self.group_cols
         } else {
             p / self.group_cols

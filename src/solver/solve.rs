@@ -6,7 +6,7 @@ use faer::{Accum, Par};
 use ndarray::{s, Array2, ArrayView2};
 
 use super::objective::hessian_objective;
-use super::plan::{act_order_permutation, Plan};
+use super::plan::{act_order_permutation, group_aware_permutation, Plan};
 use super::report::{LayerSolution, SolveReport};
 use super::walk::walk;
 use crate::config::GptqConfig;
@@ -99,7 +99,8 @@ pub fn solve_layer(
         group_cols,
         cfg.static_groups,
         cfg.group_fit,
-    );
+    )
+    .with_original_groups(cfg.act_group_aware);
     let (weight, dequantized, obs_loss) = run_plan(
         prep.w_work.view(),
         &plan,
@@ -212,6 +213,8 @@ pub(crate) fn prepare(
 
     let perm: Vec<usize> = if cfg.act_order {
         act_order_permutation(h.view())
+    } else if cfg.act_group_aware {
+        group_aware_permutation(h.view(), cfg.scheme.group_size.columns_for(n)?)
     } else {
         (0..n).collect()
     };

@@ -59,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--out",
             "--json",
         ],
-        &["--asym", "--random-tokens", "--resident"],
+        &["--asym", "--gar", "--random-tokens", "--resident"],
     )?;
     let model_path: PathBuf = f.path("--model").ok_or("--model is required")?;
     let quant = Quant::from_flags(&f, QuantMethod::Gptq)?;

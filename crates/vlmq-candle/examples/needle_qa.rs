@@ -66,7 +66,7 @@ fn parse() -> Result<Args, String> {
             "--json",
             "--fp-cache",
         ],
-        &["--asym", "--one-forward"],
+        &["--asym", "--gar", "--one-forward"],
     )?;
     let a = Args {
         model: f.path("--model").unwrap_or_default(),

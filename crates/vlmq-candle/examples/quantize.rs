@@ -8,7 +8,7 @@
 //! ```text
 //! cargo run --release -p vlmq-candle --example quantize -- --model PATH --calib FILE \
 //!     --method gptq --bits 4 --group 128 --out DIR [--windows 32] [--window-len 256] \
-//!     [--seed 0] [--eval-windows 16] [--asym] [--json results.jsonl] [--one-forward]
+//!     [--seed 0] [--eval-windows 16] [--asym] [--gar] [--json results.jsonl] [--one-forward]
 //! cargo run --release -p vlmq-candle --example quantize -- --model LLAVA_DIR \
 //!     --images DIR_OR_FILES --prompts FILE --method vlmq --bits 4 --group 128 \
 //!     [--eval-windows N] [--all-blocks] [--out DIR] [--json results.jsonl]
@@ -71,7 +71,7 @@ fn parse() -> Result<Args, String> {
             "--prompts",
             "--json",
         ],
-        &["--asym", "--all-blocks", "--one-forward"],
+        &["--asym", "--gar", "--all-blocks", "--one-forward"],
     )?;
     let a = Args {
         model: f.path("--model").unwrap_or_default(),
@@ -216,7 +216,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let line = serde_json::json!({
         "model": a.model, "method": a.quant.method.name(), "bits": a.quant.bits, "group": a.quant.group,
-        "symmetric": a.quant.symmetric, "seed": a.seed, "calib_windows": calib_idx, "window_len": a.window_len,
+        "symmetric": a.quant.symmetric, "gar": a.quant.gar, "seed": a.seed, "calib_windows": calib_idx, "window_len": a.window_len,
         "eval_windows": [pool, all.len()], "ppl_fp": base.perplexity, "ppl": after.perplexity,
         "kl": after.kl, "quant_seconds": quant_s, "importance_seconds": q.report.importance_seconds, "true_sequential": !a.one_forward,
         "eval_tokens": after.tokens, "readback_nll": readback,

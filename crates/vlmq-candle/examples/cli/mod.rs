@@ -72,17 +72,20 @@ pub struct Quant {
     pub bits: u32,
     pub group: usize,
     pub symmetric: bool,
+    /// Group-aware activation ordering (`--gar`).
+    pub gar: bool,
 }
 
 impl Quant {
     /// `--method` (default `default_method`), `--bits` (4), `--group`
-    /// (128) and the `--asym` switch.
+    /// (128) and the `--asym` and `--gar` switches.
     pub fn from_flags(f: &Flags, default_method: QuantMethod) -> Result<Self, String> {
         Ok(Quant {
             method: f.or("--method", default_method)?,
             bits: f.or("--bits", 4)?,
             group: f.or("--group", 128)?,
             symmetric: !f.switch("--asym"),
+            gar: f.switch("--gar"),
         })
     }
 
@@ -96,10 +99,11 @@ impl Quant {
     /// The pipeline settings: every group captured in its own forward pass
     /// unless `one_forward`.
     pub fn pipeline(&self, one_forward: bool) -> vlmq::Result<PipelineConfig> {
-        Ok(
-            PipelineConfig::new(self.method, GptqConfig::new(self.scheme()?))
-                .with_true_sequential(!one_forward),
+        Ok(PipelineConfig::new(
+            self.method,
+            GptqConfig::new(self.scheme()?).with_act_group_aware(self.gar),
         )
+        .with_true_sequential(!one_forward))
     }
 }
 

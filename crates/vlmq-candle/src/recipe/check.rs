@@ -82,6 +82,12 @@ impl Recipe {
                 &"only changes a run with act_order = true",
             ));
         }
+        if self.act_group_aware && self.act_order {
+            return Err(bad(
+                "act_group_aware",
+                &"orders the columns itself: use it without act_order",
+            ));
+        }
         if self.samples == 0 {
             return Err(bad("samples", &"must be at least 1"));
         }
@@ -91,7 +97,8 @@ impl Recipe {
         let solver = GptqConfig::new(scheme)
             .with_damping(damping)
             .with_act_order(self.act_order)
-            .with_static_groups(self.static_groups);
+            .with_static_groups(self.static_groups)
+            .with_act_group_aware(self.act_group_aware);
         let mut pipeline =
             PipelineConfig::new(method, solver).with_true_sequential(self.true_sequential);
         for (key, layer) in &self.layers {

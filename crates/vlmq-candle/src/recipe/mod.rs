@@ -17,6 +17,7 @@
 //! | `symmetric` | `true` | zero point fixed at the grid's middle |
 //! | `act_order` | `false` | columns in order of decreasing Hessian diagonal |
 //! | `static_groups` | `false` | groups fitted before any update (with act-order) |
+//! | `act_group_aware` | `false` | GAR: groups walked by their largest Hessian diagonal entry (GPTQModel's default is on) |
 //! | `damping` | 0.01 | fraction of the mean Hessian diagonal added before factoring |
 //! | `true_sequential` | `true` | each linear group captured after the earlier ones were quantized |
 //! | `samples` | 128 | calibration samples |
@@ -69,6 +70,10 @@ pub struct Recipe {
     pub act_order: bool,
     /// Static groups (fitted before any update).
     pub static_groups: bool,
+    /// Group-aware activation ordering (GAR, GPTQModel's `act_group_aware`):
+    /// groups keep their columns, the walk visits them by their largest
+    /// Hessian diagonal entry. Excludes `act_order`.
+    pub act_group_aware: bool,
     /// Relative damping of the Hessian diagonal (GPTQ's `damp_percent`).
     pub damping: f64,
     /// True-sequential capture; `false` captures every group in one forward.
@@ -113,6 +118,7 @@ impl Default for Recipe {
             symmetric: true,
             act_order: false,
             static_groups: false,
+            act_group_aware: false,
             damping: Self::DEFAULT_DAMPING,
             true_sequential: true,
             samples: Self::DEFAULT_SAMPLES,
