@@ -92,13 +92,12 @@ fn a_gar_solve_is_a_plain_solve_of_the_permuted_problem() {
     // Groups keep their original columns: g_idx is column / g.
     let expected_g_idx: Vec<u32> = (0..n).map(|c| (c / g) as u32).collect();
     assert_eq!(sol.weight.g_idx().to_vec(), expected_g_idx);
-    for p in 0..n {
+    for (p, &c) in perm.iter().enumerate() {
         for r in 0..m {
             assert_eq!(
-                sol.weight.codes()[[r, perm[p]]],
+                sol.weight.codes()[[r, c]],
                 plain.weight.codes()[[r, p]],
-                "code of row {r}, column {}",
-                perm[p]
+                "code of row {r}, column {c}"
             );
         }
     }
