@@ -9,7 +9,7 @@ use faer::{Mat, Par, Spec};
 use ndarray::{Array2, ArrayView2};
 
 use super::objective::hessian_objective;
-use super::plan::{act_order_permutation, group_aware_permutation, Plan};
+use super::plan::{column_order, Plan};
 use super::report::{LayerSolution, SolveReport};
 use super::solve::{check_hessian, run_plan};
 use crate::config::GptqConfig;
@@ -85,23 +85,14 @@ pub fn solve_layer_with_factor(
             check_permutation(p, n)?;
             p.to_vec()
         }
-        (None, Some(h)) if cfg.act_order => {
+        (None, Some(h)) if cfg.act_order || cfg.act_group_aware => {
             let mut h = h.to_owned();
             for i in 0..n {
                 if h[[i, i]] == 0.0 {
                     h[[i, i]] = 1.0;
                 }
             }
-            act_order_permutation(h.view())
-        }
-        (None, Some(h)) if cfg.act_group_aware => {
-            let mut h = h.to_owned();
-            for i in 0..n {
-                if h[[i, i]] == 0.0 {
-                    h[[i, i]] = 1.0;
-                }
-            }
-            group_aware_permutation(h.view(), cfg.scheme.group_size.columns_for(n)?)
+            column_order(h.view(), cfg)?
         }
         (None, None) if cfg.act_order || cfg.act_group_aware => {
             return Err(Error::InvalidConfig {

@@ -4,7 +4,8 @@ use std::ops::Range;
 
 use ndarray::ArrayView2;
 
-use crate::config::GroupFit;
+use crate::config::{GptqConfig, GroupFit};
+use crate::error::Result;
 
 /// Column order of act-order: decreasing Hessian diagonal, ties kept in
 /// natural order (a stable sort), so the permutation is deterministic.
@@ -43,6 +44,19 @@ pub fn group_aware_permutation(hessian: ArrayView2<'_, f32>, group_cols: usize) 
         .collect();
     perm.extend(full * group_cols..n);
     perm
+}
+
+/// The walk's column order for `cfg`: act-order, GAR or natural. Dead
+/// columns must already carry a positive diagonal entry.
+pub(crate) fn column_order(hessian: ArrayView2<'_, f32>, cfg: &GptqConfig) -> Result<Vec<usize>> {
+    let n = hessian.nrows();
+    Ok(if cfg.act_order {
+        act_order_permutation(hessian)
+    } else if cfg.act_group_aware {
+        group_aware_permutation(hessian, cfg.scheme.group_size.columns_for(n)?)
+    } else {
+        (0..n).collect()
+    })
 }
 
 /// Everything about the column walk that does not depend on the weights.

@@ -6,7 +6,7 @@ use faer::{Accum, Par};
 use ndarray::{s, Array2, ArrayView2};
 
 use super::objective::hessian_objective;
-use super::plan::{act_order_permutation, group_aware_permutation, Plan};
+use super::plan::{column_order, Plan};
 use super::report::{LayerSolution, SolveReport};
 use super::walk::walk;
 use crate::config::GptqConfig;
@@ -211,13 +211,7 @@ pub(crate) fn prepare(
         }
     }
 
-    let perm: Vec<usize> = if cfg.act_order {
-        act_order_permutation(h.view())
-    } else if cfg.act_group_aware {
-        group_aware_permutation(h.view(), cfg.scheme.group_size.columns_for(n)?)
-    } else {
-        (0..n).collect()
-    };
+    let perm = column_order(h.view(), cfg)?;
     let h_perm = Array2::from_shape_fn((n, n), |(i, j)| h[[perm[i], perm[j]]]);
     let factor = inverse_cholesky_upper(h_perm.view(), &cfg.damping)?;
     let p = match (strength, cross) {
