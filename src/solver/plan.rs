@@ -146,7 +146,7 @@ impl Plan {
     /// reached.
     #[inline]
     pub fn fits_group_at(&self, p: usize) -> bool {
-        !self.static_groups && p % self.fit_cols == 0
+        !self.static_groups && p.is_multiple_of(self.fit_cols)
     }
 
     /// Group index of each original column (`g_idx`).

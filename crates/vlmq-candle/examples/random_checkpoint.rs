@@ -37,7 +37,7 @@ fn write_shard(path: &Path, tensors: &[Spec], rng: &mut SplitMix64) -> std::io::
         offset += bytes;
     }
     let mut text = serde_json::Value::Object(header).to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut w = BufWriter::with_capacity(1 << 22, File::create(path)?);

@@ -58,10 +58,10 @@ impl AttentionConfig {
         if self.d_model == 0 || self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
             return bad("attention sizes", 0, "all sizes must be positive");
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad("n_kv_heads", self.n_kv_heads, "must divide n_heads");
         }
-        if self.rope.is_some() && self.head_dim % 2 != 0 {
+        if self.rope.is_some() && !self.head_dim.is_multiple_of(2) {
             return bad(
                 "head_dim",
                 self.head_dim,

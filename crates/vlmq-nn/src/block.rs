@@ -119,7 +119,7 @@ impl TransformerBlock {
         if config.d_model == 0
             || config.hidden == 0
             || config.n_heads == 0
-            || config.d_model % config.n_heads != 0
+            || !config.d_model.is_multiple_of(config.n_heads)
         {
             return Err(Error::InvalidConfig {
                 field: "d_model",

@@ -118,7 +118,7 @@ impl GgufType {
 
     /// Checks that rows of `cols` columns split into whole blocks.
     pub fn check_cols(self, what: &str, cols: usize) -> Result<()> {
-        if cols == 0 || cols % self.block_cols() != 0 {
+        if cols == 0 || !cols.is_multiple_of(self.block_cols()) {
             return Err(Error::Unsupported {
                 what: format!("{what}: {cols} input columns as GGUF {self}"),
                 remedy: format!(

@@ -187,7 +187,7 @@ fn put_payload(out: &mut Vec<u8>, v: &Value, key: &str, path: &Path) -> Result<(
 /// rows: within each head, row `j * hd/2 + i` (HF's halves) moves to row
 /// `2 i + j` (pairs). Rows are independent blocks, so the bytes move whole.
 pub fn permute_packed_rows(data: &[u8], rows: usize, heads: usize) -> Result<Vec<u8>> {
-    if heads == 0 || rows % (2 * heads) != 0 || data.len() % rows.max(1) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) || !data.len().is_multiple_of(rows.max(1)) {
         return Err(Error::shape(
             "q/k rows (per head pairs)",
             &[2 * heads],
@@ -291,8 +291,8 @@ pub fn requantize_gguf(
 /// llama.cpp's quantizer does (Q4_K to Q5_0, Q6_K to Q8_0).
 pub fn type_for_cols(ty: GgufType, cols: usize) -> GgufType {
     match ty {
-        GgufType::Q4K if cols % 256 != 0 => GgufType::Q5_0,
-        GgufType::Q6K if cols % 256 != 0 => GgufType::Q8_0,
+        GgufType::Q4K if !cols.is_multiple_of(256) => GgufType::Q5_0,
+        GgufType::Q6K if !cols.is_multiple_of(256) => GgufType::Q8_0,
         t => t,
     }
 }

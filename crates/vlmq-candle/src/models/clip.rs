@@ -91,9 +91,9 @@ impl ClipVisionConfig {
         };
         let ok = cfg.hidden_size > 0
             && cfg.num_heads > 0
-            && cfg.hidden_size % cfg.num_heads == 0
+            && cfg.hidden_size.is_multiple_of(cfg.num_heads)
             && cfg.patch_size > 0
-            && cfg.image_size % cfg.patch_size == 0
+            && cfg.image_size.is_multiple_of(cfg.patch_size)
             && cfg.image_size > 0
             && cfg.intermediate_size > 0
             && cfg.num_channels > 0;

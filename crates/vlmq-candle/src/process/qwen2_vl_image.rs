@@ -189,7 +189,7 @@ pub fn pixel_values_from_resized(
     if rgb.len() != h * w * 3 {
         return Err(Error::shape("resized RGB image", &[h, w, 3], &[rgb.len()]));
     }
-    if h == 0 || w == 0 || h % cfg.factor() != 0 || w % cfg.factor() != 0 {
+    if h == 0 || w == 0 || !h.is_multiple_of(cfg.factor()) || !w.is_multiple_of(cfg.factor()) {
         return Err(Error::InvalidConfig {
             field: "resized image size",
             value: format!("{h} x {w}"),

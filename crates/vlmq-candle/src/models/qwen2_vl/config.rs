@@ -249,8 +249,8 @@ fn vision_config(
     };
     let ok = cfg.width > 0
         && cfg.num_heads > 0
-        && cfg.width % cfg.num_heads == 0
-        && cfg.head_dim() % 4 == 0
+        && cfg.width.is_multiple_of(cfg.num_heads)
+        && cfg.head_dim().is_multiple_of(4)
         && cfg.mlp_width > 0
         && cfg.out_width == text_width
         && cfg.patch_size > 0
@@ -259,7 +259,9 @@ fn vision_config(
         && cfg.in_channels > 0
         && cfg.rope_theta > 0.0
         && (cfg.window_size == 0
-            || cfg.window_size % (cfg.spatial_merge_size * cfg.patch_size) == 0);
+            || cfg
+                .window_size
+                .is_multiple_of(cfg.spatial_merge_size * cfg.patch_size));
     if !ok {
         return Err(bad(path, format!("inconsistent vision_config {cfg:?}")));
     }

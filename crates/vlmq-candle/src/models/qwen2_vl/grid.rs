@@ -32,7 +32,7 @@ impl ImageGrid {
 
     /// Checks that the grid is non-empty and divisible by the merge size.
     pub(crate) fn check(&self, merge: usize) -> Result<()> {
-        if self.patches() == 0 || self.h % merge != 0 || self.w % merge != 0 {
+        if self.patches() == 0 || !self.h.is_multiple_of(merge) || !self.w.is_multiple_of(merge) {
             return Err(Error::InvalidConfig {
                 field: "image_grid_thw",
                 value: format!("[{}, {}, {}]", self.t, self.h, self.w),
