@@ -137,6 +137,31 @@ pub enum Error {
         /// What differs.
         reason: String,
     },
+    /// A directory another process is writing (its lock file names the holder).
+    #[error(
+        "{path:?} is locked by another vlmq process ({holder}); wait for it to finish, or \
+         stop it (a lock whose process died is taken over automatically)"
+    )]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// The holder recorded in the lock file (process id, host, start time).
+        holder: String,
+    },
+    /// A directory was replaced, but its previous content, renamed aside,
+    /// could not be removed: the new content is complete at `dir`.
+    #[error(
+        "{dir:?} holds the new content, but its previous content, moved aside to {left:?}, \
+         could not be removed ({reason}); remove {left:?} by hand"
+    )]
+    LeftBehind {
+        /// The directory that now holds the new content.
+        dir: PathBuf,
+        /// The leftover previous content.
+        left: PathBuf,
+        /// Why it could not be removed.
+        reason: String,
+    },
     /// Names in the configuration that the model does not have (layer
     /// override keys, block indices, block name prefixes).
     #[error("unknown {what}: {}; the model has {known}", names.join(", "))]

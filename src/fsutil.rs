@@ -1,6 +1,7 @@
 //! Durable file replacement: the one way `vlmq` writes a file that must not
 //! be seen half written.
 
+use std::cell::Cell;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
@@ -25,7 +26,7 @@ use crate::error::{Error, Result};
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |tmp| {
         let mut f = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(tmp, e))
+        write_limited(&mut f, bytes).map_err(|e| Error::io(tmp, e))
     })
 }
 
@@ -33,7 +34,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// (e.g. a serializer that takes a path): `fill` creates and writes the
 /// temporary file it is given; `vlmq` then flushes it, renames it over `path`
 /// and flushes the directory. On any failure the temporary file is removed
-/// and `path` is untouched.
+/// and `path` is untouched; an I/O error names `path`, not the temporary
+/// file.
 ///
 /// ```
 /// use std::io::Write;
@@ -68,7 +70,7 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) ->
     });
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
-        return Err(e);
+        return Err(named_after(e, &tmp, path));
     }
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
@@ -95,8 +97,14 @@ fn sync_parent(path: &Path) -> Result<()> {
 /// of the old `dir` (hard-linked, or copied where links are not possible);
 /// then the old directory is renamed aside, the new one renamed into place,
 /// the parent flushed and the old one removed. After an error `dir` is the
-/// old directory, untouched (or absent if it was); after success it is the
-/// new one.
+/// old directory, untouched (or absent if it was), and no temporary
+/// directory is left; I/O errors name the file of `dir` being written, not
+/// its temporary copy. After success `dir` is the new one.
+///
+/// One error comes after the swap: when the old directory, renamed aside,
+/// cannot be removed (e.g. it holds an immutable file), `dir` is the new
+/// directory, complete and flushed, and [`Error::LeftBehind`] names the
+/// leftover so that it can be removed by hand.
 ///
 /// A crash (not an error) between the two renames leaves the old directory
 /// under a hidden sibling name (`.{name}.{pid}.{n}.old`) and no `dir`; the
@@ -129,6 +137,9 @@ pub(crate) enum Step<'a> {
     MovedAside,
     /// The new directory is in place; the parent is not yet flushed.
     Swapped,
+    /// The new directory is in place and flushed; the old one is about to
+    /// be removed (an error here stands for a failed removal).
+    RemovingOld,
 }
 
 /// [`write_dir_atomic`] with a hook called at every [`Step`]; an error from
@@ -188,7 +199,7 @@ pub(crate) fn write_dir_atomic_hooked(
     let filled = fill_dir(&new, existed.then_some(dir.as_path()), files, hook);
     if let Err(e) = filled {
         let _ = fs::remove_dir_all(&new);
-        return Err(e);
+        return Err(named_after(e, &new, &dir));
     }
     if existed {
         if let Err(e) = fs::rename(&dir, &old) {
@@ -216,8 +227,21 @@ pub(crate) fn write_dir_atomic_hooked(
         return Err(e);
     }
     if existed {
-        // The new directory is in place and durable; a leftover is only litter.
-        let _ = fs::remove_dir_all(&old);
+        // The new directory is in place and durable; the old one is litter,
+        // but litter the caller must hear about when it cannot be removed.
+        let removed = hook(Step::RemovingOld)
+            .and_then(|()| fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e)));
+        if let Err(e) = removed {
+            let reason = match e {
+                Error::Io { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            return Err(Error::LeftBehind {
+                dir,
+                left: old,
+                reason,
+            });
+        }
     }
     Ok(())
 }
@@ -239,10 +263,9 @@ fn fill_dir(
         let path = new.join(name);
         let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let half = bytes.len() / 2;
-        f.write_all(&bytes[..half])
-            .map_err(|e| Error::io(&path, e))?;
+        write_limited(&mut f, &bytes[..half]).map_err(|e| Error::io(&path, e))?;
         hook(Step::During(name))?;
-        f.write_all(&bytes[half..])
+        write_limited(&mut f, &bytes[half..])
             .and_then(|()| f.sync_all())
             .map_err(|e| Error::io(&path, e))?;
         hook(Step::After(name))?;
@@ -282,5 +305,51 @@ fn sync_dir(dir: &Path) -> Result<()> {
     }
     #[cfg(not(unix))]
     let _ = dir;
+    Ok(())
+}
+
+/// An I/O error about a file under the temporary `from` renamed to name the
+/// same file under `to`, its destination (the temporary is gone by then).
+fn named_after(e: Error, from: &Path, to: &Path) -> Error {
+    match e {
+        Error::Io { path, source } => match path.strip_prefix(from) {
+            Ok(rest) if rest.as_os_str().is_empty() => Error::io(to, source),
+            Ok(rest) => Error::io(to.join(rest), source),
+            Err(_) => Error::Io { path, source },
+        },
+        other => other,
+    }
+}
+
+thread_local! {
+    /// Simulated free space left to this thread's writes, in bytes.
+    static FREE_SPACE: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Test support, not part of the API: this thread's writes through
+/// [`write_atomic`] and [`write_dir_atomic`] (and so the checkpoint, state
+/// and export writers built on them) and of lock files fail like writes to a full disk
+/// (`StorageFull`) once `bytes` more bytes have been written; `None` lifts
+/// the limit.
+#[doc(hidden)]
+pub fn simulate_free_space(bytes: Option<u64>) {
+    FREE_SPACE.with(|c| c.set(bytes));
+}
+
+/// Writes all of `bytes` to `f`, or as many as the simulated free space
+/// allows and then fails with `StorageFull`.
+pub(crate) fn write_limited(f: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+    let Some(left) = FREE_SPACE.with(Cell::get) else {
+        return f.write_all(bytes);
+    };
+    let n = usize::try_from(left).map_or(bytes.len(), |l| l.min(bytes.len()));
+    f.write_all(&bytes[..n])?;
+    FREE_SPACE.with(|c| c.set(Some(left - n as u64)));
+    if n < bytes.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "no space left on device (simulated)",
+        ));
+    }
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod fsutil;
 pub mod hessian;
 pub mod importance;
 pub mod linalg;
+pub mod lock;
 pub mod pack;
 pub mod pipeline;
 pub mod quant;

@@ -7,7 +7,7 @@ mod common;
 use common::tiny::{all_weights, samples, Sample, TinyModel};
 use ndarray::{s, Array2, ArrayView2};
 use vlmq::backend::{GradientModel, LinearInfo, QuantizableModel, RowSink, TokenInfo};
-use vlmq::pipeline::{quantize_model, PipelineConfig, QuantMethod};
+use vlmq::pipeline::{quantize_model, ImportanceOptions, PipelineConfig, QuantMethod};
 use vlmq::{Bits, Error, GptqConfig, GroupSize, QuantScheme};
 
 /// How the wrapped backend misbehaves.
@@ -28,6 +28,9 @@ enum Fault {
     BackwardNarrow,
     /// `block_backward` of block 1 shows the gradient at `b`'s output one token short.
     SinkShort,
+    /// `hidden_rows` drops the last row of every hidden state, so the
+    /// per-block factors are one token short of the block's rows.
+    HiddenRowsShort,
 }
 
 struct Faulty {
@@ -132,7 +135,11 @@ impl GradientModel for Faulty {
         })
     }
     fn hidden_rows(&self, h: &Array2<f32>) -> vlmq::Result<Array2<f32>> {
-        self.inner.hidden_rows(h)
+        let rows = self.inner.hidden_rows(h)?;
+        Ok(match self.fault {
+            Fault::HiddenRowsShort => drop_last_row(&rows),
+            _ => rows,
+        })
     }
 }
 
@@ -210,6 +217,43 @@ fn gradients_with_the_wrong_token_count_or_width_name_block_and_sample() {
             "{fault:?}: {err}"
         );
     }
+}
+
+/// Issue 25, item 4: `hidden_rows` one row short used to make per-block
+/// importance fall back to the per-layer factors without a word. Every
+/// gradient is consistently short, so the shape checks between gradients
+/// pass; only the comparison with `token_info` in a block that keeps its
+/// token count can see it.
+#[test]
+fn hidden_rows_one_row_short_is_an_error_with_per_block_importance() {
+    let cfg = config(QuantMethod::Vlmq)
+        .with_importance(ImportanceOptions::default().with_per_block(true));
+    let mut model = Faulty {
+        inner: TinyModel::new(1, 16, 24, 3),
+        fault: Fault::None,
+    };
+    quantize_model(&mut model, &samples(2, 3, 16), &cfg, |_| {}).unwrap();
+    let mut model = Faulty {
+        inner: TinyModel::new(1, 16, 24, 3),
+        fault: Fault::HiddenRowsShort,
+    };
+    let before = all_weights(&model.inner);
+    let err = quantize_model(&mut model, &samples(2, 3, 16), &cfg, |_| {}).unwrap_err();
+    assert!(
+        all_weights(&model.inner) == before,
+        "weights changed before the error"
+    );
+    // The last block is the first one the backward pass reaches.
+    match &err {
+        Error::InBlock {
+            block: 2,
+            sample: Some(0),
+            ..
+        } => {}
+        other => panic!("expected InBlock for block 2, sample 0, got {other}"),
+    }
+    assert!(matches!(err.root(), Error::Backend { .. }), "{err}");
+    assert!(err.to_string().contains("hidden_rows"), "{err}");
 }
 
 /// Samples whose rows are `x` with the listed input columns set to 0.

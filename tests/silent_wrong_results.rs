@@ -131,3 +131,43 @@ fn an_out_of_range_group_index_is_named_as_such() {
     assert_eq!(field_of(&err), "g_idx", "{err}");
     assert!(err.to_string().contains("7 at input 3"), "{err}");
 }
+
+/// Item 7 on a real immutable file (`chattr +i`: root on a filesystem with
+/// the attribute; skipped with a message elsewhere). The old directory,
+/// renamed aside, cannot be removed; the error names it.
+#[test]
+fn an_old_directory_holding_an_immutable_file_is_named_in_the_error() {
+    let root = std::env::temp_dir().join(format!("vlmq-immutable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let dir = root.join("ckpt");
+    write_dir_atomic(&dir, &[("a.txt", b"one"), ("stuck.txt", b"kept")]).unwrap();
+    let chattr = |flag: &str, p: &std::path::Path| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(p)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !chattr("+i", &dir.join("stuck.txt")) {
+        std::fs::remove_dir_all(&root).unwrap();
+        eprintln!("skipped: `chattr +i` is not available here (needs root and ext4/xfs/btrfs)");
+        return;
+    }
+    let result = write_dir_atomic(&dir, &[("a.txt", b"two")]);
+    // Clear the attribute wherever the file is now, before asserting.
+    for e in std::fs::read_dir(&root).unwrap() {
+        chattr("-i", &e.unwrap().path().join("stuck.txt"));
+    }
+    let err = result.unwrap_err();
+    let Error::LeftBehind { dir: d, left, .. } = &err else {
+        panic!("expected LeftBehind, got {err}");
+    };
+    assert_eq!(d, &dir);
+    assert!(left.join("stuck.txt").exists(), "{err}");
+    assert!(err.to_string().contains(&*left.to_string_lossy()), "{err}");
+    // The new directory is complete: the new file and the carried-over one.
+    assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"two");
+    assert_eq!(std::fs::read(dir.join("stuck.txt")).unwrap(), b"kept");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -16,6 +16,7 @@ use crate::digest::digest_hex;
 use super::digests::add_digests;
 use crate::error::{Error, Result};
 use crate::fsutil::{write_dir_atomic_hooked, Step};
+use crate::lock::DirLock;
 use crate::quant::QuantizedWeight;
 use crate::solver::Method;
 
@@ -263,6 +264,7 @@ impl CheckpointWriter {
         dir: &Path,
         hook: &mut dyn FnMut(Step<'_>) -> Result<()>,
     ) -> Result<QuantizeConfig> {
+        let _lock = DirLock::output_dir(dir)?;
         let config = self.quantize_config()?;
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, w, bias) in &self.layers {

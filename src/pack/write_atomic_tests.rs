@@ -65,6 +65,8 @@ fn fresh(tag: &str) -> PathBuf {
     p
 }
 
+/// The steps before the swap is complete (after them comes
+/// `Step::RemovingOld`, tested on its own).
 fn steps() -> Vec<Step<'static>> {
     let mut v = Vec::new();
     for f in FILES {
@@ -103,7 +105,8 @@ fn a_failure_at_any_step_leaves_the_complete_old_checkpoint() {
     })
     .unwrap();
     // Every injection point is reached on a successful write.
-    let expected: Vec<String> = steps().iter().map(|s| format!("{s:?}")).collect();
+    let mut expected: Vec<String> = steps().iter().map(|s| format!("{s:?}")).collect();
+    expected.push(format!("{:?}", Step::RemovingOld));
     assert_eq!(seen, expected);
     let (names, files) = snapshot(&parent, &dir);
     assert_eq!(names, ["ckpt"], "no temporary sibling left");
@@ -147,6 +150,69 @@ fn a_failure_without_an_old_checkpoint_leaves_no_directory() {
         let (names, _) = snapshot(&parent, &dir);
         assert!(names.is_empty(), "{step:?}: left {names:?}");
     }
+    std::fs::remove_dir_all(&parent).unwrap();
+}
+
+/// Issue 25, item 7: an old directory that cannot be removed after the swap
+/// (an immutable file in it, here an injected failure) is named in the
+/// error instead of being left behind in silence.
+#[test]
+fn an_old_directory_that_cannot_be_removed_is_named() {
+    let parent = fresh("left-behind");
+    let dir = parent.join("ckpt");
+    writer(0.5).write(&dir).unwrap();
+    let err = writer(0.25)
+        .write_hooked(&dir, &mut fail_at(Step::RemovingOld))
+        .unwrap_err();
+    let Error::LeftBehind { dir: d, left, .. } = &err else {
+        panic!("expected LeftBehind, got {err}");
+    };
+    assert_eq!(d, &dir);
+    assert!(left.is_dir(), "{err}");
+    assert!(err.to_string().contains("injected"), "{err}");
+    // The new checkpoint is complete in place; the leftover is the old one.
+    let new_layer = Checkpoint::open(&dir).unwrap().layer("layer").unwrap();
+    let old_layer = Checkpoint::open(left).unwrap().layer("layer").unwrap();
+    assert_ne!(new_layer, old_layer);
+    std::fs::remove_dir_all(&parent).unwrap();
+}
+
+/// A full disk while the files are written (the simulated free space runs
+/// out in each of the files in turn): a typed I/O error naming the file of
+/// the checkpoint, the old checkpoint intact and no temporary directory left.
+#[test]
+fn a_full_disk_leaves_the_old_checkpoint_and_no_temporary() {
+    let parent = fresh("disk-full");
+    let dir = parent.join("ckpt");
+    writer(0.5).write(&dir).unwrap();
+    let old = snapshot(&parent, &dir);
+    let new = writer(0.25);
+    let sizes: Vec<u64> = old.1.values().map(|b| b.len() as u64).collect();
+    let total: u64 = sizes.iter().sum();
+    let mut named = std::collections::BTreeSet::new();
+    // Free space from nothing to one byte short of the whole checkpoint.
+    for free in [0, 1, total / 3, total / 2, total - 1] {
+        crate::fsutil::simulate_free_space(Some(free));
+        let err = new.write(&dir).unwrap_err();
+        crate::fsutil::simulate_free_space(None);
+        let Error::Io { path, source } = &err else {
+            panic!("free {free}: expected an I/O error, got {err}");
+        };
+        assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{err}");
+        assert_eq!(path.parent(), Some(dir.as_path()), "free {free}: {err}");
+        named.insert(path.file_name().unwrap().to_owned());
+        assert_eq!(
+            snapshot(&parent, &dir),
+            old,
+            "free {free}: not the old checkpoint"
+        );
+    }
+    assert!(
+        named.len() > 1,
+        "the failure fell in one file only: {named:?}"
+    );
+    new.write(&dir).unwrap();
+    assert_ne!(snapshot(&parent, &dir), old);
     std::fs::remove_dir_all(&parent).unwrap();
 }
 

@@ -192,6 +192,40 @@ fn check_gradient<M: GradientModel + ?Sized>(
     Ok(())
 }
 
+/// Checks the rows of the gradient at a block's output (`out_rows`, the
+/// length of its per-block factors) against the `tokens` of the block's
+/// linears. They may differ only in a block that changes its token count (a
+/// projector appending text or dropping the class token), where the
+/// per-block factors fall back to the group factors; in a block whose input
+/// has as many rows as its output, a difference means
+/// [`GradientModel::hidden_rows`] disagrees with
+/// [`token_info`](QuantizableModel::token_info), and per-block importance
+/// would silently use the per-layer factors.
+fn check_block_rows<M: GradientModel + ?Sized>(
+    model: &M,
+    block: usize,
+    input: &M::Hidden,
+    out_rows: usize,
+    tokens: usize,
+) -> Result<()> {
+    if out_rows == tokens {
+        return Ok(());
+    }
+    let in_rows = model.hidden_rows(input)?.nrows();
+    if in_rows != out_rows {
+        return Ok(());
+    }
+    Err(Error::Backend {
+        block,
+        layer: None,
+        reason: format!(
+            "hidden_rows gives {out_rows} rows for both the block's input and the gradient at \
+             its output, but token_info counts {tokens} tokens for the block's linears; \
+             per-block importance factors would not line up with the block's rows"
+        ),
+    })
+}
+
 fn row_saliency<M: GradientModel + ?Sized>(model: &M, grad: &M::Hidden) -> Result<Array1<f32>> {
     let rows = model.hidden_rows(grad)?;
     Ok(rows.map_axis(ndarray::Axis(1), |r| r.iter().map(|v| v * v).sum::<f32>()))
@@ -306,6 +340,7 @@ fn chunk_saliency<M: GradientModel + ?Sized>(
                 let at = || in_block(b, name, None, Some(offset + i));
                 let out_sal = row_saliency(model, g).map_err(at())?;
                 let tokens = model.token_info(b, s).len();
+                check_block_rows(model, b, x, out_sal.len(), tokens).map_err(at())?;
                 let mut sink = GroupSink::new(&group_of, n_groups, tokens);
                 let gin = model
                     .block_backward(b, x, s, g, Some(&mut sink))

@@ -10,7 +10,7 @@
 //! file, verified when the block is loaded: a changed code, bit width or
 //! report, or a truncated or emptied file, is an error naming the file. A
 //! missing manifest while block files remain is an error too (not a silent
-//! restart).
+//! restart). The directory is locked ([`DirLock`]) while a run uses it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -27,6 +27,7 @@ use crate::config::Bits;
 use crate::digest::{digest_hex, Fnv};
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
+use crate::lock::DirLock;
 use crate::quant::QuantizedWeight;
 
 /// A saved block: its layers' quantized weights and their reports.
@@ -39,6 +40,8 @@ pub(crate) struct RunState {
     completed: usize,
     /// Checksum of every block file of the completed blocks, by file name.
     checksums: BTreeMap<String, String>,
+    /// One writer per state directory, for as long as the run lasts.
+    _lock: DirLock,
 }
 
 /// The manifest's format version (2: with block-file checksums).
@@ -58,6 +61,7 @@ impl RunState {
         samples: &[M::Sample],
         cfg: &PipelineConfig,
     ) -> Result<Self> {
+        let lock = DirLock::state_dir(dir)?;
         let fingerprints = [
             ("model".to_string(), model_fingerprint(model)?),
             (
@@ -148,6 +152,7 @@ impl RunState {
             fingerprints,
             completed,
             checksums,
+            _lock: lock,
         };
         state.write_manifest(completed)?;
         Ok(state)

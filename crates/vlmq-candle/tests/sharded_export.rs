@@ -3,7 +3,7 @@
 //! index naming the shard of each; the target appears only at the end.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use vlmq::{
     quantize_model, quantize_model_streaming, Bits, GptqConfig, GroupSize, PipelineConfig,
@@ -40,7 +40,9 @@ fn tensors(dir: &std::path::Path) -> HashMap<String, (Tensor, String)> {
     out
 }
 
-fn run(residency: Residency, tag: &str) {
+/// A random 3-layer Qwen2-shaped model saved under `root/src`, its
+/// calibration samples and a GPTQ configuration.
+fn setup(root: &Path) -> (PathBuf, Vec<TextSample>, PipelineConfig) {
     let cfg = LlamaConfig {
         arch: Architecture::Qwen2,
         vocab_size: 300,
@@ -55,7 +57,6 @@ fn run(residency: Residency, tag: &str) {
         tie_embeddings: false,
         qkv_bias: true,
     };
-    let root = temp(tag);
     let src = root.join("src");
     save_hf_dir(&random_model(&cfg, 3, DType::F32).unwrap(), &src).unwrap();
     let samples: Vec<TextSample> = (0..3u32)
@@ -64,6 +65,12 @@ fn run(residency: Residency, tag: &str) {
     let scheme =
         QuantScheme::new(Bits::new(4).unwrap()).with_group_size(GroupSize::new(32).unwrap());
     let pcfg = PipelineConfig::new(QuantMethod::Gptq, GptqConfig::new(scheme));
+    (src, samples, pcfg)
+}
+
+fn run(residency: Residency, tag: &str) {
+    let root = temp(tag);
+    let (src, samples, pcfg) = setup(&root);
 
     let mut whole = load_hf_dir(&src, DType::F32, &Device::Cpu).unwrap();
     let original = whole.clone();
@@ -126,4 +133,67 @@ fn sharded_output_of_a_resident_model_matches_the_single_file() {
 #[test]
 fn sharded_output_of_a_disk_model_matches_the_single_file() {
     run(Residency::Disk, "disk");
+}
+
+/// Every entry under `dir` (names relative to it) with the bytes of files.
+fn listing(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+        if p.is_dir() {
+            out.insert(rel.clone(), Vec::new());
+            for (k, v) in listing(&p) {
+                out.insert(rel.join(k), v);
+            }
+        } else {
+            out.insert(rel, std::fs::read(&p).unwrap());
+        }
+    }
+    out
+}
+
+/// Issue 25: a full disk (simulated in the writer) while the sharded writer
+/// or `write_gptq` replaces an earlier output gives an I/O error naming a
+/// file of the output, leaves the earlier output byte for byte and no
+/// partial directory, lock or temporary file beside it.
+#[test]
+fn a_full_disk_leaves_the_earlier_output_and_no_partial_directory() {
+    let root = temp("full");
+    let (src, samples, pcfg) = setup(&root);
+    let mut model = load_hf_dir(&src, DType::F32, &Device::Cpu).unwrap();
+    let original = model.clone();
+    let out = quantize_model(&mut model, &samples, &pcfg, |_| {}).unwrap();
+    let target = root.join("out");
+    write_gptq(&original, &out, None, &target).unwrap();
+    let before = listing(&root);
+    let size: u64 = listing(&target).values().map(|b| b.len() as u64).sum();
+    let check = |err: vlmq::Error, free: u64| {
+        match err.root() {
+            vlmq::Error::Io { path, source } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{err}");
+                assert!(path.starts_with(&root), "{err}");
+            }
+            other => panic!("free {free}: expected an I/O error, got {other}"),
+        }
+        assert!(
+            listing(&root) == before,
+            "free {free}: the directory changed"
+        );
+    };
+    for free in [0, size / 2] {
+        let mut model = original.clone();
+        let mut writer = ShardedGptqWriter::new(&model, &target).unwrap();
+        vlmq::fsutil::simulate_free_space(Some(free));
+        let run = quantize_model_streaming(&mut model, &samples, &pcfg, &mut writer, |_| {});
+        vlmq::fsutil::simulate_free_space(None);
+        drop(writer);
+        check(run.unwrap_err(), free);
+
+        vlmq::fsutil::simulate_free_space(Some(free));
+        let single = write_gptq(&original, &out, None, &target);
+        vlmq::fsutil::simulate_free_space(None);
+        check(single.unwrap_err(), free);
+    }
+    std::fs::remove_dir_all(&root).unwrap();
 }

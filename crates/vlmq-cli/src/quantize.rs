@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use vlmq::lock::DirLock;
 use vlmq::Result;
 use vlmq_candle::{
     device_from_name, dtype_from_name, Calibration, LoadOptions, LoadedModel, Quantizer, Recipe,
@@ -56,6 +57,10 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         print!("{}", r.to_toml_string());
         return Ok(());
     }
+    // One writer per directory, taken before the long work starts: a second
+    // command on the same output or state directory stops here, naming us.
+    let _out_lock = DirLock::output_dir(&a.out)?;
+    let _state_lock = a.state_dir.as_deref().map(DirLock::state_dir).transpose()?;
     let data = Calibration::from_file(&a.calib)?;
     let t0 = Instant::now();
     let pb = spinner(&format!("loading {}", a.model.display()));

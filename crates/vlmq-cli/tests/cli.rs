@@ -230,3 +230,42 @@ fn bad_inputs_give_one_line_naming_file_and_field() {
 
     assert!(!out.exists(), "no failed run writes output");
 }
+
+#[test]
+fn a_directory_another_process_writes_is_refused_naming_the_holder() {
+    let d = scratch("locked");
+    let calib = write_text(&d);
+    let model = fixture();
+    let (out, state) = (d.join("out"), d.join("state"));
+    let me = format!("pid={}", std::process::id());
+    let run = || {
+        vlmq(&[
+            "quantize",
+            s(&model),
+            "--out",
+            s(&out),
+            "--calib",
+            s(&calib),
+            "--state-dir",
+            s(&state),
+        ])
+    };
+    // This test process is the holder; the command is a second process.
+    // Both are held at first, so the command stops at the output directory
+    // (taken first); then the state directory alone is held.
+    for held in [
+        vlmq::lock::DirLock::output_dir(&out).unwrap(),
+        vlmq::lock::DirLock::state_dir(&state).unwrap(),
+    ] {
+        let o = run();
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains("locked by another vlmq process") && e.contains(&me),
+            "{e}"
+        );
+        assert!(e.contains(s(held.path())), "{e}");
+        drop(held);
+    }
+    assert!(!out.exists(), "a refused run writes nothing");
+}

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
+use vlmq::lock::DirLock;
 use vlmq::{BlockSink, CheckpointWriter, Error, FinishedBlock, Result};
 
 use super::llama::dense;
@@ -41,9 +42,10 @@ impl Originals {
 /// [`quantize_model_streaming`](vlmq::quantize_model_streaming) and writes
 /// each as its own shard at once; [`finish`](Self::finish) adds the
 /// embedding, final norm and head, the configs and the index, and replaces
-/// the target directory. Until then the target is untouched; after an
-/// error the partial directory is left beside it and the next writer for
-/// the same target starts it afresh.
+/// the target directory. Until then the target is untouched; a writer
+/// dropped without finishing (after an error, e.g. a full disk) removes
+/// its partial directory. The target is locked
+/// ([`DirLock::output_dir`]) for the writer's lifetime.
 pub struct ShardedGptqWriter {
     target: PathBuf,
     partial: PathBuf,
@@ -53,6 +55,7 @@ pub struct ShardedGptqWriter {
     outer: Vec<(String, Tensor)>,
     weight_map: BTreeMap<String, String>,
     configs_from: Option<usize>,
+    _lock: DirLock,
 }
 
 impl ShardedGptqWriter {
@@ -69,6 +72,9 @@ impl ShardedGptqWriter {
             })?
             .to_string_lossy()
             .to_string();
+        // Held until the writer is dropped: the partial directory below is
+        // ours to clear only while no other process writes this target.
+        let lock = DirLock::output_dir(&target)?;
         let partial = target.with_file_name(format!(".{name}.partial"));
         if partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
@@ -97,6 +103,7 @@ impl ShardedGptqWriter {
             outer,
             weight_map: BTreeMap::new(),
             configs_from: None,
+            _lock: lock,
         })
     }
 
@@ -157,14 +164,40 @@ impl ShardedGptqWriter {
                 .unwrap_or_default()
                 .to_string_lossy()
         ));
-        if self.target.exists() {
-            std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
-        }
-        std::fs::rename(&self.partial, &self.target).map_err(|e| Error::io(&self.target, e))?;
         if old.exists() {
+            // Named by the error of an earlier writer that could not remove
+            // it; ours to clear while we hold the target's lock.
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
+        let existed = self.target.exists();
+        if existed {
+            std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
+        }
+        if let Err(e) = std::fs::rename(&self.partial, &self.target) {
+            if existed {
+                let _ = std::fs::rename(&old, &self.target);
+            }
+            return Err(Error::io(&self.target, e));
+        }
+        if existed {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::LeftBehind {
+                dir: self.target.clone(),
+                left: old.clone(),
+                reason: e.to_string(),
+            })?;
+        }
         Ok(())
+    }
+}
+
+impl Drop for ShardedGptqWriter {
+    /// A writer dropped before [`finish`](Self::finish) succeeded (an error,
+    /// a cancelled run) removes its partial directory; the target was never
+    /// touched.
+    fn drop(&mut self) {
+        if self.partial.exists() {
+            let _ = std::fs::remove_dir_all(&self.partial);
+        }
     }
 }
 
