@@ -306,7 +306,11 @@ pub trait GradientModel: QuantizableModel {
     /// state, in the order of [`token_info`](QuantizableModel::token_info)
     /// for the block it enters. Per-block importance factors
     /// (`per_block` in the importance options) score tokens by the norm of
-    /// each row of the gradient at the block output.
+    /// each row of the gradient at the block output. For a block whose input
+    /// and output have the same number of rows, that number must be the
+    /// block's `token_info` length; the task-loss pass returns an
+    /// [`Error::Backend`](crate::Error::Backend) naming `hidden_rows` when it
+    /// is not.
     fn hidden_rows(&self, hidden: &Self::Hidden) -> Result<Array2<f32>>;
 
     /// Block-local perturbation pass (the alternative importance source):
