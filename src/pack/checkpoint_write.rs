@@ -44,6 +44,7 @@ pub struct CheckpointWriter {
     omit_digests: bool,
     settings: Option<(GptqConfig, Method)>,
     model_config: Option<Value>,
+    extras: serde_json::Map<String, Value>,
     layers: Vec<(String, QuantizedWeight, Option<DenseTensor>)>,
     tensors: Vec<(String, DenseTensor)>,
     names: BTreeSet<String>,
@@ -98,6 +99,16 @@ impl CheckpointWriter {
     pub fn with_solve_settings(mut self, cfg: &GptqConfig, method: Method) -> Self {
         self.static_groups |= cfg.static_groups;
         self.settings = Some((*cfg, method));
+        self
+    }
+
+    /// Adds model-specific keys to the quantization config (both
+    /// `quantize_config.json` and `config.json -> quantization_config`),
+    /// e.g. which blocks a loader converts and which modules stay dense.
+    /// A key the writer sets itself (`bits`, `format`, ...) is refused when
+    /// writing, so an extra can never contradict the layers.
+    pub fn with_config_extras(mut self, extras: serde_json::Map<String, Value>) -> Self {
+        self.extras = extras;
         self
     }
 
@@ -300,6 +311,18 @@ impl CheckpointWriter {
         let mut qc = config.to_json();
         if let Some((cfg, method)) = &self.settings {
             record_settings(&mut qc, cfg, *method);
+        }
+        if let Some(obj) = qc.as_object_mut() {
+            for (k, v) in &self.extras {
+                if obj.contains_key(k) {
+                    return Err(Error::InvalidConfig {
+                        field: "quantization_config extras",
+                        value: k.clone(),
+                        reason: "the writer sets this key from the layers",
+                    });
+                }
+                obj.insert(k.clone(), v.clone());
+            }
         }
         let qc_bytes = json_bytes(&dir.join("quantize_config.json"), &qc)?;
         let config_path = dir.join("config.json");

@@ -58,7 +58,7 @@ pub use models::llava::model::{
 pub use models::llava::sample::{VlmHidden, VlmSample};
 pub use models::qwen2_vl::{
     image_cu_seqlens, rope_delta, rope_index, vision_position_ids, window_index, ImageGrid, Merger,
-    MropePositions, Qwen2VlConfig, Qwen2VlModel, QwenVisionConfig, QwenVisionWeights,
+    MropePositions, Qwen2VlConfig, Qwen2VlModel, QwenVisionConfig, QwenVisionWeights, QwenVlSample,
     QwenVlVariant, VisionBlock, VisionNorm, VisionTrace, MERGER_LINEARS, QWEN2_5_VL_BLOCK_LINEARS,
     QWEN2_VL_BLOCK_LINEARS, VISION_NORM_EPS,
 };

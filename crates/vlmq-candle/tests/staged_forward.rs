@@ -11,7 +11,8 @@ use vlmq::{
 };
 use vlmq_candle::candle_core::{DType, Device, Tensor};
 use vlmq_candle::{
-    load_llava_dir, random_model, Architecture, LlamaConfig, TextSample, VlmHidden, VlmSample,
+    load_llava_dir, load_qwen2_vl_dir, random_model, Architecture, ImageGrid, LlamaConfig,
+    QwenVlSample, TextSample, VlmHidden, VlmSample,
 };
 
 /// A backend with its staged forward hidden: the trait's default runs.
@@ -154,4 +155,61 @@ fn llava_staged_true_sequential_matches_the_default() {
         VlmHidden::Text(t) => t,
         VlmHidden::Vision(_) => panic!("the last block gives text"),
     });
+}
+
+/// Qwen2-VL and Qwen2.5-VL (M-RoPE decoder stages, windowed tower) on the
+/// hf-tiny-vlm samples: every block quantized, staged or not, gives the
+/// same codes and the same final hidden state.
+#[test]
+fn qwen2_vl_staged_true_sequential_matches_the_default() {
+    for name in ["qwen2_vl", "qwen2_5_vl"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf-tiny-vlm")
+            .join(name);
+        let exp = vlmq_candle::candle_core::safetensors::load(
+            dir.join("expected.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let ids = exp["input_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap();
+        let g: Vec<i64> = exp["image_grid_thw"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let g: Vec<ImageGrid> = g
+            .chunks(3)
+            .map(|c| ImageGrid {
+                t: c[0] as usize,
+                h: c[1] as usize,
+                w: c[2] as usize,
+            })
+            .collect();
+        let px = &exp["pixel_values"];
+        let (p0, p1) = (g[0].patches(), g[1].patches() + g[2].patches());
+        let samples = vec![
+            QwenVlSample::causal(
+                ids[0].clone(),
+                Some(px.narrow(0, 0, p0).unwrap()),
+                vec![g[0]],
+            ),
+            QwenVlSample::causal(
+                ids[1].clone(),
+                Some(px.narrow(0, p0, p1).unwrap()),
+                vec![g[1], g[2]],
+            ),
+        ];
+        same_results(
+            || load_qwen2_vl_dir(&dir, DType::F32, &Device::Cpu).unwrap().0,
+            &samples,
+            |m, s| match through(m, s) {
+                VlmHidden::Text(t) => t,
+                VlmHidden::Vision(_) => panic!("the last block gives text"),
+            },
+        );
+    }
 }

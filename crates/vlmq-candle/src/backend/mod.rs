@@ -1,6 +1,6 @@
 //! What `vlmq` needs from each model: [`vlmq::QuantizableModel`] (capture,
 //! weights) and [`vlmq::GradientModel`] (the task loss and the block
-//! backward) for the Llama-family decoder and for LLaVA.
+//! backward) for the Llama-family decoder, LLaVA and Qwen2-VL.
 
 #[cfg(test)]
 mod grad_tests;
@@ -10,3 +10,5 @@ pub(crate) mod llama_backward;
 pub(crate) mod llava;
 pub(crate) mod llava_grad;
 pub(crate) mod llava_stages;
+pub(crate) mod qwen2_vl;
+pub(crate) mod qwen2_vl_grad;

@@ -19,15 +19,30 @@ use crate::error::file;
 use crate::models::llama::model::LlamaModel;
 
 pub(super) fn dense(t: &Tensor, path: &Path) -> Result<DenseTensor> {
-    let shape = t.dims().to_vec();
-    let v = t
-        .to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| file(path, e))?;
-    Ok(DenseTensor::F32(
-        ArrayD::from_shape_vec(IxDyn(&shape), v).expect("shape matches"),
-    ))
+    dense_as(t, DType::F32, path)
+}
+
+/// `t` as a dense tensor of `dtype` (f32, f16 or bf16; other dtypes give f32).
+pub(super) fn dense_as(t: &Tensor, dtype: DType, path: &Path) -> Result<DenseTensor> {
+    fn values<T: candle_core::WithDType>(t: &Tensor, dtype: DType) -> candle_core::Result<Vec<T>> {
+        t.to_dtype(dtype)?.flatten_all()?.to_vec1::<T>()
+    }
+    let shape = IxDyn(t.dims());
+    let bad_shape = |e: ndarray::ShapeError| file(path, e);
+    Ok(match dtype {
+        DType::BF16 => DenseTensor::BF16(
+            ArrayD::from_shape_vec(shape, values(t, dtype).map_err(|e| file(path, e))?)
+                .map_err(bad_shape)?,
+        ),
+        DType::F16 => DenseTensor::F16(
+            ArrayD::from_shape_vec(shape, values(t, dtype).map_err(|e| file(path, e))?)
+                .map_err(bad_shape)?,
+        ),
+        _ => DenseTensor::F32(
+            ArrayD::from_shape_vec(shape, values(t, DType::F32).map_err(|e| file(path, e))?)
+                .map_err(bad_shape)?,
+        ),
+    })
 }
 
 /// `stem -> (block, linear)` for every quantizable linear of `model`: the
@@ -55,6 +70,31 @@ pub(crate) fn write_checkpoint<M: QuantizableModel>(
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: &Path,
 ) -> Result<()> {
+    let dense = DenseStyle {
+        dtype: DType::F32,
+        extras: serde_json::Map::new(),
+    };
+    write_checkpoint_styled(model, config, tensors, quantized, tokenizer, dir, &dense)
+}
+
+/// How [`write_checkpoint_styled`] stores what is not packed: the dtype of
+/// the dense tensors and extra `quantization_config` keys.
+pub(crate) struct DenseStyle {
+    pub dtype: DType,
+    pub extras: serde_json::Map<String, Value>,
+}
+
+/// [`write_checkpoint`] with the dense tensors in `style.dtype` and
+/// `style.extras` added to the quantization config.
+pub(crate) fn write_checkpoint_styled<M: QuantizableModel>(
+    model: &M,
+    config: Value,
+    tensors: &[(String, Tensor)],
+    quantized: &PipelineOutput,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    dir: &Path,
+    style: &DenseStyle,
+) -> Result<()> {
     let stems = linear_stems(model);
     let is_quantized = |stem: &str| {
         stems
@@ -62,14 +102,16 @@ pub(crate) fn write_checkpoint<M: QuantizableModel>(
             .filter(|(b, l)| quantized.weights.contains_key(&(*b, l.clone())))
     };
     let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut w = CheckpointWriter::new().with_model_config(config);
+    let mut w = CheckpointWriter::new()
+        .with_model_config(config)
+        .with_config_extras(style.extras.clone());
     for (name, t) in tensors {
         if let Some(stem) = name.strip_suffix(".weight") {
             if let Some((b, l)) = is_quantized(stem) {
                 let q = quantized.weights[&(*b, l.clone())].clone();
                 let bias = by_name
                     .get(format!("{stem}.bias").as_str())
-                    .map(|bt| dense(bt, dir))
+                    .map(|bt| dense_as(bt, style.dtype, dir))
                     .transpose()?;
                 w.add_layer(stem, q, bias)?;
                 continue;
@@ -82,7 +124,7 @@ pub(crate) fn write_checkpoint<M: QuantizableModel>(
         {
             continue;
         }
-        w.add_tensor(name, dense(t, dir)?)?;
+        w.add_tensor(name, dense_as(t, style.dtype, dir)?)?;
     }
     w.write(dir)?;
     if let Some(tk) = tokenizer {

@@ -1,14 +1,15 @@
 //! Writing quantized models: GPTQ checkpoints in the model's own HF layout
 //! ([`write_gptq`], [`load_gptq_into`] for the Llama family; [`llava`] for
-//! the LLaVA layout; [`ShardedGptqWriter`] block by block during a run),
+//! the LLaVA layout; [`qwen2_vl`] for Qwen2-VL; [`ShardedGptqWriter`] block by block during a run),
 //! and GGUF files whose weights were solved onto llama.cpp's block types
 //! ([`gguf`]).
 
 pub mod gguf;
 mod llama;
 pub mod llava;
+pub mod qwen2_vl;
 mod sharded;
 
 pub use llama::{load_gptq_into, write_gptq};
-pub(crate) use llama::{read_checkpoint, write_checkpoint};
+pub(crate) use llama::{read_checkpoint, write_checkpoint, write_checkpoint_styled, DenseStyle};
 pub use sharded::ShardedGptqWriter;

@@ -211,5 +211,6 @@ pub fn load_qwen2_vl_dir(
         });
     }
     let lm = LlamaModel::new(cfg.text.clone(), weights)?;
-    Ok((Qwen2VlModel::new(cfg, visual, lm)?, naming))
+    let model = Qwen2VlModel::new(cfg, visual, lm)?.with_naming(naming.clone());
+    Ok((model, naming))
 }

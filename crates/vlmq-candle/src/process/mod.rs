@@ -9,4 +9,5 @@ pub mod image_input;
 pub(crate) mod llava_prompt;
 pub mod pil_resize;
 pub mod qwen2_vl_image;
+pub mod qwen2_vl_prompt;
 pub(crate) mod tokenizer;

@@ -3,8 +3,10 @@
 //! 1. [`smart_resize`] picks the target size: each side rounded to a
 //!    multiple of `patch * merge` (28), then scaled into
 //!    `[min_pixels, max_pixels]` keeping the aspect ratio;
-//! 2. the image is resized to it (PIL bicubic on 8-bit RGB; the caller
-//!    supplies the resized pixels to [`pixel_values_from_resized`]);
+//! 2. the image is resized to it with PIL's 8-bit filter named by
+//!    `resample` (bicubic by default; [`process_image`] calls
+//!    [`pil_resize`], [`pixel_values_from_resized`] takes pixels resized
+//!    elsewhere);
 //! 3. values are rescaled (`u8 * factor`, in f64, rounded to f32) and
 //!    normalized (`(x - mean) / std` in f32), channels first;
 //! 4. the frame is repeated `temporal_patch_size` times and cut into
@@ -20,7 +22,10 @@ use std::path::Path;
 use serde_json::Value;
 use vlmq::{Error, Result};
 
+use image::RgbImage;
+
 use crate::models::qwen2_vl::ImageGrid;
+use crate::process::pil_resize::{pil_resize, PilFilter};
 
 /// The image processor's settings (`preprocessor_config.json`, or
 /// `processor_config.json`'s `image_processor`).
@@ -42,6 +47,8 @@ pub struct Qwen2VlImageConfig {
     pub mean: [f32; 3],
     /// Per-channel standard deviation.
     pub std: [f32; 3],
+    /// The resize filter (`resample`: PIL's 1 LANCZOS, 2 BILINEAR, 3 BICUBIC).
+    pub resample: PilFilter,
 }
 
 /// CLIP's normalization, the processor's default.
@@ -123,6 +130,16 @@ impl Qwen2VlImageConfig {
                 .unwrap_or(1.0 / 255.0),
             mean: triple("image_mean", CLIP_MEAN.map(|x| x as f32))?,
             std: triple("image_std", CLIP_STD.map(|x| x as f32))?,
+            resample: match v.get("resample") {
+                None => PilFilter::Bicubic,
+                Some(r) => r
+                    .as_u64()
+                    .ok_or_else(|| bad(path, "image processor: resample must be an integer"))
+                    .and_then(|c| {
+                        PilFilter::from_pil_code(c)
+                            .map_err(|e| bad(path, format!("image processor: {e}")))
+                    })?,
+            },
         };
         if cfg.patch_size == 0
             || cfg.merge_size == 0
@@ -133,6 +150,11 @@ impl Qwen2VlImageConfig {
             return Err(bad(path, format!("inconsistent image processor {cfg:?}")));
         }
         Ok(cfg)
+    }
+
+    /// Values per patch row of `pixel_values` (`3 * temporal_patch_size * patch_size^2`).
+    pub fn patch_values(&self) -> usize {
+        3 * self.temporal_patch_size * self.patch_size * self.patch_size
     }
 
     /// The side multiple of the resize (`patch_size * merge_size`).
@@ -226,6 +248,31 @@ pub fn pixel_values_from_resized(
         }
     }
     Ok((out, ImageGrid { t: 1, h: gh, w: gw }))
+}
+
+/// `pixel_values` rows and the grid of one 8-bit RGB image, as the
+/// processor computes them: [`smart_resize`]'s size, [`pil_resize`] with
+/// the configured filter, then [`pixel_values_from_resized`].
+pub fn process_image(img: &RgbImage, cfg: &Qwen2VlImageConfig) -> Result<(Vec<f32>, ImageGrid)> {
+    let (w, h) = img.dimensions();
+    let (rh, rw) = smart_resize(
+        h as usize,
+        w as usize,
+        cfg.factor(),
+        cfg.min_pixels,
+        cfg.max_pixels,
+    )?;
+    let too_big = || Error::InvalidConfig {
+        field: "resized image size",
+        value: format!("{rh} x {rw}"),
+        reason: "a side does not fit in 32 bits",
+    };
+    let (tw, th) = (
+        u32::try_from(rw).map_err(|_| too_big())?,
+        u32::try_from(rh).map_err(|_| too_big())?,
+    );
+    let resized = pil_resize(img, tw, th, cfg.resample)?;
+    pixel_values_from_resized(resized.as_raw(), rh, rw, cfg)
 }
 
 /// `text` with the `k`-th occurrence of `image_token` repeated once per

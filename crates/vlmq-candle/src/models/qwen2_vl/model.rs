@@ -21,6 +21,7 @@ use super::vision::{
     block_forward, merger_forward, patch_embed, rotary_tables, QwenVisionWeights, VisionPositions,
 };
 use crate::error::CandleResultExt;
+use crate::load::qwen2_vl::QwenVlNaming;
 use crate::models::llama::forward::{Hooks, Positional};
 use crate::models::llama::model::LlamaModel;
 
@@ -30,6 +31,7 @@ pub struct Qwen2VlModel {
     pub(crate) cfg: Qwen2VlConfig,
     pub(crate) visual: QwenVisionWeights,
     pub(crate) lm: LlamaModel,
+    pub(crate) naming: QwenVlNaming,
 }
 
 /// The tower's intermediates for one set of images.
@@ -55,7 +57,9 @@ pub(crate) struct VisionPlan {
 }
 
 impl Qwen2VlModel {
-    /// Assembles a model; the parts must agree with `cfg`.
+    /// Assembles a model; the parts must agree with `cfg`. Its tensor names
+    /// are the Hub spelling ([`QwenVlNaming::hub`]) until
+    /// [`with_naming`](Self::with_naming).
     pub fn new(cfg: Qwen2VlConfig, visual: QwenVisionWeights, lm: LlamaModel) -> Result<Self> {
         if visual.blocks.len() != cfg.vision.depth {
             return Err(Error::InvalidConfig {
@@ -75,7 +79,24 @@ impl Qwen2VlModel {
                 reason: "the language model must follow the configuration's text part",
             });
         }
-        Ok(Qwen2VlModel { cfg, visual, lm })
+        Ok(Qwen2VlModel {
+            cfg,
+            visual,
+            lm,
+            naming: QwenVlNaming::hub(),
+        })
+    }
+
+    /// The same model under another tensor spelling (block names and the
+    /// exported checkpoint follow it).
+    pub fn with_naming(mut self, naming: QwenVlNaming) -> Self {
+        self.naming = naming;
+        self
+    }
+
+    /// The tensor spelling of the checkpoint it came from.
+    pub fn naming(&self) -> &QwenVlNaming {
+        &self.naming
     }
 
     /// The configuration.
@@ -169,9 +190,10 @@ impl Qwen2VlModel {
         let mut block_inputs = Vec::with_capacity(v.depth);
         for (i, b) in self.visual.blocks.iter().enumerate() {
             block_inputs.push(x.clone());
-            x = block_forward(v, b, &x, &plan.pos, v.windowed(i), None).in_block(i)?;
+            x = block_forward(v, b, &x, &plan.pos, v.windowed(i), None, None).in_block(i)?;
         }
-        let mut features = merger_forward(v, &self.visual.merger, &x, None).in_block(v.depth)?;
+        let mut features =
+            merger_forward(v, &self.visual.merger, &x, None, None).in_block(v.depth)?;
         if let Some(undo) = &plan.undo {
             features = features.index_select(undo, 0).at_model()?;
         }

@@ -174,12 +174,14 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor>
 }
 
 /// Softmax attention of `q, k, v: [heads, S, hd]` within each segment of
-/// `cu`; the result as rows `[1, S, heads * hd]`.
+/// `cu`; the result as rows `[1, S, heads * hd]`. `differentiable` picks the
+/// composed softmax (the fused kernel has no backward).
 fn segment_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     cu: &[usize],
+    differentiable: bool,
 ) -> candle_core::Result<Tensor> {
     let (nh, s, hd) = q.dims3()?;
     let scale = 1.0 / (hd as f64).sqrt();
@@ -195,15 +197,35 @@ fn segment_attention(
             v.narrow(1, a, len)?,
         );
         let scores = (qs.matmul(&ks.t()?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         parts.push(probs.matmul(&vs)?);
     }
     let att = Tensor::cat(&parts, 1)?;
     att.transpose(0, 1)?.reshape((1, s, nh * hd))
 }
 
+/// `linear(x)` plus the probe of that linear when given.
+fn probed(
+    x: &Tensor,
+    l: &Linear,
+    probes: Option<&[Tensor]>,
+    i: usize,
+) -> candle_core::Result<Tensor> {
+    let y = linear(x, l)?;
+    match probes.and_then(|p| p.get(i)) {
+        Some(p) => y + p,
+        None => Ok(y),
+    }
+}
+
 /// One block on `x: [1, S, d]`; `sink` receives each linear's input rows
-/// under the names of [`VisionBlock::linear_names`].
+/// under the names of [`VisionBlock::linear_names`]; `probes` (zero tensors
+/// `[1, S, out]`, one per linear in that order) are added to each linear's
+/// output so a backward pass shows the gradient there.
 pub(crate) fn block_forward(
     cfg: &QwenVisionConfig,
     b: &VisionBlock,
@@ -211,8 +233,10 @@ pub(crate) fn block_forward(
     pos: &VisionPositions,
     windowed: bool,
     mut sink: Option<&mut dyn RowSink>,
+    probes: Option<&[Tensor]>,
 ) -> candle_core::Result<Tensor> {
     let names = b.linear_names();
+    let lin = |i: usize, t: &Tensor| probed(t, &b.linears[i], probes, i);
     let mut show = |idx: &[usize], t: &Tensor| -> candle_core::Result<()> {
         if let Some(s) = sink.as_deref_mut() {
             let r = rows(t)?;
@@ -226,7 +250,7 @@ pub(crate) fn block_forward(
     let (nh, hd) = (cfg.num_heads, cfg.head_dim());
     let h = b.norm1.apply(x)?;
     show(&[0], &h)?;
-    let qkv = linear(&h, &b.linears[0])?.reshape((s, 3, nh, hd))?;
+    let qkv = lin(0, &h)?.reshape((s, 3, nh, hd))?;
     let part = |i: usize| {
         qkv.narrow(1, i, 1)?
             .squeeze(1)?
@@ -237,33 +261,36 @@ pub(crate) fn block_forward(
     let k = rotate(&part(1)?, &pos.cos, &pos.sin)?;
     let v = part(2)?;
     let cu = if windowed { &pos.windows } else { &pos.images };
-    let att = segment_attention(&q, &k, &v, cu)?;
+    let att = segment_attention(&q, &k, &v, cu, probes.is_some())?;
     debug_assert_eq!(att.dim(2)?, d);
     show(&[1], &att)?;
-    let x = (x + linear(&att, &b.linears[1])?)?;
+    let x = (x + lin(1, &att)?)?;
     let h = b.norm2.apply(&x)?;
     let y = if b.linears.len() == QWEN2_5_VL_BLOCK_LINEARS.len() {
         show(&[2, 3], &h)?;
-        let a = (linear(&h, &b.linears[2])?.silu()? * linear(&h, &b.linears[3])?)?;
+        let a = (lin(2, &h)?.silu()? * lin(3, &h)?)?;
         show(&[4], &a)?;
-        linear(&a, &b.linears[4])?
+        lin(4, &a)?
     } else {
         show(&[2], &h)?;
-        let f = linear(&h, &b.linears[2])?;
+        let f = lin(2, &h)?;
         let a = (&f * candle_nn::ops::sigmoid(&(&f * 1.702)?)?)?;
         show(&[3], &a)?;
-        linear(&a, &b.linears[3])?
+        lin(3, &a)?
     };
     x + y
 }
 
 /// The merger on the last block's output `x: [1, S, d]` (S a multiple of
-/// `m * m`); `sink` receives `mlp.0`'s and `mlp.2`'s inputs. Returns `[S / (m*m), out]`.
+/// `m * m`); `sink` receives `mlp.0`'s and `mlp.2`'s inputs, `probes`
+/// (`[1, S / (m*m), out]` each) are added to their outputs. Returns
+/// `[S / (m*m), out]`.
 pub(crate) fn merger_forward(
     cfg: &QwenVisionConfig,
     m: &Merger,
     x: &Tensor,
     mut sink: Option<&mut dyn RowSink>,
+    probes: Option<&[Tensor]>,
 ) -> candle_core::Result<Tensor> {
     let (_, s, d) = x.dims3()?;
     let unit = cfg.merge_unit();
@@ -271,11 +298,11 @@ pub(crate) fn merger_forward(
     if let Some(sk) = sink.as_deref_mut() {
         sk.rows(MERGER_LINEARS[0], rows(&h)?.view());
     }
-    let a = linear(&h, &m.linears[0])?.gelu_erf()?;
+    let a = probed(&h, &m.linears[0], probes, 0)?.gelu_erf()?;
     if let Some(sk) = sink {
         sk.rows(MERGER_LINEARS[1], rows(&a)?.view());
     }
-    linear(&a, &m.linears[1])?.squeeze(0)
+    probed(&a, &m.linears[1], probes, 1)?.squeeze(0)
 }
 
 /// The patch embedding of `pixels: [S, patch_values]`: `[1, S, d]`.
