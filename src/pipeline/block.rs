@@ -8,6 +8,7 @@ use ndarray::Array2;
 
 use super::config::{DeadLayerFallback, GradientSource, PipelineConfig};
 use super::context::in_block;
+use super::gguf::{solve_gguf, LayerCodes};
 use super::pass::{capture_pass, BlockInputs, GroupStatistics, PassRun, Swapped};
 use super::plan::PlannedLayer;
 use super::progress::Progress;
@@ -18,11 +19,11 @@ use crate::backend::{LinearInfo, QuantizableModel};
 use crate::config::{GptqConfig, QuantScheme};
 use crate::error::{Error, Result};
 use crate::hessian::LayerStatistics;
-use crate::quant::{quantize_rtn, QuantizedWeight};
+use crate::quant::quantize_rtn;
 use crate::solver::{hessian_objective, solve_layer};
 
-/// One quantized layer: name, codes and grids, report.
-pub(crate) type SavedLayer = (String, QuantizedWeight, LayerReport);
+/// One quantized layer: name, codes and grids (or GGUF blocks), report.
+pub(crate) type SavedLayer = (String, LayerCodes, LayerReport);
 
 /// A quantized block: its layers, its full-precision output (GPTAQ
 /// methods) and, when the staged forward computed it, its output with the
@@ -191,7 +192,7 @@ fn quantize_layer<M: QuantizableModel>(
     scheme: QuantScheme,
     st: Option<&GroupStatistics>,
     cfg: &PipelineConfig,
-) -> Result<(QuantizedWeight, LayerReport, Array2<f32>, Array2<f32>)> {
+) -> Result<(LayerCodes, LayerReport, Array2<f32>, Array2<f32>)> {
     let at = || in_block(b, name, Some(&info.name), None);
     let dead_columns = st.map(|s| {
         s.weighted
@@ -245,12 +246,17 @@ fn quantize_layer<M: QuantizableModel>(
                 .into(),
         });
     }
+    // A GGUF layer reports its type's code width and scale group.
+    let (bits, group_size) = match &qw {
+        LayerCodes::Gptq(_) => (scheme.bits.get(), scheme.group_size.to_gptq()),
+        LayerCodes::Gguf(sol) => (u32::from(sol.ty.code_bits()), sol.ty.group_cols() as i64),
+    };
     let report = LayerReport {
         block: b,
         block_name: name.to_string(),
         layer: info.name.clone(),
-        bits: scheme.bits.get(),
-        group_size: scheme.group_size.to_gptq(),
+        bits,
+        group_size,
         tokens: st.map_or(0, |s| s.weighted.tokens),
         objective,
         objective_unweighted,
@@ -264,7 +270,8 @@ fn quantize_layer<M: QuantizableModel>(
 
 /// Reads, checks and quantizes one layer: (original, codes, dequantized,
 /// damping). The solver methods use `stats`; without them (RTN, or the
-/// dead-layer fallback) the layer is rounded to nearest.
+/// dead-layer fallback) the layer is rounded to nearest. With a GGUF type
+/// configured the layer goes onto that type's blocks.
 fn solve_one<M: QuantizableModel>(
     model: &M,
     b: usize,
@@ -272,7 +279,7 @@ fn solve_one<M: QuantizableModel>(
     scheme: QuantScheme,
     stats: Option<&LayerStatistics>,
     cfg: &PipelineConfig,
-) -> Result<(Array2<f32>, QuantizedWeight, Array2<f32>, f64)> {
+) -> Result<(Array2<f32>, LayerCodes, Array2<f32>, f64)> {
     let w = model.linear_weight(b, &info.name)?;
     let expected = [info.out_features, info.in_features];
     if w.shape() != expected {
@@ -286,6 +293,17 @@ fn solve_one<M: QuantizableModel>(
         scheme,
         ..*cfg.solver()
     };
+    if let Some(ty) = cfg.gguf_type() {
+        let solver = solver.with_objective(false);
+        let sol = solve_gguf(w.view(), stats, &solver, cfg.solver_method(), ty)?;
+        let damp = if stats.is_some() && cfg.solver_method().is_some() {
+            sol.report.damp_percent
+        } else {
+            0.0
+        };
+        let deq = sol.dequantized.clone();
+        return Ok((w, LayerCodes::Gguf(sol), deq, damp));
+    }
     let (qw, deq, damp) = match (cfg.solver_method(), stats) {
         (Some(method), Some(stats)) => {
             let solver = solver.with_objective(false);
@@ -298,5 +316,6 @@ fn solve_one<M: QuantizableModel>(
             (qw, deq, 0.0)
         }
     };
+    let qw = LayerCodes::Gptq(qw);
     Ok((w, qw, deq, damp))
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::config::{GptqConfig, QuantScheme};
 use crate::error::{Error, Result};
 use crate::importance::{GradientSaliency, TokenImportance};
+use crate::quant::gguf::GgufType;
 use crate::solver::Method;
 
 /// The quantization method of a run.
@@ -288,6 +289,7 @@ pub struct PipelineConfig {
     true_sequential: bool,
     capture_tokens: usize,
     layer_objectives: bool,
+    gguf_type: Option<GgufType>,
 }
 
 impl PipelineConfig {
@@ -312,6 +314,7 @@ impl PipelineConfig {
             capture_tokens: Self::DEFAULT_CAPTURE_TOKENS,
             layer_objectives: false,
             dead_layer_fallback: DeadLayerFallback::Refuse,
+            gguf_type: None,
         }
     }
 
@@ -417,6 +420,24 @@ impl PipelineConfig {
         self
     }
 
+    /// Solves every quantized layer onto GGUF block type `ty` instead of the
+    /// GPTQ grid: each layer gets [`GgufType::for_cols`] of its input width
+    /// (llama.cpp's fallbacks), and the run's
+    /// [`PipelineOutput::gguf`](super::PipelineOutput::gguf) holds the
+    /// solutions. The scheme's bits and groups are then not used (a layer
+    /// override of `None` still keeps a layer dense). Checked when the run
+    /// starts: act-order needs static groups, GAR and a state directory are
+    /// refused.
+    pub fn with_gguf_type(mut self, ty: Option<GgufType>) -> Self {
+        self.gguf_type = ty;
+        self
+    }
+
+    /// The GGUF block type layers are solved onto, when set.
+    pub fn gguf_type(&self) -> Option<GgufType> {
+        self.gguf_type
+    }
+
     /// Whether capture is true-sequential.
     pub fn true_sequential(&self) -> bool {
         self.true_sequential
@@ -513,6 +534,9 @@ impl PipelineConfig {
         }
         if !self.true_sequential {
             text.push_str(";true_sequential=false");
+        }
+        if let Some(ty) = self.gguf_type {
+            text.push_str(&format!(";gguf={ty}"));
         }
         text
     }

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::block::{quantize_block, BlockRun, SavedLayer};
 use super::config::{GradientSource, PipelineConfig};
 use super::context::{in_block, in_sample};
+use super::gguf::{check_gguf_run, LayerCodes};
 use super::plan::RunPlan;
 use super::progress::{Progress, ProgressControl};
 use super::report::{PipelineOutput, PipelineReport};
@@ -57,14 +58,19 @@ where
     C: ProgressControl,
 {
     let mut weights = BTreeMap::new();
+    let mut gguf = BTreeMap::new();
     let mut keep = |block: FinishedBlock| -> Result<()> {
         for (layer, qw) in block.layers {
             weights.insert((block.index, layer), qw);
+        }
+        for (layer, sol) in block.gguf {
+            gguf.insert((block.index, layer), sol);
         }
         Ok(())
     };
     let mut out = quantize_model_streaming(model, samples, cfg, &mut keep, progress)?;
     out.weights = weights;
+    out.gguf = gguf;
     Ok(out)
 }
 
@@ -90,6 +96,7 @@ where
 {
     let start = Instant::now();
     cfg.solver().validate()?;
+    check_gguf_run(cfg)?;
     if samples.is_empty() {
         return Err(Error::Empty {
             what: "calibration set".into(),
@@ -174,7 +181,7 @@ where
             restored
                 .into_iter()
                 .zip(reports)
-                .map(|((layer, qw), report)| (layer, qw, report))
+                .map(|((layer, qw), report)| (layer, LayerCodes::Gptq(qw), report))
                 .collect()
         } else if let Some(groups) = &planned.groups {
             let result = quantize_block(
@@ -212,9 +219,13 @@ where
             index: b,
             name: name.to_string(),
             layers: Vec::with_capacity(saved.len()),
+            gguf: Vec::new(),
         };
-        for (layer, qw, report) in saved {
-            finished.layers.push((layer, qw));
+        for (layer, codes, report) in saved {
+            match codes {
+                LayerCodes::Gptq(qw) => finished.layers.push((layer, qw)),
+                LayerCodes::Gguf(sol) => finished.gguf.push((layer, sol)),
+            }
             layers.push(report);
         }
         sink.block_finished(finished)?;
@@ -231,6 +242,7 @@ where
             resumed_blocks: resume_from,
         },
         weights: BTreeMap::new(),
+        gguf: BTreeMap::new(),
     })
 }
 

@@ -16,6 +16,7 @@ mod capture;
 mod config;
 mod context;
 mod driver;
+mod gguf;
 mod inputs;
 mod pass;
 mod plan;

@@ -6,6 +6,7 @@ use std::fmt;
 use crate::backend::Modality;
 use crate::importance::ImportanceDiagnostics;
 use crate::quant::QuantizedWeight;
+use crate::solver::GgufSolution;
 
 use super::config::QuantMethod;
 
@@ -192,4 +193,7 @@ pub struct PipelineOutput {
     pub report: PipelineReport,
     /// Quantized weights by `(block index, layer name)`.
     pub weights: BTreeMap<(usize, String), QuantizedWeight>,
+    /// Layers solved onto a GGUF block type by `(block index, layer name)`
+    /// (a run with [`PipelineConfig::with_gguf_type`](crate::PipelineConfig::with_gguf_type)).
+    pub gguf: BTreeMap<(usize, String), GgufSolution>,
 }

@@ -2,6 +2,7 @@
 
 use crate::error::Result;
 use crate::quant::QuantizedWeight;
+use crate::solver::GgufSolution;
 
 /// One block whose layers are final: quantized, saved to the state
 /// directory (when there is one) and written back into the model.
@@ -14,6 +15,10 @@ pub struct FinishedBlock {
     /// The block's quantized layers in solve order (empty for a block the
     /// run does not quantize).
     pub layers: Vec<(String, QuantizedWeight)>,
+    /// The block's layers solved onto a GGUF block type, in solve order
+    /// (only in a run with [`PipelineConfig::with_gguf_type`](crate::PipelineConfig::with_gguf_type);
+    /// `layers` is then empty).
+    pub gguf: Vec<(String, GgufSolution)>,
 }
 
 /// Receives every block of a run once it is final, in block order (see

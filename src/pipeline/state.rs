@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use ndarray::Array2;
 use safetensors::tensor::{Dtype, TensorView};
 
+use super::block::SavedLayer;
 use super::config::PipelineConfig;
+use super::gguf::LayerCodes;
 use super::report::LayerReport;
 use super::report_json::{report_from_json, report_to_json};
 use crate::backend::QuantizableModel;
@@ -180,15 +182,18 @@ impl RunState {
         write_atomic(&self.dir.join("manifest.json"), text.as_bytes())
     }
 
-    /// Records block `b` as completed with its layers.
-    pub(crate) fn save_block(
-        &mut self,
-        b: usize,
-        layers: &[(String, QuantizedWeight, LayerReport)],
-    ) -> Result<()> {
+    /// Records block `b` as completed with its layers (GPTQ codes only: a
+    /// GGUF run has no state directory, see `check_gguf_run`).
+    pub(crate) fn save_block(&mut self, b: usize, layers: &[SavedLayer]) -> Result<()> {
         let mut tensors: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = Vec::new();
         let mut meta = HashMap::new();
-        for (name, qw, _) in layers {
+        for (name, codes, _) in layers {
+            let LayerCodes::Gptq(qw) = codes else {
+                return Err(Error::Unsupported {
+                    what: format!("saving the GGUF layer {name} to the state directory"),
+                    remedy: "run GGUF output without a state directory".into(),
+                });
+            };
             meta.insert(format!("{name}.bits"), qw.bits().get().to_string());
             meta.insert(format!("{name}.symmetric"), qw.symmetric().to_string());
             let codes = qw.codes();

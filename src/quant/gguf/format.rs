@@ -111,6 +111,24 @@ impl GgufType {
         }
     }
 
+    /// Nominal bits per weight of the codes (8, 4, 5 or 6), without the
+    /// block headers.
+    pub fn code_bits(self) -> u8 {
+        (self.max_code() + 1).trailing_zeros() as u8
+    }
+
+    /// The type llama.cpp's quantizer gives a tensor of `cols` input
+    /// columns when `self` is asked for: K-quants need rows of whole
+    /// 256-column super-blocks, so narrower or ragged rows fall back to a
+    /// 32-column type (Q4_K to Q5_0, Q6_K to Q8_0), as llama.cpp does.
+    pub fn for_cols(self, cols: usize) -> GgufType {
+        match self {
+            GgufType::Q4K if !cols.is_multiple_of(256) => GgufType::Q5_0,
+            GgufType::Q6K if !cols.is_multiple_of(256) => GgufType::Q8_0,
+            t => t,
+        }
+    }
+
     /// Bytes of a row of `cols` columns.
     pub fn row_bytes(self, cols: usize) -> usize {
         cols / self.block_cols() * self.block_bytes()
