@@ -10,4 +10,5 @@ pub(crate) mod llava_prompt;
 pub mod pil_resize;
 pub mod qwen2_vl_image;
 pub mod qwen2_vl_prompt;
+pub mod smolvlm_image;
 pub(crate) mod tokenizer;
