@@ -14,6 +14,9 @@
 //! - [`load_qwen2_vl_dir`] gives a [`Qwen2VlModel`] (Qwen2-VL and Qwen2.5-VL:
 //!   native-resolution ViT with 2-D rotary attention, patch merger, Qwen2
 //!   decoder with multimodal RoPE);
+//! - [`load_smolvlm_dir`] gives a [`SmolVlmModel`] (SmolVLM / Idefics3:
+//!   SigLIP tower, pixel-shuffle connector, Llama decoder);
+//!   [`process::smolvlm_image`] is its image processor;
 //! - [`tokenizer_from_file`] / [`tokenizer_from_gguf`] give a tokenizer;
 //! - [`eval`] measures perplexity and KL divergence from a reference model;
 //! - [`export`] writes a GPTQ checkpoint in the model's own HF layout;
@@ -45,10 +48,12 @@ pub use load::hf::{load_hf_dir, load_hf_dir_with, safetensors_files, save_hf_dir
 pub use load::llava::load_llava_dir;
 pub use load::options::{device_from_name, dtype_from_name, LoadOptions, Residency};
 pub use load::qwen2_vl::{load_qwen2_vl_dir, QwenVlNaming};
+pub use load::smolvlm::load_smolvlm_dir;
 pub use load::{load_model, load_model_with};
 pub use models::clip::{
     ClipLayerWeights, ClipVisionConfig, LayerNorm, VisionWeights, VISION_LINEAR_NAMES,
 };
+pub use models::idefics3::{Connector, CONNECTOR_LINEAR_NAMES};
 pub use models::llama::config::{Architecture, LlamaConfig};
 pub use models::llama::model::LlamaModel;
 pub use models::llama::weights::{LayerWeights, Linear, ModelWeights, LINEAR_NAMES};
@@ -62,6 +67,8 @@ pub use models::qwen2_vl::{
     QwenVlVariant, VisionBlock, VisionNorm, VisionTrace, MERGER_LINEARS, QWEN2_5_VL_BLOCK_LINEARS,
     QWEN2_VL_BLOCK_LINEARS, VISION_NORM_EPS,
 };
+pub use models::siglip::{SiglipVisionConfig, SiglipWeights};
+pub use models::smolvlm::{SmolVlmConfig, SmolVlmModel, SmolVlmNaming, SmolVlmTrace};
 pub use process::calibration::{Calibration, CalibrationRecord};
 pub use process::llava_prompt::IMAGE_MARKER;
 pub use process::tokenizer::{encode, tokenizer_from_file, tokenizer_from_gguf, tokenizers};

@@ -94,7 +94,7 @@ fn detect_naming(src: &NamedTensors) -> Result<LlavaNaming> {
     })
 }
 
-fn get_checked(
+pub(crate) fn get_checked(
     src: &mut NamedTensors,
     name: &str,
     shape: &[usize],
@@ -105,14 +105,19 @@ fn get_checked(
     Ok(t)
 }
 
-fn layer_norm(src: &mut NamedTensors, stem: &str, d: usize, dtype: DType) -> Result<LayerNorm> {
+pub(crate) fn layer_norm(
+    src: &mut NamedTensors,
+    stem: &str,
+    d: usize,
+    dtype: DType,
+) -> Result<LayerNorm> {
     Ok(LayerNorm {
         weight: get_checked(src, &format!("{stem}.weight"), &[d], dtype)?,
         bias: get_checked(src, &format!("{stem}.bias"), &[d], dtype)?,
     })
 }
 
-fn linear(
+pub(crate) fn linear(
     src: &mut NamedTensors,
     stem: &str,
     out: usize,

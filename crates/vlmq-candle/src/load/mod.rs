@@ -7,6 +7,7 @@ pub(crate) mod hf;
 pub(crate) mod llava;
 pub(crate) mod options;
 pub(crate) mod qwen2_vl;
+pub(crate) mod smolvlm;
 
 use std::path::Path;
 

@@ -215,11 +215,50 @@ pub(crate) fn clip_layer_forward(
     cfg: &ClipVisionConfig,
     l: &ClipLayerWeights,
     x: &Tensor,
+    capture: Option<&mut dyn RowSink>,
+    probes: Option<&[Tensor]>,
+) -> candle_core::Result<Tensor> {
+    let shape = EncoderShape {
+        num_heads: cfg.num_heads,
+        eps: cfg.layer_norm_eps,
+        act: MlpAct::QuickGelu,
+    };
+    encoder_layer_forward(&shape, l, x, capture, probes)
+}
+
+/// The MLP activation of a pre-LN ViT encoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MlpAct {
+    /// CLIP's `z * sigmoid(1.702 z)`.
+    QuickGelu,
+    /// The tanh approximation of GELU (SigLIP's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// What a pre-LN ViT encoder layer needs besides its weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct EncoderShape {
+    /// Attention heads (the width must divide evenly).
+    pub num_heads: usize,
+    /// LayerNorm epsilon.
+    pub eps: f64,
+    /// MLP activation.
+    pub act: MlpAct,
+}
+
+/// One pre-LN ViT encoder layer (CLIP, SigLIP) on `x: [N, S, d]`, with
+/// bidirectional attention and no mask; `capture` and `probes` as in
+/// [`clip_layer_forward`].
+pub(crate) fn encoder_layer_forward(
+    shape: &EncoderShape,
+    l: &ClipLayerWeights,
+    x: &Tensor,
     mut capture: Option<&mut dyn RowSink>,
     probes: Option<&[Tensor]>,
 ) -> candle_core::Result<Tensor> {
     let (n, s, d) = x.dims3()?;
-    let (nh, hd) = (cfg.num_heads, cfg.head_dim());
+    let nh = shape.num_heads;
+    let hd = d / nh;
     let mut show = |idx: &[usize], t: &Tensor| -> candle_core::Result<()> {
         if let Some(sink) = capture.as_deref_mut() {
             let r = rows(t)?;
@@ -236,7 +275,7 @@ pub(crate) fn clip_layer_forward(
             None => Ok(y),
         }
     };
-    let h = layer_norm(x, &l.norm1, cfg.layer_norm_eps)?;
+    let h = layer_norm(x, &l.norm1, shape.eps)?;
     show(&[0, 1, 2], &h)?;
     let heads = |t: Tensor| -> candle_core::Result<Tensor> {
         t.reshape((n, s, nh, hd))?.transpose(1, 2)?.contiguous()
@@ -249,10 +288,13 @@ pub(crate) fn clip_layer_forward(
     let att = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, s, d))?;
     show(&[3], &att)?;
     let x = (x + lin(3, &att)?)?;
-    let h = layer_norm(&x, &l.norm2, cfg.layer_norm_eps)?;
+    let h = layer_norm(&x, &l.norm2, shape.eps)?;
     show(&[4], &h)?;
     let f = lin(4, &h)?;
-    let a = (&f * candle_nn::ops::sigmoid(&(&f * 1.702)?)?)?;
+    let a = match shape.act {
+        MlpAct::QuickGelu => (&f * candle_nn::ops::sigmoid(&(&f * 1.702)?)?)?,
+        MlpAct::GeluTanh => f.gelu()?,
+    };
     show(&[5], &a)?;
     x + lin(5, &a)?
 }

@@ -1,7 +1,11 @@
 //! What the networks compute, one architecture per file or folder: the
-//! Llama-family decoder, the CLIP vision tower and LLaVA.
+//! Llama-family decoder, the CLIP and SigLIP vision towers, LLaVA,
+//! Qwen2-VL, and SmolVLM with its Idefics3 connector.
 
 pub(crate) mod clip;
+pub(crate) mod idefics3;
 pub(crate) mod llama;
 pub(crate) mod llava;
 pub(crate) mod qwen2_vl;
+pub(crate) mod siglip;
+pub(crate) mod smolvlm;

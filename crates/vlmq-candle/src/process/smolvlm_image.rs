@@ -348,13 +348,13 @@ fn longest_edge_size(h: usize, w: usize, max_len: usize) -> (usize, usize) {
     if w >= h {
         w2 = max_len;
         h2 = (w2 as f64 / ratio) as usize;
-        if h2 % 2 != 0 {
+        if !h2.is_multiple_of(2) {
             h2 += 1;
         }
     } else {
         h2 = max_len;
         w2 = (h2 as f64 * ratio) as usize;
-        if w2 % 2 != 0 {
+        if !w2.is_multiple_of(2) {
             w2 += 1;
         }
     }
