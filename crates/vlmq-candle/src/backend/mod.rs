@@ -1,6 +1,6 @@
 //! What `vlmq` needs from each model: [`vlmq::QuantizableModel`] (capture,
 //! weights) and [`vlmq::GradientModel`] (the task loss and the block
-//! backward) for the Llama-family decoder, LLaVA and Qwen2-VL.
+//! backward) for the Llama-family decoder, LLaVA, Qwen2-VL and SmolVLM.
 
 #[cfg(test)]
 mod grad_tests;
@@ -12,3 +12,5 @@ pub(crate) mod llava_grad;
 pub(crate) mod llava_stages;
 pub(crate) mod qwen2_vl;
 pub(crate) mod qwen2_vl_grad;
+pub(crate) mod smolvlm;
+pub(crate) mod smolvlm_grad;

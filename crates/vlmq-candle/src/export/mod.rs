@@ -1,6 +1,6 @@
 //! Writing quantized models: GPTQ checkpoints in the model's own HF layout
 //! ([`write_gptq`], [`load_gptq_into`] for the Llama family; [`llava`] for
-//! the LLaVA layout; [`qwen2_vl`] for Qwen2-VL; [`ShardedGptqWriter`] block by block during a run),
+//! the LLaVA layout; [`qwen2_vl`] for Qwen2-VL; [`smolvlm`] for SmolVLM; [`ShardedGptqWriter`] block by block during a run),
 //! and GGUF files whose weights were solved onto llama.cpp's block types
 //! ([`gguf`]).
 
@@ -9,6 +9,7 @@ mod llama;
 pub mod llava;
 pub mod qwen2_vl;
 mod sharded;
+pub mod smolvlm;
 
 pub use llama::{load_gptq_into, write_gptq};
 pub(crate) use llama::{read_checkpoint, write_checkpoint, write_checkpoint_styled, DenseStyle};

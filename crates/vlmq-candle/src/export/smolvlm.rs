@@ -1,0 +1,95 @@
+//! Writing a quantized [`SmolVlmModel`] as a GPTQ checkpoint in the
+//! checkpoint's own SmolVLM layout (`model.vision_model.*`,
+//! `model.connector.*`, `model.text_model.*`), and reading it back.
+//!
+//! Every linear that the pipeline quantized is stored packed under its
+//! block's name (e.g. `model.text_model.layers.0.self_attn.q_proj.qweight`);
+//! everything else (usually the whole vision tower and the connector, plus
+//! embeddings, norms and biases) stays dense f32 under its original name.
+//! `config.json` is the loaded one with `quantization_config` added.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use vlmq::pipeline::PipelineOutput;
+use vlmq::Result;
+
+use crate::export::{read_checkpoint, write_checkpoint};
+use crate::models::clip::{LayerNorm, VISION_LINEAR_NAMES};
+use crate::models::smolvlm::SmolVlmModel;
+
+impl SmolVlmModel {
+    /// Every parameter under its name in the checkpoint's own spelling (the
+    /// tied head is not repeated).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let v = &self.naming.vision;
+        let mut out = Vec::new();
+        let ln = |out: &mut Vec<(String, Tensor)>, stem: String, n: &LayerNorm| {
+            out.push((format!("{stem}.weight"), n.weight.clone()));
+            out.push((format!("{stem}.bias"), n.bias.clone()));
+        };
+        let w = &self.vision;
+        let e = format!("{v}embeddings.");
+        out.push((
+            format!("{e}patch_embedding.weight"),
+            w.patch_embedding.clone(),
+        ));
+        out.push((format!("{e}patch_embedding.bias"), w.patch_bias.clone()));
+        out.push((
+            format!("{e}position_embedding.weight"),
+            w.position_embedding.clone(),
+        ));
+        for (i, l) in w.layers.iter().enumerate() {
+            let p = format!("{v}encoder.layers.{i}.");
+            ln(&mut out, format!("{p}layer_norm1"), &l.norm1);
+            ln(&mut out, format!("{p}layer_norm2"), &l.norm2);
+            for (n, lin) in VISION_LINEAR_NAMES.iter().zip(&l.linears) {
+                out.push((format!("{p}{n}.weight"), lin.weight.clone()));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}{n}.bias"), b.clone()));
+                }
+            }
+        }
+        ln(&mut out, format!("{v}post_layernorm"), &w.post_norm);
+        out.push((
+            format!("{}modality_projection.proj.weight", self.naming.connector),
+            self.connector.proj.weight.clone(),
+        ));
+        for (n, t) in self.lm.weights().named_tensors() {
+            let name = match n.strip_prefix("model.") {
+                Some(rest) => format!("{}{rest}", self.naming.lm),
+                None => self.naming.lm_head.clone(),
+            };
+            out.push((name, t));
+        }
+        out
+    }
+}
+
+/// Writes `quantized` (a pipeline run on `model`) as a GPTQ checkpoint in
+/// `dir`, in the model's own SmolVLM layout. Linears absent from
+/// `quantized` (e.g. the vision tower and connector with an LM-only
+/// selection) are stored as dense f32. `tokenizer`, when given, is saved as
+/// `tokenizer.json`.
+pub fn write_smolvlm_gptq(
+    model: &SmolVlmModel,
+    quantized: &PipelineOutput,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    dir: impl AsRef<Path>,
+) -> Result<()> {
+    let mut cfg = model.raw_config().clone();
+    cfg["torch_dtype"] = "float32".into();
+    if cfg.get("dtype").is_some() {
+        cfg["dtype"] = "float32".into();
+    }
+    let tensors = model.named_tensors();
+    write_checkpoint(model, cfg, &tensors, quantized, tokenizer, dir.as_ref())
+}
+
+/// Reads a checkpoint written by [`write_smolvlm_gptq`] back into `model`:
+/// every packed linear goes through [`vlmq::PackedLinear`], so the model
+/// then computes with exactly what the checkpoint stores. Returns how many
+/// linears were read.
+pub fn load_smolvlm_gptq_into(model: &mut SmolVlmModel, dir: impl AsRef<Path>) -> Result<usize> {
+    read_checkpoint(model, dir.as_ref())
+}
