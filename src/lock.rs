@@ -78,6 +78,16 @@ impl DirLock {
     /// Locks an output directory, which is replaced as a whole when written:
     /// the lock file is its hidden sibling `.NAME.vlmq.lock`.
     pub fn output_dir(dir: &Path) -> Result<Self> {
+        // `.` or `..` name the directory they resolve to, as in
+        // `fsutil::write_dir_atomic`.
+        let resolved;
+        let dir = match dir.file_name() {
+            Some(_) => dir,
+            None => {
+                resolved = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+                resolved.as_path()
+            }
+        };
         let name = dir.file_name().ok_or_else(|| {
             Error::io(
                 dir,
@@ -101,9 +111,10 @@ impl DirLock {
     /// Locks the lock file `path` (created when missing). Fails with
     /// [`Error::Locked`] naming the holder while another process holds it.
     pub fn acquire(path: &Path) -> Result<Self> {
+        let key = held_key(path);
         let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
         held.retain(|_, w| w.strong_count() > 0);
-        if let Some(h) = held.get(path).and_then(Weak::upgrade) {
+        if let Some(h) = held.get(&key).and_then(Weak::upgrade) {
             return Ok(DirLock {
                 _held: h,
                 path: path.to_path_buf(),
@@ -134,7 +145,7 @@ impl DirLock {
             _file: file,
             path: path.to_path_buf(),
         });
-        held.insert(path.to_path_buf(), Arc::downgrade(&h));
+        held.insert(key, Arc::downgrade(&h));
         Ok(DirLock {
             _held: h,
             path: path.to_path_buf(),
@@ -151,6 +162,25 @@ impl DirLock {
     /// holding it (now taken over), if any.
     pub fn previous_holder(&self) -> Option<&str> {
         self.previous.as_deref()
+    }
+}
+
+/// The key of a lock file among this process's held locks: the path with
+/// its directory resolved, so that two spellings of one file (relative and
+/// absolute, through a symbolic link) share one lock instead of the process
+/// refusing itself.
+fn held_key(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            dir.canonicalize()
+                .map_or_else(|_| path.to_path_buf(), |d| d.join(name))
+        }
+        _ => path.to_path_buf(),
     }
 }
 

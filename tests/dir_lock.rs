@@ -191,3 +191,17 @@ fn a_run_and_a_checkpoint_write_refuse_a_directory_another_process_holds() {
     assert!(Checkpoint::open(&ck).is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn two_spellings_of_one_directory_share_the_lock_in_one_process() {
+    let dir = temp("spellings");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let plain = DirLock::output_dir(&dir.join("out")).unwrap();
+    // The same directory reached through `sub/..`: one lock, not a refusal.
+    let other = DirLock::output_dir(&dir.join("sub").join("..").join("out")).unwrap();
+    drop((plain, other));
+    let state = DirLock::state_dir(&dir.join("state")).unwrap();
+    let again = DirLock::state_dir(&dir.join("sub/../state")).unwrap();
+    drop((state, again));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
