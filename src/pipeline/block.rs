@@ -2,7 +2,7 @@
 //! accumulators chunk by chunk, then solve each layer.
 
 use std::ops::Range;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ndarray::Array2;
 
@@ -11,7 +11,7 @@ use super::context::in_block;
 use super::gguf::{solve_gguf, LayerCodes};
 use super::pass::{capture_pass, BlockInputs, GroupStatistics, PassRun, Swapped};
 use super::plan::PlannedLayer;
-use super::progress::Progress;
+use super::progress::{Progress, Stage};
 use super::report::LayerReport;
 use super::saliency::{block_local_saliency, SaliencyMaps};
 use super::stages::{finish_stages, StageCarries};
@@ -132,18 +132,17 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
                 }
                 run.layers_done += 1;
                 let elapsed = run.start.elapsed();
-                let remaining = Duration::from_secs_f64(
-                    elapsed.as_secs_f64() / run.layers_done as f64
-                        * run.layers_total.saturating_sub(run.layers_done) as f64,
-                );
                 let event = Progress {
+                    stage: Stage::Quantize,
+                    done: run.layers_done,
+                    total: run.layers_total,
                     layers_done: run.layers_done,
                     layers_total: run.layers_total,
                     block: b,
                     block_name: name.to_string(),
                     layer: layer.info.name.clone(),
                     elapsed,
-                    remaining,
+                    remaining: Progress::estimate(elapsed, run.layers_done, run.layers_total),
                 };
                 saved.push((layer.info.name.clone(), qw, report));
                 if stop(&event) {

@@ -12,9 +12,9 @@ use super::gguf::{check_gguf_run, LayerCodes};
 use super::plan::RunPlan;
 use super::progress::{Progress, ProgressControl};
 use super::report::{PipelineOutput, PipelineReport};
-use super::saliency::task_loss_saliency;
 use super::sink::{BlockSink, FinishedBlock};
 use super::state::RunState;
+use super::task_loss::{task_loss_saliency, ImportanceProgress};
 use crate::backend::QuantizableModel;
 use crate::error::{Error, Result};
 
@@ -27,7 +27,10 @@ use crate::error::{Error, Result};
 /// [`GradientModel`](crate::GradientModel) (see
 /// [`QuantizableModel::gradients`]).
 ///
-/// `progress` is called after every quantized layer; it returns `()` or a
+/// `progress` is called after every step of the task-loss importance pass
+/// ([`Stage::Importance`](super::Stage::Importance): one block's forward or
+/// backward over one chunk of samples) and after every quantized layer
+/// ([`Stage::Quantize`](super::Stage::Quantize)); it returns `()` or a
 /// [`ControlFlow`](std::ops::ControlFlow), and `Break(())` stops the run with
 /// [`Error::Cancelled`]. With a state directory, every block finished before
 /// the cancellation is saved, and a rerun with the original (unquantized)
@@ -45,8 +48,8 @@ use crate::error::{Error, Result};
 /// Memory: the block streams (one hidden state per sample, two for GPTAQ),
 /// the accumulators of the groups being captured, and the layer inputs of at
 /// most [`PipelineConfig::capture_tokens`] tokens at once; the task-loss
-/// importance pass holds one hidden state per block for a chunk of that
-/// many tokens while it runs.
+/// importance pass holds the hidden states of at most that many tokens (or
+/// of one sample) over all blocks together while it runs.
 pub fn quantize_model<M, C>(
     model: &mut M,
     samples: &[M::Sample],
@@ -124,10 +127,17 @@ where
     };
     let resume_from = state.as_ref().map_or(0, |s| s.completed_blocks());
 
+    let mut stop = |p: &Progress| progress(p).cancels();
     let imp_start = Instant::now();
     let saliency = match model.gradients() {
         Some(g) if needs_gradients && imp.source() == GradientSource::TaskLoss => {
-            Some(task_loss_saliency(g, samples, cfg.capture_tokens())?)
+            let mut steps = ImportanceProgress::new(&mut stop, start, plan.layers_total);
+            Some(task_loss_saliency(
+                g,
+                samples,
+                cfg.capture_tokens(),
+                &mut steps,
+            )?)
         }
         _ => None,
     };
@@ -153,7 +163,6 @@ where
         start,
         needs_gradients,
     };
-    let mut stop = |p: &Progress| progress(p).cancels();
     // The next block's input when the staged forward already computed it.
     let mut q_next = None;
 

@@ -27,6 +27,7 @@ mod saliency;
 mod sink;
 mod stages;
 mod state;
+mod task_loss;
 
 pub use config::{
     BlockSelection, DeadLayerFallback, GradientSource, ImportanceOptions, PipelineConfig,
@@ -34,7 +35,7 @@ pub use config::{
 };
 pub use driver::{quantize_model, quantize_model_streaming};
 pub use inputs::{input_statistics, GroupStatistics};
-pub use progress::{Progress, ProgressControl};
+pub use progress::{Progress, ProgressControl, Stage};
 pub use report::{LayerReport, PipelineOutput, PipelineReport, TraceShares};
 pub use saliency::SaliencyMaps;
 pub use sink::{BlockSink, FinishedBlock};

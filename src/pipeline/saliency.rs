@@ -1,12 +1,12 @@
-//! Per-token saliency from one block-wise backward pass.
+//! Per-token saliency maps, and the block-local source that computes them
+//! block by block (the task-loss source is in `task_loss`).
 
 use std::collections::HashMap;
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use rayon::prelude::*;
 
-use super::capture::sample_chunks;
-use super::context::{in_block, in_sample};
+use super::context::in_block;
 use crate::backend::{GradientModel, QuantizableModel, RowSink};
 use crate::config::QuantScheme;
 use crate::error::{Error, Result};
@@ -45,7 +45,7 @@ impl SaliencyMaps {
 
     /// Appends the samples of `later` (a following chunk of the calibration
     /// set) after this map's samples, block by block and group by group.
-    fn append(&mut self, later: SaliencyMaps) {
+    pub(crate) fn append(&mut self, later: SaliencyMaps) {
         if self.groups.is_empty() {
             *self = later;
             return;
@@ -58,6 +58,15 @@ impl SaliencyMaps {
         for (mine, theirs) in self.blocks.iter_mut().zip(later.blocks) {
             mine.extend(theirs);
         }
+    }
+
+    /// Maps of every block: `groups[block][group][sample]` and
+    /// `blocks[block][sample]`.
+    pub(crate) fn from_parts(
+        groups: Vec<Vec<Vec<Option<Array1<f32>>>>>,
+        blocks: Vec<Vec<Option<Array1<f32>>>>,
+    ) -> Self {
+        SaliencyMaps { groups, blocks }
     }
 
     /// Maps for one block only (the block-local source computes them block by block).
@@ -170,206 +179,6 @@ pub(crate) fn group_index<M: QuantizableModel + ?Sized>(
             })
         })
         .collect()
-}
-
-/// Checks that a gradient returned by the backend has the shape (rows of
-/// [`GradientModel::hidden_rows`]) of the value it is the gradient of.
-fn check_gradient<M: GradientModel + ?Sized>(
-    model: &M,
-    what: &str,
-    grad: &M::Hidden,
-    value: &M::Hidden,
-) -> Result<()> {
-    let g = model.hidden_rows(grad)?.dim();
-    let v = model.hidden_rows(value)?.dim();
-    if g != v {
-        return Err(Error::shape(
-            format!("{what} (rows of the value it is the gradient of)"),
-            &[v.0, v.1],
-            &[g.0, g.1],
-        ));
-    }
-    Ok(())
-}
-
-/// Checks the rows of the gradient at a block's output (`out_rows`, the
-/// length of its per-block factors) against the `tokens` of the block's
-/// linears. They may differ only in a block that changes its token count (a
-/// projector appending text or dropping the class token), where the
-/// per-block factors fall back to the group factors; in a block whose input
-/// has as many rows as its output, a difference means
-/// [`GradientModel::hidden_rows`] disagrees with
-/// [`token_info`](QuantizableModel::token_info), and per-block importance
-/// would silently use the per-layer factors.
-fn check_block_rows<M: GradientModel + ?Sized>(
-    model: &M,
-    block: usize,
-    input: &M::Hidden,
-    out_rows: usize,
-    tokens: usize,
-) -> Result<()> {
-    if out_rows == tokens {
-        return Ok(());
-    }
-    let in_rows = model.hidden_rows(input)?.nrows();
-    if in_rows != out_rows {
-        return Ok(());
-    }
-    Err(Error::Backend {
-        block,
-        layer: None,
-        reason: format!(
-            "hidden_rows gives {out_rows} rows for both the block's input and the gradient at \
-             its output, but token_info counts {tokens} tokens for the block's linears; \
-             per-block importance factors would not line up with the block's rows"
-        ),
-    })
-}
-
-fn row_saliency<M: GradientModel + ?Sized>(model: &M, grad: &M::Hidden) -> Result<Array1<f32>> {
-    let rows = model.hidden_rows(grad)?;
-    Ok(rows.map_axis(ndarray::Axis(1), |r| r.iter().map(|v| v * v).sum::<f32>()))
-}
-
-/// One sample's backward result: input gradient, group saliencies, block saliency.
-type BackwardOut<H> = (Option<H>, Vec<Option<Array1<f32>>>, Option<Array1<f32>>);
-
-/// The task-loss source: forward through the full-precision model keeping
-/// each block's input, then walk the blocks in reverse applying each block's
-/// backward (recomputed from its stored input) and recording saliencies.
-///
-/// Samples go through the whole stack in consecutive chunks of at most
-/// `max_tokens` tokens (by the first block's token info; a longer sample
-/// alone), so memory holds one hidden state per block for one chunk only.
-/// Every sample's result is computed on its own, so the chunking changes no
-/// bit of the maps.
-pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
-    model: &M,
-    samples: &[M::Sample],
-    max_tokens: usize,
-) -> Result<SaliencyMaps> {
-    let infos: Vec<_> = samples.iter().map(|s| model.token_info(0, s)).collect();
-    let mut maps = SaliencyMaps::default();
-    let mut with_targets = false;
-    for chunk in sample_chunks(&infos, max_tokens) {
-        let (part, any) = chunk_saliency(model, &samples[chunk.clone()], chunk.start)?;
-        with_targets |= any;
-        maps.append(part);
-    }
-    if !with_targets {
-        return Err(Error::Empty {
-            what: "calibration samples with targets (the task-loss importance needs at least one)"
-                .into(),
-        });
-    }
-    Ok(maps)
-}
-
-/// [`task_loss_saliency`] for one chunk of samples (the first at index
-/// `offset` of the calibration set); also says whether any sample had
-/// targets.
-fn chunk_saliency<M: GradientModel + ?Sized>(
-    model: &M,
-    samples: &[M::Sample],
-    offset: usize,
-) -> Result<(SaliencyMaps, bool)> {
-    let nb = model.num_blocks();
-    let names: Vec<String> = (0..nb).map(|b| model.block_name(b)).collect();
-    let mut hidden: Vec<M::Hidden> = samples
-        .par_iter()
-        .enumerate()
-        .map(|(i, s)| model.embed(s).map_err(in_sample(offset + i, "embedding")))
-        .collect::<Vec<Result<_>>>()
-        .into_iter()
-        .collect::<Result<_>>()?; // the first error in sample order
-    let mut inputs: Vec<Vec<M::Hidden>> = Vec::with_capacity(nb);
-    for (b, name) in names.iter().enumerate() {
-        let next: Vec<M::Hidden> = hidden
-            .par_iter()
-            .zip(samples.par_iter())
-            .enumerate()
-            .map(|(i, (h, s))| {
-                model.block_forward(b, h, s, None).map_err(in_block(
-                    b,
-                    name,
-                    None,
-                    Some(offset + i),
-                ))
-            })
-            .collect::<Vec<Result<_>>>()
-            .into_iter()
-            .collect::<Result<_>>()?; // the first error in sample order
-        inputs.push(std::mem::replace(&mut hidden, next));
-    }
-    let mut grads: Vec<Option<M::Hidden>> = hidden
-        .par_iter()
-        .zip(samples.par_iter())
-        .enumerate()
-        .map(|(i, (h, s))| {
-            let out = model
-                .loss_and_grad(h, s)
-                .map_err(in_sample(offset + i, "task loss"))?;
-            if let (Some((_, g)), Some(last)) = (&out, nb.checked_sub(1)) {
-                check_gradient(model, "gradient returned by loss_and_grad", g, h)
-                    .map_err(in_block(last, &names[last], None, Some(offset + i)))?;
-            }
-            Ok(out.map(|(_, g)| g))
-        })
-        .collect::<Vec<Result<_>>>()
-        .into_iter()
-        .collect::<Result<_>>()?; // the first error in sample order
-    let any_targets = grads.iter().any(Option::is_some);
-    let mut groups = vec![Vec::new(); nb];
-    let mut blocks = vec![Vec::new(); nb];
-    for b in (0..nb).rev() {
-        let Some(block_inputs) = inputs.pop() else {
-            break; // one stored input per block: not reached
-        };
-        let group_of = group_index(model, b);
-        let n_groups = model.linear_groups(b).len();
-        let name = &names[b];
-        let results: Vec<BackwardOut<M::Hidden>> = grads
-            .par_iter()
-            .zip(block_inputs.par_iter())
-            .zip(samples.par_iter())
-            .enumerate()
-            .map(|(i, ((g, x), s))| {
-                let Some(g) = g else {
-                    return Ok((None, vec![None; n_groups], None));
-                };
-                let at = || in_block(b, name, None, Some(offset + i));
-                let out_sal = row_saliency(model, g).map_err(at())?;
-                let tokens = model.token_info(b, s).len();
-                check_block_rows(model, b, x, out_sal.len(), tokens).map_err(at())?;
-                let mut sink = GroupSink::new(&group_of, n_groups, tokens);
-                let gin = model
-                    .block_backward(b, x, s, g, Some(&mut sink))
-                    .map_err(at())?;
-                // Checked against the block input only: token_info counts
-                // the rows of the block's linears, which a block that drops
-                // or adds tokens (a projector dropping the class token) does
-                // not share with its input.
-                check_gradient(model, "input gradient returned by block_backward", &gin, x)
-                    .map_err(at())?;
-                Ok((Some(gin), sink.finish(b).map_err(at())?, Some(out_sal)))
-            })
-            .collect::<Vec<Result<_>>>()
-            .into_iter()
-            .collect::<Result<_>>()?; // the first error in sample order
-        let mut per_group = vec![Vec::with_capacity(samples.len()); n_groups];
-        let mut per_block = Vec::with_capacity(samples.len());
-        grads = Vec::with_capacity(samples.len());
-        for (gin, gs, bs) in results {
-            grads.push(gin);
-            for (k, v) in gs.into_iter().enumerate() {
-                per_group[k].push(v);
-            }
-            per_block.push(bs);
-        }
-        groups[b] = per_group;
-        blocks[b] = per_block;
-    }
-    Ok((SaliencyMaps { groups, blocks }, any_targets))
 }
 
 /// The block-local source for one block: saliency from the gradients of

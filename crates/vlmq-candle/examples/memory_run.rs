@@ -8,8 +8,12 @@
 //! cargo run --release -p vlmq-candle --example memory_run -- \
 //!     --model DIR_OR_GGUF [--calib TEXT | --random-tokens] [--method gptq|vlmq] \
 //!     [--bits 4] [--group 128] [--windows 16] [--window-len 512] [--resident] \
-//!     [--out GPTQ_DIR] [--json OUT]
+//!     [--out GPTQ_DIR] [--json OUT] [--capture-tokens N] [--trace-rss]
 //! ```
+//!
+//! `--trace-rss` prints, after every progress event (each step of the
+//! importance pass, each quantized layer), the largest resident set sampled
+//! during the step and the resident set at its end: where a peak arises.
 //!
 //! With `--random-tokens` the calibration windows are pseudo-random token
 //! ids (for a random-weight model without a tokenizer). The peak resident
@@ -17,6 +21,7 @@
 //! Linux only), read at the end of the run.
 
 mod cli;
+mod rss;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,10 +34,7 @@ use vlmq_candle::{encode, load_hf_dir_with, load_model_with, LoadOptions, Reside
 
 /// The kernel's high-water mark of this process's resident set, in MB.
 fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    rss::status_mb("VmHWM:")
 }
 
 fn random_windows(vocab: usize, n: usize, len: usize) -> Vec<Vec<u32>> {
@@ -58,8 +60,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--window-len",
             "--out",
             "--json",
+            "--capture-tokens",
         ],
-        &["--asym", "--gar", "--random-tokens", "--resident"],
+        &[
+            "--asym",
+            "--gar",
+            "--random-tokens",
+            "--resident",
+            "--trace-rss",
+        ],
     )?;
     let model_path: PathBuf = f.path("--model").ok_or("--model is required")?;
     let quant = Quant::from_flags(&f, QuantMethod::Gptq)?;
@@ -99,7 +108,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => random_windows(model.config().vocab_size, n, len),
     };
     let samples: Vec<TextSample> = wins.into_iter().map(TextSample::causal).collect();
-    let cfg = quant.pipeline(false)?;
+    let mut cfg = quant.pipeline(false)?;
+    if let Some(t) = f.parsed::<usize>("--capture-tokens")? {
+        cfg = cfg.with_capture_tokens(t);
+    }
+    let trace = f
+        .switch("--trace-rss")
+        .then(|| rss::RssTrace::start(std::time::Duration::from_millis(20)));
+    if let Some(t) = &trace {
+        let (max, now) = t.mark();
+        eprintln!("loaded: max RSS {max:.0} MB, now {now:.0} MB");
+    }
     let run_start = Instant::now();
     let mut block_seconds = Vec::new();
     let mut last = Instant::now();
@@ -125,7 +144,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         last = Instant::now();
         Ok(())
     };
-    let out = quantize_model_streaming(&mut model, &samples, &cfg, &mut sink, |_| {})?;
+    let out = quantize_model_streaming(&mut model, &samples, &cfg, &mut sink, |p| {
+        if let Some(t) = &trace {
+            let (max, now) = t.mark();
+            eprintln!("{p}  | step max RSS {max:.0} MB, after {now:.0} MB");
+        }
+    })?;
     if let Some(w) = writer {
         w.finish(tk.as_ref())?;
     }
@@ -148,6 +172,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "importance_seconds": out.report.importance_seconds,
         "block_seconds": block_seconds,
         "total_seconds": run_start.elapsed().as_secs_f64(),
+        "capture_tokens": cfg.capture_tokens(),
         "peak_rss_mb": peak_rss_mb(),
     });
     Ok(emit(&line, f.path("--json").as_deref())?)

@@ -92,7 +92,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = vlmq::quantize_model(&mut model, &calib, &pcfg, |p| {
         // A block's layers are solved after its capture pass: the first
         // solved layer of each block marks the end of that block's capture.
-        if seen != Some(p.block) {
+        if p.stage == vlmq::pipeline::Stage::Quantize && seen != Some(p.block) {
             seen = Some(p.block);
             eprintln!(
                 "block {:>2}: captured by {:>7.1}s",

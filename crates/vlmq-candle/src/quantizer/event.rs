@@ -6,6 +6,10 @@
 pub enum Stage {
     /// Tokenizing and preprocessing the calibration samples.
     Calibrate,
+    /// The task-loss importance pass (VLMQ); `done` and `total` count
+    /// block passes (one block's forward or backward over one chunk of
+    /// samples).
+    Importance,
     /// Quantizing the layers (capture, importance weighting and solve per
     /// block); `done` and `total` count layers.
     Quantize,
@@ -18,6 +22,7 @@ impl Stage {
     pub fn name(self) -> &'static str {
         match self {
             Stage::Calibrate => "calibrate",
+            Stage::Importance => "importance",
             Stage::Quantize => "quantize",
             Stage::Write => "write",
         }

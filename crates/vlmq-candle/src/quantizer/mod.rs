@@ -214,7 +214,8 @@ impl Quantizer {
     }
 }
 
-/// The pipeline over `set`, each layer reported as a [`Stage::Quantize`] event.
+/// The pipeline over `set`, each step of the importance pass reported as a
+/// [`Stage::Importance`] event and each layer as a [`Stage::Quantize`] event.
 fn run<M: QuantizableModel>(
     m: &mut M,
     set: &[M::Sample],
@@ -222,8 +223,20 @@ fn run<M: QuantizableModel>(
     tick: &mut impl FnMut(Stage, usize, usize, String) -> Result<()>,
 ) -> Result<PipelineOutput> {
     vlmq::quantize_model(m, set, cfg, |p: &Progress| {
-        let item = format!("{}/{}", p.block_name, p.layer);
-        match tick(Stage::Quantize, p.layers_done, p.layers_total, item) {
+        let (stage, item) = match &p.stage {
+            vlmq::pipeline::Stage::Importance { backward, samples } => (
+                Stage::Importance,
+                format!(
+                    "{} {} (samples {}..{})",
+                    p.block_name,
+                    if *backward { "backward" } else { "forward" },
+                    samples.start,
+                    samples.end
+                ),
+            ),
+            _ => (Stage::Quantize, format!("{}/{}", p.block_name, p.layer)),
+        };
+        match tick(stage, p.done, p.total, item) {
             Ok(()) => ControlFlow::Continue(()),
             Err(_) => ControlFlow::Break(()),
         }
