@@ -26,7 +26,10 @@ use crate::error::{Error, Result};
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |tmp| {
         let mut f = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-        write_limited(&mut f, bytes).map_err(|e| Error::io(tmp, e))
+        let (first, rest) = bytes.split_at(bytes.len() / 2);
+        write_limited(&mut f, first).map_err(|e| Error::io(tmp, e))?;
+        crate::kill_point::reached("file-half");
+        write_limited(&mut f, rest).map_err(|e| Error::io(tmp, e))
     })
 }
 
@@ -72,6 +75,7 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) ->
         let _ = fs::remove_file(&tmp);
         return Err(named_after(e, &tmp, path));
     }
+    crate::kill_point::reached("file-written");
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(path, e));
@@ -149,6 +153,10 @@ pub(crate) fn write_dir_atomic_hooked(
     files: &[(&str, &[u8])],
     hook: &mut dyn FnMut(Step<'_>) -> Result<()>,
 ) -> Result<()> {
+    let hook = &mut |step: Step<'_>| {
+        crate::kill_point::dir_step(step);
+        hook(step)
+    };
     let invalid = |p: &Path, what: String| {
         Error::io(
             p,

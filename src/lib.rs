@@ -9,6 +9,7 @@ pub mod error;
 pub mod fsutil;
 pub mod hessian;
 pub mod importance;
+mod kill_point;
 pub mod linalg;
 pub mod lock;
 pub mod pack;

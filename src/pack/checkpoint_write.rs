@@ -48,7 +48,11 @@ pub struct CheckpointWriter {
     layers: Vec<(String, QuantizedWeight, Option<DenseTensor>)>,
     tensors: Vec<(String, DenseTensor)>,
     names: BTreeSet<String>,
+    files: Vec<(String, Vec<u8>)>,
 }
+
+/// The files the writer itself produces.
+const OWN_FILES: [&str; 3] = ["model.safetensors", "quantize_config.json", "config.json"];
 
 impl CheckpointWriter {
     /// An empty writer with the automatic format: v2 (`gptq_v2`) when the
@@ -208,6 +212,30 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    /// Adds a file (e.g. `tokenizer.json`) that is written into the
+    /// checkpoint directory together with the checkpoint's own files, in the
+    /// same all-or-nothing replacement: a run killed while writing never
+    /// leaves a checkpoint without it. The name must be a plain file name
+    /// other than the writer's own files and not given before.
+    pub fn add_file(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let plain = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.contains(['/', '\\'])
+            && !OWN_FILES.contains(&name)
+            && !self.files.iter().any(|(n, _)| n == name);
+        if !plain {
+            return Err(Error::InvalidConfig {
+                field: "file name",
+                value: format!("{name:?}"),
+                reason: "an extra checkpoint file needs a plain, unique name other than \
+                         model.safetensors, quantize_config.json and config.json",
+            });
+        }
+        self.files.push((name.to_string(), bytes));
+        Ok(())
+    }
+
     /// The checkpoint-wide config these layers imply, or the reason they
     /// cannot share one (mixed bit widths, symmetry or group sizes, or an
     /// asymmetric v1 request without [`CheckpointWriter::with_asymmetric_v1`]).
@@ -254,8 +282,9 @@ impl CheckpointWriter {
         })
     }
 
-    /// Writes `model.safetensors`, `quantize_config.json` and `config.json`
-    /// into `dir` and returns the config written.
+    /// Writes `model.safetensors`, `quantize_config.json`, `config.json` and
+    /// the files given to [`add_file`](Self::add_file) into `dir` and returns
+    /// the config written.
     ///
     /// All or nothing: every file is built and checked in memory first (the
     /// model config must be a JSON object), then written with
@@ -344,15 +373,13 @@ impl CheckpointWriter {
         })?;
         obj.insert("quantization_config".into(), qc);
         let config_bytes = json_bytes(&config_path, &model)?;
-        write_dir_atomic_hooked(
-            dir,
-            &[
-                ("model.safetensors", &model_bytes),
-                ("quantize_config.json", &qc_bytes),
-                ("config.json", &config_bytes),
-            ],
-            hook,
-        )?;
+        let mut files: Vec<(&str, &[u8])> = vec![
+            (OWN_FILES[0], &model_bytes),
+            (OWN_FILES[1], &qc_bytes),
+            (OWN_FILES[2], &config_bytes),
+        ];
+        files.extend(self.files.iter().map(|(n, b)| (n.as_str(), b.as_slice())));
+        write_dir_atomic_hooked(dir, &files, hook)?;
         Ok(config)
     }
 }

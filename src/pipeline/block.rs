@@ -215,6 +215,7 @@ fn quantize_layer<M: QuantizableModel>(
     let t0 = Instant::now();
     let stats = st.map(|s| &s.weighted).filter(|_| !all_dead);
     let (w, qw, deq, damp) = solve_one(&*model, b, info, scheme, stats, cfg).map_err(at())?;
+    crate::kill_point::reached("solve");
     let (objective, objective_unweighted) = match st {
         Some(st) if cfg.layer_objectives() => {
             let o =

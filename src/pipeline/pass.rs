@@ -186,6 +186,7 @@ pub(crate) fn capture_pass<M: QuantizableModel>(
                 }
             }
         }
+        crate::kill_point::reached("capture");
     }
     let stats = firsts
         .iter()

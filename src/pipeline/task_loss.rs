@@ -190,6 +190,7 @@ fn chunk_saliency<M: GradientModel + ?Sized>(
     let mut groups = vec![Vec::new(); nb];
     let mut blocks = vec![Vec::new(); nb];
     for b in (0..nb).rev() {
+        crate::kill_point::reached("importance");
         let Some(block_inputs) = inputs.pop() else {
             break; // one stored input per block: not reached
         };

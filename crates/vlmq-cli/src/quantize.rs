@@ -86,8 +86,12 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let pb = spinner(&format!("writing {}", a.out.display()));
     done.save(&a.out)?;
     pb.finish_with_message(format!("wrote {}", a.out.display()));
+    let resumed = match done.report().resumed_blocks {
+        0 => String::new(),
+        n => format!(" (resumed after {n} blocks from the state directory)"),
+    };
     eprintln!(
-        "{} W{} g{}: {} layers quantized in {:.1}s",
+        "{} W{} g{}: {} layers quantized in {:.1}s{resumed}",
         r.method,
         r.bits,
         r.group_size,

@@ -1,44 +1,17 @@
 //! Runs the `vlmq` binary on the tiny Llama fixture of vlmq-candle.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../vlmq-candle/tests/fixtures/hf-tiny/llama")
-}
-
-/// A fresh scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vlmq-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Plain English calibration text, long enough for a few 32-token windows.
-fn write_text(dir: &Path) -> PathBuf {
-    let words = [
-        "the", "model", "reads", "a", "long", "page", "of", "text", "and", "every", "token",
-        "counts", "when", "weights", "are", "rounded", "to", "four", "bits", "while", "errors",
-        "stay", "small",
-    ];
-    let text: Vec<&str> = (0..1500)
-        .map(|i| words[(i * 7 + i / 5) % words.len()])
-        .collect();
-    let p = dir.join("calib.txt");
-    std::fs::write(&p, text.join(" ")).unwrap();
-    p
-}
+use common::{fixture, s, scratch, write_text, SMALL};
 
 fn vlmq(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vlmq"))
         .args(args)
         .output()
         .expect("the vlmq binary runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -48,9 +21,6 @@ fn stdout(o: &Output) -> String {
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
-
-/// Settings small enough for the 2-layer fixture (hidden 64, MLP 176).
-const SMALL: &[&str] = &["--samples", "4", "--seq-len", "32"];
 
 #[test]
 fn quantize_with_a_recipe_then_inspect_and_eval() {

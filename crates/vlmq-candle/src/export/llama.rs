@@ -126,11 +126,14 @@ pub(crate) fn write_checkpoint_styled<M: QuantizableModel>(
         }
         w.add_tensor(name, dense_as(t, style.dtype, dir)?)?;
     }
-    w.write(dir)?;
     if let Some(tk) = tokenizer {
+        // Part of the same directory replacement as the weights, so a
+        // killed write never leaves a checkpoint without its tokenizer.
         let p = dir.join("tokenizer.json");
-        tk.save(&p, false).map_err(|e| file(&p, e))?;
+        let text = tk.to_string(false).map_err(|e| file(&p, e))?;
+        w.add_file("tokenizer.json", text.into_bytes())?;
     }
+    w.write(dir)?;
     Ok(())
 }
 
