@@ -50,14 +50,21 @@ impl Bits {
 /// last group of a ragged layer is shorter, and `g_idx[i] = i / g` without
 /// act-order, as GPTQModel does (576 inputs at `g = 128`: four groups of 128
 /// and one of 64).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GroupSize {
     /// One scale and zero point per output row over all input columns.
-    #[default]
     PerChannel,
     /// One scale and zero point per output row for every `g` input columns
     /// (the last group of a layer may be shorter).
     Columns(NonZeroUsize),
+}
+
+impl Default for GroupSize {
+    /// Groups of 128 columns, the default of the GPTQ tools (and of
+    /// [`QuantScheme::default`]).
+    fn default() -> Self {
+        GroupSize::Columns(NonZeroUsize::new(128).unwrap_or(NonZeroUsize::MIN))
+    }
 }
 
 impl GroupSize {
@@ -232,8 +239,26 @@ pub struct QuantScheme {
     pub scale_precision: ScalePrecision,
 }
 
+impl Default for QuantScheme {
+    /// The one set of defaults shared by the library, the `vlmq` command and
+    /// recipe files: 4 bits, groups of 128 columns, symmetric, no clip
+    /// search, f16 scales.
+    ///
+    /// ```
+    /// let s = vlmq::QuantScheme::default();
+    /// assert_eq!((s.bits.get(), s.group_size.to_gptq(), s.symmetric), (4, 128, true));
+    /// ```
+    fn default() -> Self {
+        QuantScheme::new(Bits(4))
+            .with_group_size(GroupSize::default())
+            .with_symmetric(true)
+    }
+}
+
 impl QuantScheme {
-    /// Asymmetric, per channel, no clip search.
+    /// A bare grid of `bits`: asymmetric, per channel, no clip search (set
+    /// the rest with the `with_*` methods; [`QuantScheme::default`] is the
+    /// usual 4-bit, group-128, symmetric grid).
     pub fn new(bits: Bits) -> Self {
         QuantScheme {
             bits,
@@ -387,6 +412,14 @@ pub struct GptqConfig {
     pub compute_objective: bool,
     /// Which values a dynamic group is fitted on (the reference rule by default).
     pub group_fit: GroupFit,
+}
+
+impl Default for GptqConfig {
+    /// [`GptqConfig::new`] on [`QuantScheme::default`]: 4 bits, groups of
+    /// 128, symmetric, damping 0.01 of the mean diagonal.
+    fn default() -> Self {
+        GptqConfig::new(QuantScheme::default())
+    }
 }
 
 impl GptqConfig {

@@ -1,5 +1,5 @@
 //! VLMQ's premise on real weights: calibration prompts that are mostly
-//! irrelevant context (see `vlmq_candle::needle`), the task loss on the
+//! irrelevant context (see `needle/mod.rs` beside this example), the task loss on the
 //! answer tokens only. Quantizes with one method and reports, before and
 //! after, the held-out answer NLL and exact match, the plain-text
 //! perplexity, and the share of the layers' Hessian traces carried by the
@@ -18,17 +18,16 @@
 //! last `--eval-windows` windows of `--window-len` tokens of the text.
 
 mod cli;
+mod needle;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use cli::{emit, Flags, Quant};
+use needle::{needle_prompts, score_answers, NeedleOptions, NeedlePrompt, NeedleScore, ProseSplit};
 use vlmq::QuantMethod;
 use vlmq_candle::candle_core::{DType, Device};
 use vlmq_candle::eval::{evaluate, windows};
-use vlmq_candle::needle::{
-    needle_prompts, score_answers, NeedleOptions, NeedlePrompt, NeedleScore, ProseSplit,
-};
 use vlmq_candle::{encode, load_model};
 
 /// Seed of the held-out prompt set (the same for every run).

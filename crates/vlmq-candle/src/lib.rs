@@ -20,8 +20,6 @@
 //! - [`tokenizer_from_file`] / [`tokenizer_from_gguf`] give a tokenizer;
 //! - [`eval`] measures perplexity and KL divergence from a reference model;
 //! - [`export`] writes a GPTQ checkpoint in the model's own HF layout;
-//! - [`needle`] builds the long-context retrieval task used to test VLMQ on
-//!   real text-only weights.
 //!
 //! Errors are [`vlmq::Error`] values (candle failures become
 //! [`vlmq::Error::Backend`] or [`vlmq::Error::CorruptCheckpoint`]).
@@ -32,18 +30,16 @@ pub mod eval;
 pub mod export;
 mod load;
 mod models;
-pub mod needle;
 pub mod process;
 mod quantizer;
 mod random;
 pub mod recipe;
-pub mod toy;
+#[cfg(test)]
+mod toy;
 
 pub use backend::llama::TextSample;
 pub use load::checkpoint::{is_gptq_dir, load_gptq_dir};
-pub use load::gguf::{
-    config_from_gguf, hf_name, load_gguf, load_gguf_with, permute_qk, read_gguf_content,
-};
+pub use load::gguf::{config_from_gguf, load_gguf, load_gguf_with, read_gguf_content};
 pub use load::hf::{load_hf_dir, load_hf_dir_with, safetensors_files, save_hf_dir};
 pub use load::llava::load_llava_dir;
 pub use load::options::{device_from_name, dtype_from_name, LoadOptions, Residency};

@@ -3,14 +3,18 @@
 //! `llama`), read back to the same logits; the tokenizer rebuilt from
 //! `tokenizer.ggml.*` reproduces the fixture ids.
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::llama_cpp_qk_rows;
 
 use vlmq_candle::candle_core::quantized::gguf_file::{self, Value};
 use vlmq_candle::candle_core::quantized::{GgmlDType, QTensor};
 use vlmq_candle::candle_core::{DType, Device, Tensor};
 use vlmq_candle::{
-    encode, load_gguf, load_hf_dir, permute_qk, read_gguf_content, tokenizer_from_gguf,
-    Architecture, LlamaModel,
+    encode, load_gguf, load_hf_dir, read_gguf_content, tokenizer_from_gguf, Architecture,
+    LlamaModel,
 };
 
 fn dir(name: &str) -> PathBuf {
@@ -58,9 +62,9 @@ fn write_gguf(model: &LlamaModel, tokenizer_json: &PathBuf, path: &PathBuf) {
         let mut t = t.clone();
         if cfg.arch == Architecture::Llama {
             if name.contains("q_proj") {
-                t = permute_qk(&t, cfg.num_heads, false).unwrap();
+                t = llama_cpp_qk_rows(&t, cfg.num_heads, false).unwrap();
             } else if name.contains("k_proj") {
-                t = permute_qk(&t, cfg.num_kv_heads, false).unwrap();
+                t = llama_cpp_qk_rows(&t, cfg.num_kv_heads, false).unwrap();
             }
         }
         tensors.push((
@@ -194,24 +198,4 @@ fn llama_gguf_with_permuted_qk_loads_to_the_same_logits() {
 #[test]
 fn qwen2_gguf_loads_to_the_same_logits() {
     roundtrip("qwen2");
-}
-
-#[test]
-fn permutation_is_inverted_and_not_trivial() {
-    let w = Tensor::arange(0f32, 64.0, &Device::Cpu)
-        .unwrap()
-        .reshape((8, 8))
-        .unwrap();
-    let p = permute_qk(&w, 2, false).unwrap();
-    assert!(max_abs_diff(&p, &w) > 0.0);
-    assert_eq!(max_abs_diff(&permute_qk(&p, 2, true).unwrap(), &w), 0.0);
-    // Head 0 has rows 0..4 = halves [0,1 | 2,3]; interleaved order is 0,2,1,3.
-    let rows: Vec<f32> = p
-        .narrow(1, 0, 1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(&rows[..4], &[0.0, 16.0, 8.0, 24.0]);
 }

@@ -3,10 +3,13 @@
 //! byte for byte, and the solved layers decoding (after the loader's q/k
 //! row order is undone) to exactly the solver's values.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 
+use common::llama_cpp_qk_rows;
 use ndarray::Array2;
 use vlmq::hessian::HessianAccumulator;
 use vlmq::quant::gguf::GgufType;
@@ -16,7 +19,6 @@ use vlmq_candle::candle_core::quantized::gguf_file::{self, Content, Value};
 use vlmq_candle::candle_core::quantized::QTensor;
 use vlmq_candle::candle_core::{Device, Tensor};
 use vlmq_candle::export::gguf::requantize_gguf;
-use vlmq_candle::permute_qk;
 
 fn values(rows: usize, cols: usize, seed: usize) -> Vec<f32> {
     (0..rows * cols)
@@ -63,7 +65,7 @@ fn requantized_gguf_reads_back_exactly() {
     gguf_file::write(&mut File::create(&src).unwrap(), &meta, &refs).unwrap();
 
     // The solver works in HF row order, as the loader hands weights over.
-    let q_hf = to_array(&permute_qk(&q, 2, true).unwrap());
+    let q_hf = to_array(&llama_cpp_qk_rows(&q, 2, true).unwrap());
     let up_hf = to_array(&up);
     let cfg = GptqConfig::new(QuantScheme::new(Bits::new(4).unwrap()));
     let solve = |w: &Array2<f32>, ty| {
@@ -111,7 +113,7 @@ fn requantized_gguf_reads_back_exactly() {
     let up_back = to_array(&read("blk.0.ffn_up.weight").dequantize(&dev).unwrap());
     assert_eq!(up_back, solved["blk.0.ffn_up.weight"].dequantized);
     let q_back = read("blk.0.attn_q.weight").dequantize(&dev).unwrap();
-    let q_back = to_array(&permute_qk(&q_back, 2, true).unwrap());
+    let q_back = to_array(&llama_cpp_qk_rows(&q_back, 2, true).unwrap());
     assert_eq!(q_back, solved["blk.0.attn_q.weight"].dequantized);
     std::fs::remove_dir_all(&tmp).ok();
 }

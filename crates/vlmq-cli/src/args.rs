@@ -34,8 +34,10 @@ pub struct QuantizeArgs {
     /// Output directory of the checkpoint.
     #[arg(long)]
     pub out: PathBuf,
-    /// Calibration data: a text file (cut into --seq-len windows) or JSONL
-    /// records {"text": ..., "images": [...]}.
+    /// Calibration data: a text file (cut into --seq-len windows), JSONL
+    /// records {"text": ..., "images": [...]}, or JSONL conversations
+    /// {"messages": [...]} (rendered with the model's chat template; images
+    /// as {"type": "image", "path": ...} parts).
     #[arg(long)]
     pub calib: PathBuf,
     /// TOML recipe with any of the settings below, per-layer grids and dense layers.

@@ -1,4 +1,4 @@
-//! Runs the `vlmq` binary on the tiny Llama fixture of vlmq-candle.
+//! Runs the `vlmq` binary on the tiny Llama and LLaVA fixtures of vlmq-candle.
 
 mod common;
 
@@ -238,4 +238,102 @@ fn a_directory_another_process_writes_is_refused_naming_the_holder() {
         drop(held);
     }
     assert!(!out.exists(), "a refused run writes nothing");
+}
+
+/// LLaVA-1.5's prompt format written as a chat template (the tiny LLaVA
+/// fixture carries none): `USER: <image>\n... ASSISTANT: ...`.
+const LLAVA_TEMPLATE: &str = "{% for m in messages %}\
+{% if m['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}\
+{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} \
+{% endfor %}";
+
+/// The tiny LLaVA fixture with a chat template, and two images beside a
+/// calibration file of conversations.
+fn llava_with_template(d: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vlmq-candle/tests/fixtures");
+    let model = d.join("llava");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(src.join("hf-tiny/llava")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(model.join("chat_template.jinja"), LLAVA_TEMPLATE).unwrap();
+    for n in 0..2 {
+        let img = format!("image_{n}.png");
+        std::fs::copy(src.join("hf-tiny-vlm/qwen2_vl").join(&img), d.join(&img)).unwrap();
+    }
+    model
+}
+
+/// One conversation line: a user turn (with `image` as its first part when
+/// given) and the assistant's answer.
+fn conversation(image: Option<&str>, question: &str, answer: &str) -> String {
+    let mut parts = Vec::new();
+    if let Some(i) = image {
+        parts.push(format!("{{\"type\": \"image\", \"path\": \"{i}\"}}"));
+    }
+    parts.push(format!("{{\"type\": \"text\", \"text\": \"{question}\"}}"));
+    format!(
+        "{{\"messages\": [{{\"role\": \"user\", \"content\": [{}]}}, \
+         {{\"role\": \"assistant\", \"content\": \"{answer}\"}}]}}\n",
+        parts.join(", ")
+    )
+}
+
+#[test]
+fn a_vlm_quantizes_on_conversations_with_images() {
+    let d = scratch("conversations");
+    let model = llava_with_template(&d);
+    let calib = d.join("chat.jsonl");
+    let lines = [
+        conversation(Some("image_0.png"), "What is shown?", "A red square."),
+        conversation(None, "Name a colour.", "Blue."),
+        conversation(Some("image_1.png"), "Describe the shapes.", "Two bars."),
+        conversation(Some("image_0.png"), "Is it dark?", "No, it is bright."),
+    ];
+    std::fs::write(&calib, lines.concat()).unwrap();
+    let out = d.join("out");
+    let o = vlmq(&[
+        "quantize",
+        s(&model),
+        "--out",
+        s(&out),
+        "--calib",
+        s(&calib),
+        "--group",
+        "32",
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = vlmq(&["inspect", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A conversation whose second message has no role: one line naming the
+    // file, the line and the field; nothing written.
+    let bad = d.join("bad.jsonl");
+    let broken =
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"content\": \"yo\"}]}\n";
+    std::fs::write(&bad, format!("{}{broken}", lines[0])).unwrap();
+    let out2 = d.join("out2");
+    let o = vlmq(&["quantize", s(&model), "--out", s(&out2), "--calib", s(&bad)]);
+    assert_one_line_error(&o, "bad.jsonl", "line 2: messages[1].role");
+    assert!(!out2.exists());
+
+    // Without a chat template, conversations are refused by name.
+    std::fs::remove_file(model.join("chat_template.jinja")).unwrap();
+    let o = vlmq(&[
+        "quantize",
+        s(&model),
+        "--out",
+        s(&out2),
+        "--calib",
+        s(&calib),
+        "--samples",
+        "4",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("chat template"), "{}", stderr(&o));
 }

@@ -19,7 +19,7 @@ use crate::models::llama::store::{LayerSource, StreamedLayers};
 use crate::models::llama::weights::{ModelWeights, TensorSource};
 
 /// HF name of a GGUF tensor name (`None` for tensors the decoder does not use).
-pub fn hf_name(gguf: &str) -> Option<String> {
+pub(crate) fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -51,7 +51,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 /// llama.cpp's converter order of q/k rows: within each head, HF's
 /// `[2, hd/2]` (halves) becomes `[hd/2, 2]` (pairs). `inverse` maps back.
 /// Works on `[out, in]` and on `[out]` (biases).
-pub fn permute_qk(w: &Tensor, heads: usize, inverse: bool) -> candle_core::Result<Tensor> {
+pub(crate) fn permute_qk(w: &Tensor, heads: usize, inverse: bool) -> candle_core::Result<Tensor> {
     let dims = w.dims().to_vec();
     let out = dims[0];
     let inn = if dims.len() == 2 { dims[1] } else { 1 };
@@ -246,5 +246,41 @@ pub fn load_gguf_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Llam
                 StreamedLayers::new(LayerSource::new(cfg.clone(), opts.dtype, Box::new(src)));
             LlamaModel::streamed(cfg, outer, layers)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_inverted_and_not_trivial() {
+        let w = Tensor::arange(0f32, 64.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 8))
+            .unwrap();
+        let p = permute_qk(&w, 2, false).unwrap();
+        let back: Vec<Vec<f32>> = permute_qk(&p, 2, true).unwrap().to_vec2().unwrap();
+        assert_eq!(back, w.to_vec2::<f32>().unwrap());
+        // Head 0 has rows 0..4 = halves [0,1 | 2,3]; interleaved order is 0,2,1,3.
+        let rows: Vec<f32> = p
+            .narrow(1, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(&rows[..4], &[0.0, 16.0, 8.0, 24.0]);
+    }
+
+    #[test]
+    fn decoder_tensors_get_their_hf_names() {
+        assert_eq!(
+            hf_name("blk.3.attn_k.bias").as_deref(),
+            Some("model.layers.3.self_attn.k_proj.bias")
+        );
+        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(hf_name("blk.x.attn_k.weight"), None);
+        assert_eq!(hf_name("rope_freqs.weight"), None);
     }
 }

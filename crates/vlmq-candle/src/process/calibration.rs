@@ -1,13 +1,23 @@
-//! Calibration data in the forms users already have: a plain text file (cut
-//! into windows of the recipe's `seq_len` tokens) or JSON lines, one record
-//! per line: `{"text": "..."}`, optionally with `"images": ["a.png", ...]`
-//! (paths relative to the JSONL file) for a vision-language model whose
-//! text carries one image marker per image.
+//! Calibration data in the forms users already have, read by one function
+//! ([`Calibration::from_file`]):
+//!
+//! - a plain text file, cut into windows of the recipe's `seq_len` tokens;
+//! - JSON lines of text records: `{"text": "..."}`, optionally with
+//!   `"images": ["a.png", ...]` (paths relative to the JSONL file) for a
+//!   vision-language model whose text carries one image marker per image;
+//! - JSON lines of conversations (`{"messages": [...]}`, the format of
+//!   [`conversation`](crate::process::conversation)), rendered with the
+//!   model's chat template; images are parts of the messages.
+//!
+//! The first record of a JSONL file decides which of the two kinds the file
+//! holds.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use vlmq::{Error, Result};
+
+use crate::process::conversation::{read_conversations, Conversation};
 
 /// One calibration record: a text and the images its markers refer to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +29,7 @@ pub struct CalibrationRecord {
 }
 
 /// Calibration data before tokenization.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Calibration {
     /// One long text, cut into consecutive windows of `seq_len` tokens of
     /// which `samples` are drawn by the recipe's seed.
@@ -27,16 +37,24 @@ pub enum Calibration {
     /// Separate records, each one sample (cut to `seq_len` tokens when it
     /// has no images); `samples` of them are drawn by the recipe's seed.
     Records(Vec<CalibrationRecord>),
+    /// Conversations, each one sample (rendered with the model's chat
+    /// template, cut to `seq_len` tokens when it has no images); `samples`
+    /// of them are drawn by the recipe's seed.
+    Conversations(Vec<Conversation>),
 }
 
 impl Calibration {
-    /// Reads `path`: a `.jsonl` file as [`Calibration::Records`], anything
-    /// else as [`Calibration::Text`]. A malformed line is an
+    /// Reads `path`: a `.jsonl` file as [`Calibration::Conversations`] when
+    /// its first record has `messages`, else as [`Calibration::Records`];
+    /// anything else as [`Calibration::Text`]. A malformed line is an
     /// [`Error::InvalidField`] naming the file, the line and the key.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Calibration> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         if path.extension().is_some_and(|e| e == "jsonl") {
+            if first_is_conversation(&text) {
+                return Ok(Calibration::Conversations(read_conversations(path)?));
+            }
             let base = path.parent().unwrap_or(Path::new("."));
             let mut records = Vec::new();
             for (i, line) in text.lines().enumerate() {
@@ -56,7 +74,15 @@ impl Calibration {
     }
 }
 
-/// Parses line `n` of a JSONL calibration file.
+/// Whether the first non-blank line is a JSON object with a `messages` key.
+fn first_is_conversation(text: &str) -> bool {
+    let Some(first) = text.lines().find(|l| !l.trim().is_empty()) else {
+        return false;
+    };
+    serde_json::from_str::<Value>(first).is_ok_and(|v| v.get("messages").is_some())
+}
+
+/// Parses line `n` of a JSONL calibration file of text records.
 fn record(line: &str, n: usize, path: &Path, base: &Path) -> Result<CalibrationRecord> {
     let bad = |key: &str, why: String| Error::field(path, format!("line {n}: {key}"), why);
     let v: Value = serde_json::from_str(line).map_err(|e| bad("json", e.to_string()))?;
@@ -69,7 +95,9 @@ fn record(line: &str, n: usize, path: &Path, base: &Path) -> Result<CalibrationR
     {
         return Err(bad(
             k,
-            "unknown key (records have \"text\" and \"images\")".into(),
+            "unknown key (text records have \"text\" and \"images\"; a file of \
+             conversations has \"messages\" on every line)"
+                .into(),
         ));
     }
     let text = match obj.get("text") {
@@ -118,6 +146,23 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert!(r[0].images.is_empty());
         assert!(r[1].images[0].ends_with("i.png") && r[1].images[0].is_absolute());
+    }
+
+    #[test]
+    fn a_file_whose_first_record_has_messages_is_conversations() {
+        let c = read(
+            "c.jsonl",
+            "\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+        )
+        .unwrap();
+        let Calibration::Conversations(c) = c else {
+            panic!("conversations expected")
+        };
+        assert_eq!((c.len(), c[0].line), (1, 2));
+        let e = read("m.jsonl", "{\"text\": \"a\"}\n{\"messages\": []}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("m.jsonl: line 2: messages: unknown key"), "{e}");
     }
 
     #[test]

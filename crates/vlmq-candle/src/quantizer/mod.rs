@@ -33,6 +33,7 @@ pub use event::{Event, Stage};
 use crate::export::llava::write_llava_gptq;
 use crate::export::write_gptq;
 use crate::process::calibration::Calibration;
+use crate::process::chat_template::ChatTemplate;
 use crate::process::image_input::ClipImageProcessor;
 use crate::recipe::{CheckedRecipe, OutputFormat};
 use crate::{
@@ -78,6 +79,8 @@ pub struct Quantizer {
     tokenizer: Tokenizer,
     calibration: Option<(Calibration, PathBuf)>,
     state_dir: Option<PathBuf>,
+    /// The model directory or GGUF file (its chat template is read from it).
+    source: PathBuf,
 }
 
 /// What [`Quantizer::from_pretrained_with`] reads from `config.json` to pick
@@ -124,6 +127,7 @@ impl Quantizer {
             tokenizer,
             calibration: None,
             state_dir: None,
+            source: path.to_path_buf(),
         })
     }
 
@@ -178,26 +182,30 @@ impl Quantizer {
                 ControlFlow::Break(()) => Err(Error::Cancelled),
             }
         };
+        let template = match data {
+            Calibration::Conversations(_) => Some(ChatTemplate::from_model_dir(&self.source)?),
+            _ => None,
+        };
+        let src = samples::Inputs {
+            tk: &self.tokenizer,
+            data,
+            origin,
+            recipe,
+            template: template.as_ref(),
+        };
         let mut model = self.model;
         let output = match &mut model {
             LoadedModel::Llama(m) => {
-                let texts =
-                    samples::text_samples(&self.tokenizer, data, origin, recipe, |d, n| {
-                        tick(Stage::Calibrate, d, n, format!("sample {d}"))
-                    })?;
+                let texts = samples::text_samples(&src, |d, n| {
+                    tick(Stage::Calibrate, d, n, format!("sample {d}"))
+                })?;
                 let set: Vec<_> = texts.into_iter().map(crate::TextSample::causal).collect();
                 run(m, &set, &cfg, &mut tick)?
             }
             LoadedModel::Llava(m, processor) => {
-                let set = samples::llava_samples(
-                    m,
-                    &self.tokenizer,
-                    processor,
-                    data,
-                    origin,
-                    recipe,
-                    |d, n| tick(Stage::Calibrate, d, n, format!("sample {d}")),
-                )?;
+                let set = samples::llava_samples(m, processor, &src, |d, n| {
+                    tick(Stage::Calibrate, d, n, format!("sample {d}"))
+                })?;
                 // A VLM's vision tower stays dense unless the recipe names blocks.
                 if *cfg.blocks() == BlockSelection::All {
                     cfg = cfg.with_blocks(m.lm_only());

@@ -1,16 +1,25 @@
 //! Turning [`Calibration`] data into the samples of each model family.
+//!
+//! A vision-language family joins with one `*_samples` function here:
+//! text records and conversations drawn as [`draw`] does, conversations
+//! rendered by the model's chat template ([`Inputs::template`]) and their
+//! images, in [`Conversation::images`] order, through the family's image
+//! processor (as [`llava_samples`] does with CLIP's).
 
 use std::path::Path;
 
+use tokenizers::Tokenizer;
 use vlmq::{Error, Result};
 
 use crate::eval::windows;
 use crate::models::llava::sample::VlmSample;
 use crate::process::calibration::{Calibration, CalibrationRecord};
+use crate::process::chat_template::ChatTemplate;
+use crate::process::conversation::Conversation;
 use crate::process::image_input::{load_image, ClipImageProcessor};
 use crate::process::tokenizer::encode;
 use crate::recipe::CheckedRecipe;
-use crate::LlavaModel;
+use crate::{LlavaModel, IMAGE_MARKER};
 
 /// `want` of `0..n` drawn by a seeded Fisher-Yates shuffle, in increasing
 /// order; fewer than `want` is an error naming `origin` and `samples`.
@@ -41,18 +50,61 @@ pub(super) fn draw(
     Ok(v)
 }
 
-/// The token windows (text) or token sequences (records) of `data`, drawn
-/// per the recipe; records with images are refused (text-only model).
+/// What every family's sample builder reads.
+pub(super) struct Inputs<'a> {
+    /// The model's tokenizer.
+    pub tk: &'a Tokenizer,
+    /// The calibration data.
+    pub data: &'a Calibration,
+    /// Where the data came from (named in errors).
+    pub origin: &'a Path,
+    /// The run's recipe (sample count, sequence length, seed).
+    pub recipe: &'a CheckedRecipe,
+    /// The model's chat template, loaded when the data are conversations.
+    pub template: Option<&'a ChatTemplate>,
+}
+
+impl Inputs<'_> {
+    /// The chat template, or an error naming the origin when the model has
+    /// none (only asked for conversations).
+    fn template(&self) -> Result<&ChatTemplate> {
+        self.template.ok_or_else(|| {
+            Error::field(
+                self.origin,
+                "messages",
+                "conversations need the model's chat template, and it has none",
+            )
+        })
+    }
+}
+
+/// `text`'s tokens cut to `seq_len`; fewer than 2 tokens is `short()`.
+fn tokens(
+    tk: &Tokenizer,
+    text: &str,
+    seq_len: usize,
+    short: impl Fn() -> Error,
+) -> Result<Vec<u32>> {
+    let mut t = encode(tk, text)?;
+    t.truncate(seq_len);
+    if t.len() < 2 {
+        return Err(short());
+    }
+    Ok(t)
+}
+
+/// The token windows (text), token sequences (records) or rendered
+/// conversations of the data, drawn per the recipe; images are refused
+/// (text-only model).
 pub(super) fn text_samples(
-    tk: &tokenizers::Tokenizer,
-    data: &Calibration,
-    origin: &Path,
-    r: &CheckedRecipe,
+    src: &Inputs<'_>,
     mut tick: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<Vec<Vec<u32>>> {
-    match data {
+    let (r, origin) = (src.recipe, src.origin);
+    let no_vision = "this model has no vision tower";
+    match src.data {
         Calibration::Text(text) => {
-            let all = windows(&encode(tk, text)?, r.seq_len());
+            let all = windows(&encode(src.tk, text)?, r.seq_len());
             let unit = format!("windows of {} tokens", r.seq_len());
             let pick = draw(all.len(), r.samples(), r.seed(), origin, &unit)?;
             tick(pick.len(), pick.len())?;
@@ -62,23 +114,30 @@ pub(super) fn text_samples(
             let pick = draw(recs.len(), r.samples(), r.seed(), origin, "records")?;
             let mut out = Vec::with_capacity(pick.len());
             for (k, &i) in pick.iter().enumerate() {
+                let at = |key: &str| format!("record {}: {key}", i + 1);
                 if !recs[i].images.is_empty() {
-                    return Err(Error::field(
-                        origin,
-                        format!("record {}: images", i + 1),
-                        "this model has no vision tower",
-                    ));
+                    return Err(Error::field(origin, at("images"), no_vision));
                 }
-                let mut t = encode(tk, &recs[i].text)?;
-                t.truncate(r.seq_len());
-                if t.len() < 2 {
-                    return Err(Error::field(
-                        origin,
-                        format!("record {}: text", i + 1),
-                        "gives fewer than 2 tokens",
-                    ));
+                out.push(tokens(src.tk, &recs[i].text, r.seq_len(), || {
+                    Error::field(origin, at("text"), "gives fewer than 2 tokens")
+                })?);
+                tick(k + 1, pick.len())?;
+            }
+            Ok(out)
+        }
+        Calibration::Conversations(convs) => {
+            let template = src.template()?;
+            let pick = draw(convs.len(), r.samples(), r.seed(), origin, "conversations")?;
+            let mut out = Vec::with_capacity(pick.len());
+            for (k, &i) in pick.iter().enumerate() {
+                let c = &convs[i];
+                if !c.images().is_empty() {
+                    return Err(c.invalid(&c.image_field(0), no_vision));
                 }
-                out.push(t);
+                let text = template.render(&c.messages, false)?;
+                out.push(tokens(src.tk, &text, r.seq_len(), || {
+                    c.invalid("messages", "renders to fewer than 2 tokens")
+                })?);
                 tick(k + 1, pick.len())?;
             }
             Ok(out)
@@ -86,36 +145,50 @@ pub(super) fn text_samples(
     }
 }
 
-/// LLaVA samples: text windows without images, records with their images
-/// preprocessed for the vision tower.
+/// LLaVA samples: text windows without images; records and conversations
+/// with their images preprocessed for the vision tower.
 pub(super) fn llava_samples(
     model: &LlavaModel,
-    tk: &tokenizers::Tokenizer,
     processor: &ClipImageProcessor,
-    data: &Calibration,
-    origin: &Path,
-    r: &CheckedRecipe,
+    src: &Inputs<'_>,
     mut tick: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<Vec<VlmSample>> {
-    let Calibration::Records(recs) = data else {
-        let texts = text_samples(tk, data, origin, r, tick)?;
-        return Ok(texts
-            .into_iter()
-            .map(|t| VlmSample::causal(t, None))
-            .collect());
-    };
-    let pick = draw(recs.len(), r.samples(), r.seed(), origin, "records")?;
-    let mut out = Vec::with_capacity(pick.len());
-    for (k, &i) in pick.iter().enumerate() {
-        out.push(llava_record(model, tk, processor, &recs[i])?);
-        tick(k + 1, pick.len())?;
+    let r = src.recipe;
+    let mut out = Vec::new();
+    match src.data {
+        Calibration::Text(_) => {
+            let texts = text_samples(src, tick)?;
+            out.extend(texts.into_iter().map(|t| VlmSample::causal(t, None)));
+        }
+        Calibration::Records(recs) => {
+            let pick = draw(recs.len(), r.samples(), r.seed(), src.origin, "records")?;
+            for (k, &i) in pick.iter().enumerate() {
+                out.push(llava_record(model, src.tk, processor, &recs[i])?);
+                tick(k + 1, pick.len())?;
+            }
+        }
+        Calibration::Conversations(convs) => {
+            let template = src.template()?;
+            let pick = draw(
+                convs.len(),
+                r.samples(),
+                r.seed(),
+                src.origin,
+                "conversations",
+            )?;
+            for (k, &i) in pick.iter().enumerate() {
+                let c = &convs[i];
+                out.push(llava_conversation(model, src.tk, processor, template, c)?);
+                tick(k + 1, pick.len())?;
+            }
+        }
     }
     Ok(out)
 }
 
 fn llava_record(
     model: &LlavaModel,
-    tk: &tokenizers::Tokenizer,
+    tk: &Tokenizer,
     processor: &ClipImageProcessor,
     rec: &CalibrationRecord,
 ) -> Result<VlmSample> {
@@ -130,6 +203,40 @@ fn llava_record(
         Some(processor.batch(&imgs, model.device())?)
     };
     model.prompt_sample(tk, &rec.text, pixels)
+}
+
+/// One conversation rendered by the chat template, which must write one
+/// image marker per image part; errors name the conversation's line.
+fn llava_conversation(
+    model: &LlavaModel,
+    tk: &Tokenizer,
+    processor: &ClipImageProcessor,
+    template: &ChatTemplate,
+    c: &Conversation,
+) -> Result<VlmSample> {
+    let text = template.render(&c.messages, false)?;
+    let images = c.images();
+    let markers = text.matches(IMAGE_MARKER).count();
+    if markers != images.len() {
+        return Err(c.invalid(
+            "messages",
+            format!(
+                "the chat template wrote {markers} {IMAGE_MARKER} markers for {} image parts",
+                images.len()
+            ),
+        ));
+    }
+    let pixels = if images.is_empty() {
+        None
+    } else {
+        let imgs = images
+            .iter()
+            .enumerate()
+            .map(|(n, p)| load_image(p).map_err(|e| c.invalid(&c.image_field(n), e)))
+            .collect::<Result<Vec<_>>>()?;
+        Some(processor.batch(&imgs, model.device())?)
+    };
+    model.prompt_sample(tk, &text, pixels)
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ fn locate(text: &str, at: usize) -> (usize, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::recipe::OutputFormat;
 
     fn err(text: &str) -> String {
         Recipe::from_toml_str(text, Path::new("r.toml"))
@@ -66,6 +67,15 @@ mod tests {
     fn empty_text_is_the_default_recipe() {
         let r = Recipe::from_toml_str("", Path::new("r.toml")).unwrap();
         assert_eq!(r, Recipe::default());
+    }
+
+    /// The recipe's defaults are the library's: one set of defaults.
+    #[test]
+    fn the_default_recipe_is_the_default_solver() {
+        let r = Recipe::default().check(Path::new("r.toml")).unwrap();
+        assert_eq!(*r.pipeline().solver(), vlmq::GptqConfig::default());
+        assert_eq!(r.pipeline().method(), vlmq::QuantMethod::Gptq);
+        assert_eq!(r.format(), OutputFormat::Gptq);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The toy ViT-LLM of `vlmq-toy` (a `vlmq-nn` `SequenceModel` saved with
 //! `vlmq_nn::save_safetensors`) as a candle model, so the toy's accuracy can
-//! be reproduced on this backend (forward only).
+//! be reproduced on this backend (forward only). Test-only: it checks that
+//! this crate's Llama forward agrees with the reference backend.
 //!
 //! Architecture (as `vlmq-nn`): patch embedding `patches W^T + b + pos`;
 //! encoder blocks (LayerNorm with shift, eps 1e-5; bidirectional attention
@@ -242,3 +243,6 @@ impl ToyVitLlm {
         self.lm.head_logits(&h, false)?.squeeze(0).at_model()
     }
 }
+
+#[cfg(test)]
+mod tests;

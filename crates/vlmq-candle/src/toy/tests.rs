@@ -2,8 +2,9 @@
 //! same answer logits as the reference backend (vlmq-nn) and the same
 //! held-out accuracy.
 
-use vlmq_candle::candle_core::{Device, Tensor};
-use vlmq_candle::toy::ToyVitLlm;
+use candle_core::{Device, Tensor};
+
+use super::ToyVitLlm;
 use vlmq_toy::{accuracy, examples, load_toy_model, to_sample, Split};
 
 fn check(file: &str) {

@@ -26,15 +26,12 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, D};
 use tokenizers::Tokenizer;
 use vlmq::rng::SplitMix64;
 use vlmq::{Error, Modality, Result};
+use vlmq_candle::candle_core::{self, DType, D};
 
-use crate::backend::llama::TextSample;
-use crate::error::CandleResultExt;
-use crate::models::llama::model::LlamaModel;
-use crate::process::tokenizer::encode;
+use vlmq_candle::{encode, LlamaModel, TextSample};
 
 const NAMES: [&str; 24] = [
     "Mira", "Tomas", "Elena", "Jonah", "Priya", "Oskar", "Lena", "Rafael", "Ingrid", "Kenji",
@@ -323,7 +320,7 @@ pub fn score_answers(
             what: "hidden states".into(),
         })?;
         let (from, n) = (p.answer.start - 1, p.answer.len());
-        let logits = model.head_logits(&last.narrow(1, from, n).at_model()?, false)?;
+        let logits = model.head_logits(&last.narrow(1, from, n).map_err(at_model)?, false)?;
         let score = || -> candle_core::Result<(f64, bool)> {
             let lp =
                 candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(DType::F32)?, D::Minus1)?;
@@ -337,7 +334,7 @@ pub fn score_answers(
                 .sum();
             Ok((nll, best.as_slice() == want))
         };
-        let (n, hit) = score().at_model()?;
+        let (n, hit) = score().map_err(at_model)?;
         nll += n;
         tokens += p.answer.len();
         exact += usize::from(hit);
@@ -348,4 +345,14 @@ pub fn score_answers(
         exact_match: exact as f64 / prompts.len() as f64,
         prompts: prompts.len(),
     })
+}
+
+/// A candle failure while scoring, as the library reports failures outside
+/// any block.
+fn at_model(e: candle_core::Error) -> Error {
+    Error::Backend {
+        block: usize::MAX,
+        layer: None,
+        reason: format!("model end: {e}"),
+    }
 }
