@@ -46,6 +46,16 @@ fn every_importance_source_runs_on_the_reference_backend() {
             .unwrap_or_else(|e| panic!("{source:?}, per block {per_block}: {e}"));
         // ViT block (q, k, v, o, up, down), projector, LM block (q, k, v, o, gate, up, down).
         assert_eq!(out.report.layers.len(), 14, "{source:?} {per_block}");
+        // The run's CPU time is read around it (getrusage on Unix): some
+        // was spent, and the utilization is that time per wall second and core.
+        if cfg!(unix) {
+            let cpu = out.report.cpu_seconds.expect("CPU time on unix");
+            assert!(cpu > 0.0, "cpu {cpu}");
+            let u = out.report.cpu_utilization().unwrap();
+            let expect = cpu / out.report.total_seconds / out.report.cores as f64;
+            assert!((u - expect).abs() <= 1e-12 * expect, "{u} vs {expect}");
+            assert!(out.report.to_string().contains("CPU"));
+        }
         // Gradient factors are not uniform in the ViT block (index 0) nor in the
         // LM block (index 2). The mean factor cannot show it inside the ViT,
         // where every token is a vision token and factors have mean 1 per

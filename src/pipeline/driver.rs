@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::block::{quantize_block, BlockRun, SavedLayer};
 use super::config::{GradientSource, PipelineConfig};
 use super::context::{in_block, in_sample};
+use super::cpu_time::{available_cores, CpuClock};
 use super::gguf::{check_gguf_run, LayerCodes};
 use super::plan::RunPlan;
 use super::progress::{Progress, ProgressControl};
@@ -98,6 +99,7 @@ where
     C: ProgressControl,
 {
     let start = Instant::now();
+    let cpu = CpuClock::start();
     cfg.solver().validate()?;
     check_gguf_run(cfg)?;
     if samples.is_empty() {
@@ -248,6 +250,8 @@ where
             layers,
             importance_seconds,
             total_seconds: start.elapsed().as_secs_f64(),
+            cpu_seconds: cpu.seconds(),
+            cores: available_cores(),
             resumed_blocks: resume_from,
         },
         weights: BTreeMap::new(),

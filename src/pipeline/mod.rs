@@ -15,6 +15,7 @@ mod block;
 mod capture;
 mod config;
 mod context;
+mod cpu_time;
 mod driver;
 mod gguf;
 mod inputs;

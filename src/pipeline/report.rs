@@ -97,6 +97,12 @@ pub struct PipelineReport {
     pub importance_seconds: f64,
     /// Seconds for the whole run.
     pub total_seconds: f64,
+    /// CPU seconds (user + system, every thread of the process) used during
+    /// the run; `None` where the platform gives no reading. Counts any other
+    /// thread of the process that ran meanwhile.
+    pub cpu_seconds: Option<f64>,
+    /// The cores the process could run on (`available_parallelism`).
+    pub cores: usize,
     /// Blocks restored from a saved state instead of being recomputed.
     pub resumed_blocks: usize,
 }
@@ -106,6 +112,14 @@ impl PipelineReport {
     /// not computed.
     pub fn total_objective(&self) -> Option<f64> {
         self.layers.iter().map(|l| l.objective_unweighted).sum()
+    }
+
+    /// How busy the cores were: CPU seconds / wall seconds / cores, so 1.0
+    /// means every available core worked for the whole run. `None` without
+    /// a CPU-time reading or for a run that took no measurable time.
+    pub fn cpu_utilization(&self) -> Option<f64> {
+        let cpu = self.cpu_seconds?;
+        (self.total_seconds > 0.0).then(|| cpu / self.total_seconds / self.cores.max(1) as f64)
     }
 
     /// The report as a JSON value.
@@ -132,6 +146,9 @@ impl PipelineReport {
             "method": self.method.name(),
             "importance_seconds": self.importance_seconds,
             "total_seconds": self.total_seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "cores": self.cores,
+            "cpu_utilization": self.cpu_utilization(),
             "resumed_blocks": self.resumed_blocks,
             "layers": layers,
         })
@@ -176,7 +193,11 @@ impl fmt::Display for PipelineReport {
             self.layers.len(),
             self.importance_seconds,
             self.total_seconds
-        )
+        )?;
+        match self.cpu_utilization() {
+            Some(u) => write!(f, ", CPU {:.0}% of {} cores", 100.0 * u, self.cores),
+            None => Ok(()),
+        }
     }
 }
 

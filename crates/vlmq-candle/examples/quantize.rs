@@ -184,8 +184,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let q = vlmq::quantize_model(&mut model, &samples, &cfg, |p| eprint!("\r  {p}      "))?;
     let quant_s = tq.elapsed().as_secs_f64();
     eprintln!(
-        "\n{} done in {quant_s:.1}s (importance pass {:.1}s)",
-        a.quant.method, q.report.importance_seconds
+        "\n{} done in {quant_s:.1}s (importance pass {:.1}s, CPU {:.0}% of {} cores)",
+        a.quant.method,
+        q.report.importance_seconds,
+        100.0 * q.report.cpu_utilization().unwrap_or(f64::NAN),
+        q.report.cores
     );
 
     let after = evaluate(&model, Some(&reference), &eval_set, 2, &mut prog)?;
@@ -219,6 +222,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "symmetric": a.quant.symmetric, "gar": a.quant.gar, "seed": a.seed, "calib_windows": calib_idx, "window_len": a.window_len,
         "eval_windows": [pool, all.len()], "ppl_fp": base.perplexity, "ppl": after.perplexity,
         "kl": after.kl, "quant_seconds": quant_s, "importance_seconds": q.report.importance_seconds, "true_sequential": !a.one_forward,
+        "cpu_seconds": q.report.cpu_seconds, "cores": q.report.cores, "cpu_utilization": q.report.cpu_utilization(),
         "eval_tokens": after.tokens, "readback_nll": readback,
     });
     Ok(emit(&line, a.json.as_deref())?)

@@ -194,6 +194,9 @@ def main():
                 # quantization alone, like GPTQModel's timing below.
                 wall = line["quant_seconds"]
                 imp = line.get("importance_seconds")
+                # CPU seconds / wall seconds / cores of the quantization alone
+                # (vlmq reads getrusage around its pipeline).
+                util = line.get("cpu_utilization")
                 calib_idx = line["calib_windows"]
                 if wins is None:
                     # vlmq's own tokenizer (written beside its checkpoint): transformers'
@@ -210,12 +213,13 @@ def main():
             else:
                 wall, cpu = run_gptqmodel(args, hf, [wins[i] for i in calib_idx], out, run.endswith("-gar"))
                 imp = None
+                util = cpu / wall / (os.cpu_count() or 1)
             ppl, kl, _ = score(out, hf, held_out, ref_logits)
             row = {"run": run, "seed": seed, "wall_s": wall, "cpu_s": cpu, "ppl": ppl, "kl": kl,
                    "ppl_fp": ref_ppl, "importance_s": imp, "bits": args.bits, "group": args.group,
                    "windows": args.windows, "window_len": args.window_len,
                    "eval_windows": args.eval_windows, "calib_windows": calib_idx,
-                   "cores": os.cpu_count(),
+                   "cores": os.cpu_count(), "cpu_utilization": util,
                    "gptqmodel_dtype": None if run.startswith("vlmq-") else args.gptqmodel_dtype}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -223,11 +227,12 @@ def main():
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
         base = next((r for r in rows if r["run"] == "gptqmodel-gar"), None)
-        print(f"\nseed {seed}: run | wall s | cpu s | ppl | KL | wall vs GPTQModel default | cpu vs default")
+        print(f"\nseed {seed}: run | wall s | cpu s | CPU use | ppl | KL | wall vs GPTQModel default | cpu vs default")
         for r in rows:
             ratio = (f"{base['wall_s'] / r['wall_s']:.2f}x | {base['cpu_s'] / r['cpu_s']:.2f}x"
                      if base else "- | -")
-            print(f"{r['run']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['ppl']:.3f} | {r['kl']:.4f} | {ratio}")
+            use = f"{100 * r['cpu_utilization']:.0f}%" if r["cpu_utilization"] is not None else "-"
+            print(f"{r['run']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {use} | {r['ppl']:.3f} | {r['kl']:.4f} | {ratio}")
 
 
 if __name__ == "__main__":

@@ -86,17 +86,20 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let pb = spinner(&format!("writing {}", a.out.display()));
     done.save(&a.out)?;
     pb.finish_with_message(format!("wrote {}", a.out.display()));
-    let resumed = match done.report().resumed_blocks {
+    let report = done.report();
+    let resumed = match report.resumed_blocks {
         0 => String::new(),
         n => format!(" (resumed after {n} blocks from the state directory)"),
     };
     eprintln!(
-        "{} W{} g{}: {} layers quantized in {:.1}s{resumed}",
+        "{} W{} g{}: {} layers quantized in {:.1}s ({:.1}s in the pipeline{}){resumed}",
         r.method,
         r.bits,
         r.group_size,
         done.output().weights.len(),
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        report.total_seconds,
+        cpu_text(report)
     );
     if let (Some(text), Some(LoadedModel::Llama(fp)), LoadedModel::Llama(m)) =
         (&a.eval, &reference, done.model())
@@ -107,4 +110,18 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         eprintln!("--eval: evaluation runs on Llama-family models only; skipped");
     }
     Ok(())
+}
+
+/// How busy the cores were during the pipeline, e.g. `, CPU 1.8 of 2 cores (92%)`;
+/// empty without a CPU-time reading.
+fn cpu_text(report: &vlmq::PipelineReport) -> String {
+    match (report.cpu_seconds, report.cpu_utilization()) {
+        (Some(cpu), Some(u)) => format!(
+            ", CPU {:.1} of {} cores ({:.0}%)",
+            cpu / report.total_seconds,
+            report.cores,
+            100.0 * u
+        ),
+        _ => String::new(),
+    }
 }
