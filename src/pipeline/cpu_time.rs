@@ -67,17 +67,21 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn busy_work_shows_up_as_cpu_time() {
+        // Spin until the process clock shows 50 ms of CPU time. On a loaded
+        // machine that can take many times as long in wall time, so the
+        // only limit is generous; a reading that never advances fails there.
         let clock = CpuClock::start();
         let t = std::time::Instant::now();
         let mut x = 1u64;
-        while t.elapsed().as_secs_f64() < 0.2 {
-            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        loop {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            let cpu = clock.seconds().expect("getrusage works on unix");
+            if cpu >= 0.05 {
+                break;
+            }
+            assert!(t.elapsed().as_secs_f64() < 60.0, "CPU time stuck at {cpu}");
         }
-        let cpu = clock.seconds().expect("getrusage works on unix");
-        // The loop spun for 0.2 s of wall time on this thread; on a loaded
-        // machine it may have been descheduled for part of it, so only a
-        // tenth of that is required, and no more than wall time on every core.
-        assert!(cpu >= 0.02, "cpu {cpu}");
-        assert!(cpu <= t.elapsed().as_secs_f64() * available_cores() as f64 + 0.05);
     }
 }
