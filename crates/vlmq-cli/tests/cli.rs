@@ -337,3 +337,75 @@ fn a_vlm_quantizes_on_conversations_with_images() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("chat template"), "{}", stderr(&o));
 }
+
+/// A Qwen2-VL directory with a calibration file of conversations: the
+/// decoder layers are quantized (the tower stays dense and is listed as
+/// such in `quantization_config`).
+#[test]
+fn quantize_a_qwen2_vl_directory_with_conversations() {
+    let d = scratch("qwen2vl");
+    let candle = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vlmq-candle/tests/fixtures");
+    let src = candle.join("hf-tiny-vlm/qwen2_vl");
+    let model = d.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+    ] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    // The fixture has no chat template; Qwen2-VL's (without the default
+    // system message) goes next to it, as a model directory holds it.
+    std::fs::copy(
+        candle.join("qwen2_vl_chat_template.jinja"),
+        model.join("chat_template.jinja"),
+    )
+    .unwrap();
+    for f in ["image_0.png", "image_1.png"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let calib = d.join("calib.jsonl");
+    std::fs::write(
+        &calib,
+        concat!(
+            r#"{"messages":[{"role":"user","content":[{"type":"image","path":"image_0.png"},{"type":"text","text":"What is in the picture?"}]},{"role":"assistant","content":[{"type":"text","text":"A red square."}]}]}"#,
+            "\n",
+            r#"{"messages":[{"role":"user","content":[{"type":"image","path":"image_1.png"},{"type":"image","path":"image_0.png"},{"type":"text","text":"Compare the pictures."}]},{"role":"assistant","content":"The first one is tall."}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let recipe = d.join("r.toml");
+    std::fs::write(&recipe, "bits = 4\ngroup_size = 16\n").unwrap();
+    let out = d.join("out");
+    let o = vlmq(&[
+        "quantize",
+        s(&model),
+        "--out",
+        s(&out),
+        "--calib",
+        s(&calib),
+        "--recipe",
+        s(&recipe),
+        "--samples",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = vlmq(&["inspect", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // 2 decoder layers x 7 linears.
+    assert!(
+        stdout(&o).contains("quantized    14 layers\n"),
+        "{}",
+        stdout(&o)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let qc = &config["quantization_config"];
+    assert_eq!(config["model_type"], "qwen2_vl");
+    assert_eq!(qc["block_name_to_quantize"], "model.layers");
+    assert!(qc["dynamic"].get("-:^visual\\.").is_some(), "{qc}");
+}

@@ -19,6 +19,7 @@
 //! one variant and one arm in each `match` of this module.
 
 mod event;
+mod qwen_samples;
 mod samples;
 
 use std::ops::ControlFlow;
@@ -31,10 +32,12 @@ use vlmq::{Error, Progress, QuantizableModel, Result};
 pub use event::{Event, Stage};
 
 use crate::export::llava::write_llava_gptq;
+use crate::export::qwen2_vl::write_qwen2_vl_gptq;
 use crate::export::write_gptq;
 use crate::process::calibration::Calibration;
 use crate::process::chat_template::ChatTemplate;
 use crate::process::image_input::ClipImageProcessor;
+use crate::process::qwen2_vl_image::Qwen2VlImageConfig;
 use crate::recipe::{CheckedRecipe, OutputFormat};
 use crate::{
     load_llava_dir, load_model_with, tokenizer_from_file, LlamaModel, LlavaModel, LoadOptions,
@@ -53,6 +56,8 @@ pub enum LoadedModel {
     /// A LLaVA-style model (CLIP tower, projector, Llama-family LM) with its
     /// image processor.
     Llava(LlavaModel, ClipImageProcessor),
+    /// A Qwen2-VL or Qwen2.5-VL model with its image processor's settings.
+    Qwen2Vl(crate::Qwen2VlModel, Qwen2VlImageConfig),
 }
 
 impl LoadedModel {
@@ -61,6 +66,7 @@ impl LoadedModel {
         match self {
             LoadedModel::Llama(_) => "llama",
             LoadedModel::Llava(..) => "llava",
+            LoadedModel::Qwen2Vl(..) => "qwen2_vl",
         }
     }
 
@@ -69,6 +75,7 @@ impl LoadedModel {
         match self {
             LoadedModel::Llama(m) => m.num_blocks(),
             LoadedModel::Llava(m, _) => m.num_blocks(),
+            LoadedModel::Qwen2Vl(m, _) => m.num_blocks(),
         }
     }
 }
@@ -99,7 +106,7 @@ impl Quantizer {
     }
 
     /// Loads `path` with the given device, compute dtype and residency
-    /// (LLaVA models are always held in memory).
+    /// (LLaVA and Qwen2-VL models are always held in memory).
     pub fn from_pretrained_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Quantizer> {
         let path = path.as_ref();
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
@@ -116,6 +123,12 @@ impl Quantizer {
                 let tk = tokenizer_from_file(path.join("tokenizer.json"))?;
                 let processor = clip_processor(path, &m)?;
                 (LoadedModel::Llava(m, processor), tk)
+            }
+            Some("qwen2_vl" | "qwen2_5_vl") if !is_gguf => {
+                let (m, _) = crate::load_qwen2_vl_dir(path, opts.dtype, &opts.device)?;
+                let tk = tokenizer_from_file(path.join("tokenizer.json"))?;
+                let images = Qwen2VlImageConfig::from_dir(path)?;
+                (LoadedModel::Qwen2Vl(m, images), tk)
             }
             _ => {
                 let (m, tk) = load_model_with(path, opts)?;
@@ -207,6 +220,15 @@ impl Quantizer {
                     tick(Stage::Calibrate, d, n, format!("sample {d}"))
                 })?;
                 // A VLM's vision tower stays dense unless the recipe names blocks.
+                if *cfg.blocks() == BlockSelection::All {
+                    cfg = cfg.with_blocks(m.lm_only());
+                }
+                run(m, &set, &cfg, &mut tick)?
+            }
+            LoadedModel::Qwen2Vl(m, images) => {
+                let set = qwen_samples::qwen_samples(m, images, &src, |d, n| {
+                    tick(Stage::Calibrate, d, n, format!("sample {d}"))
+                })?;
                 if *cfg.blocks() == BlockSelection::All {
                     cfg = cfg.with_blocks(m.lm_only());
                 }
@@ -312,6 +334,9 @@ impl Quantized {
             }
             (LoadedModel::Llava(m, _), OutputFormat::Gptq) => {
                 write_llava_gptq(m, &self.output, Some(&self.tokenizer), dir)
+            }
+            (LoadedModel::Qwen2Vl(m, _), OutputFormat::Gptq) => {
+                write_qwen2_vl_gptq(m, &self.output, Some(&self.tokenizer), dir)
             }
         }
     }

@@ -67,7 +67,7 @@ pub(super) struct Inputs<'a> {
 impl Inputs<'_> {
     /// The chat template, or an error naming the origin when the model has
     /// none (only asked for conversations).
-    fn template(&self) -> Result<&ChatTemplate> {
+    pub(super) fn template(&self) -> Result<&ChatTemplate> {
         self.template.ok_or_else(|| {
             Error::field(
                 self.origin,
