@@ -16,6 +16,8 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Subcommand, Debug)]
+// Parsed once per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Quantize MODEL (a Hugging Face directory or a .gguf file) into a GPTQ checkpoint.
     Quantize(QuantizeArgs),
@@ -31,9 +33,14 @@ pub enum Command {
 pub struct QuantizeArgs {
     /// Hugging Face model directory or .gguf file.
     pub model: PathBuf,
-    /// Output directory of the checkpoint.
+    /// Output directory of the checkpoint (a GGUF format: a .gguf file, or
+    /// a directory that gets model.gguf).
     #[arg(long)]
     pub out: PathBuf,
+    /// gptq, or gguf:q4_0, gguf:q4_1, gguf:q5_0, gguf:q8_0, gguf:q4_k,
+    /// gguf:q6_k (one GGUF file; Llama-family models) [default: gptq].
+    #[arg(long)]
+    pub format: Option<String>,
     /// Calibration data: a text file (cut into --seq-len windows), JSONL
     /// records {"text": ..., "images": [...]}, or JSONL conversations
     /// {"messages": [...]} (rendered with the model's chat template; images

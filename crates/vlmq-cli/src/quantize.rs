@@ -46,6 +46,9 @@ fn recipe(a: &QuantizeArgs) -> Result<(Recipe, PathBuf)> {
     if let Some(v) = a.seed {
         r.seed = v;
     }
+    if let Some(v) = &a.format {
+        r.format = v.clone();
+    }
     Ok((r, origin))
 }
 
@@ -86,17 +89,19 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let pb = spinner(&format!("writing {}", a.out.display()));
     done.save(&a.out)?;
     pb.finish_with_message(format!("wrote {}", a.out.display()));
+    let grid = match r.format.as_str() {
+        "gptq" => format!("W{} g{}", r.bits, r.group_size),
+        other => other.to_string(),
+    };
     let report = done.report();
     let resumed = match report.resumed_blocks {
         0 => String::new(),
         n => format!(" (resumed after {n} blocks from the state directory)"),
     };
     eprintln!(
-        "{} W{} g{}: {} layers quantized in {:.1}s ({:.1}s in the pipeline{}){resumed}",
+        "{} {grid}: {} layers quantized in {:.1}s ({:.1}s in the pipeline{}){resumed}",
         r.method,
-        r.bits,
-        r.group_size,
-        done.output().weights.len(),
+        done.output().weights.len() + done.output().gguf.len(),
         t0.elapsed().as_secs_f64(),
         report.total_seconds,
         cpu_text(report)

@@ -10,7 +10,6 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
-use vlmq::quant::gguf::GgufType;
 use vlmq::solver::GgufSolution;
 use vlmq::{Error, Result};
 
@@ -28,7 +27,7 @@ pub struct GgufTensor {
     pub name: String,
     /// Row-major shape; written innermost first, as GGUF stores it.
     pub dims: Vec<usize>,
-    /// ggml type id (0 f32, 1 f16, or [`GgufType::ggml_id`]).
+    /// ggml type id (0 f32, 1 f16, or [`GgufType::ggml_id`](vlmq::quant::gguf::GgufType::ggml_id)).
     pub ggml_type: u32,
     /// The packed data.
     pub data: Vec<u8>,
@@ -57,7 +56,7 @@ impl GgufTensor {
 }
 
 /// ggml's type id of a candle block type.
-fn ggml_id(dtype: GgmlDType) -> u32 {
+pub(crate) fn ggml_id(dtype: GgmlDType) -> u32 {
     match dtype {
         GgmlDType::F32 => 0,
         GgmlDType::F16 => 1,
@@ -284,15 +283,4 @@ pub fn requantize_gguf(
         .collect();
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
     write_gguf(dst, &metadata, &tensors)
-}
-
-/// The GGUF type for a tensor of `cols` input columns when `ty` is asked
-/// for: K-quants need rows of 256, so narrower or ragged rows fall back as
-/// llama.cpp's quantizer does (Q4_K to Q5_0, Q6_K to Q8_0).
-pub fn type_for_cols(ty: GgufType, cols: usize) -> GgufType {
-    match ty {
-        GgufType::Q4K if !cols.is_multiple_of(256) => GgufType::Q5_0,
-        GgufType::Q6K if !cols.is_multiple_of(256) => GgufType::Q8_0,
-        t => t,
-    }
 }

@@ -2,15 +2,18 @@
 //! ([`write_gptq`], [`load_gptq_into`] for the Llama family; [`llava`] for
 //! the LLaVA layout; [`qwen2_vl`] for Qwen2-VL; [`smolvlm`] for SmolVLM; [`ShardedGptqWriter`] block by block during a run),
 //! and GGUF files whose weights were solved onto llama.cpp's block types
-//! ([`gguf`]).
+//! ([`gguf`]; a whole Llama-family model: [`write_gguf_llama`]).
 
 pub mod gguf;
+mod gguf_llama;
+mod gguf_tokenizer;
 mod llama;
 pub mod llava;
 pub mod qwen2_vl;
 mod sharded;
 pub mod smolvlm;
 
+pub use gguf_llama::{gguf_name, write_gguf_llama};
 pub use llama::{load_gptq_into, write_gptq};
 pub(crate) use llama::{read_checkpoint, write_checkpoint, write_checkpoint_styled, DenseStyle};
 pub use sharded::ShardedGptqWriter;

@@ -19,6 +19,7 @@
 //! one variant and one arm in each `match` of this module.
 
 mod event;
+mod gguf;
 mod qwen_samples;
 mod samples;
 
@@ -207,8 +208,21 @@ impl Quantizer {
             template: template.as_ref(),
         };
         let mut model = self.model;
+        if recipe.format() != OutputFormat::Gptq && !matches!(model, LoadedModel::Llama(_)) {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "format {} for a {} model",
+                    format_name(recipe.format()),
+                    model.family()
+                ),
+                remedy: "GGUF output covers Llama-family decoders; write gptq for VLMs".into(),
+            });
+        }
         let output = match &mut model {
             LoadedModel::Llama(m) => {
+                if recipe.format() != OutputFormat::Gptq {
+                    cfg = gguf::keep_narrow_layers_dense(m, cfg);
+                }
                 let texts = samples::text_samples(&src, |d, n| {
                     tick(Stage::Calibrate, d, n, format!("sample {d}"))
                 })?;
@@ -240,7 +254,16 @@ impl Quantizer {
             tokenizer: self.tokenizer,
             output,
             format: recipe.format(),
+            source: self.source,
         })
+    }
+}
+
+/// The recipe's format as written in a recipe.
+fn format_name(f: OutputFormat) -> String {
+    match f {
+        OutputFormat::Gptq => "gptq".into(),
+        OutputFormat::Gguf(ty) => format!("gguf:{ty}"),
     }
 }
 
@@ -302,6 +325,7 @@ pub struct Quantized {
     tokenizer: Tokenizer,
     output: PipelineOutput,
     format: OutputFormat,
+    source: PathBuf,
 }
 
 impl Quantized {
@@ -325,10 +349,23 @@ impl Quantized {
         &self.output
     }
 
-    /// Writes the checkpoint in the recipe's format to `dir`.
+    /// Writes the checkpoint in the recipe's format to `dir`. A GGUF
+    /// format writes one file: `dir` itself when it ends in `.gguf`, else
+    /// `dir/model.gguf` (the directory is created): from a GGUF source its
+    /// metadata and other tensors are copied, from a Hugging Face
+    /// directory they are derived and the other tensors stay f32.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         match (&self.model, self.format) {
+            (LoadedModel::Llama(m), OutputFormat::Gguf(_)) => {
+                gguf::save(m, &self.output, &self.source, &gguf::gguf_path(dir)?)
+            }
+            (LoadedModel::Llava(..) | LoadedModel::Qwen2Vl(..), OutputFormat::Gguf(_)) => {
+                Err(Error::Unsupported {
+                    what: format!("GGUF output for a {} model", self.model.family()),
+                    remedy: "write gptq for VLMs".into(),
+                })
+            }
             (LoadedModel::Llama(m), OutputFormat::Gptq) => {
                 write_gptq(m, &self.output, Some(&self.tokenizer), dir)
             }

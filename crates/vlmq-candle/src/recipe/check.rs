@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use vlmq::pipeline::BlockSelection;
+use vlmq::quant::gguf::GgufType;
 use vlmq::{
     Bits, Damping, Error, GptqConfig, GroupSize, PipelineConfig, QuantMethod, QuantScheme, Result,
 };
@@ -18,12 +19,20 @@ pub enum OutputFormat {
     /// symmetric grid, v2 (`gptq_v2`, true zero points) for an asymmetric
     /// one, whose zero points of 0 the v1 offset cannot hold.
     Gptq,
+    /// One GGUF v3 file whose linears were solved onto this llama.cpp block
+    /// type (or its fallback for narrow rows, see
+    /// [`GgufType::for_cols`]); Llama-family models only.
+    Gguf(GgufType),
 }
 
 impl OutputFormat {
-    /// Parses `gptq`.
+    /// Parses `gptq` or `gguf:TYPE` (`gguf:q4_k`, any case).
     fn parse(s: &str) -> Option<Self> {
-        (s == "gptq").then_some(OutputFormat::Gptq)
+        if s == "gptq" {
+            return Some(OutputFormat::Gptq);
+        }
+        let ty = s.strip_prefix("gguf:")?.parse().ok()?;
+        Some(OutputFormat::Gguf(ty))
     }
 }
 
@@ -72,8 +81,31 @@ impl Recipe {
     pub fn check(&self, origin: &Path) -> Result<CheckedRecipe> {
         let bad = |field: &str, e: &dyn std::fmt::Display| Error::field(origin, field, e);
         let method: QuantMethod = self.method.parse().map_err(|e| bad("method", &e))?;
-        let format = OutputFormat::parse(&self.format)
-            .ok_or_else(|| bad("format", &format!("{:?} is not gptq", self.format)))?;
+        let format = OutputFormat::parse(&self.format).ok_or_else(|| {
+            bad(
+                "format",
+                &format!(
+                    "{:?} is not gptq or gguf:TYPE (q4_0, q4_1, q5_0, q8_0, q4_k, q6_k)",
+                    self.format
+                ),
+            )
+        })?;
+        let gguf = match format {
+            OutputFormat::Gguf(ty) => Some(ty),
+            OutputFormat::Gptq => None,
+        };
+        if gguf.is_some() && self.act_order && !self.static_groups {
+            return Err(bad(
+                "act_order",
+                &"GGUF stores no column order: with a gguf format, act_order needs static_groups",
+            ));
+        }
+        if gguf.is_some() && self.act_group_aware {
+            return Err(bad(
+                "act_group_aware",
+                &"GAR orders GPTQ groups, not GGUF blocks: leave it off with a gguf format",
+            ));
+        }
         let scheme = scheme(origin, "", self.bits, self.group_size, self.symmetric)?;
         let damping = Damping::percent(self.damping).map_err(|e| bad("damping", &e))?;
         if self.static_groups && !self.act_order {
@@ -99,8 +131,9 @@ impl Recipe {
             .with_act_order(self.act_order)
             .with_static_groups(self.static_groups)
             .with_act_group_aware(self.act_group_aware);
-        let mut pipeline =
-            PipelineConfig::new(method, solver).with_true_sequential(self.true_sequential);
+        let mut pipeline = PipelineConfig::new(method, solver)
+            .with_true_sequential(self.true_sequential)
+            .with_gguf_type(gguf);
         for (key, layer) in &self.layers {
             let s = layer_scheme(origin, key, layer, self)?;
             if s != scheme {

@@ -23,7 +23,7 @@
 //! | `samples` | 128 | calibration samples |
 //! | `seq_len` | 512 | tokens per calibration window of plain text |
 //! | `seed` | 0 | which windows of a text file are drawn |
-//! | `format` | `"gptq"` | GPTQ checkpoint, format v1 (v2 for an asymmetric grid) |
+//! | `format` | `"gptq"` | GPTQ checkpoint, format v1 (v2 for an asymmetric grid); or `gguf:q4_0`, `gguf:q4_1`, `gguf:q5_0`, `gguf:q8_0`, `gguf:q4_k`, `gguf:q6_k`: one GGUF file (Llama family) |
 //! | `dense` | `[]` | layers left in full precision |
 //! | `layers` | `{}` | per-layer grids (`bits`, `group_size`, `symmetric`); a GPTQ checkpoint holds one grid, so they must match the recipe's |
 //! | `blocks` | every block | a block-name prefix: only those blocks are quantized |
@@ -85,7 +85,9 @@ pub struct Recipe {
     /// Seed of the draw of text windows.
     pub seed: u64,
     /// Output format: `gptq` (checkpoint format v1 for symmetric grids, v2
-    /// for asymmetric ones).
+    /// for asymmetric ones) or `gguf:TYPE` (a GGUF file, the linears solved
+    /// onto that llama.cpp block type; `bits`, `group_size` and `symmetric`
+    /// are then not used).
     pub format: String,
     /// Layers left in full precision, by layer name (`mlp.down_proj`) or
     /// `block/layer` (`model.layers.0/mlp.down_proj`).

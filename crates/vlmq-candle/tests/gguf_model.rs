@@ -1,0 +1,156 @@
+//! Whole Llama-family models written as GGUF by vlmq: the file, read back
+//! through candle's GGUF reader (`candle_core::quantized::gguf_file`, each
+//! tensor dequantized by candle) into vlmq's Llama, computes the logits of
+//! the in-memory quantized model; the HF source's tokenizer travels along.
+//!
+//! candle-transformers' quantized Llama is not in this machine's offline
+//! registry, so the forward is vlmq's own Llama on candle's dequantized
+//! tensors (candle-core's reader and dequantization, not vlmq's decoder).
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use vlmq::quant::gguf::GgufType;
+use vlmq::{quantize_model, Bits, GptqConfig, PipelineConfig, QuantMethod, QuantScheme};
+use vlmq_candle::candle_core::quantized::GgmlDType;
+use vlmq_candle::candle_core::{DType, Device, Tensor};
+use vlmq_candle::export::write_gguf_llama;
+use vlmq_candle::{
+    encode, load_gguf, random_model, read_gguf_content, tokenizer_from_gguf, Architecture,
+    Calibration, LlamaConfig, LlamaModel, Quantizer, Recipe, TextSample,
+};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf-tiny")
+        .join(name)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vlmq-gguf-model-{}-{name}", std::process::id()))
+}
+
+/// Largest |a - b| over the largest |b|.
+fn relative_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scalar = |t: Tensor| t.max_all().unwrap().to_scalar::<f32>().unwrap();
+    scalar((a - b).unwrap().abs().unwrap()) / scalar(b.abs().unwrap())
+}
+
+fn probe() -> Vec<Vec<u32>> {
+    vec![(0..24).map(|i| (i * 37 + 5) % 300).collect(); 2]
+}
+
+/// A random Llama 256 wide (K-quants need rows of 256), grouped-query
+/// attention, untied head.
+fn wide_llama() -> LlamaModel {
+    let cfg = LlamaConfig {
+        arch: Architecture::Llama,
+        vocab_size: 300,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        rope_theta: 10000.0,
+        rms_eps: 1e-5,
+        tie_embeddings: false,
+        qkv_bias: false,
+    };
+    random_model(&cfg, 11, DType::F32).unwrap()
+}
+
+#[test]
+fn a_gguf_written_by_vlmq_computes_the_in_memory_quantized_logits() {
+    for ty in [GgufType::Q4_0, GgufType::Q4K] {
+        let mut model = wide_llama();
+        let samples: Vec<TextSample> = (0..4u32)
+            .map(|s| TextSample::causal((0..32).map(|i| (i * 13 + s * 71) % 300).collect()))
+            .collect();
+        let scheme = QuantScheme::new(Bits::new(4).unwrap());
+        let cfg = PipelineConfig::new(QuantMethod::Gptq, GptqConfig::new(scheme))
+            .with_gguf_type(Some(ty));
+        let out = quantize_model(&mut model, &samples, &cfg, |_| {}).unwrap();
+        assert_eq!(out.gguf.len(), 14, "{ty}: every linear solved");
+        assert!(
+            out.gguf.values().all(|s| s.ty == ty),
+            "{ty}: no fallback at width 256"
+        );
+        let path = tmp(&format!("{ty}.gguf"));
+        write_gguf_llama(&model, &out.gguf, None, GgmlDType::F32, &path).unwrap();
+        let back = load_gguf(&path, DType::F32, &Device::Cpu).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let rows = probe();
+        let batch: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let d = relative_diff(
+            &back.logits(&batch).unwrap(),
+            &model.logits(&batch).unwrap(),
+        );
+        // The issue asks for 1e-4 relative. candle decodes every block to
+        // exactly the solver's values and the q/k order is undone exactly,
+        // so the weights are bitwise the in-memory ones: expect 0.
+        assert_eq!(d, 0.0, "{ty}: logits differ by {d} relative");
+    }
+}
+
+#[test]
+fn hf_tiny_through_the_one_call_api_writes_gguf_with_its_tokenizer() {
+    let src = fixture("llama");
+    let calib = tmp("calib.txt");
+    std::fs::write(
+        &calib,
+        "the quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let recipe = Recipe {
+        samples: 4,
+        seq_len: 16,
+        format: "gguf:q4_0".into(),
+        ..Recipe::default()
+    }
+    .check("test".as_ref())
+    .unwrap();
+    let done = Quantizer::from_pretrained(&src)
+        .unwrap()
+        .calibrate(Calibration::from_file(&calib).unwrap(), &calib)
+        .unwrap()
+        .quantize(&recipe, |_| ControlFlow::Continue(()))
+        .unwrap();
+    std::fs::remove_file(&calib).unwrap();
+    // hf-tiny's down_proj has 176 input columns: no GGUF block type holds
+    // them, so it stays dense (llama.cpp would write f16); the other six
+    // linears of each of the 2 blocks are Q4_0.
+    let gguf = &done.output().gguf;
+    assert_eq!(gguf.len(), 12);
+    assert!(gguf.keys().all(|(_, l)| l != "mlp.down_proj"));
+    assert!(gguf.values().all(|s| s.ty == GgufType::Q4_0));
+    let out = tmp("hf-tiny.gguf");
+    done.save(&out).unwrap();
+    let content = read_gguf_content(&out).unwrap();
+    let ty = |n: &str| content.tensor_infos[n].ggml_dtype;
+    assert_eq!(ty("blk.1.attn_q.weight"), GgmlDType::Q4_0);
+    assert_eq!(ty("blk.1.ffn_down.weight"), GgmlDType::F32);
+    let tk = tokenizer_from_gguf(&content, &out).unwrap();
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("inputs.json")).unwrap()).unwrap();
+    for row in inputs["rows"].as_array().unwrap() {
+        let text = row["text"].as_str().unwrap();
+        assert_eq!(
+            encode(&tk, text).unwrap(),
+            encode(done.tokenizer(), text).unwrap(),
+            "{text:?}"
+        );
+    }
+    let back = load_gguf(&out, DType::F32, &Device::Cpu).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let vlmq_candle::LoadedModel::Llama(model) = done.model() else {
+        panic!("hf-tiny is a Llama");
+    };
+    let rows = probe();
+    let batch: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let d = relative_diff(
+        &back.logits(&batch).unwrap(),
+        &model.logits(&batch).unwrap(),
+    );
+    assert_eq!(d, 0.0, "logits differ by {d} relative");
+}
