@@ -23,7 +23,7 @@ use crate::models::llama::model::LlamaModel;
 
 /// llama.cpp's name of an HF tensor name of a Llama-family decoder
 /// (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`);
-/// the inverse of [`hf_name`](crate::hf_name).
+/// the inverse of the GGUF loader's `hf_name`.
 pub fn gguf_name(hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
