@@ -66,20 +66,7 @@ impl SmolVlmModel {
     /// the count of `<image>` tokens.
     pub fn check_sample(&self, s: &VlmSample) -> Result<()> {
         self.lm.check_tokens(&[&s.tokens])?;
-        if s.targets.len() != s.tokens.len() {
-            return Err(Error::shape(
-                "sample targets",
-                &[s.tokens.len()],
-                &[s.targets.len()],
-            ));
-        }
-        if s.valid_len > s.tokens.len() {
-            return Err(Error::shape(
-                "sample valid_len",
-                &[s.tokens.len()],
-                &[s.valid_len],
-            ));
-        }
+        s.check_lengths()?;
         if let Some(p) = &s.pixels {
             self.check_frames(p)?;
         }

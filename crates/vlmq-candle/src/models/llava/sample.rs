@@ -63,4 +63,24 @@ impl VlmSample {
     pub(crate) fn image_count(&self) -> usize {
         self.pixels.as_ref().map_or(0, |p| p.dims()[0])
     }
+
+    /// Checks that there is one target flag per token and that the real
+    /// length does not exceed the token count.
+    pub(crate) fn check_lengths(&self) -> vlmq::Result<()> {
+        if self.targets.len() != self.tokens.len() {
+            return Err(vlmq::Error::shape(
+                "sample targets",
+                &[self.tokens.len()],
+                &[self.targets.len()],
+            ));
+        }
+        if self.valid_len > self.tokens.len() {
+            return Err(vlmq::Error::shape(
+                "sample valid_len",
+                &[self.tokens.len()],
+                &[self.valid_len],
+            ));
+        }
+        Ok(())
+    }
 }
