@@ -1,6 +1,6 @@
 //! The streaming accumulator.
 
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Axis, CowArray, Ix2, ShapeBuilder};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, CowArray, Ix2, ShapeBuilder};
 use rayon::prelude::*;
 
 use super::LayerStatistics;
@@ -245,8 +245,9 @@ fn scaled_by_root<'a, T: Scalar>(
         }
     }
     let roots = alpha.map(|a| a.mapv(|w| T::widen(w).sqrt()));
+    let x = x.as_standard_layout();
     CowArray::from(column_major(x.nrows(), x.ncols(), |t, c0, out| {
-        let row = x.slice(s![t, c0..c0 + out.len()]);
+        let row = &row_slice(&x, t)[c0..c0 + out.len()];
         match &roots {
             Some(r) => {
                 let root = r[t];
@@ -268,9 +269,13 @@ fn scaled_difference<T: Scalar>(
     alpha: Option<ArrayView1<'_, f32>>,
 ) -> Array2<T> {
     let roots = alpha.map(|a| a.mapv(|w| T::widen(w).sqrt()));
+    let (full, quantized) = (full.as_standard_layout(), quantized.as_standard_layout());
     column_major(quantized.nrows(), quantized.ncols(), |t, c0, out| {
         let c1 = c0 + out.len();
-        let (f, q) = (full.slice(s![t, c0..c1]), quantized.slice(s![t, c0..c1]));
+        let (f, q) = (
+            &row_slice(&full, t)[c0..c1],
+            &row_slice(&quantized, t)[c0..c1],
+        );
         // Without weights the root is 1, and multiplying by 1 is exact.
         let root = roots.as_ref().map_or(T::one(), |r| r[t]);
         for ((o, &f), &q) in out.iter_mut().zip(f).zip(q) {
@@ -279,11 +284,28 @@ fn scaled_difference<T: Scalar>(
     })
 }
 
+/// Row `t` of a standard-layout array as a slice.
+///
+/// # Panics
+/// Never for the arrays this module makes with `as_standard_layout`, whose
+/// rows are contiguous by construction.
+fn row_slice<'a>(x: &'a CowArray<'_, f32, Ix2>, t: usize) -> &'a [f32] {
+    let row = x.row(t);
+    row.to_slice()
+        .expect("rows of a standard-layout array are contiguous")
+}
+
+/// Rows transposed together by one task of [`column_major`]: a tile of
+/// `TILE_ROWS x COPY_COLS` values (32 KB in f64) stays in the L1 cache while
+/// its rows are read and its columns written.
+const TILE_ROWS: usize = 64;
+
 /// A column-major `[rows, cols]` array whose entries `(t, c0 .. c0 + k)` are
 /// written by `fill(t, c0, buffer of k)`, in parallel over fixed blocks of
 /// [`COPY_COLS`] columns (each entry is written once, so the bits do not
-/// depend on the thread count). Reading a row segment and scattering it
-/// down the block's columns keeps both sides in cache.
+/// depend on the thread count). Within a block, [`TILE_ROWS`] row segments
+/// are filled into a tile and written down the block's contiguous columns,
+/// so both the reads and the writes run along memory.
 fn column_major<T: Scalar>(
     rows: usize,
     cols: usize,
@@ -295,12 +317,21 @@ fn column_major<T: Scalar>(
         .enumerate()
         .for_each(|(chunk, mut block)| {
             let c0 = chunk * COPY_COLS;
-            let mut buf = vec![T::zero(); block.ncols()];
-            for t in 0..rows {
-                fill(t, c0, &mut buf);
-                block
-                    .row_mut(t)
-                    .assign(&ndarray::ArrayView1::from(&buf[..]));
+            let k = block.ncols();
+            let mut tile = vec![T::zero(); TILE_ROWS * k];
+            for t0 in (0..rows).step_by(TILE_ROWS) {
+                let h = TILE_ROWS.min(rows - t0);
+                for (r, seg) in tile.chunks_exact_mut(k).take(h).enumerate() {
+                    fill(t0 + r, c0, seg);
+                }
+                for (c, column) in block.columns_mut().into_iter().enumerate() {
+                    let column = column
+                        .into_slice()
+                        .expect("columns of a column-major array are contiguous");
+                    for (r, dst) in column[t0..t0 + h].iter_mut().enumerate() {
+                        *dst = tile[r * k + c];
+                    }
+                }
             }
         });
     out

@@ -110,6 +110,7 @@ fn shuffle(n: usize, seed: u64) -> Vec<usize> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    vlmq_candle::prefer_sample_parallelism();
     let a =
         parse().map_err(|e| format!("{e}\nusage: see the doc comment of examples/quantize.rs"))?;
     let scheme = a.quant.scheme()?;

@@ -34,6 +34,7 @@ pub mod process;
 mod quantizer;
 mod random;
 pub mod recipe;
+mod threads;
 #[cfg(test)]
 mod toy;
 
@@ -71,5 +72,6 @@ pub use process::tokenizer::{encode, tokenizer_from_file, tokenizer_from_gguf, t
 pub use quantizer::{Event, LoadedModel, Quantized, Quantizer, Stage};
 pub use random::random_model;
 pub use recipe::{CheckedRecipe, OutputFormat, Recipe};
+pub use threads::prefer_sample_parallelism;
 
 pub use candle_core;

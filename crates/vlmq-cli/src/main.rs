@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    vlmq_candle::prefer_sample_parallelism();
     let cli = args::Cli::parse();
     let result = match cli.command {
         args::Command::Quantize(a) => quantize::run(a),

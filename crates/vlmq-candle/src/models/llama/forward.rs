@@ -4,7 +4,7 @@
 //! The forward pass can keep a [`Tape`] of its intermediates for the
 //! hand-written backward in [`crate::backend::llama_backward`].
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use ndarray::Array2;
 use vlmq::RowSink;
 
@@ -12,57 +12,7 @@ use crate::backend::linear_op::matmul_weight_t;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::weights::{LayerWeights, Linear, LINEAR_NAMES};
 
-/// Cosine and sine tables `[T, head_dim]` (the half angles repeated twice,
-/// HF's half-split layout) and the causal mask `[T, T]` for one length.
-#[derive(Debug, Clone)]
-pub(crate) struct Positional {
-    pub(crate) cos: Tensor,
-    pub(crate) sin: Tensor,
-    pub(crate) mask: Tensor,
-}
-
-impl Positional {
-    /// Tables for positions `0..t` (angles computed in f64, then cast to `dtype`).
-    pub(crate) fn new(
-        cfg: &LlamaConfig,
-        t: usize,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Self> {
-        let hd = cfg.head_dim;
-        let half = hd / 2;
-        let mut cos = Vec::with_capacity(t * hd);
-        let mut sin = Vec::with_capacity(t * hd);
-        for p in 0..t {
-            let row: Vec<(f64, f64)> = (0..half)
-                .map(|i| {
-                    let inv = cfg.rope_theta.powf(-2.0 * i as f64 / hd as f64);
-                    (p as f64 * inv).sin_cos()
-                })
-                .collect();
-            for _ in 0..2 {
-                for &(s, c) in &row {
-                    sin.push(s);
-                    cos.push(c);
-                }
-            }
-        }
-        let mask: Vec<f64> = (0..t * t)
-            .map(|k| {
-                if k % t > k / t {
-                    f64::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        Ok(Positional {
-            cos: Tensor::from_vec(cos, (t, hd), dev)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (t, hd), dev)?.to_dtype(dtype)?,
-            mask: Tensor::from_vec(mask, (t, t), dev)?.to_dtype(dtype)?,
-        })
-    }
-}
+pub(crate) use crate::models::llama::positional::Positional;
 
 /// `x * rsqrt(mean(x^2) + eps) * w` over the last dimension.
 pub(crate) fn rms_norm(

@@ -5,6 +5,7 @@
 pub(crate) mod config;
 pub(crate) mod forward;
 pub(crate) mod model;
+pub(crate) mod positional;
 pub(crate) mod stages;
 pub(crate) mod store;
 pub(crate) mod weights;

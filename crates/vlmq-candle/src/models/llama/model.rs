@@ -9,6 +9,7 @@ use crate::backend::linear_op::matmul_weight_t;
 use crate::error::CandleResultExt;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::forward::{layer_forward, rms_norm, Hooks, Positional};
+use crate::models::llama::positional::PositionalCache;
 use crate::models::llama::store::{LayerSource, StreamedLayers};
 use crate::models::llama::weights::{LayerWeights, ModelWeights};
 
@@ -31,6 +32,7 @@ pub struct LlamaModel {
     device: Device,
     dtype: DType,
     streamed: Option<StreamedLayers>,
+    positional: PositionalCache,
 }
 
 /// A decoder layer borrowed from a resident model or shared with a streamed
@@ -66,6 +68,7 @@ impl LlamaModel {
             device,
             dtype,
             streamed: None,
+            positional: PositionalCache::default(),
         })
     }
 
@@ -199,6 +202,7 @@ impl LlamaModel {
             device: self.device.clone(),
             dtype,
             streamed: None,
+            positional: PositionalCache::default(),
         })
     }
 
@@ -240,7 +244,9 @@ impl LlamaModel {
 
     /// Positional tables for length `t`.
     pub(crate) fn positional(&self, t: usize) -> Result<Positional> {
-        Positional::new(&self.cfg, t, self.dtype(), &self.device).at_model()
+        self.positional
+            .get(&self.cfg, t, self.dtype(), &self.device)
+            .at_model()
     }
 
     /// Runs layer `i` on `x: [B, T, hidden]`.
