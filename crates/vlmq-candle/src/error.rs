@@ -46,3 +46,25 @@ impl<T> CandleResultExt<T> for candle_core::Result<T> {
         self.map_err(model)
     }
 }
+
+/// Names `path` in an error about a model's tensors or configuration that
+/// does not name a file yet (a missing tensor, a shape against the config,
+/// a configuration value the model refuses): the field is the tensor, the
+/// configuration field, or what the error describes. Errors that carry a
+/// path pass unchanged.
+pub(crate) fn in_model_file(path: &Path) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::MissingTensor { name } => {
+            Error::field(path, name, "is missing (the configuration needs it)")
+        }
+        Error::InvalidConfig {
+            field,
+            value,
+            reason,
+        } => Error::field(path, field, format!("{value}: {reason}")),
+        e @ (Error::ShapeMismatch { .. } | Error::DtypeMismatch { .. }) => {
+            Error::field(path, "tensors", e)
+        }
+        e => e,
+    }
+}

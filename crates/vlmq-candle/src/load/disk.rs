@@ -82,10 +82,10 @@ fn read_header(path: &Path, index: usize, entries: &mut HashMap<String, Entry>) 
                 .ok_or_else(|| bad(format!("tensor {name:?} has no {key}")))
         };
         let code = field("dtype")?.as_str().unwrap_or_default();
-        let dtype = dtype_of(code).ok_or_else(|| Error::DtypeMismatch {
-            name: name.clone(),
-            expected: "F32, F16, BF16 or F64".into(),
-            actual: code.to_string(),
+        let dtype = dtype_of(code).ok_or_else(|| {
+            bad(format!(
+                "tensor {name:?}: dtype {code:?} (expected F32, F16, BF16 or F64)"
+            ))
         })?;
         let shape: Vec<usize> = field("shape")?
             .as_array()
@@ -108,7 +108,8 @@ fn read_header(path: &Path, index: usize, entries: &mut HashMap<String, Entry>) 
         let want = shape
             .iter()
             .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d));
-        if b < a || want != Some((b - a) as usize) || data_start + b > size {
+        let end = data_start.checked_add(b);
+        if b < a || want != Some((b - a) as usize) || end.is_none_or(|e| e > size) {
             return Err(bad(format!(
                 "tensor {name:?}: bytes [{a}, {b}) do not hold {code} {shape:?} inside the file"
             )));
@@ -148,6 +149,11 @@ impl DiskTensors {
     /// The stored dtype of `name`, when present.
     pub(crate) fn dtype(&self, name: &str) -> Option<DType> {
         self.entries.get(name).map(|e| e.dtype)
+    }
+
+    /// The stored shape of `name`, when present.
+    pub(crate) fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.entries.get(name).map(|e| e.shape.clone())
     }
 
     /// Reads `name` in its stored dtype; `Ok(None)` when absent.

@@ -11,12 +11,13 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
-use crate::error::file;
+use crate::error::{file, in_model_file};
+use crate::load::gguf_check::{check_metadata, check_tensors};
 use crate::load::options::{LoadOptions, Residency};
 use crate::models::llama::config::{Architecture, LlamaConfig};
 use crate::models::llama::model::LlamaModel;
 use crate::models::llama::store::{LayerSource, StreamedLayers};
-use crate::models::llama::weights::{ModelWeights, TensorSource};
+use crate::models::llama::weights::{check_layer_directory, ModelWeights, TensorSource};
 
 /// HF name of a GGUF tensor name (`None` for tensors the decoder does not use).
 pub(crate) fn hf_name(gguf: &str) -> Option<String> {
@@ -77,11 +78,14 @@ pub(crate) fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a Val
 
 fn meta_usize(c: &Content, key: &str, path: &Path) -> Result<usize> {
     let v = meta(c, key, path)?;
-    v.to_u64()
-        .map(|x| x as usize)
-        .or_else(|_| v.to_u32().map(|x| x as usize))
-        .or_else(|_| v.to_i32().map(|x| x as usize))
-        .map_err(|e| file(path, e))
+    let n = v
+        .to_u64()
+        .map(i128::from)
+        .or_else(|_| v.to_u32().map(i128::from))
+        .or_else(|_| v.to_i32().map(i128::from))
+        .map_err(|e| Error::field(path, key, e))?;
+    // A negative i32 is a corrupt size, not a huge one.
+    usize::try_from(n).map_err(|_| Error::field(path, key, format!("{n} is not a size")))
 }
 
 fn meta_f64(c: &Content, key: &str, path: &Path) -> Result<Option<f64>> {
@@ -129,15 +133,20 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> Result<LlamaConfig> {
         true => meta_usize(c, &format!("{a}.attention.key_length"), path)?,
         false => hidden / heads.max(1),
     };
-    let embd = c
+    let vocab_size = c
         .tensor_infos
         .get("token_embd.weight")
-        .ok_or(Error::MissingTensor {
-            name: "token_embd.weight".into(),
+        .and_then(|t| t.shape.dims().first().copied())
+        .ok_or_else(|| {
+            Error::field(
+                path,
+                "token_embd.weight",
+                "is missing or has no dimensions (the vocabulary size is its first)",
+            )
         })?;
     let cfg = LlamaConfig {
         arch,
-        vocab_size: embd.shape.dims()[0],
+        vocab_size,
         hidden_size: hidden,
         intermediate_size: meta_usize(c, &format!("{a}.feed_forward_length"), path)?,
         num_layers: meta_usize(c, &format!("{a}.block_count"), path)?,
@@ -202,8 +211,12 @@ impl TensorSource for GgufSource {
 
 /// Reads a GGUF file's header (metadata and tensor directory).
 pub fn read_gguf_content(path: &Path) -> Result<Content> {
+    check_metadata(path)?;
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    Content::read(&mut BufReader::new(f)).map_err(|e| file(path, e))
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let content = Content::read(&mut BufReader::new(f)).map_err(|e| file(path, e))?;
+    check_tensors(&content, path, size)?;
+    Ok(content)
 }
 
 /// Loads a Llama-family model from a GGUF file, every tensor dequantized to `dtype`.
@@ -237,11 +250,18 @@ pub fn load_gguf_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Llam
     };
     match opts.residency {
         Residency::Memory => {
-            let weights = ModelWeights::assemble(&cfg, &mut src, opts.dtype)?;
+            let weights =
+                ModelWeights::assemble(&cfg, &mut src, opts.dtype).map_err(in_model_file(path))?;
             LlamaModel::new(cfg, weights)
         }
         Residency::Disk => {
-            let outer = ModelWeights::assemble_outer(&cfg, &mut src, |_| opts.dtype)?;
+            let stored = |n: &str| {
+                let g = src.by_hf.get(n)?;
+                Some(src.content.tensor_infos.get(g)?.shape.dims().to_vec())
+            };
+            check_layer_directory(&cfg, stored).map_err(in_model_file(path))?;
+            let outer = ModelWeights::assemble_outer(&cfg, &mut src, |_| opts.dtype)
+                .map_err(in_model_file(path))?;
             let layers =
                 StreamedLayers::new(LayerSource::new(cfg.clone(), opts.dtype, Box::new(src)));
             LlamaModel::streamed(cfg, outer, layers)

@@ -9,13 +9,13 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use vlmq::{Error, Result};
 
-use crate::error::file;
+use crate::error::{file, in_model_file};
 use crate::load::disk::DiskTensors;
 use crate::load::options::{LoadOptions, Residency};
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::model::LlamaModel;
 use crate::models::llama::store::{LayerSource, StreamedLayers};
-use crate::models::llama::weights::{ModelWeights, TensorSource};
+use crate::models::llama::weights::{check_layer_directory, ModelWeights, TensorSource};
 
 /// Reads and parses a JSON file (a missing file is an [`Error::Io`]).
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
@@ -121,11 +121,13 @@ pub fn load_hf_dir_with(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Lla
     match opts.residency {
         Residency::Memory => {
             let mut src = NamedTensors::read_dir(dir, &opts.device)?;
-            let weights = ModelWeights::assemble(&cfg, &mut src, opts.dtype)?;
+            let weights =
+                ModelWeights::assemble(&cfg, &mut src, opts.dtype).map_err(in_model_file(dir))?;
             LlamaModel::new(cfg, weights)
         }
         Residency::Disk => {
             let mut src = DiskTensors::open(dir, &opts.device)?;
+            check_layer_directory(&cfg, |n| src.shape(n)).map_err(in_model_file(dir))?;
             // The final norm computes with the layers' output: compute dtype.
             let stored = |name: &str| match src.dtype(name) {
                 Some(d) if name != "model.norm.weight" => d,
@@ -137,7 +139,8 @@ pub fn load_hf_dir_with(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Lla
                 .collect();
             let outer = ModelWeights::assemble_outer(&cfg, &mut src, |n| {
                 dtypes.get(n).copied().unwrap_or(opts.dtype)
-            })?;
+            })
+            .map_err(in_model_file(dir))?;
             let layers =
                 StreamedLayers::new(LayerSource::new(cfg.clone(), opts.dtype, Box::new(src)));
             LlamaModel::streamed(cfg, outer, layers)

@@ -18,6 +18,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
+use crate::error::in_model_file;
 use crate::load::hf::{read_json, NamedTensors};
 use crate::models::clip::{ClipLayerWeights, LayerNorm, VisionWeights, VISION_LINEAR_NAMES};
 use crate::models::llama::config::LlamaConfig;
@@ -158,7 +159,7 @@ fn vision_weights(
         dtype,
     )?;
     let pre_norm = layer_norm(src, &format!("{p}pre_layrnorm"), d, dtype)?;
-    let mut layers = Vec::with_capacity(v.num_layers);
+    let mut layers = Vec::new();
     for i in 0..v.num_layers {
         let l = format!("{p}encoder.layers.{i}.");
         let mut lins = Vec::with_capacity(6);
@@ -190,6 +191,11 @@ fn vision_weights(
 /// Loads a LLaVA model from an HF directory, computing in `dtype`.
 pub fn load_llava_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<LlavaModel> {
     let dir = dir.as_ref();
+    // Tensor errors name the directory.
+    read_llava_dir(dir, dtype, device).map_err(in_model_file(dir))
+}
+
+fn read_llava_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LlavaModel> {
     let cfg_path = dir.join("config.json");
     let raw = read_json(&cfg_path)?;
     let cfg = LlavaConfig::from_hf_json(&raw, &cfg_path)?;

@@ -15,6 +15,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
+use crate::error::in_model_file;
 use crate::load::hf::{read_json, NamedTensors};
 use crate::models::clip::LayerNorm;
 use crate::models::llama::model::LlamaModel;
@@ -133,7 +134,7 @@ fn vision_weights(
     let patch_embed = get(src, &pe, &kernel, dtype)?
         .reshape((d, v.patch_values()))
         .map_err(|e| crate::error::file(Path::new(&pe), e))?;
-    let mut blocks = Vec::with_capacity(v.depth);
+    let mut blocks = Vec::new();
     for i in 0..v.depth {
         let b = format!("{p}blocks.{i}.");
         let names: &[&str] = match cfg.variant {
@@ -180,6 +181,15 @@ pub fn load_qwen2_vl_dir(
     device: &Device,
 ) -> Result<(Qwen2VlModel, QwenVlNaming)> {
     let dir = dir.as_ref();
+    // Tensor errors name the directory.
+    read_qwen2_vl_dir(dir, dtype, device).map_err(in_model_file(dir))
+}
+
+fn read_qwen2_vl_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Qwen2VlModel, QwenVlNaming)> {
     let cfg_path = dir.join("config.json");
     let cfg = Qwen2VlConfig::from_hf_json(&read_json(&cfg_path)?, &cfg_path)?;
     let mut src = NamedTensors::read_dir(dir, device)?;

@@ -13,6 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
+use crate::error::in_model_file;
 use crate::load::hf::{read_json, NamedTensors};
 use crate::load::llava::{get_checked, layer_norm, linear};
 use crate::models::clip::{ClipLayerWeights, VISION_LINEAR_NAMES};
@@ -79,7 +80,7 @@ fn vision_weights(
         &[v.num_patches(), d],
         dtype,
     )?;
-    let mut layers = Vec::with_capacity(v.num_layers);
+    let mut layers = Vec::new();
     for i in 0..v.num_layers {
         let l = format!("{p}encoder.layers.{i}.");
         let mut lins = Vec::with_capacity(VISION_LINEAR_NAMES.len());
@@ -117,6 +118,11 @@ pub fn load_smolvlm_dir(
     device: &Device,
 ) -> Result<SmolVlmModel> {
     let dir = dir.as_ref();
+    // Tensor errors name the directory.
+    read_smolvlm_dir(dir, dtype, device).map_err(in_model_file(dir))
+}
+
+fn read_smolvlm_dir(dir: &Path, dtype: DType, device: &Device) -> Result<SmolVlmModel> {
     let cfg_path = dir.join("config.json");
     let raw = read_json(&cfg_path)?;
     let cfg = SmolVlmConfig::from_hf_json(&raw, &cfg_path)?;

@@ -13,6 +13,7 @@ use vlmq::{Error, Result};
 
 use crate::models::llama::forward::{linear, rows};
 use crate::models::llama::weights::Linear;
+use crate::models::sizes::addressable;
 use vlmq::RowSink;
 
 /// The six quantizable linears of a CLIP encoder layer, by their HF names
@@ -52,6 +53,22 @@ fn bad(path: &std::path::Path, reason: impl Into<String>) -> Error {
         path: path.to_path_buf(),
         reason: reason.into(),
     }
+}
+
+/// A ViT tower's weights fit in memory's address range (the loaders and
+/// the forward multiply these sizes): the patch kernel, the position table
+/// (one row per patch and a class row), the MLP.
+pub(crate) fn tower_addressable(
+    hidden: usize,
+    intermediate: usize,
+    channels: usize,
+    patch: usize,
+    grid: usize,
+) -> bool {
+    let rows = grid.checked_mul(grid).and_then(|n| n.checked_add(1));
+    addressable(&[hidden, channels, patch, patch])
+        && rows.is_some_and(|n| addressable(&[n, hidden]))
+        && addressable(&[hidden, intermediate])
 }
 
 impl ClipVisionConfig {
@@ -96,7 +113,14 @@ impl ClipVisionConfig {
             && cfg.image_size.is_multiple_of(cfg.patch_size)
             && cfg.image_size > 0
             && cfg.intermediate_size > 0
-            && cfg.num_channels > 0;
+            && cfg.num_channels > 0
+            && tower_addressable(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_channels,
+                cfg.patch_size,
+                cfg.grid(),
+            );
         if !ok {
             return Err(bad(path, format!("inconsistent vision_config {cfg:?}")));
         }

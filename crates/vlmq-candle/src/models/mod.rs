@@ -8,4 +8,5 @@ pub(crate) mod llama;
 pub(crate) mod llava;
 pub(crate) mod qwen2_vl;
 pub(crate) mod siglip;
+pub(crate) mod sizes;
 pub(crate) mod smolvlm;

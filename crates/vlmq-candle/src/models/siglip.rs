@@ -18,7 +18,8 @@ use serde_json::Value;
 use vlmq::{Error, Result, RowSink};
 
 use crate::models::clip::{
-    encoder_layer_forward, layer_norm, ClipLayerWeights, EncoderShape, LayerNorm, MlpAct,
+    encoder_layer_forward, layer_norm, tower_addressable, ClipLayerWeights, EncoderShape,
+    LayerNorm, MlpAct,
 };
 
 /// Configuration of a SigLIP vision tower (`vision_config` of a SmolVLM config).
@@ -95,6 +96,19 @@ impl SiglipVisionConfig {
                     "hidden_size {} must split into {} heads and image_size {} into patches of {}",
                     cfg.hidden_size, cfg.num_heads, cfg.image_size, cfg.patch_size
                 ),
+            ));
+        }
+        if !tower_addressable(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_channels,
+            cfg.patch_size,
+            cfg.grid(),
+        ) {
+            return Err(Error::field(
+                path,
+                "vision_config",
+                format!("sizes too large for the tower's weights: {cfg:?}"),
             ));
         }
         Ok(cfg)

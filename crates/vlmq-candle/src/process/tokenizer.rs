@@ -34,7 +34,16 @@ pub fn tokenizer_from_file(path: impl AsRef<Path>) -> Result<Tokenizer> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
         ));
     }
-    Tokenizer::from_file(path).map_err(|e| bad(path, e))
+    // The tokenizers crate panics on some malformed files (found by
+    // fuzzing: a decoder entry of the wrong shape); contain it as an error.
+    std::panic::catch_unwind(|| Tokenizer::from_file(path))
+        .map_err(|_| {
+            bad(
+                path,
+                "the file is malformed (the tokenizer library panicked reading it)",
+            )
+        })?
+        .map_err(|e| bad(path, e))
 }
 
 fn strings<'a>(c: &'a Content, key: &str, path: &Path) -> Result<Vec<&'a str>> {

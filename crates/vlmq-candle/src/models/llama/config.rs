@@ -5,6 +5,8 @@ use std::path::Path;
 use serde_json::Value;
 use vlmq::{Error, Result};
 
+use crate::models::sizes::first_too_large;
+
 /// The architectures this crate runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -161,6 +163,24 @@ impl LlamaConfig {
         ];
         if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{k} must be positive"));
+        }
+        // Every weight matrix's shape, named as in config.json.
+        let (q, kv) = (
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+        );
+        let (d, hd) = (
+            ("hidden_size", self.hidden_size),
+            ("head_dim", self.head_dim),
+        );
+        let matrices: [&[(&str, usize)]; 4] = [
+            &[q, hd, d],
+            &[kv, hd, d],
+            &[("intermediate_size", self.intermediate_size), d],
+            &[("vocab_size", self.vocab_size), d],
+        ];
+        if let Some(product) = first_too_large(&matrices) {
+            return Err(format!("{product} is too large for one weight matrix"));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(

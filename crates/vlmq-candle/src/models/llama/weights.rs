@@ -156,6 +156,53 @@ pub(crate) fn required(src: &mut dyn TensorSource, name: &str, dtype: DType) -> 
     })
 }
 
+/// Every tensor of decoder layer `i` (HF names) with its expected shape.
+fn layer_shapes(cfg: &LlamaConfig, i: usize) -> Vec<(String, Vec<usize>)> {
+    let p = format!("model.layers.{i}.");
+    let mut out: Vec<(String, Vec<usize>)> = ["input_layernorm", "post_attention_layernorm"]
+        .iter()
+        .map(|n| (format!("{p}{n}.weight"), vec![cfg.hidden_size]))
+        .collect();
+    for ln in LINEAR_NAMES {
+        let shape = expected_linear(cfg, ln);
+        out.push((format!("{p}{ln}.weight"), shape.to_vec()));
+        let is_qkv = matches!(
+            ln,
+            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+        );
+        if cfg.qkv_bias && is_qkv {
+            out.push((format!("{p}{ln}.bias"), vec![shape[0]]));
+        }
+    }
+    out
+}
+
+/// Checks every decoder layer's tensors against a file's tensor directory
+/// (`shape_of` gives a stored tensor's shape) without reading them: a
+/// model whose layers stay on disk trusts its configuration's layer count
+/// and sizes only after this.
+pub(crate) fn check_layer_directory(
+    cfg: &LlamaConfig,
+    shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+) -> Result<()> {
+    for i in 0..cfg.num_layers {
+        for (name, expected) in layer_shapes(cfg, i) {
+            match shape_of(&name) {
+                None => return Err(Error::MissingTensor { name }),
+                Some(stored) if stored != expected => {
+                    return Err(Error::shape(
+                        format!("tensor {name:?} against the config"),
+                        &expected,
+                        &stored,
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Assembles and shape-checks decoder layer `i` from `src` in `dtype`.
 pub(crate) fn assemble_layer(
     cfg: &LlamaConfig,

@@ -75,7 +75,10 @@ impl LlavaConfig {
                 bad("vision_feature_layer must be one integer (lists are not supported)".into())
             })?;
         // hidden_states has num_layers + 1 entries (0 = after pre_layrnorm).
-        let n = vision.num_layers as i64 + 1;
+        let n = i64::try_from(vision.num_layers)
+            .ok()
+            .and_then(|n| n.checked_add(1))
+            .ok_or_else(|| bad(format!("vision num_hidden_layers {}", vision.num_layers)))?;
         let idx = if layer < 0 { n + layer } else { layer };
         if !(0..n).contains(&idx) {
             return Err(bad(format!(

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use vlmq::{Error, Result};
 
 use crate::models::llama::config::LlamaConfig;
+use crate::models::sizes::addressable;
 
 /// Which of the two families a checkpoint belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,12 +261,27 @@ fn vision_config(
         && cfg.rope_theta > 0.0
         && (cfg.window_size == 0
             || cfg
-                .window_size
-                .is_multiple_of(cfg.spatial_merge_size * cfg.patch_size));
+                .spatial_merge_size
+                .checked_mul(cfg.patch_size)
+                .is_some_and(|w| cfg.window_size.is_multiple_of(w)))
+        && weights_addressable(&cfg);
     if !ok {
         return Err(bad(path, format!("inconsistent vision_config {cfg:?}")));
     }
     Ok(cfg)
+}
+
+/// The tower's weight matrices fit in memory's address range (the loader
+/// and the forward multiply these sizes): the patch kernel, qkv, the MLP
+/// and the merger's two matrices.
+fn weights_addressable(c: &QwenVisionConfig) -> bool {
+    let (d, m) = (c.width, c.spatial_merge_size);
+    let (p, t) = (c.patch_size, c.temporal_patch_size);
+    addressable(&[d, c.in_channels, t, p, p])
+        && addressable(&[3, d, d])
+        && addressable(&[c.mlp_width, d])
+        && addressable(&[d, m, m, d, m, m])
+        && addressable(&[c.out_width, d, m, m])
 }
 
 impl Qwen2VlConfig {
@@ -285,7 +301,11 @@ impl Qwen2VlConfig {
         let text_raw = v.get("text_config").unwrap_or(v);
         let text = LlamaConfig::from_hf_json(&text_as_qwen2(text_raw, v), path)?;
         let mrope_section = mrope_section(text_raw, path)?;
-        if mrope_section.iter().sum::<usize>() * 2 != text.head_dim {
+        let halves = mrope_section
+            .iter()
+            .try_fold(0usize, |a, &b| a.checked_add(b))
+            .and_then(|s| s.checked_mul(2));
+        if halves != Some(text.head_dim) {
             return Err(bad(
                 path,
                 format!(

@@ -7,6 +7,7 @@ use vlmq::{Error, Result};
 
 use crate::models::llama::config::LlamaConfig;
 use crate::models::siglip::SiglipVisionConfig;
+use crate::models::sizes::addressable;
 
 /// A SmolVLM model's configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,12 +49,23 @@ impl SmolVlmConfig {
                 )
             })? as u32;
         let scale_factor = v.get("scale_factor").and_then(Value::as_u64).unwrap_or(2) as usize;
-        if scale_factor == 0 || !vision.grid().is_multiple_of(scale_factor) {
+        // The connector's weight is [text hidden, scale^2 * vision hidden].
+        let connector = [
+            scale_factor,
+            scale_factor,
+            vision.hidden_size,
+            text.hidden_size,
+        ];
+        if scale_factor == 0
+            || !vision.grid().is_multiple_of(scale_factor)
+            || !addressable(&connector)
+        {
             return Err(Error::field(
                 path,
                 "scale_factor",
                 format!(
-                    "{scale_factor} must divide the {} patches per side",
+                    "{scale_factor} must divide the {} patches per side (and the connector's \
+                     weight {connector:?} fit in memory)",
                     vision.grid()
                 ),
             ));
