@@ -33,7 +33,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| solve_layer(w.view(), &stats, &cfg, Method::gptaq()).expect("solve"))
     });
     g.bench_function("matmul_1024", |b| {
-        b.iter(|| vlmq::linalg::matmul(w.view(), w.view()))
+        b.iter(|| vlmq::__private::matmul(w.view(), w.view()))
     });
     g.finish();
 }

@@ -16,8 +16,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
 use faer::{Accum, Mat, Par};
 use ndarray::Array2;
+use vlmq::__private::inverse_cholesky_upper;
 use vlmq::hessian::HessianAccumulator;
-use vlmq::linalg::inverse_cholesky_upper;
 use vlmq::{solve_layer, Bits, Damping, GptqConfig, GroupSize, Method, QuantScheme};
 
 fn data(rows: usize, cols: usize, seed: u64) -> Array2<f32> {

@@ -66,7 +66,7 @@ fn matmul_reference(
     let a: Array2<f32> = rng.normal_matrix(T, D, 1.0);
     let b: Array2<f32> = rng.normal_matrix(D, n, 1.0);
     group.bench_with_input(BenchmarkId::new("matmul_same_flops", n), &n, |bch, _| {
-        bch.iter(|| vlmq::linalg::matmul(a.view(), b.view()))
+        bch.iter(|| vlmq::__private::matmul(a.view(), b.view()))
     });
 }
 

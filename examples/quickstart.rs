@@ -7,19 +7,8 @@ use std::time::Instant;
 
 use ndarray::{s, Array2};
 use vlmq::hessian::HessianAccumulator;
-use vlmq::linalg::matmul;
-use vlmq::rng::SplitMix64;
 use vlmq::{quantize_rtn, solve_layer, Bits, GptqConfig, GroupSize, Method, QuantScheme};
-
-/// Normal draws on vlmq's SplitMix64, for reproducible example data.
-struct Rng(SplitMix64);
-
-impl Rng {
-    fn normal(&mut self) -> f32 {
-        let (a, b) = (self.0.uniform_f64().max(1e-300), self.0.uniform_f64());
-        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
-    }
-}
+use vlmq_nn::Rng;
 
 /// Correlated activations: a few shared directions plus noise, like real layer inputs.
 fn activations(rng: &mut Rng, tokens: usize, n: usize) -> Array2<f32> {
@@ -27,12 +16,12 @@ fn activations(rng: &mut Rng, tokens: usize, n: usize) -> Array2<f32> {
     let basis = Array2::from_shape_fn((rank, n), |_| rng.normal());
     let coef = Array2::from_shape_fn((tokens, rank), |_| rng.normal());
     let noise = Array2::from_shape_fn((tokens, n), |_| 0.2 * rng.normal());
-    matmul(coef.view(), basis.view()) + noise
+    coef.dot(&basis) + noise
 }
 
 fn relative_output_error(x: &Array2<f32>, w: &Array2<f32>, q: &Array2<f32>) -> f64 {
-    let y = matmul(x.view(), w.t());
-    let yq = matmul(x.view(), q.t());
+    let y = x.dot(&w.t());
+    let yq = x.dot(&q.t());
     let num: f64 = (&y - &yq).iter().map(|v| f64::from(*v).powi(2)).sum();
     let den: f64 = y.iter().map(|v| f64::from(*v).powi(2)).sum();
     (num / den).sqrt()
@@ -40,7 +29,7 @@ fn relative_output_error(x: &Array2<f32>, w: &Array2<f32>, q: &Array2<f32>) -> f
 
 fn main() -> vlmq::Result<()> {
     let (out_features, in_features, tokens) = (512, 512, 2048);
-    let mut rng = Rng(SplitMix64::from_state(42));
+    let mut rng = Rng::new(42);
     let w = Array2::from_shape_fn((out_features, in_features), |_| 0.05 * rng.normal());
     let x = activations(&mut rng, tokens, in_features);
     let (calib, held_out) = (
@@ -66,7 +55,7 @@ fn main() -> vlmq::Result<()> {
         let scheme = QuantScheme::new(Bits::new(bits)?).with_group_size(GroupSize::new(128)?);
         let rtn = quantize_rtn(w.view(), &scheme)?.dequantize();
         let start = Instant::now();
-        let cfg = GptqConfig::new(scheme).with_act_order(true);
+        let cfg = GptqConfig::new(scheme).with_act_order(true)?;
         let sol = solve_layer(w.view(), &stats, &cfg, Method::Gptq)?;
         let took = start.elapsed();
         println!(

@@ -83,7 +83,7 @@ fn main() -> vlmq::Result<()> {
     println!("|---|---|---|---|");
     for method in [QuantMethod::Rtn, QuantMethod::Gptq, QuantMethod::Vlmq] {
         let mut model = base.clone();
-        let cfg = PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true));
+        let cfg = PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true)?);
         let out = quantize_model(&mut model, &calib, &cfg, |_| {})?;
         let mut per_block: BTreeMap<usize, (Option<f64>, f64)> = BTreeMap::new();
         for ((block, layer), qw) in &out.weights {

@@ -281,10 +281,11 @@ fn main() -> vlmq::Result<()> {
                     Some(p) => args.importance.clone().with_scorer(*p),
                     None => args.importance.clone(),
                 };
-                let cfg = PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true))
-                    .with_blocks(blocks.clone())
-                    .with_importance(importance)
-                    .with_layer_objectives(true);
+                let cfg =
+                    PipelineConfig::new(method, GptqConfig::new(scheme).with_act_order(true)?)
+                        .with_blocks(blocks.clone())
+                        .with_importance(importance)
+                        .with_layer_objectives(true);
                 let mut model = base.clone();
                 let t0 = Instant::now();
                 let live = !args.quiet && std::io::stderr().is_terminal();

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 /// let dir = std::env::temp_dir().join(format!("vlmq-doc-atomic-{}", std::process::id()));
 /// std::fs::create_dir_all(&dir).unwrap();
 /// let path = dir.join("note.txt");
-/// vlmq::fsutil::write_atomic(&path, b"hello")?;
+/// vlmq::write_file_atomic(&path, b"hello")?;
 /// assert_eq!(std::fs::read(&path).unwrap(), b"hello");
 /// # std::fs::remove_dir_all(&dir).unwrap();
 /// # Ok::<(), vlmq::Error>(())
@@ -39,20 +39,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// and flushes the directory. On any failure the temporary file is removed
 /// and `path` is untouched; an I/O error names `path`, not the temporary
 /// file.
-///
-/// ```
-/// use std::io::Write;
-/// let dir = std::env::temp_dir().join(format!("vlmq-doc-atomic-with-{}", std::process::id()));
-/// std::fs::create_dir_all(&dir).unwrap();
-/// let path = dir.join("note.txt");
-/// vlmq::fsutil::write_atomic_with(&path, |tmp| {
-///     let mut f = std::fs::File::create(tmp).map_err(|e| vlmq::Error::io(tmp, e))?;
-///     f.write_all(b"hello").map_err(|e| vlmq::Error::io(tmp, e))
-/// })?;
-/// assert_eq!(std::fs::read(&path).unwrap(), b"hello");
-/// # std::fs::remove_dir_all(&dir).unwrap();
-/// # Ok::<(), vlmq::Error>(())
-/// ```
 pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let file_name = path.file_name().ok_or_else(|| {
         Error::io(
@@ -117,8 +103,8 @@ fn sync_parent(path: &Path) -> Result<()> {
 /// ```
 /// let root = std::env::temp_dir().join(format!("vlmq-doc-dir-{}", std::process::id()));
 /// let dir = root.join("ckpt");
-/// vlmq::fsutil::write_dir_atomic(&dir, &[("a.txt", b"one"), ("b.txt", b"two")])?;
-/// vlmq::fsutil::write_dir_atomic(&dir, &[("a.txt", b"three")])?;
+/// vlmq::__private::write_dir_atomic(&dir, &[("a.txt", b"one"), ("b.txt", b"two")])?;
+/// vlmq::__private::write_dir_atomic(&dir, &[("a.txt", b"three")])?;
 /// assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"three");
 /// assert_eq!(std::fs::read(dir.join("b.txt")).unwrap(), b"two"); // carried over
 /// # std::fs::remove_dir_all(&root).unwrap();
@@ -360,4 +346,27 @@ pub(crate) fn write_limited(f: &mut File, bytes: &[u8]) -> std::io::Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn write_atomic_with_puts_what_fill_wrote_at_the_path() {
+        let dir = std::env::temp_dir().join(format!("vlmq-atomic-with-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("note.txt");
+        write_atomic_with(&path, |tmp| {
+            assert_ne!(tmp, path.as_path());
+            let mut f = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+            f.write_all(b"hello").map_err(|e| Error::io(tmp, e))
+        })
+        .unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"hello");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary left");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

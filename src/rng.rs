@@ -12,7 +12,7 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// good mixing, no dependency.
 ///
 /// ```
-/// use vlmq::rng::SplitMix64;
+/// use vlmq::__private::SplitMix64;
 /// let mut a = SplitMix64::new(7);
 /// let mut b = SplitMix64::new(7);
 /// assert_eq!(a.next_u64(), b.next_u64());
@@ -83,4 +83,28 @@ impl SplitMix64 {
     pub fn uniform_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
+}
+
+/// `min(want, n)` distinct indices of `0..n`, drawn by a Fisher-Yates shuffle
+/// seeded with `seed`, in increasing order: how the `vlmq` command, the
+/// one-call API and the examples pick calibration samples, so that one seed
+/// picks the same samples in every tool.
+///
+/// ```
+/// let picked = vlmq::sample_indices(10, 4, 0);
+/// assert_eq!(picked.len(), 4);
+/// assert!(picked.windows(2).all(|p| p[0] < p[1]) && picked[3] < 10);
+/// assert_eq!(picked, vlmq::sample_indices(10, 4, 0));
+/// assert_eq!(vlmq::sample_indices(3, 8, 1), vec![0, 1, 2]);
+/// ```
+pub fn sample_indices(n: usize, want: usize, seed: u64) -> Vec<usize> {
+    let mut rng = SplitMix64::from_state(seed ^ 0x5DEE_CE66_D1CE_4E5B);
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v.truncate(want);
+    v.sort_unstable();
+    v
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::tiny::{samples, TinyModel};
-use vlmq::fsutil::simulate_free_space;
+use vlmq::__private::simulate_free_space;
 use vlmq::pipeline::{quantize_model, PipelineConfig, PipelineOutput, QuantMethod};
 use vlmq::{Bits, Checkpoint, CheckpointWriter, Error, GptqConfig, GroupSize, QuantScheme};
 

@@ -34,8 +34,7 @@ fn packed_blocks_decode_to_the_solved_values() {
     let (w, stats) = layer(1, 24, 512);
     for ty in GgufType::ALL {
         for fit in [GroupFit::BlockStart, GroupFit::Updated] {
-            let mut c = cfg();
-            c.group_fit = fit;
+            let c = cfg().with_group_fit(fit);
             let sol = solve_layer_gguf(w.view(), &stats, &c, Method::Gptq, ty).unwrap();
             let bytes = sol.pack().unwrap();
             assert_eq!(bytes.len(), 24 * ty.row_bytes(512), "{ty}");
@@ -80,8 +79,7 @@ fn error_feedback_beats_rounding_on_the_same_grid() {
 #[test]
 fn act_order_needs_static_groups() {
     let (w, stats) = layer(3, 8, 256);
-    let mut c = cfg();
-    c.act_order = true;
+    let c = cfg().with_act_order(true).unwrap();
     let err = solve_layer_gguf(w.view(), &stats, &c, Method::Gptq, GgufType::Q4K).unwrap_err();
     assert!(matches!(
         err,
@@ -90,7 +88,7 @@ fn act_order_needs_static_groups() {
             ..
         }
     ));
-    c.static_groups = true;
+    let c = c.with_static_groups(true).unwrap();
     for ty in [GgufType::Q4_0, GgufType::Q4K] {
         let sol = solve_layer_gguf(w.view(), &stats, &c, Method::Gptq, ty).unwrap();
         let back = decode_rows(ty, &sol.pack().unwrap(), 8, 256).unwrap();

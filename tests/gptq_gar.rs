@@ -64,7 +64,7 @@ fn a_gar_solve_is_a_plain_solve_of_the_permuted_problem() {
     let h = integer_hessian(&mut rng, n);
     let scheme =
         QuantScheme::new(Bits::new(3).unwrap()).with_group_size(GroupSize::new(g).unwrap());
-    let gar = GptqConfig::new(scheme).with_act_group_aware(true);
+    let gar = GptqConfig::new(scheme).with_act_group_aware(true).unwrap();
     let perm = group_aware_permutation(h.view(), g);
     assert_ne!(
         perm,
@@ -127,16 +127,28 @@ fn a_gar_solve_is_a_plain_solve_of_the_permuted_problem() {
 }
 
 #[test]
-fn gar_and_act_order_together_are_refused() {
+fn gar_with_act_order_or_static_groups_is_refused_when_built() {
     let scheme =
         QuantScheme::new(Bits::new(4).unwrap()).with_group_size(GroupSize::new(8).unwrap());
-    let cfg = GptqConfig::new(scheme)
-        .with_act_group_aware(true)
-        .with_act_order(true);
-    let w = Array2::<f32>::zeros((2, 16));
-    let stats = LayerStatistics::from_hessian(Array2::eye(16));
-    match solve_layer(w.view(), &stats, &cfg, Method::Gptq) {
-        Err(vlmq::Error::InvalidConfig { field, .. }) => assert_eq!(field, "act_group_aware"),
+    let field = |r: vlmq::Result<GptqConfig>| match r {
+        Err(vlmq::Error::InvalidConfig { field, .. }) => field,
         other => panic!("expected InvalidConfig, got {other:?}"),
-    }
+    };
+    let gar = GptqConfig::new(scheme).with_act_group_aware(true).unwrap();
+    assert_eq!(field(gar.with_act_order(true)), "act_order");
+    assert_eq!(field(gar.with_static_groups(true)), "static_groups");
+    let ordered = GptqConfig::new(scheme).with_act_order(true).unwrap();
+    assert_eq!(field(ordered.with_act_group_aware(true)), "act_group_aware");
+    let static_groups = GptqConfig::new(scheme).with_static_groups(true).unwrap();
+    assert_eq!(
+        field(static_groups.with_act_group_aware(true)),
+        "act_group_aware"
+    );
+    // Turning one off first makes room for the other.
+    let switched = gar
+        .with_act_group_aware(false)
+        .unwrap()
+        .with_act_order(true)
+        .unwrap();
+    assert!(switched.act_order() && !switched.act_group_aware());
 }

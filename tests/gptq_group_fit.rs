@@ -59,7 +59,8 @@ fn measure_group_fit_rules() {
                 .with_group_size(GroupSize::new(g).unwrap());
             let cfg = GptqConfig::new(scheme)
                 .with_block_size(block)
-                .with_act_order(ao);
+                .and_then(|c| c.with_act_order(ao))
+                .unwrap();
             let bs = objective(&w, &stats, &cfg.with_group_fit(GroupFit::BlockStart));
             let up = objective(&w, &stats, &cfg.with_group_fit(GroupFit::Updated));
             sum_bs += bs;
@@ -121,7 +122,7 @@ fn ragged_576_by_1536_layer_solves_writes_reads_and_runs() {
     let stats = stats_of(&x);
     let scheme =
         QuantScheme::new(Bits::new(4).unwrap()).with_group_size(GroupSize::new(128).unwrap());
-    let cfg = GptqConfig::new(scheme).with_act_order(true);
+    let cfg = GptqConfig::new(scheme).with_act_order(true).unwrap();
     let sol = solve_layer(w.view(), &stats, &cfg, Method::Gptq).unwrap();
     let q = &sol.weight;
     assert_eq!((q.out_features(), q.in_features(), q.groups()), (m, n, 5));

@@ -43,7 +43,8 @@ fn identity_hessian_gives_rtn() {
             for static_groups in [false, true] {
                 let cfg = GptqConfig::new(s)
                     .with_static_groups(static_groups && group.is_some())
-                    .with_block_size(5);
+                    .and_then(|c| c.with_block_size(5))
+                    .unwrap();
                 let sol = solve_layer(
                     w.view(),
                     &LayerStatistics::from_hessian(h.clone()),
@@ -54,7 +55,7 @@ fn identity_hessian_gives_rtn() {
                 // The solution also records how its groups were fitted.
                 let rtn = quantize_rtn(w.view(), &s)
                     .unwrap()
-                    .with_static_groups(cfg.static_groups);
+                    .with_static_groups(cfg.static_groups());
                 assert_eq!(sol.weight, rtn, "seed {seed} bits {bits} group {group:?}");
             }
         }
@@ -154,7 +155,9 @@ fn act_order_is_invariant_to_a_column_permutation_of_the_problem() {
         }
         let wp = w.select(Axis(1), &perm);
         let xp = x.select(Axis(1), &perm);
-        let cfg = GptqConfig::new(scheme(3, Some(8))).with_act_order(true);
+        let cfg = GptqConfig::new(scheme(3, Some(8)))
+            .with_act_order(true)
+            .unwrap();
         let a = solve_layer(w.view(), &stats_of(&x), &cfg, Method::Gptq).unwrap();
         let b = solve_layer(wp.view(), &stats_of(&xp), &cfg, Method::Gptq).unwrap();
         assert_eq!(a.weight.codes().select(Axis(1), &perm), b.weight.codes());
@@ -235,8 +238,11 @@ fn bad_inputs_give_typed_errors() {
         Err(Error::InvalidConfig { .. })
     ));
     assert!(matches!(
-        solve_layer(w.view(), &stats, &cfg.with_block_size(0), Method::Gptq),
-        Err(Error::InvalidConfig { .. })
+        cfg.with_block_size(0),
+        Err(Error::InvalidConfig {
+            field: "block_size",
+            ..
+        })
     ));
     assert!(matches!(Bits::new(1), Err(Error::InvalidBits { bits: 1 })));
     assert!(Damping::percent(1.0).is_err() && Damping::percent(0.0).is_err());
@@ -247,7 +253,9 @@ fn result_does_not_depend_on_the_thread_count() {
     let mut rng = Rng::new(5);
     let w = weight(&mut rng, 300, 256);
     let x = inputs(&mut rng, 512, 256);
-    let cfg = GptqConfig::new(scheme(3, Some(32))).with_act_order(true);
+    let cfg = GptqConfig::new(scheme(3, Some(32)))
+        .with_act_order(true)
+        .unwrap();
     let run = |threads| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

@@ -140,12 +140,12 @@ fn reference_factor(case: &Case) -> RefFactor {
             w.column_mut(i).fill(0.0);
         }
     }
-    let perm: Vec<usize> = if case.cfg.act_order {
+    let perm: Vec<usize> = if case.cfg.act_order() {
         act_order_permutation(h.mapv(|v| v as f32).view())
     } else {
         (0..n).collect()
     };
-    let damp = case.cfg.damping.initial_percent() * h.diag().sum() / n as f64;
+    let damp = case.cfg.damping().initial_percent() * h.diag().sum() / n as f64;
     let hp = Array2::from_shape_fn((n, n), |(i, j)| {
         h[[perm[i], perm[j]]] + if i == j { damp } else { 0.0 }
     });
@@ -175,15 +175,15 @@ fn compare(case: &Case, sol: &LayerSolution) -> Result<(), TestCaseError> {
 fn compare_with(case: &Case, rf: &RefFactor, sol: &LayerSolution) -> Result<(), TestCaseError> {
     let (m, n) = case.w.dim();
     let (u, perm, w, p) = (&rf.u, &rf.perm, &rf.w, &rf.p);
-    let fit = GridFit::new(case.cfg.scheme);
+    let fit = GridFit::new(case.cfg.scheme());
     let max_code = fit.max_code();
-    let g = case.cfg.scheme.group_size.columns_for(n).unwrap();
+    let g = case.cfg.scheme().group_size().columns_for(n).unwrap();
     let groups = n.div_ceil(g);
     prop_assert_eq!(sol.weight.groups(), groups);
-    prop_assert_eq!(sol.weight.group_size(), case.cfg.scheme.group_size);
-    prop_assert_eq!(sol.weight.static_groups(), case.cfg.static_groups);
-    let block_start_rule = case.cfg.group_fit == GroupFit::BlockStart;
-    let block = case.cfg.block_size;
+    prop_assert_eq!(sol.weight.group_size(), case.cfg.scheme().group_size());
+    prop_assert_eq!(sol.weight.static_groups(), case.cfg.static_groups());
+    let block_start_rule = case.cfg.group_fit() == GroupFit::BlockStart;
+    let block = case.cfg.block_size();
     let scales = sol.weight.scales();
     let zeros = sol.weight.zeros();
     let g_idx = sol.weight.g_idx();
@@ -192,7 +192,7 @@ fn compare_with(case: &Case, rf: &RefFactor, sol: &LayerSolution) -> Result<(), 
         let mut wr: Vec<f64> = perm.iter().map(|&c| w[[r, c]]).collect();
         // The walk's values as they stood at the start of the current block.
         let mut at_block_start = wr.clone();
-        if case.cfg.static_groups {
+        if case.cfg.static_groups() {
             for grp in 0..groups {
                 let cols = grp * g..((grp + 1) * g).min(n);
                 let vals: Vec<f32> = cols.map(|c| w[[r, c]] as f32).collect();
@@ -210,7 +210,7 @@ fn compare_with(case: &Case, rf: &RefFactor, sol: &LayerSolution) -> Result<(), 
             }
             let col = perm[i];
             let grp = g_idx[col] as usize;
-            let expected_grp = if case.cfg.static_groups {
+            let expected_grp = if case.cfg.static_groups() {
                 col / g
             } else {
                 i / g
@@ -220,7 +220,7 @@ fn compare_with(case: &Case, rf: &RefFactor, sol: &LayerSolution) -> Result<(), 
                 scale: scales[[grp, r]],
                 zero: zeros[[grp, r]],
             };
-            if !case.cfg.static_groups && i % g == 0 {
+            if !case.cfg.static_groups() && i % g == 0 {
                 let end = (i + g).min(n);
                 let vals = if block_start_rule {
                     &at_block_start[i..end]
@@ -306,8 +306,9 @@ fn make_case(spec: Spec) -> Case {
     }
     let cfg = GptqConfig::new(scheme)
         .with_block_size(block)
-        .with_act_order(act_order)
-        .with_static_groups(static_groups)
+        .and_then(|c| c.with_act_order(act_order))
+        .and_then(|c| c.with_static_groups(static_groups))
+        .unwrap()
         .with_group_fit(group_fit)
         .with_damping(Damping::percent(0.01).unwrap());
     let method = if gptaq { Method::gptaq() } else { Method::Gptq };

@@ -24,7 +24,7 @@ fn static_grids_follow_their_rows_across_row_chunks() {
     let stats = acc.finish().unwrap();
     let scheme =
         QuantScheme::new(Bits::new(3).unwrap()).with_group_size(GroupSize::new(8).unwrap());
-    let cfg = GptqConfig::new(scheme).with_static_groups(true);
+    let cfg = GptqConfig::new(scheme).with_static_groups(true).unwrap();
     for method in [Method::Gptq, Method::Gptaq { strength: 0.25 }] {
         let stats = match method {
             Method::Gptq => stats.clone(),

@@ -5,8 +5,8 @@ mod common;
 use common::{inputs, Rng};
 use ndarray::{s, Array1, Array2};
 use proptest::prelude::*;
+use vlmq::__private::inverse_cholesky_upper;
 use vlmq::hessian::HessianAccumulator;
-use vlmq::linalg::inverse_cholesky_upper;
 use vlmq::Damping;
 
 fn one_batch(x: &Array2<f32>, alpha: Option<&Array1<f32>>) -> Array2<f32> {

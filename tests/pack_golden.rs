@@ -6,10 +6,8 @@ mod pack_common;
 use ndarray::{Array2, ArrayView2};
 use pack_common::{fixtures, read_expected, Expected, TempDir};
 use safetensors::Dtype;
-use vlmq::pack::{
-    pack_qzeros, pack_stream, qzeros_v2_to_v1, unpack_stream, Checkpoint, CheckpointFormat,
-    CheckpointWriter, DenseTensor, PackedLinear,
-};
+use vlmq::__private::{pack_qzeros, pack_stream, qzeros_v2_to_v1, unpack_stream};
+use vlmq::pack::{Checkpoint, CheckpointFormat, CheckpointWriter, DenseTensor, PackedLinear};
 use vlmq::{Bits, Error, QuantizedWeight};
 
 const LAYER: &str = "model.layers.0.mlp.down_proj";

@@ -7,11 +7,11 @@ use half::f16;
 use ndarray::{Array1, Array2};
 use pack_common::TempDir;
 use proptest::prelude::*;
-use vlmq::pack::{
+use vlmq::__private::{
     pack_qweight, pack_qzeros, pack_stream, qzeros_v1_to_v2, qzeros_v2_to_v1, unpack_qweight,
-    unpack_qzeros, unpack_stream, Checkpoint, CheckpointFormat, CheckpointWriter, DenseTensor,
-    PackedLinear,
+    unpack_qzeros, unpack_stream,
 };
+use vlmq::pack::{Checkpoint, CheckpointFormat, CheckpointWriter, DenseTensor, PackedLinear};
 use vlmq::{quantize_rtn, Bits, GroupSize, QuantScheme, QuantizedWeight};
 
 fn config() -> ProptestConfig {

@@ -172,15 +172,13 @@ fn combinations_gguf_cannot_store_are_refused_before_any_work() {
     };
     let base = config(QuantMethod::Gptq, GgufType::Q4_0);
     let solver = *base.solver();
-    let act_order = base.clone().with_solver(GptqConfig {
-        act_order: true,
-        ..solver
-    });
+    let act_order = base
+        .clone()
+        .with_solver(solver.with_act_order(true).unwrap());
     assert_eq!(field(act_order), "act_order");
-    let gar = base.clone().with_solver(GptqConfig {
-        act_group_aware: true,
-        ..solver
-    });
+    let gar = base
+        .clone()
+        .with_solver(solver.with_act_group_aware(true).unwrap());
     assert_eq!(field(gar), "act_group_aware");
     let dir = std::env::temp_dir().join(format!("vlmq-gguf-state-{}", std::process::id()));
     assert_eq!(field(base.with_state_dir(&dir)), "state_dir");

@@ -332,7 +332,7 @@ fn dead_columns_are_reported_and_an_all_dead_layer_is_an_error_unless_rtn_is_ask
     let mut model = TinyModel::new(1, 16, 24, 1);
     let original = all_weights(&model);
     let out = quantize_model(&mut model, &zeros, &cfg, |_| {}).unwrap();
-    let scheme = cfg.solver().scheme;
+    let scheme = cfg.solver().scheme();
     for (w, (r, now)) in original
         .iter()
         .zip(out.report.layers.iter().zip(all_weights(&model)))

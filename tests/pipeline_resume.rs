@@ -67,7 +67,9 @@ fn interrupted_run_resumes_from_the_last_completed_block() {
     let out = run(&mut again, &data, &cfg).unwrap();
     assert_eq!(out.report.resumed_blocks, 3);
     assert_eq!(all_weights(&again), all_weights(&straight));
-    let other = cfg.clone().with_solver(cfg.solver().with_block_size(7));
+    let other = cfg
+        .clone()
+        .with_solver(cfg.solver().with_block_size(7).unwrap());
     let err = run(&mut TinyModel::new(8, 16, 24, 3), &data, &other).unwrap_err();
     assert!(matches!(err, Error::StateMismatch { .. }), "{err}");
     let err = run(&mut TinyModel::new(9, 16, 24, 3), &data, &cfg).unwrap_err();

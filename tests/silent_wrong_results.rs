@@ -6,7 +6,7 @@ mod common;
 use common::tiny::{samples, TinyModel};
 use common::{inputs, weight, Rng};
 use ndarray::Array2;
-use vlmq::fsutil::write_dir_atomic;
+use vlmq::__private::write_dir_atomic;
 use vlmq::hessian::HessianAccumulator;
 use vlmq::pipeline::{quantize_model, PipelineConfig, QuantMethod};
 use vlmq::solver::{inverse_factor_f64, solve_layer_with_factor};

@@ -18,7 +18,8 @@ fn cfg(bits: u32, act_order: bool) -> GptqConfig {
     let s = QuantScheme::new(Bits::new(bits).unwrap()).with_group_size(GroupSize::new(16).unwrap());
     GptqConfig::new(s)
         .with_act_order(act_order)
-        .with_block_size(32)
+        .and_then(|c| c.with_block_size(32))
+        .unwrap()
 }
 
 fn stats(x: &Array2<f32>, alpha: Option<&Array1<f32>>) -> LayerStatistics {

@@ -14,7 +14,7 @@ use crate::validate::check_finite;
 /// [`finish`](Self::finish).
 ///
 /// Only the upper triangle of the symmetric sum is computed, in place, tile
-/// by tile in parallel (see [`gram_upper_into`]), from a column-major copy of
+/// by tile in parallel (see `linalg::gram_upper_into`), from a column-major copy of
 /// the batch (rows scaled by the root weights when weighted; an unweighted
 /// column-major `f32` batch is used where it lies). Tiles are fixed, so for a
 /// given sequence of batches the result is bit-identical for any thread

@@ -6,3 +6,6 @@ mod stats;
 
 pub use accumulate::HessianAccumulator;
 pub use stats::LayerStatistics;
+
+/// The element types a [`HessianAccumulator`] can hold (`f32`, `f64`).
+pub use crate::linalg::Scalar;

@@ -17,7 +17,7 @@ const SERIAL_WORK: usize = 1 << 18;
 /// ```
 /// use ndarray::array;
 /// let a = array![[1.0f32, 2.0], [3.0, 4.0]];
-/// let c = vlmq::linalg::matmul(a.view(), a.t());
+/// let c = vlmq::__private::matmul(a.view(), a.t());
 /// assert_eq!(c, array![[5.0, 11.0], [11.0, 25.0]]);
 /// ```
 ///

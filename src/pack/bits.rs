@@ -66,7 +66,7 @@ pub(crate) fn put_field(words: &mut [u32], bits: u32, k: usize, v: u32) {
 /// or the values do not fill a whole number of words.
 ///
 /// ```
-/// # use vlmq::{Bits, pack::pack_stream};
+/// # use vlmq::{Bits, __private::pack_stream};
 /// let words = pack_stream(&[1, 2, 3, 4, 5, 6, 7, 8], Bits::new(4)?)?;
 /// assert_eq!(words, vec![0x8765_4321]);
 /// # Ok::<(), vlmq::Error>(())
@@ -197,7 +197,7 @@ pub fn v1_word_offset(bits: Bits) -> Option<u32> {
 }
 
 /// Converts true-zero `qzeros` (v2) into the v1 encoding in place: word-wise
-/// subtraction of [`v1_word_offset`] for 2, 4 and 8 bits, field-wise
+/// subtraction of `v1_word_offset` for 2, 4 and 8 bits, field-wise
 /// `(zero - 1) mod 2^b` for 3 bits.
 pub fn qzeros_v2_to_v1(qzeros: &mut Array2<i32>, bits: Bits) -> Result<()> {
     shift_qzeros(qzeros, bits, false)

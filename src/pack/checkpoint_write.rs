@@ -101,7 +101,7 @@ impl CheckpointWriter {
     /// block size, act-order, static groups, MSE clip search, group-fitting
     /// rule, scale precision, method) in the config's `meta` block.
     pub fn with_solve_settings(mut self, cfg: &GptqConfig, method: Method) -> Self {
-        self.static_groups |= cfg.static_groups;
+        self.static_groups |= cfg.static_groups();
         self.settings = Some((*cfg, method));
         self
     }

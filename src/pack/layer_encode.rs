@@ -23,12 +23,12 @@ pub(super) fn record_settings(qc: &mut Value, cfg: &GptqConfig, method: Method) 
     let Some(meta) = qc.get_mut("meta").and_then(Value::as_object_mut) else {
         return;
     };
-    let d = &cfg.damping;
+    let d = &cfg.damping();
     meta.insert("damp_percent".into(), json!(d.initial_percent()));
-    meta.insert("static_groups".into(), json!(cfg.static_groups));
+    meta.insert("static_groups".into(), json!(cfg.static_groups()));
     meta.insert(
         "mse".into(),
-        json!(cfg.scheme.mse.map_or(0.0, |m| f64::from(m.norm()))),
+        json!(cfg.scheme().mse().map_or(0.0, |m| f64::from(m.norm()))),
     );
     meta.insert("true_sequential".into(), json!(true));
     let (method, strength) = match method {
@@ -40,20 +40,20 @@ pub(super) fn record_settings(qc: &mut Value, cfg: &GptqConfig, method: Method) 
         json!({
             "method": method,
             "gptaq_strength": strength,
-            "block_size": cfg.block_size,
-            "act_order": cfg.act_order,
-            "act_group_aware": cfg.act_group_aware,
+            "block_size": cfg.block_size(),
+            "act_order": cfg.act_order(),
+            "act_group_aware": cfg.act_group_aware(),
             "damp_growth": d.growth(),
             "damp_max_attempts": d.max_attempts(),
-            "group_fit": match cfg.group_fit {
+            "group_fit": match cfg.group_fit() {
                 GroupFit::BlockStart => "block_start",
                 GroupFit::Updated => "updated",
             },
-            "scale_precision": match cfg.scheme.scale_precision {
+            "scale_precision": match cfg.scheme().scale_precision() {
                 ScalePrecision::F16 => "f16",
                 ScalePrecision::F32 => "f32",
             },
-            "mse": cfg.scheme.mse.map(|m| json!({
+            "mse": cfg.scheme().mse().map(|m| json!({
                 "grid": m.grid(),
                 "max_shrink": m.max_shrink(),
                 "norm": m.norm(),

@@ -25,7 +25,7 @@
 //! # Ok::<(), vlmq::Error>(())
 //! ```
 
-mod bits;
+pub(crate) mod bits;
 mod checkpoint_read;
 mod checkpoint_write;
 mod config_json;
@@ -36,10 +36,6 @@ mod tensor;
 #[cfg(test)]
 mod write_atomic_tests;
 
-pub use bits::{
-    pack_qweight, pack_qzeros, pack_stream, qzeros_v1_to_v2, qzeros_v2_to_v1, unpack_qweight,
-    unpack_qzeros, unpack_stream, v1_word_offset, values_for, words_for,
-};
 pub use checkpoint_read::{Checkpoint, RawTensor};
 pub use checkpoint_write::CheckpointWriter;
 pub use config_json::{CheckpointFormat, QuantizeConfig};

@@ -16,7 +16,7 @@ use super::report::LayerReport;
 use super::saliency::{block_local_saliency, SaliencyMaps};
 use super::stages::{finish_stages, StageCarries};
 use crate::backend::{LinearInfo, QuantizableModel};
-use crate::config::{GptqConfig, QuantScheme};
+use crate::config::QuantScheme;
 use crate::error::{Error, Result};
 use crate::hessian::LayerStatistics;
 use crate::quant::quantize_rtn;
@@ -248,7 +248,7 @@ fn quantize_layer<M: QuantizableModel>(
     }
     // A GGUF layer reports its type's code width and scale group.
     let (bits, group_size) = match &qw {
-        LayerCodes::Gptq(_) => (scheme.bits.get(), scheme.group_size.to_gptq()),
+        LayerCodes::Gptq(_) => (scheme.bits().get(), scheme.group_size().to_gptq()),
         LayerCodes::Gguf(sol) => (u32::from(sol.ty.code_bits()), sol.ty.group_cols() as i64),
     };
     let report = LayerReport {
@@ -289,10 +289,7 @@ fn solve_one<M: QuantizableModel>(
             w.shape(),
         ));
     }
-    let solver = GptqConfig {
-        scheme,
-        ..*cfg.solver()
-    };
+    let solver = cfg.solver().with_scheme(scheme);
     if let Some(ty) = cfg.gguf_type() {
         let solver = solver.with_objective(false);
         let sol = solve_gguf(w.view(), stats, &solver, cfg.solver_method(), ty)?;
@@ -311,7 +308,7 @@ fn solve_one<M: QuantizableModel>(
             (sol.weight, sol.dequantized, sol.report.damp_percent)
         }
         _ => {
-            let qw = quantize_rtn(w.view(), &solver.scheme)?;
+            let qw = quantize_rtn(w.view(), &solver.scheme())?;
             let deq = qw.dequantize();
             (qw, deq, 0.0)
         }

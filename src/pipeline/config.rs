@@ -272,7 +272,7 @@ pub enum DeadLayerFallback {
 ///     .with_blocks(BlockSelection::NamePrefix("lm.".into()))
 ///     .with_layer_override("lm.0/mlp.down", Some(QuantScheme::new(Bits::new(8)?)))
 ///     .with_layer_override("attn.o", None); // stays in full precision
-/// assert_eq!(cfg.scheme_for("lm.0", "mlp.down").unwrap().bits.get(), 8);
+/// assert_eq!(cfg.scheme_for("lm.0", "mlp.down").unwrap().bits().get(), 8);
 /// assert!(cfg.scheme_for("lm.3", "attn.o").is_none());
 /// # Ok::<(), vlmq::Error>(())
 /// ```
@@ -497,7 +497,7 @@ impl PipelineConfig {
         if let Some(o) = self.layer_overrides.get(layer) {
             return *o;
         }
-        Some(self.solver.scheme)
+        Some(self.solver.scheme())
     }
 
     /// The solver method of a layer, `None` for RTN.

@@ -100,7 +100,6 @@ where
 {
     let start = Instant::now();
     let cpu = CpuClock::start();
-    cfg.solver().validate()?;
     check_gguf_run(cfg)?;
     if samples.is_empty() {
         return Err(Error::Empty {

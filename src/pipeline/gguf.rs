@@ -30,14 +30,14 @@ pub(crate) fn check_gguf_run(cfg: &PipelineConfig) -> Result<()> {
         return Ok(());
     };
     let solver = cfg.solver();
-    if solver.act_order && !solver.static_groups {
+    if solver.act_order() && !solver.static_groups() {
         return Err(Error::InvalidConfig {
             field: "act_order",
             value: format!("true without static_groups, format gguf:{ty}"),
             reason: "GGUF stores no column order (g_idx): act-order needs static groups",
         });
     }
-    if solver.act_group_aware {
+    if solver.act_group_aware() {
         return Err(Error::InvalidConfig {
             field: "act_group_aware",
             value: format!("true, format gguf:{ty}"),

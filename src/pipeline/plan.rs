@@ -99,7 +99,7 @@ impl RunPlan {
                     for info in group {
                         let scheme = cfg.scheme_for(&name, &info.name);
                         if let Some(s) = &scheme {
-                            s.group_size
+                            s.group_size()
                                 .columns_for(info.in_features)
                                 .map_err(in_block(b, &name, Some(&info.name), None))?;
                             layers_total += 1;

@@ -51,7 +51,7 @@ impl GridFit {
     pub fn new(scheme: QuantScheme) -> Self {
         GridFit {
             scheme,
-            max_code: scheme.bits.max_code(),
+            max_code: scheme.bits().max_code(),
         }
     }
 
@@ -83,7 +83,7 @@ impl GridFit {
             lo = lo.min(v);
             hi = hi.max(v);
         }
-        if self.scheme.symmetric {
+        if self.scheme.symmetric() {
             hi = hi.max(-lo);
             lo = -hi;
         }
@@ -92,7 +92,7 @@ impl GridFit {
             hi = 1.0;
         }
         let best = self.params_for_range(lo, hi);
-        let Some(mse) = self.scheme.mse else {
+        let Some(mse) = self.scheme.mse() else {
             return best;
         };
         let mut best = best;
@@ -115,11 +115,11 @@ impl GridFit {
 
     fn params_for_range(&self, lo: f32, hi: f32) -> GridParams {
         let raw = (hi - lo) / self.max_code as f32;
-        let scale = match self.scheme.scale_precision {
+        let scale = match self.scheme.scale_precision() {
             ScalePrecision::F16 => f16_representable(raw),
             ScalePrecision::F32 => raw.max(f32::MIN_POSITIVE),
         };
-        let zero = if self.scheme.symmetric {
+        let zero = if self.scheme.symmetric() {
             self.max_code.div_ceil(2)
         } else {
             ((-lo / scale)
@@ -147,8 +147,8 @@ pub(crate) fn check_scales(w: ArrayView2<'_, f32>, scheme: &QuantScheme, g: usiz
     if g == 0 {
         return Ok(());
     }
-    let max_code = scheme.bits.max_code() as f32;
-    let f16 = scheme.scale_precision == ScalePrecision::F16;
+    let max_code = scheme.bits().max_code() as f32;
+    let f16 = scheme.scale_precision() == ScalePrecision::F16;
     let (largest, smallest, advice) = if f16 {
         (
             half::f16::MAX.to_f32(),
@@ -166,7 +166,7 @@ pub(crate) fn check_scales(w: ArrayView2<'_, f32>, scheme: &QuantScheme, g: usiz
                 lo = lo.min(v);
                 hi = hi.max(v);
             }
-            let range = if scheme.symmetric {
+            let range = if scheme.symmetric() {
                 2.0 * hi.max(-lo)
             } else {
                 hi - lo

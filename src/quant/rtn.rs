@@ -23,8 +23,8 @@ use crate::validate::check_finite;
 pub fn quantize_rtn(w: ArrayView2<'_, f32>, scheme: &QuantScheme) -> Result<QuantizedWeight> {
     check_finite("weight", w)?;
     let (out, inp) = w.dim();
-    let g = scheme.group_size.columns_for(inp)?;
-    let groups = scheme.group_size.groups_for(inp)?;
+    let g = scheme.group_size().columns_for(inp)?;
+    let groups = scheme.group_size().groups_for(inp)?;
     check_scales(w, scheme, g)?;
     let fit = GridFit::new(*scheme);
     let max_code = fit.max_code();
@@ -50,9 +50,9 @@ pub fn quantize_rtn(w: ArrayView2<'_, f32>, scheme: &QuantScheme) -> Result<Quan
     }
     let g_idx = (0..inp).map(|i| (i / g) as u32).collect();
     QuantizedWeight::grouped(
-        scheme.bits,
-        scheme.symmetric,
-        scheme.group_size,
+        scheme.bits(),
+        scheme.symmetric(),
+        scheme.group_size(),
         codes,
         scales,
         zeros,

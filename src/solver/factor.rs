@@ -40,7 +40,6 @@ pub fn solve_layer_with_factor(
     cfg: &GptqConfig,
 ) -> Result<LayerSolution> {
     let start = Instant::now();
-    cfg.validate()?;
     let (m, n) = w.dim();
     if m == 0 || n == 0 {
         return Err(Error::Empty {
@@ -79,13 +78,13 @@ pub fn solve_layer_with_factor(
         check_finite("Hessian", h)?;
         check_hessian(h)?;
     }
-    check_scales(w, &cfg.scheme, cfg.scheme.group_size.columns_for(n)?)?;
+    check_scales(w, &cfg.scheme(), cfg.scheme().group_size().columns_for(n)?)?;
     let perm: Vec<usize> = match (perm, hessian) {
         (Some(p), _) => {
             check_permutation(p, n)?;
             p.to_vec()
         }
-        (None, Some(h)) if cfg.act_order || cfg.act_group_aware => {
+        (None, Some(h)) if cfg.act_order() || cfg.act_group_aware() => {
             let mut h = h.to_owned();
             for i in 0..n {
                 if h[[i, i]] == 0.0 {
@@ -94,7 +93,7 @@ pub fn solve_layer_with_factor(
             }
             column_order(h.view(), cfg)?
         }
-        (None, None) if cfg.act_order || cfg.act_group_aware => {
+        (None, None) if cfg.act_order() || cfg.act_group_aware() => {
             return Err(Error::InvalidConfig {
                 field: "perm",
                 value: "none".into(),
@@ -113,22 +112,22 @@ pub fn solve_layer_with_factor(
             }
         }
     }
-    let group_cols = cfg.scheme.group_size.columns_for(n)?;
-    let groups = cfg.scheme.group_size.groups_for(n)?;
+    let group_cols = cfg.scheme().group_size().columns_for(n)?;
+    let groups = cfg.scheme().group_size().groups_for(n)?;
     let plan = Plan::new(
         perm,
-        cfg.block_size,
+        cfg.block_size(),
         group_cols,
-        cfg.static_groups,
-        cfg.group_fit,
+        cfg.static_groups(),
+        cfg.group_fit(),
     )
-    .with_original_groups(cfg.act_group_aware);
+    .with_original_groups(cfg.act_group_aware());
     // The kernel reads rows of the factor as contiguous slices.
     let u = u.as_standard_layout();
     let (weight, dequantized, obs_loss) =
         run_plan(w_work.view(), &plan, u.view(), None, cfg, groups)?;
     let objective = match hessian {
-        Some(h) if cfg.compute_objective => Some(hessian_objective(w, dequantized.view(), h)?),
+        Some(h) if cfg.compute_objective() => Some(hessian_objective(w, dequantized.view(), h)?),
         _ => None,
     };
     Ok(LayerSolution {

@@ -64,18 +64,17 @@ pub fn solve_layer_gguf(
     ty: GgufType,
 ) -> Result<GgufSolution> {
     let start = Instant::now();
-    cfg.validate()?;
     check_inputs(w, stats)?;
     let n = w.ncols();
     ty.check_cols("weight", n)?;
-    if cfg.act_order && !cfg.static_groups {
+    if cfg.act_order() && !cfg.static_groups() {
         return Err(Error::InvalidConfig {
             field: "act_order",
             value: "true without static_groups".into(),
             reason: "GGUF stores no column order (g_idx): act-order needs static groups",
         });
     }
-    if cfg.act_group_aware {
+    if cfg.act_group_aware() {
         return Err(Error::InvalidConfig {
             field: "act_group_aware",
             value: "true".into(),
@@ -91,11 +90,11 @@ pub fn solve_layer_gguf(
     let prep = prepare(w, stats, cfg, method)?;
     let plan = Plan::with_fit_span(
         prep.perm.clone(),
-        cfg.block_size,
+        cfg.block_size(),
         ty.group_cols(),
         ty.block_cols(),
-        cfg.static_groups,
-        cfg.group_fit,
+        cfg.static_groups(),
+        cfg.group_fit(),
     );
     let importance: Vec<f32> = stats.hessian.diag().to_vec();
     let walked = walk(
@@ -107,7 +106,7 @@ pub fn solve_layer_gguf(
         &importance,
         n / ty.group_cols(),
     );
-    let objective = if cfg.compute_objective {
+    let objective = if cfg.compute_objective() {
         Some(hessian_objective(
             w,
             walked.dequantized.view(),

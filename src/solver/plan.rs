@@ -50,10 +50,10 @@ pub fn group_aware_permutation(hessian: ArrayView2<'_, f32>, group_cols: usize) 
 /// columns must already carry a positive diagonal entry.
 pub(crate) fn column_order(hessian: ArrayView2<'_, f32>, cfg: &GptqConfig) -> Result<Vec<usize>> {
     let n = hessian.nrows();
-    Ok(if cfg.act_order {
+    Ok(if cfg.act_order() {
         act_order_permutation(hessian)
-    } else if cfg.act_group_aware {
-        group_aware_permutation(hessian, cfg.scheme.group_size.columns_for(n)?)
+    } else if cfg.act_group_aware() {
+        group_aware_permutation(hessian, cfg.scheme().group_size().columns_for(n)?)
     } else {
         (0..n).collect()
     })

@@ -86,21 +86,20 @@ pub fn solve_layer(
     method: Method,
 ) -> Result<LayerSolution> {
     let start = Instant::now();
-    cfg.validate()?;
     let n = w.ncols();
     check_inputs(w, stats)?;
-    let group_cols = cfg.scheme.group_size.columns_for(n)?;
-    let groups = cfg.scheme.group_size.groups_for(n)?;
-    check_scales(w, &cfg.scheme, group_cols)?;
+    let group_cols = cfg.scheme().group_size().columns_for(n)?;
+    let groups = cfg.scheme().group_size().groups_for(n)?;
+    check_scales(w, &cfg.scheme(), group_cols)?;
     let prep = prepare(w, stats, cfg, method)?;
     let plan = Plan::new(
         prep.perm.clone(),
-        cfg.block_size,
+        cfg.block_size(),
         group_cols,
-        cfg.static_groups,
-        cfg.group_fit,
+        cfg.static_groups(),
+        cfg.group_fit(),
     )
-    .with_original_groups(cfg.act_group_aware);
+    .with_original_groups(cfg.act_group_aware());
     let (weight, dequantized, obs_loss) = run_plan(
         prep.w_work.view(),
         &plan,
@@ -109,7 +108,7 @@ pub fn solve_layer(
         cfg,
         groups,
     )?;
-    let objective = if cfg.compute_objective {
+    let objective = if cfg.compute_objective() {
         Some(hessian_objective(
             w,
             dequantized.view(),
@@ -218,7 +217,7 @@ pub(crate) fn prepare(
     });
     let h = patched.as_ref().map_or(stats.hessian.view(), |h| h.view());
     let perm = column_order(h, cfg)?;
-    let factor = inverse_cholesky_upper_in_order(h, Some(&perm), &cfg.damping)?;
+    let factor = inverse_cholesky_upper_in_order(h, Some(&perm), &cfg.damping())?;
     let dead_columns = dead.len();
     let p = match (strength, cross) {
         (Some(a), Some(c)) => Some(gptaq_correction(c.view(), &perm, factor.u.view(), a)),
@@ -252,20 +251,20 @@ pub(crate) fn run_plan(
         plan,
         u,
         p,
-        GridFit::new(cfg.scheme),
+        GridFit::new(cfg.scheme()),
         &importance,
         groups,
     );
     let weight = QuantizedWeight::grouped(
-        cfg.scheme.bits,
-        cfg.scheme.symmetric,
-        cfg.scheme.group_size,
+        cfg.scheme().bits(),
+        cfg.scheme().symmetric(),
+        cfg.scheme().group_size(),
         walked.codes,
         walked.params.mapv(|p| p.scale),
         walked.params.mapv(|p| p.zero),
         plan.g_idx(),
     )?
-    .with_static_groups(cfg.static_groups);
+    .with_static_groups(cfg.static_groups());
     Ok((weight, walked.dequantized, walked.obs_loss))
 }
 

@@ -5,12 +5,12 @@ use ndarray::Array2;
 
 pub mod tiny;
 
-/// Test data draws on `vlmq::rng::SplitMix64`.
-pub struct Rng(vlmq::rng::SplitMix64);
+/// Test data draws on `vlmq::__private::SplitMix64`.
+pub struct Rng(vlmq::__private::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(vlmq::rng::SplitMix64::new(seed))
+        Rng(vlmq::__private::SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {

@@ -38,7 +38,7 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn random_windows(vocab: usize, n: usize, len: usize) -> Vec<Vec<u32>> {
-    let mut rng = vlmq::rng::SplitMix64::from_state(0x6d65_6d6f_7279);
+    let mut rng = vlmq::__private::SplitMix64::from_state(0x6d65_6d6f_7279);
     (0..n)
         .map(|_| {
             (0..len)

@@ -67,7 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let t0 = Instant::now();
     let mut model = random_model(&cfg, 7, DType::F32)?;
-    let mut rng = vlmq::rng::SplitMix64::new(11);
+    let mut rng = vlmq::__private::SplitMix64::new(11);
     let calib: Vec<TextSample> = (0..samples)
         .map(|_| {
             TextSample::causal(

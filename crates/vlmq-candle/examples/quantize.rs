@@ -98,17 +98,6 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Seeded Fisher-Yates over `0..n`.
-fn shuffle(n: usize, seed: u64) -> Vec<usize> {
-    let mut rng = vlmq::rng::SplitMix64::from_state(seed ^ 0x5DEE_CE66_D1CE_4E5B);
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
-    v
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     vlmq_candle::prefer_sample_parallelism();
     let a =
@@ -161,8 +150,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let pool = all.len() - eval_windows;
     let eval_set: Vec<Vec<u32>> = all[pool..].to_vec();
-    let mut calib_idx: Vec<usize> = shuffle(pool, a.seed).into_iter().take(a.windows).collect();
-    calib_idx.sort_unstable();
+    let calib_idx = vlmq::sample_indices(pool, a.windows, a.seed);
     eprintln!(
         "text {:?}: {} chars, {} tokens, {} windows of {}; eval = windows {}..{}; calibration (seed {}) = {:?}",
         a.calib, text.len(), tokens.len(), all.len(), a.window_len, pool, all.len(), a.seed, calib_idx

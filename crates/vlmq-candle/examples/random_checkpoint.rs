@@ -17,8 +17,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use vlmq::__private::SplitMix64;
 use vlmq::half::bf16;
-use vlmq::rng::SplitMix64;
 
 /// One tensor of a shard: name, shape and the standard deviation of its values
 /// (`None`: every value is 1).

@@ -4,9 +4,9 @@
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::Device;
 use ndarray::Array2;
+use vlmq::__private::SplitMix64;
 use vlmq::hessian::HessianAccumulator;
 use vlmq::quant::gguf::GgufType;
-use vlmq::rng::SplitMix64;
 use vlmq::solver::solve_layer_gguf;
 use vlmq::{Bits, GptqConfig, GroupFit, Method, QuantScheme};
 
@@ -44,8 +44,7 @@ fn candle_decodes_vlmq_blocks_to_the_solved_values() {
     let stats = acc.finish().unwrap();
     for ty in GgufType::ALL {
         for fit in [GroupFit::BlockStart, GroupFit::Updated] {
-            let mut cfg = GptqConfig::new(QuantScheme::new(Bits::new(4).unwrap()));
-            cfg.group_fit = fit;
+            let cfg = GptqConfig::new(QuantScheme::new(Bits::new(4).unwrap())).with_group_fit(fit);
             let sol = solve_layer_gguf(w.view(), &stats, &cfg, Method::Gptq, ty).unwrap();
             let bytes = sol.pack().unwrap();
             let q = qtensor_from_ggml(candle_dtype(ty), &bytes, vec![m, n], &Device::Cpu).unwrap();

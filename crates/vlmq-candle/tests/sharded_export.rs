@@ -184,15 +184,15 @@ fn a_full_disk_leaves_the_earlier_output_and_no_partial_directory() {
     for free in [0, size / 2] {
         let mut model = original.clone();
         let mut writer = ShardedGptqWriter::new(&model, &target).unwrap();
-        vlmq::fsutil::simulate_free_space(Some(free));
+        vlmq::__private::simulate_free_space(Some(free));
         let run = quantize_model_streaming(&mut model, &samples, &pcfg, &mut writer, |_| {});
-        vlmq::fsutil::simulate_free_space(None);
+        vlmq::__private::simulate_free_space(None);
         drop(writer);
         check(run.unwrap_err(), free);
 
-        vlmq::fsutil::simulate_free_space(Some(free));
+        vlmq::__private::simulate_free_space(Some(free));
         let single = write_gptq(&original, &out, None, &target);
-        vlmq::fsutil::simulate_free_space(None);
+        vlmq::__private::simulate_free_space(None);
         check(single.unwrap_err(), free);
     }
     std::fs::remove_dir_all(&root).unwrap();

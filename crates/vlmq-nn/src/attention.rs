@@ -9,9 +9,9 @@ use super::linear::{Linear, LinearCache};
 use super::params::{join, reborrow, Grads, Module};
 use super::rope::Rope;
 use super::Rng;
+use vlmq::__private::{matmul, matmul_into};
 use vlmq::backend::RowSink;
 use vlmq::error::{Error, Result};
-use vlmq::linalg::{matmul, matmul_into};
 
 /// Shape and masking of an attention layer.
 #[derive(Debug, Clone, Copy, PartialEq)]

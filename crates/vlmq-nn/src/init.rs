@@ -1,9 +1,9 @@
 //! A tiny deterministic random number generator for parameter initialization.
 
 use ndarray::{Array1, Array2};
-use vlmq::rng::SplitMix64;
+use vlmq::__private::SplitMix64;
 
-/// Normal draws and random matrices on [`vlmq::rng::SplitMix64`]:
+/// Normal draws and random matrices on the core's SplitMix64 stream:
 /// deterministic, seedable, good enough for initialization and tests.
 #[derive(Debug, Clone)]
 pub struct Rng(SplitMix64);

@@ -12,7 +12,8 @@
 //!   and the output gradient, returns the input gradient and (when given a
 //!   [`Grads`] store) accumulates parameter gradients under the parameter's
 //!   full name (`prefix + local name`). Dropping a cache frees its memory.
-//! - Every matrix product goes through [`vlmq::linalg::matmul`], so results
+//! - Every matrix product goes through the core's own product (the one
+//!   `vlmq`'s `PackedLinear` uses), so results
 //!   are bit-identical whatever the rayon thread count.
 //! - Bad input to a public function returns a typed [`Error`](vlmq::Error).
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewD, ArrayViewMutD, Axis};
 
 use super::params::{join, Grads, Module};
+use vlmq::__private::{matmul, matmul_into};
 use vlmq::error::{Error, Result};
-use vlmq::linalg::{matmul, matmul_into};
 
 /// A weight representation that can run a linear layer's forward pass
 /// without a dense `[out, in]` matrix, e.g. a packed quantized weight.

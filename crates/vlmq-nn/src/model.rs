@@ -63,9 +63,9 @@ use super::norm::{Norm, NormCache};
 use super::params::{join, Grads, Module};
 use super::sample::{Sample, Vision};
 use super::Rng;
+use vlmq::__private::matmul;
 use vlmq::backend::{GradientModel, LinearInfo, Modality, QuantizableModel, RowSink, TokenInfo};
 use vlmq::error::{Error, Result};
-use vlmq::linalg::matmul;
 
 /// A projector between the vision encoder and the language model: maps the
 /// vision rows with its linear (`proj`) and appends the token embeddings.

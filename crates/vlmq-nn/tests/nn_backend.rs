@@ -115,7 +115,7 @@ impl LinearKernel for DenseKernel {
         self.0.nrows()
     }
     fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
-        Ok(vlmq::linalg::matmul(x, self.0.t()))
+        Ok(vlmq::__private::matmul(x, self.0.t()))
     }
     fn dense_weight(&self) -> Result<Array2<f32>> {
         Ok(self.0.clone())

@@ -465,7 +465,7 @@ impl LinearKernel for Offset {
         self.w.nrows()
     }
     fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
-        Ok(vlmq::linalg::matmul(x, self.w.t()) + &self.delta)
+        Ok(vlmq::__private::matmul(x, self.w.t()) + &self.delta)
     }
     fn dense_weight(&self) -> Result<Array2<f32>> {
         Ok(self.w.clone())

@@ -13,7 +13,7 @@
 //! background tokens. Every sample is a pure function of `(seed, index)`.
 
 use ndarray::Array2;
-use vlmq::rng::SplitMix64;
+use vlmq::__private::SplitMix64;
 
 /// Patches per side.
 pub const GRID: usize = 8;

@@ -101,7 +101,7 @@ impl Quant {
     pub fn pipeline(&self, one_forward: bool) -> vlmq::Result<PipelineConfig> {
         Ok(PipelineConfig::new(
             self.method,
-            GptqConfig::new(self.scheme()?).with_act_group_aware(self.gar),
+            GptqConfig::new(self.scheme()?).with_act_group_aware(self.gar)?,
         )
         .with_true_sequential(!one_forward))
     }

@@ -27,7 +27,7 @@
 use std::ops::Range;
 
 use tokenizers::Tokenizer;
-use vlmq::rng::SplitMix64;
+use vlmq::__private::SplitMix64;
 use vlmq::{Error, Modality, Result};
 use vlmq_candle::candle_core::{self, DType, D};
 

@@ -115,7 +115,7 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[GgufTens
         out.extend_from_slice(&t.data);
         out.resize(out.len().next_multiple_of(ALIGNMENT), 0);
     }
-    vlmq::fsutil::write_atomic(path, &out)
+    vlmq::write_file_atomic(path, &out)
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {

@@ -152,7 +152,7 @@ impl ShardedGptqWriter {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        vlmq::fsutil::write_atomic(&path, &text)?;
+        vlmq::write_file_atomic(&path, &text)?;
         if let Some(tk) = tokenizer {
             let p = self.partial.join("tokenizer.json");
             tk.save(&p, false).map_err(|e| crate::error::file(&p, e))?;

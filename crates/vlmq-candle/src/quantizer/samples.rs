@@ -21,8 +21,8 @@ use crate::process::tokenizer::encode;
 use crate::recipe::CheckedRecipe;
 use crate::{LlavaModel, IMAGE_MARKER};
 
-/// `want` of `0..n` drawn by a seeded Fisher-Yates shuffle, in increasing
-/// order; fewer than `want` is an error naming `origin` and `samples`.
+/// `want` of `0..n` drawn by [`vlmq::sample_indices`] (in increasing
+/// order); fewer than `want` is an error naming `origin` and `samples`.
 pub(super) fn draw(
     n: usize,
     want: usize,
@@ -39,15 +39,7 @@ pub(super) fn draw(
             ),
         ));
     }
-    let mut rng = vlmq::rng::SplitMix64::from_state(seed ^ 0x5DEE_CE66_D1CE_4E5B);
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
-    v.truncate(want);
-    v.sort_unstable();
-    Ok(v)
+    Ok(vlmq::sample_indices(n, want, seed))
 }
 
 /// What every family's sample builder reads.

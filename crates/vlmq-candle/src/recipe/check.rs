@@ -129,8 +129,12 @@ impl Recipe {
         let solver = GptqConfig::new(scheme)
             .with_damping(damping)
             .with_act_order(self.act_order)
-            .with_static_groups(self.static_groups)
-            .with_act_group_aware(self.act_group_aware);
+            .and_then(|s| s.with_static_groups(self.static_groups))
+            .and_then(|s| s.with_act_group_aware(self.act_group_aware))
+            .map_err(|e| match e {
+                Error::InvalidConfig { field, reason, .. } => bad(field, &reason),
+                e => e,
+            })?;
         let mut pipeline = PipelineConfig::new(method, solver)
             .with_true_sequential(self.true_sequential)
             .with_gguf_type(gguf);

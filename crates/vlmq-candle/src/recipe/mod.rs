@@ -38,7 +38,7 @@
 //!     "recipe.toml".as_ref(),
 //! )?;
 //! let checked = r.check("recipe.toml".as_ref())?;
-//! assert_eq!(checked.pipeline().solver().scheme.bits.get(), 3);
+//! assert_eq!(checked.pipeline().solver().scheme().bits().get(), 3);
 //! assert!(checked.pipeline().scheme_for("model.layers.0", "mlp.down_proj").is_none());
 //! # Ok::<(), vlmq::Error>(())
 //! ```

@@ -1,12 +1,9 @@
-//! Checked configuration types.
-//!
-//! Every value here is validated when it is built, so a solver never sees an
-//! out-of-range bit width, a zero group size or a damping outside (0, 1).
-//! Properties that depend on a layer's shape (a layer must have inputs) are
-//! checked by [`GroupSize::groups_for`] when the layer is known.
+//! The integer grid: bit width, column grouping, scale precision, clip
+//! search, and the scheme that holds them.
 
 use std::num::NonZeroUsize;
 
+use super::invalid;
 use crate::error::{Error, Result};
 
 /// A quantization bit width in `2..=8`.
@@ -219,24 +216,24 @@ impl Default for MseClip {
 
 /// The integer grid: bit width, grouping, symmetry and clip search.
 ///
+/// Every part is a checked type, so any value of `QuantScheme` is a valid
+/// grid; build it with [`QuantScheme::new`] or [`QuantScheme::default`] and
+/// the `with_*` methods, read it with the getters.
+///
 /// ```
 /// use vlmq::{Bits, GroupSize, QuantScheme};
 /// let scheme = QuantScheme::new(Bits::new(3)?).with_group_size(GroupSize::new(64)?);
-/// assert_eq!(scheme.bits.get(), 3);
+/// assert_eq!(scheme.bits().get(), 3);
+/// assert_eq!(scheme.group_size().get(), Some(64));
 /// # Ok::<(), vlmq::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QuantScheme {
-    /// Bit width.
-    pub bits: Bits,
-    /// Column grouping.
-    pub group_size: GroupSize,
-    /// Symmetric grid (zero point fixed at `(max_code + 1) / 2`) instead of asymmetric.
-    pub symmetric: bool,
-    /// Optional MSE clip search.
-    pub mse: Option<MseClip>,
-    /// Scale precision while solving (f16 by default).
-    pub scale_precision: ScalePrecision,
+    bits: Bits,
+    group_size: GroupSize,
+    symmetric: bool,
+    mse: Option<MseClip>,
+    scale_precision: ScalePrecision,
 }
 
 impl Default for QuantScheme {
@@ -246,7 +243,7 @@ impl Default for QuantScheme {
     ///
     /// ```
     /// let s = vlmq::QuantScheme::default();
-    /// assert_eq!((s.bits.get(), s.group_size.to_gptq(), s.symmetric), (4, 128, true));
+    /// assert_eq!((s.bits().get(), s.group_size().to_gptq(), s.symmetric()), (4, 128, true));
     /// ```
     fn default() -> Self {
         QuantScheme::new(Bits(4))
@@ -269,6 +266,12 @@ impl QuantScheme {
         }
     }
 
+    /// Sets the bit width.
+    pub fn with_bits(mut self, bits: Bits) -> Self {
+        self.bits = bits;
+        self
+    }
+
     /// Sets the grouping.
     pub fn with_group_size(mut self, group_size: GroupSize) -> Self {
         self.group_size = group_size;
@@ -287,227 +290,41 @@ impl QuantScheme {
         self
     }
 
+    /// Turns the MSE clip search off.
+    pub fn without_mse(mut self) -> Self {
+        self.mse = None;
+        self
+    }
+
     /// Sets the scale precision used while solving.
     pub fn with_scale_precision(mut self, precision: ScalePrecision) -> Self {
         self.scale_precision = precision;
         self
     }
-}
 
-/// Relative damping of the Hessian and how it grows when a factorization fails.
-///
-/// The first attempt adds `percent * mean(diag H)` to the diagonal; each retry
-/// multiplies `percent` by `growth`, for at most `max_attempts` attempts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Damping {
-    percent: f64,
-    growth: f64,
-    max_attempts: u32,
-}
-
-impl Damping {
-    /// Checks and builds: `percent` in (0, 1), `growth > 1`, `max_attempts >= 1`.
-    pub fn new(percent: f64, growth: f64, max_attempts: u32) -> Result<Self> {
-        if !(percent > 0.0 && percent < 1.0) {
-            return Err(invalid("damping.percent", percent, "must be in (0, 1)"));
-        }
-        if !(growth.is_finite() && growth > 1.0) {
-            return Err(invalid("damping.growth", growth, "must be finite and > 1"));
-        }
-        if max_attempts == 0 {
-            return Err(invalid(
-                "damping.max_attempts",
-                max_attempts,
-                "must be >= 1",
-            ));
-        }
-        Ok(Damping {
-            percent,
-            growth,
-            max_attempts,
-        })
+    /// The bit width.
+    pub fn bits(&self) -> Bits {
+        self.bits
     }
 
-    /// `percent` with the default growth (x10) and attempts (5).
-    pub fn percent(percent: f64) -> Result<Self> {
-        Damping::new(percent, 10.0, 5)
+    /// The column grouping.
+    pub fn group_size(&self) -> GroupSize {
+        self.group_size
     }
 
-    /// Relative damping of the first attempt.
-    pub fn initial_percent(&self) -> f64 {
-        self.percent
+    /// Symmetric grid (zero point fixed at `(max_code + 1) / 2`) instead of
+    /// asymmetric.
+    pub fn symmetric(&self) -> bool {
+        self.symmetric
     }
 
-    /// Factor applied to the relative damping on each retry.
-    pub fn growth(&self) -> f64 {
-        self.growth
+    /// The MSE clip search, if enabled.
+    pub fn mse(&self) -> Option<MseClip> {
+        self.mse
     }
 
-    /// Maximum number of factorization attempts.
-    pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
-    }
-}
-
-impl Default for Damping {
-    /// 1% of the mean diagonal, x10 per retry, 5 attempts.
-    fn default() -> Self {
-        Damping {
-            percent: 0.01,
-            growth: 10.0,
-            max_attempts: 5,
-        }
-    }
-}
-
-/// When and on which values a dynamic group's scale and zero point are fitted.
-///
-/// Both fit a group when the column walk reaches its first column `c`, over
-/// the columns `c .. c + g` of the walk; they differ in which values of those
-/// columns they see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum GroupFit {
-    /// The reference rule (GPTQ's `fasterquant`): the values as they stood
-    /// at the start of the current lazy-update block, with every earlier
-    /// block's updates applied but not this block's in-block updates. Blocks
-    /// are plain runs of `block_size` columns.
-    #[default]
-    BlockStart,
-    /// The values with every update so far applied, in-block ones included.
-    /// Blocks are aligned to groups (a multiple of the group size, or every
-    /// group start opens a block) so that a group never straddles a block end.
-    Updated,
-}
-
-/// Configuration of a GPTQ-family solve.
-///
-/// ```
-/// use vlmq::{Bits, GptqConfig, GroupSize, QuantScheme};
-/// let cfg = GptqConfig::new(QuantScheme::new(Bits::new(4)?).with_group_size(GroupSize::new(128)?))
-///     .with_act_order(true);
-/// assert_eq!(cfg.block_size, 128);
-/// # Ok::<(), vlmq::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GptqConfig {
-    /// The integer grid.
-    pub scheme: QuantScheme,
-    /// Hessian damping.
-    pub damping: Damping,
-    /// Columns per lazy-update block (128 in the reference); must be positive.
-    pub block_size: usize,
-    /// Process columns in order of decreasing Hessian diagonal.
-    pub act_order: bool,
-    /// Group-aware activation ordering (GAR, GPTQModel's `act_group_aware`):
-    /// groups stay the contiguous runs of original columns, but the walk
-    /// visits the groups in order of their largest Hessian diagonal entry
-    /// and, inside a group, the columns in order of decreasing diagonal.
-    /// The checkpoint needs no `g_idx` permutation. Excludes `act_order`.
-    pub act_group_aware: bool,
-    /// Fit group parameters on the original weight before any update
-    /// (required for act-order checkpoints whose groups stay contiguous).
-    pub static_groups: bool,
-    /// Compute the exact objective `tr((W - Q) H (W - Q)^T)` for the report.
-    /// Costs one extra `m x n x n` product; the OBS loss is always reported.
-    pub compute_objective: bool,
-    /// Which values a dynamic group is fitted on (the reference rule by default).
-    pub group_fit: GroupFit,
-}
-
-impl Default for GptqConfig {
-    /// [`GptqConfig::new`] on [`QuantScheme::default`]: 4 bits, groups of
-    /// 128, symmetric, damping 0.01 of the mean diagonal.
-    fn default() -> Self {
-        GptqConfig::new(QuantScheme::default())
-    }
-}
-
-impl GptqConfig {
-    /// Default solve settings for a scheme: damping 1%, blocks of 128, no
-    /// act-order, dynamic groups fitted by the reference rule, exact
-    /// objective reported.
-    pub fn new(scheme: QuantScheme) -> Self {
-        GptqConfig {
-            scheme,
-            damping: Damping::default(),
-            block_size: 128,
-            act_order: false,
-            act_group_aware: false,
-            static_groups: false,
-            compute_objective: true,
-            group_fit: GroupFit::BlockStart,
-        }
-    }
-
-    /// Sets the damping.
-    pub fn with_damping(mut self, damping: Damping) -> Self {
-        self.damping = damping;
-        self
-    }
-
-    /// Sets the block size (checked at solve time to be positive).
-    pub fn with_block_size(mut self, block_size: usize) -> Self {
-        self.block_size = block_size;
-        self
-    }
-
-    /// Enables or disables act-order.
-    pub fn with_act_order(mut self, act_order: bool) -> Self {
-        self.act_order = act_order;
-        self
-    }
-
-    /// Enables or disables group-aware activation ordering (GAR).
-    pub fn with_act_group_aware(mut self, act_group_aware: bool) -> Self {
-        self.act_group_aware = act_group_aware;
-        self
-    }
-
-    /// Enables or disables static groups.
-    pub fn with_static_groups(mut self, static_groups: bool) -> Self {
-        self.static_groups = static_groups;
-        self
-    }
-
-    /// Sets the group-fitting rule.
-    pub fn with_group_fit(mut self, group_fit: GroupFit) -> Self {
-        self.group_fit = group_fit;
-        self
-    }
-
-    /// Enables or disables the exact objective in the report.
-    pub fn with_objective(mut self, compute: bool) -> Self {
-        self.compute_objective = compute;
-        self
-    }
-
-    /// Checks the fields that are not checked by their types.
-    pub fn validate(&self) -> Result<()> {
-        if self.block_size == 0 {
-            return Err(invalid("block_size", 0, "must be positive"));
-        }
-        if self.act_group_aware && self.act_order {
-            return Err(invalid(
-                "act_group_aware",
-                true,
-                "orders columns itself: turn act_order off",
-            ));
-        }
-        if self.act_group_aware && self.static_groups {
-            return Err(invalid(
-                "act_group_aware",
-                true,
-                "fits each group when the walk reaches it: turn static_groups off",
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn invalid(field: &'static str, value: impl std::fmt::Display, reason: &'static str) -> Error {
-    Error::InvalidConfig {
-        field,
-        value: value.to_string(),
-        reason,
+    /// The scale precision while solving (f16 by default).
+    pub fn scale_precision(&self) -> ScalePrecision {
+        self.scale_precision
     }
 }
