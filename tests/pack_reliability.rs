@@ -163,3 +163,60 @@ fn tensor_data_flips_are_caught_by_the_digests() {
         std::fs::read(other.path().join("model.safetensors")).unwrap()
     );
 }
+
+/// `with_config_extras` adds model-specific keys to both config files, and
+/// refuses at write time, before anything is written, an extra that would
+/// replace a key the writer sets: a previous checkpoint stays as it was,
+/// and the error names `quantize_config.json` and the key.
+#[test]
+fn config_extras_are_written_and_may_not_replace_the_writers_keys() {
+    let dir = TempDir::new("extras");
+    let ckpt = dir.path().join("ckpt");
+    let extras = |k: &str, v: serde_json::Value| {
+        let mut m = serde_json::Map::new();
+        m.insert(k.to_string(), v);
+        m
+    };
+    let mut w = CheckpointWriter::new().with_config_extras(extras(
+        "block_name_to_quantize",
+        serde_json::json!("model.layers"),
+    ));
+    w.add_layer("l", weight(0.5).unwrap(), None).unwrap();
+    w.write(&ckpt).unwrap();
+    for file in ["quantize_config.json", "config.json"] {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ckpt.join(file)).unwrap()).unwrap();
+        let qc = if file == "config.json" {
+            &v["quantization_config"]
+        } else {
+            &v
+        };
+        assert_eq!(qc["block_name_to_quantize"], "model.layers", "{file}");
+        assert_eq!(qc["bits"], 4, "{file}");
+    }
+    let before = std::fs::read(ckpt.join("config.json")).unwrap();
+    for key in [
+        "bits",
+        "group_size",
+        "sym",
+        "desc_act",
+        "checkpoint_format",
+        "meta",
+    ] {
+        let mut w = CheckpointWriter::new().with_config_extras(extras(key, 1.into()));
+        w.add_layer("l", weight(0.25).unwrap(), None).unwrap();
+        let e = w.write(&ckpt).unwrap_err();
+        match &e {
+            Error::InvalidField { path, field, .. } => {
+                assert!(path.ends_with("ckpt/quantize_config.json"), "{e}");
+                assert_eq!(field, key);
+            }
+            other => panic!("{key}: {other:?}"),
+        }
+        assert_eq!(std::fs::read(ckpt.join("config.json")).unwrap(), before);
+        // A new directory is not created either.
+        let fresh = dir.path().join(format!("new-{key}"));
+        assert!(w.write(&fresh).is_err() && !fresh.exists(), "{key}");
+    }
+    assert_eq!(Checkpoint::open(&ckpt).unwrap().names(), ["l"]);
+}

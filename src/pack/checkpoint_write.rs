@@ -109,8 +109,10 @@ impl CheckpointWriter {
     /// Adds model-specific keys to the quantization config (both
     /// `quantize_config.json` and `config.json -> quantization_config`),
     /// e.g. which blocks a loader converts and which modules stay dense.
-    /// A key the writer sets itself (`bits`, `format`, ...) is refused when
-    /// writing, so an extra can never contradict the layers.
+    /// A key the writer sets itself (`bits`, `format`, `meta`, ...) is
+    /// refused by [`write`](Self::write) before anything is written (an
+    /// [`Error::InvalidField`] naming `quantize_config.json` and the key),
+    /// so an extra can never contradict the layers.
     pub fn with_config_extras(mut self, extras: serde_json::Map<String, Value>) -> Self {
         self.extras = extras;
         self
@@ -306,6 +308,7 @@ impl CheckpointWriter {
     ) -> Result<QuantizeConfig> {
         let _lock = DirLock::output_dir(dir)?;
         let config = self.quantize_config()?;
+        let qc = self.config_json(&config, dir)?;
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, w, bias) in &self.layers {
             encode_layer(name, w, bias.as_ref(), &config, &mut owned)?;
@@ -337,22 +340,6 @@ impl CheckpointWriter {
             model_bytes = add_digests(&model_bytes, &digests, &target)?;
         }
         drop(owned);
-        let mut qc = config.to_json();
-        if let Some((cfg, method)) = &self.settings {
-            record_settings(&mut qc, cfg, *method);
-        }
-        if let Some(obj) = qc.as_object_mut() {
-            for (k, v) in &self.extras {
-                if obj.contains_key(k) {
-                    return Err(Error::InvalidConfig {
-                        field: "quantization_config extras",
-                        value: k.clone(),
-                        reason: "the writer sets this key from the layers",
-                    });
-                }
-                obj.insert(k.clone(), v.clone());
-            }
-        }
         let qc_bytes = json_bytes(&dir.join("quantize_config.json"), &qc)?;
         let config_path = dir.join("config.json");
         let mut model = match &self.model_config {
@@ -381,6 +368,31 @@ impl CheckpointWriter {
         files.extend(self.files.iter().map(|(n, b)| (n.as_str(), b.as_slice())));
         write_dir_atomic_hooked(dir, &files, hook)?;
         Ok(config)
+    }
+}
+
+impl CheckpointWriter {
+    /// The quantization config object: the layers' settings, the solve's
+    /// (when recorded) and the extras, which may not replace a key the
+    /// writer sets (an error naming `dir/quantize_config.json` and the key).
+    fn config_json(&self, config: &QuantizeConfig, dir: &Path) -> Result<Value> {
+        let mut qc = config.to_json();
+        if let Some((cfg, method)) = &self.settings {
+            record_settings(&mut qc, cfg, *method);
+        }
+        if let Some(obj) = qc.as_object_mut() {
+            for (k, v) in &self.extras {
+                if obj.contains_key(k) {
+                    return Err(Error::field(
+                        dir.join("quantize_config.json"),
+                        k.as_str(),
+                        "set by the writer from the layers; an extra key may not replace it",
+                    ));
+                }
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(qc)
     }
 }
 

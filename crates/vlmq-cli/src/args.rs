@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Post-training quantization (GPTQ, GPTAQ, VLMQ) of Llama-family and LLaVA
-/// models, written as GPTQ checkpoints.
+/// Post-training quantization (GPTQ, GPTAQ, VLMQ) of Llama-family models and
+/// vision-language models (LLaVA, Qwen2-VL, SmolVLM), written as GPTQ
+/// checkpoints.
 #[derive(Parser, Debug)]
 #[command(name = "vlmq", version, about)]
 pub struct Cli {

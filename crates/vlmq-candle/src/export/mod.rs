@@ -4,6 +4,7 @@
 //! and GGUF files whose weights were solved onto llama.cpp's block types
 //! ([`gguf`]; a whole Llama-family model: [`write_gguf_llama`]).
 
+mod dense_parts;
 pub mod gguf;
 mod gguf_llama;
 mod gguf_tokenizer;

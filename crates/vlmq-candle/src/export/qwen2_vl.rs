@@ -18,15 +18,15 @@
 //!   per dense part, GPTQModel's way of skipping modules: the whole tower
 //!   (`-:^visual\.`) when none of it was quantized, else each dense linear.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use vlmq::pipeline::PipelineOutput;
-use vlmq::{QuantizableModel, Result};
+use vlmq::Result;
 
 use crate::error::file;
+use crate::export::dense_parts::{quantization_extras, source_dtype, DensePart};
 use crate::export::{read_checkpoint, write_checkpoint_styled, DenseStyle};
 use crate::models::llama::weights::Linear;
 use crate::models::qwen2_vl::{Qwen2VlModel, VisionNorm, MERGER_LINEARS};
@@ -94,77 +94,17 @@ impl Qwen2VlModel {
     /// The dtype the checkpoint was stored in: `config.json`'s `torch_dtype`
     /// or `dtype` (top level, else `text_config`), f32 when absent.
     pub fn source_dtype(&self) -> DType {
-        let raw = &self.cfg.raw;
-        let named = ["torch_dtype", "dtype"].iter().find_map(|k| {
-            raw.get(*k)
-                .or_else(|| raw.get("text_config").and_then(|t| t.get(*k)))
-                .and_then(Value::as_str)
-        });
-        match named {
-            Some("bfloat16") => DType::BF16,
-            Some("float16") => DType::F16,
-            _ => DType::F32,
-        }
+        source_dtype(&self.cfg.raw)
     }
 
     /// The `quantization_config` keys that tell loaders which modules are
     /// packed and which stay dense (see the module doc).
     pub fn quantization_extras(&self, quantized: &PipelineOutput) -> Map<String, Value> {
-        let mut blocks = BTreeSet::new();
-        let mut inside: Vec<Vec<String>> = Vec::new();
-        let mut dense = Vec::new();
-        let mut tower_packed = false;
-        let nv = self.cfg.vision.depth + 1;
-        for b in 0..self.num_blocks() {
-            let name = self.block_name(b);
-            for group in self.linear_groups(b) {
-                let names: Vec<String> = group.iter().map(|l| l.name.clone()).collect();
-                let mut any = false;
-                for l in &names {
-                    if quantized.weights.contains_key(&(b, l.clone())) {
-                        any = true;
-                    } else {
-                        dense.push(format!("{name}.{l}"));
-                    }
-                }
-                if any {
-                    tower_packed |= b < nv;
-                    // The block's family prefix (`model.layers`, `visual.blocks`, `visual.merger`).
-                    let family = name.rsplit_once('.').map_or(name.as_str(), |(f, i)| {
-                        if i.parse::<usize>().is_ok() {
-                            f
-                        } else {
-                            name.as_str()
-                        }
-                    });
-                    blocks.insert(family.to_string());
-                    if !inside.contains(&names) {
-                        inside.push(names);
-                    }
-                }
-            }
-        }
-        let escape = |s: &str| s.replace('.', "\\.");
-        let mut dynamic = Map::new();
-        if !tower_packed {
-            dynamic.insert(format!("-:^{}", escape(&self.naming.visual)), json!({}));
-            dense.retain(|d| !d.starts_with(&self.naming.visual));
-        }
-        for d in dense {
-            dynamic.insert(format!("-:^{}$", escape(&d)), json!({}));
-        }
-        let mut extras = Map::new();
-        let blocks: Vec<String> = blocks.into_iter().collect();
-        extras.insert(
-            "block_name_to_quantize".into(),
-            match blocks.as_slice() {
-                [one] => json!(one),
-                many => json!(many),
-            },
-        );
-        extras.insert("modules_in_block_to_quantize".into(), json!(inside));
-        extras.insert("dynamic".into(), Value::Object(dynamic));
-        extras
+        let tower = DensePart {
+            prefix: &self.naming.visual,
+            blocks: 0..self.cfg.vision.depth + 1,
+        };
+        quantization_extras(self, quantized, &[tower])
     }
 }
 

@@ -2,19 +2,30 @@
 //! checkpoint's own SmolVLM layout (`model.vision_model.*`,
 //! `model.connector.*`, `model.text_model.*`), and reading it back.
 //!
-//! Every linear that the pipeline quantized is stored packed under its
-//! block's name (e.g. `model.text_model.layers.0.self_attn.q_proj.qweight`);
-//! everything else (usually the whole vision tower and the connector, plus
-//! embeddings, norms and biases) stays dense f32 under its original name.
-//! `config.json` is the loaded one with `quantization_config` added.
+//! - Every linear that the pipeline quantized is stored packed under its
+//!   block's name (e.g. `model.text_model.layers.0.self_attn.q_proj.qweight`,
+//!   with `qzeros`, `scales`, `g_idx` and its bias);
+//! - everything else (usually the whole vision tower and the connector,
+//!   plus embeddings, norms and biases) keeps its name and is stored in the
+//!   source dtype (`torch_dtype` / `dtype` of `config.json`, f32 when
+//!   absent), so a dense tensor's bytes are the source's;
+//! - `config.json` is the loaded one, unchanged but for
+//!   `quantization_config`, which lists what stays dense as Qwen2-VL's
+//!   export does: `block_name_to_quantize` (`model.text_model.layers` for
+//!   the LM only), `modules_in_block_to_quantize`, and GPTQModel `dynamic`
+//!   negative rules (`-:^model\.vision_model\.` and
+//!   `-:^model\.connector\.` when those parts stay dense as a whole, else
+//!   one rule per dense linear).
 
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use serde_json::{Map, Value};
 use vlmq::pipeline::PipelineOutput;
 use vlmq::Result;
 
-use crate::export::{read_checkpoint, write_checkpoint};
+use crate::export::dense_parts::{quantization_extras, source_dtype, DensePart};
+use crate::export::{read_checkpoint, write_checkpoint_styled, DenseStyle};
 use crate::models::clip::{LayerNorm, VISION_LINEAR_NAMES};
 use crate::models::smolvlm::SmolVlmModel;
 
@@ -64,26 +75,56 @@ impl SmolVlmModel {
         }
         out
     }
+
+    /// The dtype the checkpoint was stored in: `config.json`'s `torch_dtype`
+    /// or `dtype` (top level, else `text_config`), f32 when absent.
+    pub fn source_dtype(&self) -> DType {
+        source_dtype(&self.raw_config)
+    }
+
+    /// The `quantization_config` keys that tell loaders which modules are
+    /// packed and which stay dense (see the module doc).
+    pub fn quantization_extras(&self, quantized: &PipelineOutput) -> Map<String, Value> {
+        let nv = self.cfg.vision.num_layers;
+        let parts = [
+            DensePart {
+                prefix: &self.naming.vision,
+                blocks: 0..nv,
+            },
+            DensePart {
+                prefix: &self.naming.connector,
+                blocks: nv..nv + 1,
+            },
+        ];
+        quantization_extras(self, quantized, &parts)
+    }
 }
 
 /// Writes `quantized` (a pipeline run on `model`) as a GPTQ checkpoint in
-/// `dir`, in the model's own SmolVLM layout. Linears absent from
-/// `quantized` (e.g. the vision tower and connector with an LM-only
-/// selection) are stored as dense f32. `tokenizer`, when given, is saved as
-/// `tokenizer.json`.
+/// `dir`, in the model's own SmolVLM layout (see the module doc). Linears
+/// absent from `quantized` (e.g. the vision tower and connector with an
+/// LM-only selection) stay dense in the source dtype. `tokenizer`, when
+/// given, is saved as `tokenizer.json`.
 pub fn write_smolvlm_gptq(
     model: &SmolVlmModel,
     quantized: &PipelineOutput,
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: impl AsRef<Path>,
 ) -> Result<()> {
-    let mut cfg = model.raw_config().clone();
-    cfg["torch_dtype"] = "float32".into();
-    if cfg.get("dtype").is_some() {
-        cfg["dtype"] = "float32".into();
-    }
+    let style = DenseStyle {
+        dtype: model.source_dtype(),
+        extras: model.quantization_extras(quantized),
+    };
     let tensors = model.named_tensors();
-    write_checkpoint(model, cfg, &tensors, quantized, tokenizer, dir.as_ref())
+    write_checkpoint_styled(
+        model,
+        model.raw_config().clone(),
+        &tensors,
+        quantized,
+        tokenizer,
+        dir.as_ref(),
+        &style,
+    )
 }
 
 /// Reads a checkpoint written by [`write_smolvlm_gptq`] back into `model`:

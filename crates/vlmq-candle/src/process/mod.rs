@@ -1,14 +1,17 @@
-//! Turning user inputs into model inputs: tokenizers, LLaVA prompts, CLIP
-//! and Qwen2-VL image preprocessing, PIL-exact resampling, calibration
-//! conversations and chat templates.
+//! Turning user inputs into model inputs: tokenizers, LLaVA prompts, CLIP,
+//! Qwen2-VL and SmolVLM image preprocessing, PIL-exact resampling,
+//! calibration conversations and chat templates, and conversations to
+//! Qwen2-VL and SmolVLM samples.
 
 pub mod calibration;
 pub mod chat_template;
 pub mod conversation;
+pub(crate) mod conversation_prompt;
 pub mod image_input;
 pub(crate) mod llava_prompt;
 pub mod pil_resize;
 pub mod qwen2_vl_image;
 pub mod qwen2_vl_prompt;
 pub mod smolvlm_image;
+pub mod smolvlm_prompt;
 pub(crate) mod tokenizer;

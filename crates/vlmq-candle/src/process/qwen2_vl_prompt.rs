@@ -1,5 +1,6 @@
 //! One calibration conversation to one Qwen2-VL sample, as transformers'
-//! `Qwen2VLProcessor` and the model's chat template make it:
+//! `Qwen2VLProcessor` and the model's chat template make it (steps 1 and
+//! 3 are shared with SmolVLM's prompts):
 //! 1. the messages are rendered with the chat template (each image part
 //!    becomes `<|vision_start|><|image_pad|><|vision_end|>`);
 //! 2. each image is decoded, resized and cut into patches
@@ -17,9 +18,9 @@ use candle_core::{DType, Device, Tensor};
 use vlmq::Result;
 
 use crate::models::qwen2_vl::{ImageGrid, QwenVlSample};
-use crate::process::chat_template::{ChatTemplate, TokenRole};
+use crate::process::chat_template::ChatTemplate;
 use crate::process::conversation::Conversation;
-use crate::process::image_input::load_image;
+use crate::process::conversation_prompt::{conversation_tokens, PromptSpelling};
 use crate::process::qwen2_vl_image::{process_image, Qwen2VlImageConfig};
 
 /// The image placeholder of Qwen2-VL's chat template and processor.
@@ -47,40 +48,21 @@ pub fn qwen_conversation_sample(
     ctx: &QwenPromptContext<'_>,
     conv: &Conversation,
 ) -> Result<QwenVlSample> {
-    let rendered = ctx
-        .template
-        .render_with_spans(&conv.messages)
-        .map_err(|e| conv.invalid("messages", e))?;
+    let spell = PromptSpelling {
+        tokenizer: ctx.tokenizer,
+        template: ctx.template,
+        placeholder: QWEN_IMAGE_TOKEN,
+        image_token_id: ctx.image_token_id,
+        add_special_tokens: false,
+    };
     let mut values = Vec::new();
     let mut grids: Vec<ImageGrid> = Vec::new();
-    for (n, path) in conv.images().into_iter().enumerate() {
-        let (v, g) = load_image(path)
-            .and_then(|img| process_image(&img, ctx.images))
-            .map_err(|e| conv.invalid(&conv.image_field(n), e))?;
+    let tokens = conversation_tokens(&spell, conv, |img| {
+        let (v, g) = process_image(img, ctx.images)?;
         values.extend(v);
         grids.push(g);
-    }
-    let reps: Vec<String> = grids
-        .iter()
-        .map(|g| QWEN_IMAGE_TOKEN.repeat(g.tokens(ctx.images.merge_size)))
-        .collect();
-    let expanded = rendered
-        .expand(QWEN_IMAGE_TOKEN, &reps)
-        .map_err(|e| conv.invalid("messages", e))?;
-    let enc = ctx
-        .tokenizer
-        .encode(expanded.text.as_str(), false)
-        .map_err(|e| conv.invalid("messages", format!("tokenizer: {e}")))?;
-    let ids = enc.get_ids().to_vec();
-    if ids.len() < 2 {
-        return Err(conv.invalid("messages", "gives fewer than 2 tokens"));
-    }
-    let mut roles = expanded.token_roles(&ids, enc.get_offsets(), ctx.image_token_id);
-    if !roles.contains(&TokenRole::Answer) {
-        for r in roles.iter_mut().filter(|r| **r == TokenRole::Text) {
-            *r = TokenRole::Answer;
-        }
-    }
+        Ok(QWEN_IMAGE_TOKEN.repeat(g.tokens(ctx.images.merge_size)))
+    })?;
     let pixels = if grids.is_empty() {
         None
     } else {
@@ -90,5 +72,5 @@ pub fn qwen_conversation_sample(
             .map_err(|e| conv.invalid("messages", e))?;
         Some(t)
     };
-    QwenVlSample::answer_only(ids, &roles, pixels, grids)
+    QwenVlSample::answer_only(tokens.ids, &tokens.roles, pixels, grids)
 }

@@ -20,8 +20,8 @@
 
 mod event;
 mod gguf;
-mod qwen_samples;
 mod samples;
+mod vlm_samples;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -34,11 +34,13 @@ pub use event::{Event, Stage};
 
 use crate::export::llava::write_llava_gptq;
 use crate::export::qwen2_vl::write_qwen2_vl_gptq;
+use crate::export::smolvlm::write_smolvlm_gptq;
 use crate::export::write_gptq;
 use crate::process::calibration::Calibration;
 use crate::process::chat_template::ChatTemplate;
 use crate::process::image_input::ClipImageProcessor;
 use crate::process::qwen2_vl_image::Qwen2VlImageConfig;
+use crate::process::smolvlm_image::SmolVlmImageProcessor;
 use crate::recipe::{CheckedRecipe, OutputFormat};
 use crate::{
     load_llava_dir, load_model_with, tokenizer_from_file, LlamaModel, LlavaModel, LoadOptions,
@@ -59,6 +61,8 @@ pub enum LoadedModel {
     Llava(LlavaModel, ClipImageProcessor),
     /// A Qwen2-VL or Qwen2.5-VL model with its image processor's settings.
     Qwen2Vl(crate::Qwen2VlModel, Qwen2VlImageConfig),
+    /// A SmolVLM (Idefics3 layout) model with its image processor.
+    SmolVlm(crate::SmolVlmModel, SmolVlmImageProcessor),
 }
 
 impl LoadedModel {
@@ -68,6 +72,7 @@ impl LoadedModel {
             LoadedModel::Llama(_) => "llama",
             LoadedModel::Llava(..) => "llava",
             LoadedModel::Qwen2Vl(..) => "qwen2_vl",
+            LoadedModel::SmolVlm(..) => "smolvlm",
         }
     }
 
@@ -77,6 +82,7 @@ impl LoadedModel {
             LoadedModel::Llama(m) => m.num_blocks(),
             LoadedModel::Llava(m, _) => m.num_blocks(),
             LoadedModel::Qwen2Vl(m, _) => m.num_blocks(),
+            LoadedModel::SmolVlm(m, _) => m.num_blocks(),
         }
     }
 }
@@ -107,7 +113,7 @@ impl Quantizer {
     }
 
     /// Loads `path` with the given device, compute dtype and residency
-    /// (LLaVA and Qwen2-VL models are always held in memory).
+    /// (vision-language models are always held in memory).
     pub fn from_pretrained_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Quantizer> {
         let path = path.as_ref();
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
@@ -130,6 +136,12 @@ impl Quantizer {
                 let tk = tokenizer_from_file(path.join("tokenizer.json"))?;
                 let images = Qwen2VlImageConfig::from_dir(path)?;
                 (LoadedModel::Qwen2Vl(m, images), tk)
+            }
+            Some("smolvlm" | "idefics3") if !is_gguf => {
+                let m = crate::load_smolvlm_dir(path, opts.dtype, &opts.device)?;
+                let tk = tokenizer_from_file(path.join("tokenizer.json"))?;
+                let images = smolvlm_processor(path, &m)?;
+                (LoadedModel::SmolVlm(m, images), tk)
             }
             _ => {
                 let (m, tk) = load_model_with(path, opts)?;
@@ -240,7 +252,16 @@ impl Quantizer {
                 run(m, &set, &cfg, &mut tick)?
             }
             LoadedModel::Qwen2Vl(m, images) => {
-                let set = qwen_samples::qwen_samples(m, images, &src, |d, n| {
+                let set = vlm_samples::qwen_samples(m, images, &src, |d, n| {
+                    tick(Stage::Calibrate, d, n, format!("sample {d}"))
+                })?;
+                if *cfg.blocks() == BlockSelection::All {
+                    cfg = cfg.with_blocks(m.lm_only());
+                }
+                run(m, &set, &cfg, &mut tick)?
+            }
+            LoadedModel::SmolVlm(m, images) => {
+                let set = vlm_samples::smolvlm_samples(m, images, &src, |d, n| {
                     tick(Stage::Calibrate, d, n, format!("sample {d}"))
                 })?;
                 if *cfg.blocks() == BlockSelection::All {
@@ -319,6 +340,40 @@ fn clip_processor(dir: &Path, m: &LlavaModel) -> Result<ClipImageProcessor> {
     Ok(p)
 }
 
+/// The image processor of a SmolVLM directory, checked against the model:
+/// its frames must be the tower's input size and its `image_seq_len` the
+/// connector's features per frame.
+fn smolvlm_processor(dir: &Path, m: &crate::SmolVlmModel) -> Result<SmolVlmImageProcessor> {
+    let p = SmolVlmImageProcessor::from_model_dir(dir)?;
+    let file = match dir.join("processor_config.json") {
+        f if f.is_file() => f,
+        _ => dir.join("preprocessor_config.json"),
+    };
+    let cfg = m.config();
+    if p.frame_side != cfg.vision.image_size {
+        return Err(Error::field(
+            &file,
+            "max_image_size.longest_edge",
+            format!(
+                "{} differs from the vision tower's image_size {}",
+                p.frame_side, cfg.vision.image_size
+            ),
+        ));
+    }
+    if p.image_seq_len != cfg.tokens_per_frame() {
+        return Err(Error::field(
+            &file,
+            "image_seq_len",
+            format!(
+                "{} differs from the connector's {} features per frame",
+                p.image_seq_len,
+                cfg.tokens_per_frame()
+            ),
+        ));
+    }
+    Ok(p)
+}
+
 /// A quantized model, ready to be saved.
 pub struct Quantized {
     model: LoadedModel,
@@ -360,12 +415,13 @@ impl Quantized {
             (LoadedModel::Llama(m), OutputFormat::Gguf(_)) => {
                 gguf::save(m, &self.output, &self.source, &gguf::gguf_path(dir)?)
             }
-            (LoadedModel::Llava(..) | LoadedModel::Qwen2Vl(..), OutputFormat::Gguf(_)) => {
-                Err(Error::Unsupported {
-                    what: format!("GGUF output for a {} model", self.model.family()),
-                    remedy: "write gptq for VLMs".into(),
-                })
-            }
+            (
+                LoadedModel::Llava(..) | LoadedModel::Qwen2Vl(..) | LoadedModel::SmolVlm(..),
+                OutputFormat::Gguf(_),
+            ) => Err(Error::Unsupported {
+                what: format!("GGUF output for a {} model", self.model.family()),
+                remedy: "write gptq for VLMs".into(),
+            }),
             (LoadedModel::Llama(m), OutputFormat::Gptq) => {
                 write_gptq(m, &self.output, Some(&self.tokenizer), dir)
             }
@@ -374,6 +430,9 @@ impl Quantized {
             }
             (LoadedModel::Qwen2Vl(m, _), OutputFormat::Gptq) => {
                 write_qwen2_vl_gptq(m, &self.output, Some(&self.tokenizer), dir)
+            }
+            (LoadedModel::SmolVlm(m, _), OutputFormat::Gptq) => {
+                write_smolvlm_gptq(m, &self.output, Some(&self.tokenizer), dir)
             }
         }
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// The tiny two-block Llama of vlmq-candle's fixtures (hidden 64, MLP 176).
 pub fn fixture() -> PathBuf {
@@ -41,3 +42,21 @@ pub fn s(p: &Path) -> &str {
 
 /// Settings small enough for the 2-block fixture.
 pub const SMALL: &[&str] = &["--samples", "4", "--seq-len", "32"];
+
+/// Runs the `vlmq` binary with `args`.
+pub fn vlmq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vlmq"))
+        .args(args)
+        .output()
+        .expect("the vlmq binary runs")
+}
+
+/// What a run printed on standard output.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// What a run printed on standard error.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

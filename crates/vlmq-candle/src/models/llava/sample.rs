@@ -2,6 +2,8 @@
 
 use candle_core::Tensor;
 
+use crate::process::chat_template::TokenRole;
+
 /// One calibration sample of a VLM: token ids (with `tokens_per_image`
 /// `<image>` tokens per image), which tokens are prediction targets, how
 /// many leading tokens are real (the rest is right padding), and the images.
@@ -38,6 +40,29 @@ impl VlmSample {
             }
         }
         self
+    }
+
+    /// A sample whose targets are the answer tokens only (VLMQ's
+    /// answer-only task loss), from the roles the chat template gives (one
+    /// per token); no padding.
+    pub fn answer_only(
+        tokens: Vec<u32>,
+        roles: &[TokenRole],
+        pixels: Option<Tensor>,
+    ) -> vlmq::Result<Self> {
+        if roles.len() != tokens.len() {
+            return Err(vlmq::Error::shape(
+                "token roles (one per token)",
+                &[tokens.len()],
+                &[roles.len()],
+            ));
+        }
+        Ok(VlmSample {
+            targets: roles.iter().map(|r| *r == TokenRole::Answer).collect(),
+            valid_len: tokens.len(),
+            tokens,
+            pixels,
+        })
     }
 
     /// Appends `n` padding tokens `pad` (invalid, not targets).
