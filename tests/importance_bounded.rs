@@ -1,6 +1,6 @@
 //! The task-loss importance pass in bounded memory (issue 23): the hidden
-//! states it holds at once stay within `capture_tokens` tokens whatever the
-//! number of blocks, its chunking changes no bit of the result, and it
+//! states it holds at once stay within `importance_memory` bytes whatever
+//! the number of blocks, its chunking changes no bit of the result, and it
 //! reports progress and can be cancelled.
 
 mod common;
@@ -141,18 +141,27 @@ const HIDDEN: usize = 16;
 /// Tokens per sample of `common::tiny::samples`.
 const SAMPLE_TOKENS: usize = 16;
 
-fn vlmq_config(capture_tokens: usize) -> PipelineConfig {
+/// Bytes of `rows` rows of the tiny model's f32 hidden states.
+fn bytes_of_rows(rows: usize) -> usize {
+    rows * D * std::mem::size_of::<f32>()
+}
+
+/// VLMQ whose importance pass may hold `budget_rows` rows of hidden states.
+/// Capture is bounded far lower, so a pass sized by the capture bound (the
+/// rule before the byte budget) holds fewer rows than these tests expect.
+fn vlmq_config(budget_rows: usize) -> PipelineConfig {
     let scheme =
         QuantScheme::new(Bits::new(4).unwrap()).with_group_size(GroupSize::new(8).unwrap());
     PipelineConfig::new(QuantMethod::Vlmq, GptqConfig::new(scheme))
-        .with_capture_tokens(capture_tokens)
+        .with_capture_tokens(SAMPLE_TOKENS)
+        .with_importance_memory(bytes_of_rows(budget_rows))
 }
 
 /// Runs VLMQ on a `blocks`-block tiny model over `n` samples; returns the
 /// output, every progress event, and the most hidden-state rows alive at
 /// once during the importance pass (read at its last step, after which the
 /// pass allocates no hidden state).
-fn run(blocks: usize, n: usize, capture_tokens: usize) -> (PipelineOutput, Vec<Progress>, usize) {
+fn run(blocks: usize, n: usize, budget_rows: usize) -> (PipelineOutput, Vec<Progress>, usize) {
     let mut model = Counted {
         inner: TinyModel::new(7, D, HIDDEN, blocks),
         rows: Arc::new(Rows::default()),
@@ -164,7 +173,7 @@ fn run(blocks: usize, n: usize, capture_tokens: usize) -> (PipelineOutput, Vec<P
     let out = quantize_model(
         &mut model,
         &set,
-        &vlmq_config(capture_tokens),
+        &vlmq_config(budget_rows),
         |p: &Progress| {
             if matches!(p.stage, Stage::Importance { .. }) && p.done == p.total {
                 importance_peak = rows.peak.load(Ordering::SeqCst);
@@ -177,10 +186,10 @@ fn run(blocks: usize, n: usize, capture_tokens: usize) -> (PipelineOutput, Vec<P
 }
 
 #[test]
-fn hidden_states_of_the_importance_pass_stay_within_capture_tokens_for_any_depth() {
-    // 24 samples of 16 tokens; a budget of 16 samples' tokens, which at 14
+fn hidden_states_of_the_importance_pass_stay_within_the_budget_for_any_depth() {
+    // 24 samples of 16 tokens; a budget of 16 samples' rows, which at 14
     // blocks is one sample per chunk. Keeping every block's input for a
-    // chunk of capture_tokens tokens (the pass before issue 23) holds
+    // chunk of the budget's rows (the pass before issue 23) holds
     // (blocks + 1) x 256 rows and more.
     let budget = 16 * SAMPLE_TOKENS;
     for blocks in [2, 6, 14] {
@@ -191,6 +200,29 @@ fn hidden_states_of_the_importance_pass_stay_within_capture_tokens_for_any_depth
             "{blocks} blocks: {peak} rows of hidden states alive at once, budget {budget}"
         );
     }
+}
+
+#[test]
+fn the_budget_fills_chunks_with_several_samples_for_parallelism() {
+    // 2 blocks hold 4 states per sample: a budget of 16 samples' rows gives
+    // chunks of 4 samples, whatever the capture bound (one sample here).
+    let blocks = 2;
+    let (_, events, peak) = run(blocks, 10, 16 * SAMPLE_TOKENS);
+    let chunks: Vec<_> = events
+        .iter()
+        .filter_map(|p| match &p.stage {
+            Stage::Importance {
+                backward: false,
+                samples,
+            } if p.block == 0 => Some(samples.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(chunks, [0..4, 4..8, 8..10]);
+    assert!(
+        peak > (blocks + 2) * SAMPLE_TOKENS,
+        "several samples at once: {peak} rows"
+    );
 }
 
 #[test]
@@ -207,8 +239,8 @@ fn chunking_and_thread_count_change_no_bit_of_the_result() {
     // One chunk of every sample (what the pass did for calibration sets
     // within capture_tokens before issue 23), one sample per chunk, and
     // something in between; on pools of 1 and 3 threads.
-    let reference = run(4, 10, 1 << 30).0;
-    for (capture, threads) in [(SAMPLE_TOKENS, 1), (5 * SAMPLE_TOKENS, 3), (1 << 30, 3)] {
+    let reference = run(4, 10, 1 << 20).0;
+    for (capture, threads) in [(SAMPLE_TOKENS, 1), (5 * SAMPLE_TOKENS, 3), (1 << 20, 3)] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -230,7 +262,7 @@ fn chunking_and_thread_count_change_no_bit_of_the_result() {
 #[test]
 fn importance_steps_are_reported_in_order_before_the_layers() {
     let blocks = 3;
-    // Two samples per chunk: capture 10 x 16 tokens over blocks + 2 = 5 states.
+    // Two samples per chunk: a budget of 10 x 16 rows over blocks + 2 = 5 states.
     let (out, events, _) = run(blocks, 5, 10 * SAMPLE_TOKENS);
     let steps: Vec<&Progress> = events
         .iter()
@@ -272,7 +304,7 @@ fn cancelling_during_the_importance_pass_stops_before_any_weight_changes() {
     let before = common::tiny::all_weights(&model);
     let set = samples(11, 6, D);
     let mut seen = 0;
-    let err = quantize_model(&mut model, &set, &vlmq_config(1 << 30), |p: &Progress| {
+    let err = quantize_model(&mut model, &set, &vlmq_config(1 << 20), |p: &Progress| {
         seen += 1;
         assert!(matches!(p.stage, Stage::Importance { .. }));
         if p.done == 4 {

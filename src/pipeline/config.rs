@@ -288,6 +288,7 @@ pub struct PipelineConfig {
     state_dir: Option<PathBuf>,
     true_sequential: bool,
     capture_tokens: usize,
+    importance_memory: usize,
     layer_objectives: bool,
     gguf_type: Option<GgufType>,
 }
@@ -299,6 +300,11 @@ impl PipelineConfig {
     /// Default bound on the tokens captured at once (see
     /// [`with_capture_tokens`](Self::with_capture_tokens)).
     pub const DEFAULT_CAPTURE_TOKENS: usize = 8192;
+
+    /// Default bound on the bytes of hidden states the task-loss importance
+    /// pass holds at once (see
+    /// [`with_importance_memory`](Self::with_importance_memory)): 1 GiB.
+    pub const DEFAULT_IMPORTANCE_MEMORY: usize = 1 << 30;
 
     /// A run of `method` with the given solver settings and defaults elsewhere.
     pub fn new(method: QuantMethod, solver: GptqConfig) -> Self {
@@ -312,6 +318,7 @@ impl PipelineConfig {
             state_dir: None,
             true_sequential: true,
             capture_tokens: Self::DEFAULT_CAPTURE_TOKENS,
+            importance_memory: Self::DEFAULT_IMPORTANCE_MEMORY,
             layer_objectives: false,
             dead_layer_fallback: DeadLayerFallback::Refuse,
             gguf_type: None,
@@ -412,6 +419,20 @@ impl PipelineConfig {
         self
     }
 
+    /// Bounds the bytes of f32 hidden states the task-loss importance pass
+    /// holds at once (default
+    /// [`DEFAULT_IMPORTANCE_MEMORY`](Self::DEFAULT_IMPORTANCE_MEMORY)). The
+    /// pass keeps every block's input for the samples it is working on, so
+    /// samples go through the model in chunks sized to fit this bound for
+    /// the model's depth and hidden width (a longer sample alone), and the
+    /// samples of a chunk run in parallel: a bound below a few samples'
+    /// worth leaves cores idle. The chunking changes no bit of the result.
+    /// 0 is read as 1 (one sample per chunk).
+    pub fn with_importance_memory(mut self, bytes: usize) -> Self {
+        self.importance_memory = bytes.max(1);
+        self
+    }
+
     /// Computes each layer's exact objective `tr((W - Q) H (W - Q)^T)`
     /// (and, for VLMQ methods, on an extra unweighted Hessian) for the
     /// report. Off by default: it costs about as much as the solve.
@@ -446,6 +467,11 @@ impl PipelineConfig {
     /// The bound on tokens captured at once.
     pub fn capture_tokens(&self) -> usize {
         self.capture_tokens
+    }
+
+    /// The bound on the bytes of hidden states the importance pass holds.
+    pub fn importance_memory(&self) -> usize {
+        self.importance_memory
     }
 
     /// Whether layer objectives are computed.

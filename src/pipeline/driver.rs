@@ -49,8 +49,9 @@ use crate::error::{Error, Result};
 /// Memory: the block streams (one hidden state per sample, two for GPTAQ),
 /// the accumulators of the groups being captured, and the layer inputs of at
 /// most [`PipelineConfig::capture_tokens`] tokens at once; the task-loss
-/// importance pass holds the hidden states of at most that many tokens (or
-/// of one sample) over all blocks together while it runs.
+/// importance pass holds at most [`PipelineConfig::importance_memory`] bytes
+/// of hidden states (or one sample's) over all blocks together while it
+/// runs.
 pub fn quantize_model<M, C>(
     model: &mut M,
     samples: &[M::Sample],
@@ -136,7 +137,7 @@ where
             Some(task_loss_saliency(
                 g,
                 samples,
-                cfg.capture_tokens(),
+                cfg.importance_memory(),
                 &mut steps,
             )?)
         }

@@ -18,12 +18,29 @@ use crate::error::{Error, Result};
 /// Tokens of one chunk of the pass. A chunk's samples hold at most
 /// `blocks + 2` hidden states each at once (every block's input while the
 /// backward walks down, plus the gradient coming in and the one going out),
-/// so giving a chunk `capture_tokens / (blocks + 2)` tokens keeps the
-/// hidden states of the pass within `capture_tokens` tokens' worth,
-/// whatever the number of blocks; a sample longer than that is a chunk
-/// alone.
-pub(crate) fn chunk_tokens(capture_tokens: usize, blocks: usize) -> usize {
-    (capture_tokens / (blocks + 2)).max(1)
+/// each `width` f32 values per token, so a chunk of
+/// `bytes / (4 * width * (blocks + 2))` tokens keeps the hidden states of
+/// the pass within `bytes` whatever the number of blocks; a sample longer
+/// than that is a chunk alone.
+pub(crate) fn chunk_tokens(bytes: usize, width: usize, blocks: usize) -> usize {
+    let per_token = width
+        .max(1)
+        .saturating_mul(std::mem::size_of::<f32>())
+        .saturating_mul(blocks + 2);
+    (bytes / per_token).max(1)
+}
+
+/// The width of the widest hidden state the pass holds: the widest input of
+/// a block's first linear group (the normed hidden state its attention
+/// projections read, in a transformer block), over all blocks.
+fn hidden_width<M: GradientModel + ?Sized>(model: &M) -> usize {
+    (0..model.num_blocks())
+        .filter_map(|b| {
+            let groups = model.linear_groups(b);
+            groups.first()?.iter().map(|l| l.in_features).max()
+        })
+        .max()
+        .unwrap_or(1)
 }
 
 /// Counts the pass's steps (one block's forward or backward over one
@@ -91,20 +108,21 @@ impl<'a> ImportanceProgress<'a> {
 ///
 /// Samples go through the whole stack in consecutive chunks of at most
 /// [`chunk_tokens`] tokens (by the first block's token info; a longer
-/// sample alone), so memory holds the hidden states of at most
-/// `capture_tokens` tokens (or of one sample) whatever the number of
-/// blocks, and the backend's layer cache holds one block at a time. Every
-/// sample's result is computed on its own, so the chunking changes no bit
-/// of the maps.
+/// sample alone), so the hidden states held at once stay within
+/// `memory_bytes` (or one sample's) whatever the number of blocks, and the
+/// backend's layer cache holds one block at a time. A chunk's samples run in
+/// parallel. Every sample's result is computed on its own, so the chunking
+/// changes no bit of the maps.
 pub(crate) fn task_loss_saliency<M: GradientModel + ?Sized>(
     model: &M,
     samples: &[M::Sample],
-    capture_tokens: usize,
+    memory_bytes: usize,
     progress: &mut ImportanceProgress<'_>,
 ) -> Result<SaliencyMaps> {
     let nb = model.num_blocks();
     let infos: Vec<_> = samples.iter().map(|s| model.token_info(0, s)).collect();
-    let chunks = sample_chunks(&infos, chunk_tokens(capture_tokens, nb));
+    let max_tokens = chunk_tokens(memory_bytes, hidden_width(model), nb);
+    let chunks = sample_chunks(&infos, max_tokens);
     progress.total = chunks.len() * 2 * nb;
     let names: Vec<String> = (0..nb).map(|b| model.block_name(b)).collect();
     let mut maps = SaliencyMaps::default();

@@ -8,7 +8,7 @@
 //! cargo run --release -p vlmq-candle --example memory_run -- \
 //!     --model DIR_OR_GGUF [--calib TEXT | --random-tokens] [--method gptq|vlmq] \
 //!     [--bits 4] [--group 128] [--windows 16] [--window-len 512] [--resident] \
-//!     [--out GPTQ_DIR] [--json OUT] [--capture-tokens N] [--trace-rss]
+//!     [--out GPTQ_DIR] [--json OUT] [--capture-tokens N] [--importance-mb MB] [--trace-rss]
 //! ```
 //!
 //! `--trace-rss` prints, after every progress event (each step of the
@@ -61,6 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--out",
             "--json",
             "--capture-tokens",
+            "--importance-mb",
         ],
         &[
             "--asym",
@@ -111,6 +112,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = quant.pipeline(false)?;
     if let Some(t) = f.parsed::<usize>("--capture-tokens")? {
         cfg = cfg.with_capture_tokens(t);
+    }
+    if let Some(mb) = f.parsed::<usize>("--importance-mb")? {
+        cfg = cfg.with_importance_memory(mb << 20);
     }
     let trace = f
         .switch("--trace-rss")
@@ -173,6 +177,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "block_seconds": block_seconds,
         "total_seconds": run_start.elapsed().as_secs_f64(),
         "capture_tokens": cfg.capture_tokens(),
+        "importance_mb": cfg.importance_memory() >> 20,
         "peak_rss_mb": peak_rss_mb(),
     });
     Ok(emit(&line, f.path("--json").as_deref())?)
