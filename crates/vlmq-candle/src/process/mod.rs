@@ -1,10 +1,11 @@
 //! Turning user inputs into model inputs: tokenizers, LLaVA prompts, CLIP,
 //! Qwen2-VL and SmolVLM image preprocessing, PIL-exact resampling,
-//! calibration conversations and chat templates, and conversations to
-//! Qwen2-VL and SmolVLM samples.
+//! calibration conversations and chat templates (from a model directory or a
+//! GGUF file), and conversations to Qwen2-VL and SmolVLM samples.
 
 pub mod calibration;
 pub mod chat_template;
+mod chat_template_gguf;
 pub mod conversation;
 pub(crate) mod conversation_prompt;
 pub mod image_input;

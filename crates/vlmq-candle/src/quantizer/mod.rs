@@ -97,6 +97,11 @@ pub struct Quantizer {
     source: PathBuf,
 }
 
+/// Whether `path` names a GGUF file (by its extension).
+fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "gguf")
+}
+
 /// What [`Quantizer::from_pretrained_with`] reads from `config.json` to pick
 /// the family.
 fn model_type(dir: &Path) -> Option<String> {
@@ -116,7 +121,7 @@ impl Quantizer {
     /// (vision-language models are always held in memory).
     pub fn from_pretrained_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Quantizer> {
         let path = path.as_ref();
-        let is_gguf = path.extension().is_some_and(|e| e == "gguf");
+        let is_gguf = is_gguf(path);
         if !is_gguf && !path.join("config.json").is_file() {
             return Err(Error::field(
                 path,
@@ -209,6 +214,9 @@ impl Quantizer {
             }
         };
         let template = match data {
+            Calibration::Conversations(_) if is_gguf(&self.source) => {
+                Some(ChatTemplate::from_gguf(&self.source)?)
+            }
             Calibration::Conversations(_) => Some(ChatTemplate::from_model_dir(&self.source)?),
             _ => None,
         };
