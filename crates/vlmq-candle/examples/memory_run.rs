@@ -109,7 +109,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => random_windows(model.config().vocab_size, n, len),
     };
     let samples: Vec<TextSample> = wins.into_iter().map(TextSample::causal).collect();
-    let mut cfg = quant.pipeline(false)?;
+    let mut cfg = quant
+        .recipe(false)
+        .check("command line".as_ref())?
+        .pipeline()
+        .clone();
     if let Some(t) = f.parsed::<usize>("--capture-tokens")? {
         cfg = cfg.with_capture_tokens(t);
     }

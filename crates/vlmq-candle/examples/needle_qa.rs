@@ -161,10 +161,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         qa_fp.answer_nll, qa_fp.exact_match, ppl_fp
     );
 
-    let cfg = a.quant.pipeline(a.one_forward)?;
+    // The needle samples carry answer-only targets, which the recipe's
+    // calibration forms do not: the recipe gives the settings, the samples
+    // go to the pipeline directly.
+    let recipe = a
+        .quant
+        .recipe(a.one_forward)
+        .check("command line".as_ref())?;
+    let cfg = recipe.pipeline();
     let samples: Vec<_> = calib.iter().map(|p| p.sample.clone()).collect();
     let t0 = Instant::now();
-    let q = vlmq::quantize_model(&mut model, &samples, &cfg, |p| eprint!("\r  {p}      "))?;
+    let q = vlmq::quantize_model(&mut model, &samples, cfg, |p| eprint!("\r  {p}      "))?;
     let quant_s = t0.elapsed().as_secs_f64();
     let qa = score_answers(&model, &held_out, &mut prog)?;
     let ppl = evaluate(&model, Some(&reference), ppl_set, 2, &mut prog)?;

@@ -1,42 +1,35 @@
-//! Quantize a Llama-family checkpoint (HF directory or GGUF file) end to end:
-//! load, tokenize a text file into windows, evaluate the full-precision
-//! model, quantize with a vlmq method, evaluate again (perplexity and KL vs
-//! the full-precision model), write a GPTQ checkpoint in the model's HF
-//! layout, read it back through `PackedLinear` and check it reproduces the
-//! quantized model.
+//! A measured `vlmq quantize` run on a Llama-family checkpoint (HF directory
+//! or GGUF file), for the comparison scripts: the same one-call API as the
+//! command ([`Quantizer`] with a [`Recipe`]), plus a held-out evaluation
+//! (perplexity and KL vs the full-precision model) before and after, an
+//! optional checkpoint read back through `PackedLinear`, and one JSON line
+//! with the numbers. For everyday use run the command instead
+//! (`vlmq quantize MODEL --calib FILE --out DIR [--eval FILE]`); VLMs too go
+//! through the command.
 //!
 //! ```text
 //! cargo run --release -p vlmq-candle --example quantize -- --model PATH --calib FILE \
-//!     --method gptq --bits 4 --group 128 --out DIR [--windows 32] [--window-len 256] \
+//!     --method gptq --bits 4 --group 128 [--out DIR] [--windows 32] [--window-len 256] \
 //!     [--seed 0] [--eval-windows 16] [--asym] [--gar] [--json results.jsonl] [--one-forward]
-//! cargo run --release -p vlmq-candle --example quantize -- --model LLAVA_DIR \
-//!     --images DIR_OR_FILES --prompts FILE --method vlmq --bits 4 --group 128 \
-//!     [--eval-windows N] [--all-blocks] [--out DIR] [--json results.jsonl]
 //! ```
-//!
-//! A directory whose `config.json` says `model_type: llava` takes the
-//! vision-language branch (`quantize_vlm/mod.rs`): calibration samples are
-//! the prompts with their images, the LM alone is quantized unless
-//! `--all-blocks`, and the checkpoint keeps the LLaVA layout.
 //!
 //! Windows: the text is tokenized once and cut into consecutive
 //! non-overlapping windows of `--window-len` tokens; the LAST
 //! `--eval-windows` windows are the held-out set (the same for every seed);
-//! `--windows` calibration windows are drawn without replacement from the
-//! others by a seeded shuffle.
+//! the others go to the quantizer as token samples, of which it draws
+//! `--windows` by the seed ([`vlmq::sample_indices`], as the command does).
 
 mod cli;
-mod quantize_vlm;
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use cli::{emit, Flags, Quant};
 use vlmq::QuantMethod;
-use vlmq_candle::candle_core::{DType, Device};
 use vlmq_candle::eval::{evaluate, windows};
-use vlmq_candle::export::{load_gptq_into, write_gptq};
-use vlmq_candle::{encode, load_model, TextSample};
+use vlmq_candle::export::load_gptq_into;
+use vlmq_candle::{encode, Calibration, LoadedModel, Quantizer, Recipe};
 
 struct Args {
     model: PathBuf,
@@ -46,12 +39,9 @@ struct Args {
     windows: usize,
     window_len: usize,
     seed: u64,
-    eval_windows: Option<usize>,
+    eval_windows: usize,
     json: Option<PathBuf>,
     one_forward: bool,
-    images: Option<String>,
-    prompts: Option<PathBuf>,
-    all_blocks: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -67,11 +57,9 @@ fn parse() -> Result<Args, String> {
             "--window-len",
             "--seed",
             "--eval-windows",
-            "--images",
-            "--prompts",
             "--json",
         ],
-        &["--asym", "--gar", "--all-blocks", "--one-forward"],
+        &["--asym", "--gar", "--one-forward"],
     )?;
     let a = Args {
         model: f.path("--model").unwrap_or_default(),
@@ -81,86 +69,71 @@ fn parse() -> Result<Args, String> {
         windows: f.or("--windows", 32)?,
         window_len: f.or("--window-len", 256)?,
         seed: f.or("--seed", 0)?,
-        eval_windows: f.parsed("--eval-windows")?,
+        eval_windows: f.or("--eval-windows", 16)?,
         json: f.path("--json"),
         one_forward: f.switch("--one-forward"),
-        images: f.parsed("--images")?,
-        prompts: f.path("--prompts"),
-        all_blocks: f.switch("--all-blocks"),
     };
-    let vlm = a.images.is_some() || a.prompts.is_some();
-    if vlm && (a.images.is_none() || a.prompts.is_none()) {
-        return Err("--images and --prompts go together".into());
-    }
-    if a.model.as_os_str().is_empty() || (!vlm && a.calib.as_os_str().is_empty()) {
-        return Err("--model and --calib (or --images and --prompts) are required".into());
+    if a.model.as_os_str().is_empty() || a.calib.as_os_str().is_empty() {
+        return Err("--model and --calib are required".into());
     }
     Ok(a)
+}
+
+/// The Llama-family model of a loaded or quantized run.
+fn llama(m: &LoadedModel) -> Result<&vlmq_candle::LlamaModel, String> {
+    match m {
+        LoadedModel::Llama(m) => Ok(m),
+        other => Err(format!(
+            "a {} model: this example evaluates Llama-family models; run `vlmq quantize` for VLMs",
+            other.family()
+        )),
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     vlmq_candle::prefer_sample_parallelism();
     let a =
         parse().map_err(|e| format!("{e}\nusage: see the doc comment of examples/quantize.rs"))?;
-    let scheme = a.quant.scheme()?;
-    if let (Some(images), Some(prompts)) = (&a.images, &a.prompts) {
-        if !quantize_vlm::is_llava(&a.model) {
-            return Err(format!(
-                "{:?} is not a LLaVA directory (config.json model_type)",
-                a.model
-            )
-            .into());
-        }
-        let line = quantize_vlm::run(&quantize_vlm::VlmArgs {
-            model: &a.model,
-            prompts,
-            images,
-            method: a.quant.method,
-            scheme,
-            eval: a.eval_windows.unwrap_or(0),
-            all_blocks: a.all_blocks,
-            out: a.out.as_deref(),
-        })?;
-        return Ok(emit(&line, a.json.as_deref())?);
+    let recipe = Recipe {
+        samples: a.windows,
+        seq_len: a.window_len,
+        seed: a.seed,
+        ..a.quant.recipe(a.one_forward)
     }
-    let eval_windows = a.eval_windows.unwrap_or(16);
-    let dev = Device::Cpu;
+    .check("command line".as_ref())?;
     let t0 = Instant::now();
-    let (mut model, tk) = load_model(&a.model, DType::F32, &dev)?;
+    let q = Quantizer::from_pretrained(&a.model)?;
+    let reference = llama(q.model())?.clone();
     eprintln!(
         "loaded {:?} in {:.1}s: {:?}",
         a.model,
         t0.elapsed().as_secs_f64(),
-        model.config()
+        reference.config()
     );
 
     let text = std::fs::read_to_string(&a.calib)?;
-    let tokens = encode(&tk, &text)?;
+    let tokens = encode(q.tokenizer(), &text)?;
     let all = windows(&tokens, a.window_len);
-    if all.len() < eval_windows + a.windows {
+    if all.len() < a.eval_windows + a.windows {
         return Err(format!(
             "{} tokens give {} windows of {}, fewer than {} eval + {} calibration",
             tokens.len(),
             all.len(),
             a.window_len,
-            eval_windows,
+            a.eval_windows,
             a.windows
         )
         .into());
     }
-    let pool = all.len() - eval_windows;
+    let pool = all.len() - a.eval_windows;
     let eval_set: Vec<Vec<u32>> = all[pool..].to_vec();
+    // The quantizer draws its samples from the pool with this same function.
     let calib_idx = vlmq::sample_indices(pool, a.windows, a.seed);
     eprintln!(
         "text {:?}: {} chars, {} tokens, {} windows of {}; eval = windows {}..{}; calibration (seed {}) = {:?}",
         a.calib, text.len(), tokens.len(), all.len(), a.window_len, pool, all.len(), a.seed, calib_idx
     );
-    let samples: Vec<TextSample> = calib_idx
-        .iter()
-        .map(|&i| TextSample::causal(all[i].clone()))
-        .collect();
 
-    let reference = model.clone();
     let mut prog = |d: usize, n: usize| eprint!("\r  eval {d}/{n}   ");
     let base = evaluate(&reference, None, &eval_set, 2, &mut prog)?;
     eprintln!(
@@ -168,19 +141,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         base.perplexity, base.tokens, base.seconds
     );
 
-    let cfg = a.quant.pipeline(a.one_forward)?;
     let tq = Instant::now();
-    let q = vlmq::quantize_model(&mut model, &samples, &cfg, |p| eprint!("\r  {p}      "))?;
+    let done = q
+        .calibrate(Calibration::Tokens(all[..pool].to_vec()), &a.calib)?
+        .quantize(&recipe, |e| {
+            eprint!(
+                "\r  {} {}/{} {}      ",
+                e.stage.name(),
+                e.done,
+                e.total,
+                e.item
+            );
+            ControlFlow::Continue(())
+        })?;
     let quant_s = tq.elapsed().as_secs_f64();
+    let report = done.report();
     eprintln!(
         "\n{} done in {quant_s:.1}s (importance pass {:.1}s, CPU {:.0}% of {} cores)",
         a.quant.method,
-        q.report.importance_seconds,
-        100.0 * q.report.cpu_utilization().unwrap_or(f64::NAN),
-        q.report.cores
+        report.importance_seconds,
+        100.0 * report.cpu_utilization().unwrap_or(f64::NAN),
+        report.cores
     );
 
-    let after = evaluate(&model, Some(&reference), &eval_set, 2, &mut prog)?;
+    let model = llama(done.model())?;
+    let after = evaluate(model, Some(&reference), &eval_set, 2, &mut prog)?;
     eprintln!(
         "\n{} W{} g{}: ppl {:.4} (fp {:.4}), KL {:.5} nats/token",
         a.quant.method,
@@ -193,11 +178,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut readback = None;
     if let Some(out) = &a.out {
-        write_gptq(&model, &q, Some(&tk), out)?;
+        done.save(out)?;
         let mut back = reference.clone();
         let n = load_gptq_into(&mut back, out)?;
         let probe = &eval_set[..1];
-        let e1 = evaluate(&model, None, probe, 1, &mut |_, _| {})?;
+        let e1 = evaluate(model, None, probe, 1, &mut |_, _| {})?;
         let e2 = evaluate(&back, None, probe, 1, &mut |_, _| {})?;
         eprintln!(
             "checkpoint {out:?}: {n} packed linears read back; NLL on one eval window {:.6} (in memory) vs {:.6} (from checkpoint)",
@@ -210,8 +195,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "model": a.model, "method": a.quant.method.name(), "bits": a.quant.bits, "group": a.quant.group,
         "symmetric": a.quant.symmetric, "gar": a.quant.gar, "seed": a.seed, "calib_windows": calib_idx, "window_len": a.window_len,
         "eval_windows": [pool, all.len()], "ppl_fp": base.perplexity, "ppl": after.perplexity,
-        "kl": after.kl, "quant_seconds": quant_s, "importance_seconds": q.report.importance_seconds, "true_sequential": !a.one_forward,
-        "cpu_seconds": q.report.cpu_seconds, "cores": q.report.cores, "cpu_utilization": q.report.cpu_utilization(),
+        "kl": after.kl, "quant_seconds": quant_s, "importance_seconds": report.importance_seconds, "true_sequential": !a.one_forward,
+        "cpu_seconds": report.cpu_seconds, "cores": report.cores, "cpu_utilization": report.cpu_utilization(),
         "eval_tokens": after.tokens, "readback_nll": readback,
     });
     Ok(emit(&line, a.json.as_deref())?)

@@ -1,12 +1,13 @@
 //! What the `quantize` and `needle_qa` examples share: their flag reader,
-//! the quantization scheme and pipeline settings they build from it, and
+//! the recipe they build from it (the `vlmq` command's recipe type), and
 //! the JSON line each run ends with.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use vlmq::{Bits, GptqConfig, GroupSize, PipelineConfig, QuantMethod, QuantScheme};
+use vlmq::QuantMethod;
+use vlmq_candle::Recipe;
 
 /// `--name value` pairs and bare `--switch`es from the command line.
 pub struct Flags {
@@ -89,21 +90,19 @@ impl Quant {
         })
     }
 
-    /// The checked quantization scheme.
-    pub fn scheme(&self) -> vlmq::Result<QuantScheme> {
-        Ok(QuantScheme::new(Bits::new(self.bits)?)
-            .with_group_size(GroupSize::new(self.group)?)
-            .with_symmetric(self.symmetric))
-    }
-
-    /// The pipeline settings: every group captured in its own forward pass
-    /// unless `one_forward`.
-    pub fn pipeline(&self, one_forward: bool) -> vlmq::Result<PipelineConfig> {
-        Ok(PipelineConfig::new(
-            self.method,
-            GptqConfig::new(self.scheme()?).with_act_group_aware(self.gar)?,
-        )
-        .with_true_sequential(!one_forward))
+    /// The run's recipe, as the `vlmq` command builds it from the same
+    /// flags: this method and grid, true-sequential unless `one_forward`,
+    /// every other setting (calibration sizes included) at its default.
+    pub fn recipe(&self, one_forward: bool) -> Recipe {
+        Recipe {
+            method: self.method.name().to_string(),
+            bits: self.bits,
+            group_size: i64::try_from(self.group).unwrap_or(i64::MAX),
+            symmetric: self.symmetric,
+            act_group_aware: self.gar,
+            true_sequential: !one_forward,
+            ..Recipe::default()
+        }
     }
 }
 

@@ -41,6 +41,10 @@ pub enum Calibration {
     /// template, cut to `seq_len` tokens when it has no images); `samples`
     /// of them are drawn by the recipe's seed.
     Conversations(Vec<Conversation>),
+    /// Token ids the caller has already cut into samples (as GPTQModel
+    /// takes `input_ids` lists), each cut to `seq_len` tokens; `samples` of
+    /// them are drawn by the recipe's seed. The ids must be the model's.
+    Tokens(Vec<Vec<u32>>),
 }
 
 impl Calibration {

@@ -85,8 +85,8 @@ fn tokens(
     Ok(t)
 }
 
-/// The token windows (text), token sequences (records) or rendered
-/// conversations of the data, drawn per the recipe; images are refused
+/// The token windows (text), token sequences (records, token samples) or
+/// rendered conversations of the data, drawn per the recipe; images are refused
 /// (text-only model).
 pub(super) fn text_samples(
     src: &Inputs<'_>,
@@ -117,6 +117,28 @@ pub(super) fn text_samples(
             }
             Ok(out)
         }
+        Calibration::Tokens(rows) => {
+            let pick = draw(rows.len(), r.samples(), r.seed(), origin, "token samples")?;
+            let mut out = Vec::with_capacity(pick.len());
+            for (k, &i) in pick.iter().enumerate() {
+                let row = &rows[i];
+                let at = format!("sample {}", i + 1);
+                if row.len() < 2 {
+                    return Err(Error::field(origin, at, "has fewer than 2 tokens"));
+                }
+                let vocab = src.tk.get_vocab_size(true);
+                if let Some(id) = row.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(Error::field(
+                        origin,
+                        at,
+                        format!("token id {id} is not one of the tokenizer's {vocab}"),
+                    ));
+                }
+                out.push(row[..row.len().min(r.seq_len())].to_vec());
+                tick(k + 1, pick.len())?;
+            }
+            Ok(out)
+        }
         Calibration::Conversations(convs) => {
             let template = src.template()?;
             let pick = draw(convs.len(), r.samples(), r.seed(), origin, "conversations")?;
@@ -137,7 +159,7 @@ pub(super) fn text_samples(
     }
 }
 
-/// LLaVA samples: text windows without images; records and conversations
+/// LLaVA samples: text windows and token samples without images; records and conversations
 /// with their images preprocessed for the vision tower.
 pub(super) fn llava_samples(
     model: &LlavaModel,
@@ -148,7 +170,7 @@ pub(super) fn llava_samples(
     let r = src.recipe;
     let mut out = Vec::new();
     match src.data {
-        Calibration::Text(_) => {
+        Calibration::Text(_) | Calibration::Tokens(_) => {
             let texts = text_samples(src, tick)?;
             out.extend(texts.into_iter().map(|t| VlmSample::causal(t, None)));
         }

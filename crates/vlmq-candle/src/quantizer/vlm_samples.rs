@@ -44,7 +44,7 @@ fn family_samples<S>(
             }
             return Ok(text_samples(src, tick)?.into_iter().map(text).collect());
         }
-        Calibration::Text(_) => {
+        Calibration::Text(_) | Calibration::Tokens(_) => {
             return Ok(text_samples(src, tick)?.into_iter().map(text).collect());
         }
     };
