@@ -8,6 +8,27 @@ use vlmq::{Error, Result};
 
 use crate::error::CandleResultExt;
 use crate::models::llama::model::LlamaModel;
+use crate::models::quantized_llama::QuantizedLlama;
+
+/// A model that gives next-token logits for a batch of token rows: vlmq's
+/// [`LlamaModel`], or a GGUF file run through candle's quantized matmul
+/// ([`QuantizedLlama`]).
+pub trait TokenLogits {
+    /// Logits `[B, T, vocab]` of equal-length token rows.
+    fn logits(&self, batch: &[&[u32]]) -> Result<Tensor>;
+}
+
+impl TokenLogits for LlamaModel {
+    fn logits(&self, batch: &[&[u32]]) -> Result<Tensor> {
+        LlamaModel::logits(self, batch)
+    }
+}
+
+impl TokenLogits for QuantizedLlama {
+    fn logits(&self, batch: &[&[u32]]) -> Result<Tensor> {
+        QuantizedLlama::logits(self, batch)
+    }
+}
 
 /// Perplexity and (with a reference) KL divergence over a set of windows.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,7 +46,7 @@ pub struct EvalReport {
 }
 
 /// Sum of NLL of next tokens and the log-probabilities `[B, T-1, V]` (f32).
-fn nll_and_logprobs(model: &LlamaModel, batch: &[&[u32]]) -> Result<(f64, Tensor)> {
+fn nll_and_logprobs(model: &dyn TokenLogits, batch: &[&[u32]]) -> Result<(f64, Tensor)> {
     let logits = model.logits(batch)?;
     let run = || -> candle_core::Result<(f64, Tensor)> {
         let (b, t, _) = logits.dims3()?;
@@ -50,6 +71,19 @@ fn nll_and_logprobs(model: &LlamaModel, batch: &[&[u32]]) -> Result<(f64, Tensor
 pub fn evaluate(
     model: &LlamaModel,
     reference: Option<&LlamaModel>,
+    windows: &[Vec<u32>],
+    batch: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalReport> {
+    let reference = reference.map(|r| r as &dyn TokenLogits);
+    evaluate_with(model, reference, windows, batch, progress)
+}
+
+/// [`evaluate`] for any [`TokenLogits`] model and reference (a GGUF file
+/// through candle's quantized matmul against vlmq's f32 model, say).
+pub fn evaluate_with(
+    model: &dyn TokenLogits,
+    reference: Option<&dyn TokenLogits>,
     windows: &[Vec<u32>],
     batch: usize,
     progress: &mut dyn FnMut(usize, usize),

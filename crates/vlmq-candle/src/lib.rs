@@ -18,6 +18,8 @@
 //!   SigLIP tower, pixel-shuffle connector, Llama decoder);
 //!   [`process::smolvlm_image`] is its image processor;
 //! - [`tokenizer_from_file`] / [`tokenizer_from_gguf`] give a tokenizer;
+//! - [`QuantizedLlama`] runs a Llama GGUF file through candle's quantized
+//!   matmul (`QMatMul`), as candle's own quantized Llama does;
 //! - [`eval`] measures perplexity and KL divergence from a reference model;
 //! - [`export`] writes a GPTQ checkpoint in the model's own HF layout;
 //!
@@ -58,6 +60,7 @@ pub use models::llava::model::{
     LlavaConfig, LlavaModel, LlavaNaming, Projector, PROJECTOR_LINEAR_NAMES,
 };
 pub use models::llava::sample::{VlmHidden, VlmSample};
+pub use models::quantized_llama::{GgufKernel, QuantizedLlama};
 pub use models::qwen2_vl::{
     image_cu_seqlens, rope_delta, rope_index, vision_position_ids, window_index, ImageGrid, Merger,
     MropePositions, Qwen2VlConfig, Qwen2VlModel, QwenVisionConfig, QwenVisionWeights, QwenVlSample,

@@ -115,5 +115,17 @@ fn requantized_gguf_reads_back_exactly() {
     let q_back = read("blk.0.attn_q.weight").dequantize(&dev).unwrap();
     let q_back = to_array(&llama_cpp_qk_rows(&q_back, 2, true).unwrap());
     assert_eq!(q_back, solved["blk.0.attn_q.weight"].dequantized);
+
+    // A solution for a tensor the source lacks is refused before anything
+    // is written.
+    let stray = solved["blk.0.attn_q.weight"].clone();
+    solved.insert("blk.7.attn_q.weight".to_string(), stray);
+    let refused = tmp.join("refused.gguf");
+    let err = requantize_gguf(&src, &refused, &solved).unwrap_err();
+    assert!(
+        matches!(&err, vlmq::Error::MissingTensor { name } if name.contains("blk.7.attn_q.weight")),
+        "{err}"
+    );
+    assert!(!refused.exists());
     std::fs::remove_dir_all(&tmp).ok();
 }

@@ -8,7 +8,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use vlmq::solver::GgufSolution;
 use vlmq::{Error, Result};
@@ -219,6 +219,55 @@ pub fn requantize_gguf(
     dst: &Path,
     solved: &HashMap<String, GgufSolution>,
 ) -> Result<()> {
+    let header = crate::load::gguf::read_gguf_content(src)?;
+    if let Some(name) = solved
+        .keys()
+        .find(|n| !header.tensor_infos.contains_key(*n))
+    {
+        return Err(Error::MissingTensor {
+            name: format!("{name} (solved, not in {})", src.display()),
+        });
+    }
+    requantize_gguf_with(src, dst, |name, q, order| {
+        let Some(sol) = solved.get(name) else {
+            return Ok(None);
+        };
+        let dims = q.shape().dims();
+        let rows = sol.codes.nrows();
+        if [rows, sol.codes.ncols()] != dims[..] {
+            return Err(Error::shape(
+                format!("solution for {name}"),
+                dims,
+                &[rows, sol.codes.ncols()],
+            ));
+        }
+        let mut t = GgufTensor::solved(name, sol)?;
+        if let Some(h) = order.llama_cpp_heads {
+            t.data = permute_packed_rows(&t.data, rows, h)?;
+        }
+        Ok(Some(t))
+    })
+}
+
+/// The row order of a source tensor, as [`requantize_gguf_with`] tells its
+/// callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowOrder {
+    /// `Some(heads)` for the q/k weights of the `llama` architecture, whose
+    /// rows the file holds in llama.cpp's converter order (HF row `j hd/2 +
+    /// i` of a head is row `2 i + j`); a replacement computed in HF order
+    /// must be put back with [`permute_packed_rows`].
+    pub llama_cpp_heads: Option<usize>,
+}
+
+/// Writes `dst`: the GGUF model `src` with any tensor replaced by what
+/// `replace(name, tensor, order)` returns (`Ok(None)` copies it as it is),
+/// its metadata copied; tensors keep the source's order.
+pub fn requantize_gguf_with(
+    src: &Path,
+    dst: &Path,
+    mut replace: impl FnMut(&str, &QTensor, RowOrder) -> Result<Option<GgufTensor>>,
+) -> Result<()> {
     let mut reader = BufReader::new(File::open(src).map_err(|e| file(src, e))?);
     let content = Content::read(&mut reader).map_err(|e| file(src, e))?;
     let arch = match content.metadata.get("general.architecture") {
@@ -239,40 +288,24 @@ pub fn requantize_gguf(
     names.sort_by_key(|n| content.tensor_infos[*n].offset);
     let mut tensors = Vec::with_capacity(names.len());
     for name in names {
-        let info = &content.tensor_infos[name];
-        let dims = info.shape.dims().to_vec();
-        let tensor = match solved.get(name) {
-            Some(sol) => {
-                let rows = sol.codes.nrows();
-                if [rows, sol.codes.ncols()] != dims[..] {
-                    return Err(Error::shape(
-                        format!("solution for {name}"),
-                        &dims,
-                        &[rows, sol.codes.ncols()],
-                    ));
-                }
-                let mut t = GgufTensor::solved(name, sol)?;
-                let permute = match name.as_str() {
-                    n if arch == "llama" && n.ends_with("attn_q.weight") => q_heads,
-                    n if arch == "llama" && n.ends_with("attn_k.weight") => k_heads,
-                    _ => None,
-                };
-                if let Some(h) = permute {
-                    t.data = permute_packed_rows(&t.data, rows, h)?;
-                }
-                t
-            }
-            None => {
-                let q = content
-                    .tensor(&mut reader, name, &Device::Cpu)
-                    .map_err(|e| file(src, format!("tensor {name:?}: {e}")))?;
-                GgufTensor {
-                    name: name.clone(),
-                    dims,
-                    ggml_type: ggml_id(q.dtype()),
-                    data: q.data().map_err(|e| file(src, e))?.into_owned(),
-                }
-            }
+        let q = content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .map_err(|e| file(src, format!("tensor {name:?}: {e}")))?;
+        let order = RowOrder {
+            llama_cpp_heads: match name.as_str() {
+                n if arch == "llama" && n.ends_with("attn_q.weight") => q_heads,
+                n if arch == "llama" && n.ends_with("attn_k.weight") => k_heads,
+                _ => None,
+            },
+        };
+        let tensor = match replace(name, &q, order)? {
+            Some(t) => t,
+            None => GgufTensor {
+                name: name.clone(),
+                dims: q.shape().dims().to_vec(),
+                ggml_type: ggml_id(q.dtype()),
+                data: q.data().map_err(|e| file(src, e))?.into_owned(),
+            },
         };
         tensors.push(tensor);
     }
