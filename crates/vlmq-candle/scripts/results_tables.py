@@ -4,6 +4,7 @@ examples write (`needle_qa --json`, `quantize --json`).
 
     python3 crates/vlmq-candle/scripts/results_tables.py needle results-needle.jsonl
     python3 crates/vlmq-candle/scripts/results_tables.py ppl results-real.jsonl
+    python3 crates/vlmq-candle/scripts/results_tables.py gguf results-gguf.jsonl
 
 Each table has one row per run, then one summary row per method and setting:
 the mean over seeds, and for every method but GPTQ how many seeds it beat GPTQ
@@ -112,7 +113,46 @@ def ppl(path):
             )
 
 
+def gguf(path):
+    """The GGUF table (the `gguf_table` example): per block type, candle's
+    round-to-nearest, then vlmq's methods seed by seed with their means and
+    how many seeds beat round-to-nearest (and, for VLMQ, GPTQ) on KL."""
+    runs = {}
+    for line in open(path, encoding="utf-8"):
+        if line.strip():
+            d = json.loads(line)
+            if "gguf_type" in d:
+                runs[(d["gguf_type"], d["method"], d["seed"])] = d
+    source = [d for (t, _, _), d in runs.items() if t == "source"]
+    if source:
+        d = source[-1]
+        print(f"Source file through QMatMul: ppl {d['ppl']:.3f}, KL {d['kl']:.4f}, "
+              f"{d['file_bytes']} bytes (f32 reference ppl {d['ppl_fp']:.3f})\n")
+    print("| type | method | seed | file bytes | ppl (ref) | ppl | KL vs ref (nats/token) "
+          "| quantize s | write s | lower KL than candle RTN / GPTQ |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    order = {"candle-rtn": 0, "GPTQ": 1, "GPTAQ": 2, "VLMQ": 3}
+    for t in ["q4_0", "q4_1", "q4_k", "q6_k", "q5_0", "q8_0"]:
+        methods = sorted({m for (tt, m, _) in runs if tt == t}, key=lambda m: order.get(m, 9))
+        rtn = next((d for (tt, m, _), d in runs.items() if tt == t and m == "candle-rtn"), None)
+        gptq = {s: d for (tt, m, s), d in runs.items() if tt == t and m == "GPTQ"}
+        for m in methods:
+            rows = [runs[k] for k in sorted(runs) if k[0] == t and k[1] == m]
+            for d in rows:
+                print(f"| {t} | {m} | {'-' if m == 'candle-rtn' else d['seed']} | {d['file_bytes']} "
+                      f"| {d['ppl_fp']:.3f} | {d['ppl']:.3f} | {d['kl']:.4f} "
+                      f"| {d['quant_seconds']:.0f} | {d['write_seconds']:.2f} | |")
+            if m != "candle-rtn" and rows:
+                vs_rtn = sum(1 for d in rows if rtn and d["kl"] < rtn["kl"])
+                common = [d for d in rows if d["seed"] in gptq]
+                vs_gptq = sum(1 for d in common if d["kl"] < gptq[d["seed"]]["kl"])
+                extra = f" / {vs_gptq}/{len(common)}" if m != "GPTQ" and common else ""
+                print(f"| {t} | **{m} mean** | {len(rows)} seeds | | "
+                      f"| **{mean(d['ppl'] for d in rows):.3f}** | **{mean(d['kl'] for d in rows):.4f}** "
+                      f"| | | {vs_rtn}/{len(rows)}{extra} |")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("needle", "ppl"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("needle", "ppl", "gguf"):
         sys.exit(__doc__)
-    {"needle": needle, "ppl": ppl}[sys.argv[1]](sys.argv[2])
+    {"needle": needle, "ppl": ppl, "gguf": gguf}[sys.argv[1]](sys.argv[2])

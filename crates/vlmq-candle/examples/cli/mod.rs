@@ -1,4 +1,4 @@
-//! What the `quantize` and `needle_qa` examples share: their flag reader,
+//! What the `quantize`, `gguf_table` and `needle_qa` examples share: their flag reader,
 //! the recipe they build from it (the `vlmq` command's recipe type), and
 //! the JSON line each run ends with.
 
