@@ -41,6 +41,9 @@ impl RowFit for BlockFit {
         BlockGrid::symmetric(f16::ONE, 0)
     }
 
+    // Inlined (with the fits below) into the column walk, so the fit is
+    // compiled for the walk's AVX2 copy too.
+    #[inline(always)]
     fn fit_span(&self, values: &[f32], importance: &[f32], out: &mut [BlockGrid]) {
         let mut weights = [0.0f32; 256];
         let weights = &mut weights[..values.len()];
@@ -79,6 +82,7 @@ fn fit_q8_0(values: &[f32]) -> BlockGrid {
 /// Q4_K: every 32-column sub-block gets `d_j q - o_j` (`o_j >= 0`), then
 /// `d = max d_j / 63` and `dmin = max o_j / 63` in f16 and each sub-block's
 /// 6-bit `sc_j = round(d_j / d)`, `m_j = round(o_j / dmin)`.
+#[inline(always)]
 fn fit_q4k(values: &[f32], weights: &mut [f32], out: &mut [BlockGrid]) {
     let mut scales = [0.0f32; 8];
     let mut offsets = [0.0f32; 8];
@@ -100,6 +104,7 @@ fn fit_q4k(values: &[f32], weights: &mut [f32], out: &mut [BlockGrid]) {
 /// Q6_K: every 16-column sub-block gets a signed scale `s_j` (codes -32..31),
 /// then `d = s_max / -128` in f16 (`s_max` the scale of largest magnitude,
 /// mapped onto -128 as llama.cpp does) and each `sc_j = round(s_j / d)`.
+#[inline(always)]
 fn fit_q6k(values: &[f32], weights: &mut [f32], out: &mut [BlockGrid]) {
     let mut scales = [0.0f32; 16];
     for (j, (x, w)) in values.chunks(16).zip(weights.chunks_mut(16)).enumerate() {
@@ -145,6 +150,50 @@ fn round_f16(v: f32) -> f32 {
     to_f16(v).to_f32()
 }
 
+/// Interleaved partial sums per sum: element `i` goes to lane `i % LANES`.
+const LANES: usize = 8;
+
+/// `K` sums over a block, `f(x_i, w_i)` giving element `i`'s term of each:
+/// every sum runs in [`LANES`] interleaved partial sums, added in lane order
+/// at the end. The order is fixed (no dependence on threads or CPU), and
+/// unlike one running sum, which is a single chain of dependent additions,
+/// the compiler vectorizes it. `x` and `w` have equal lengths.
+#[inline(always)]
+fn lane_sums<const K: usize>(x: &[f32], w: &[f32], f: impl Fn(f32, f32) -> [f32; K]) -> [f32; K] {
+    let mut acc = [[0.0f32; LANES]; K];
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (wc, wr) = w.as_chunks::<LANES>();
+    for (xs, ws) in xc.iter().zip(wc) {
+        for l in 0..LANES {
+            let t = f(xs[l], ws[l]);
+            for k in 0..K {
+                acc[k][l] += t[k];
+            }
+        }
+    }
+    let mut out = acc.map(|lanes| lanes.iter().sum::<f32>());
+    for (&v, &wt) in xr.iter().zip(wr) {
+        let t = f(v, wt);
+        for k in 0..K {
+            out[k] += t[k];
+        }
+    }
+    out
+}
+
+/// `x` rounded to the nearest integer, ties to even, for `|x| <= 2^22`
+/// (callers clamp to the code range first, which commutes with rounding
+/// since the bounds are integers). Adding and removing `1.5 * 2^23` leaves
+/// the float adder to do the rounding: the same result as
+/// `f32::round_ties_even`, but plain arithmetic the compiler vectorizes,
+/// where the baseline x86-64 target turns `round_ties_even` into a library
+/// call per value (the candidate search rounds each weight ~40 times).
+#[inline(always)]
+fn round_even(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    (x + SHIFT) - SHIFT
+}
+
 /// Weights that are all zero (a span of dead columns) become uniform.
 fn uniform_if_zero(w: &mut [f32]) {
     if w.iter().all(|&v| v <= 0.0) {
@@ -157,6 +206,7 @@ fn uniform_if_zero(w: &mut [f32]) {
 /// largest magnitude onto `-(nmax + step / 10)`, then take the weighted
 /// least-squares scale of the codes they pick. Returns 0 for an all-zero
 /// block.
+#[inline(always)]
 fn fit_signed(x: &[f32], w: &[f32], nmax: f32, round: impl Fn(f32) -> f32) -> f32 {
     let xm = x
         .iter()
@@ -168,24 +218,20 @@ fn fit_signed(x: &[f32], w: &[f32], nmax: f32, round: impl Fn(f32) -> f32) -> f3
         if s == 0.0 || !s.is_finite() {
             return f32::INFINITY;
         }
-        x.iter()
-            .zip(w)
-            .map(|(&v, &wt)| {
-                let q = (v / s).round_ties_even().clamp(-nmax, nmax - 1.0);
-                wt * (s * q - v) * (s * q - v)
-            })
-            .sum()
+        let [e] = lane_sums(x, w, |v, wt| {
+            let q = round_even((v / s).clamp(-nmax, nmax - 1.0));
+            [wt * (s * q - v) * (s * q - v)]
+        });
+        e
     };
     let mut best = round(xm / -nmax);
     let mut best_err = err(best);
     for step in -STEPS..=STEPS {
         let iscale = -(nmax + 0.1 * step as f32) / xm;
-        let (mut xq, mut qq) = (0.0f32, 0.0f32);
-        for (&v, &wt) in x.iter().zip(w) {
-            let q = (iscale * v).round_ties_even().clamp(-nmax, nmax - 1.0);
-            xq += wt * v * q;
-            qq += wt * q * q;
-        }
+        let [xq, qq] = lane_sums(x, w, |v, wt| {
+            let q = round_even((iscale * v).clamp(-nmax, nmax - 1.0));
+            [wt * v * q, wt * q * q]
+        });
         if qq <= 0.0 {
             continue;
         }
@@ -203,6 +249,7 @@ fn fit_signed(x: &[f32], w: &[f32], nmax: f32, round: impl Fn(f32) -> f32) -> f3
 /// squared error after `round` (with `nonpos_min`, `m <= 0`). Candidates
 /// spread the range over `nmax + step / 10` codes, then take the weighted
 /// least-squares `(d, m)` of the codes they pick.
+#[inline(always)]
 fn fit_affine(
     x: &[f32],
     w: &[f32],
@@ -222,27 +269,21 @@ fn fit_affine(
         if d <= 0.0 || !d.is_finite() {
             return f32::INFINITY;
         }
-        x.iter()
-            .zip(w)
-            .map(|(&v, &wt)| {
-                let q = ((v - m) / d).round_ties_even().clamp(0.0, nmax);
-                wt * (d * q + m - v) * (d * q + m - v)
-            })
-            .sum()
+        let [e] = lane_sums(x, w, |v, wt| {
+            let q = round_even(((v - m) / d).clamp(0.0, nmax));
+            [wt * (d * q + m - v) * (d * q + m - v)]
+        });
+        e
     };
     let mut best = (round((hi - lo) / nmax), round(lo));
     let mut best_err = err(best.0, best.1);
+    let [sw, sx] = lane_sums(x, w, |v, wt| [wt, wt * v]);
     for step in -STEPS..=STEPS {
         let iscale = (nmax + 0.1 * step as f32) / (hi - lo);
-        let (mut sw, mut sq, mut sqq, mut sx, mut sqx) = (0.0f32, 0.0, 0.0, 0.0, 0.0);
-        for (&v, &wt) in x.iter().zip(w) {
-            let q = (iscale * (v - lo)).round_ties_even().clamp(0.0, nmax);
-            sw += wt;
-            sq += wt * q;
-            sqq += wt * q * q;
-            sx += wt * v;
-            sqx += wt * q * v;
-        }
+        let [sq, sqq, sqx] = lane_sums(x, w, |v, wt| {
+            let q = round_even((iscale * (v - lo)).clamp(0.0, nmax));
+            [wt * q, wt * q * q, wt * q * v]
+        });
         let det = sw * sqq - sq * sq;
         if det <= 0.0 {
             continue;
@@ -282,6 +323,29 @@ mod tests {
             .zip(w)
             .map(|(&v, &wt)| wt * (g.value(g.code(v, max)) - v).powi(2))
             .sum()
+    }
+
+    #[test]
+    fn round_even_is_round_ties_even_on_the_code_range() {
+        let mut x = -300.0f32;
+        while x <= 300.0 {
+            for v in [x, x + 0.5, x + 0.499_999_97, x + 0.500_000_06, x + 0.25] {
+                // == treats -0 and +0 as equal: the sign of a zero code
+                // changes no sum the fit forms.
+                assert_eq!(round_even(v), v.round_ties_even(), "{v}");
+            }
+            x += 1.0;
+        }
+    }
+
+    #[test]
+    fn lane_sums_add_every_element_once() {
+        // 19 elements: two full chunks of 8 and a remainder of 3.
+        let x: Vec<f32> = (1..=19).map(|i| i as f32).collect();
+        let w = vec![2.0f32; 19];
+        let [a, b] = lane_sums(&x, &w, |v, wt| [v * wt, wt]);
+        assert_eq!(a, 2.0 * 190.0);
+        assert_eq!(b, 38.0);
     }
 
     #[test]
