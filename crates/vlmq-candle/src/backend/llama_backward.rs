@@ -20,13 +20,17 @@
 //!   sums their gradients;
 //! - half-split RoPE `y = x cos + rot(x) sin`, `rot([x1, x2]) = [-x2, x1]`:
 //!   `dx = dy cos + rot^T(dy sin)`, `rot^T([z1, z2]) = [z2, -z1]`.
+//! - the head's mean cross-entropy over `n` target rows, logits `z = h W^T`:
+//!   `dz = (softmax(z) - onehot(next)) / n`, so `dh = (softmax(z) W - W[next]) / n`
+//!   (the one-hot term is a row gather, never a `[rows, vocab]` tensor).
 //!
 //! The finite-difference checks in f64 (`grad_tests`) cover every term.
 
 use candle_core::{Tensor, D};
 
+use crate::backend::linear_op::matmul_weight_t;
 use crate::models::llama::config::LlamaConfig;
-use crate::models::llama::forward::{layer_tape, Positional};
+use crate::models::llama::forward::{layer_tape, rms_norm_keep, Positional};
 use crate::models::llama::weights::LayerWeights;
 
 /// Gradients of `sum(layer(x) * grad_output)`: at the layer input
@@ -95,6 +99,43 @@ pub(crate) fn layer_backward(
         input: d_x,
         linear_outputs: vec![d_q, d_k, d_v, d_o, d_gate, d_up, d_down],
     })
+}
+
+/// Cross-entropy of the head on some rows of the last layer's output.
+pub(crate) struct HeadLoss {
+    /// Sum over the rows of `-log softmax(z)[next]` (not yet divided by `n`).
+    pub loss_sum: f64,
+    /// Gradient of the mean loss over `n` rows at the rows `x`: `[rows, hidden]`.
+    pub grad: Tensor,
+}
+
+/// Final RMSNorm (`norm`, `eps`) and head `head: [vocab, hidden]` on the rows
+/// `x: [rows, hidden]` predicting `next`, with the gradient of the loss
+/// averaged over `n` rows in all. One fused softmax and two products over the
+/// `[rows, vocab]` logits; the log-sum-exp comes from the largest
+/// probability (`lse = max z - ln max p`, with `max p >= 1 / vocab`), so no
+/// probability is taken the log of where it could underflow.
+pub(crate) fn head_loss_backward(
+    x: &Tensor,
+    norm: &Tensor,
+    eps: f64,
+    head: &Tensor,
+    next: &[u32],
+    n: usize,
+) -> candle_core::Result<HeadLoss> {
+    let (normed, r) = rms_norm_keep(x, norm, eps)?;
+    let logits = matmul_weight_t(&normed, head)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+    let idx = Tensor::from_vec(next.to_vec(), next.len(), x.device())?;
+    let picked = logits.gather(&idx.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let lse = (logits.max(D::Minus1)? - probs.max(D::Minus1)?.log()?)?;
+    let loss_sum = (lse - picked)?
+        .to_dtype(candle_core::DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    let d_normed = ((probs.matmul(head)? - head.index_select(&idx, 0)?)? / n as f64)?;
+    let grad = rms_norm_backward(x, &r, norm, &d_normed)?;
+    Ok(HeadLoss { loss_sum, grad })
 }
 
 /// `dL/dx = dL/dy W` for `y = x W^T` on `[B, T, out]`.

@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
 use crate::backend::linear_op::matmul_weight_t;
+use crate::backend::llama_backward::head_loss_backward;
 use crate::error::CandleResultExt;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::forward::{layer_forward, rms_norm, Hooks, Positional};
@@ -298,24 +299,6 @@ impl LlamaModel {
         self.head_logits(hs.last().expect("embeddings"), false)
     }
 
-    /// `-(1 / n) * sum_r log p(next[r] | row r)` for the last layer's output
-    /// rows `rows: [c, hidden]` (each the position before its target): the
-    /// final norm, the head and the log-softmax act row by row, so a chunk of
-    /// rows is one term of the mean over all `n` target positions.
-    fn rows_loss(&self, rows: &Tensor, next: &[u32], n: usize) -> candle_core::Result<Tensor> {
-        let normed = rms_norm(
-            &rows.unsqueeze(0)?,
-            &self.weights.norm,
-            self.cfg.rms_eps,
-            true,
-        )?;
-        let logits = matmul_weight_t(&normed.squeeze(0)?, &self.head()?)?;
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let next = Tensor::from_vec(next.to_vec(), (next.len(), 1), &self.device)?;
-        let picked = lp.gather(&next, 1)?.squeeze(1)?;
-        picked.sum_all()?.affine(-1.0 / n as f64, 0.0)
-    }
-
     /// Mean next-token cross-entropy of one row over positions `t >= 1`
     /// with `targets[t]` true, and its gradient with respect to the last
     /// layer's output `h: [1, T, hidden]`; `None` when no position is a
@@ -323,7 +306,8 @@ impl LlamaModel {
     ///
     /// Only the rows that predict a target (`t - 1` for each target `t`) go
     /// through the final norm and the head, [`HEAD_ROWS`] at a time, each
-    /// chunk differentiated on its own and its gradient added into its rows:
+    /// chunk's gradient written out by hand (`head_loss_backward`: one fused
+    /// softmax, no autograd graph over the logits) and added into its rows:
     /// the `[rows, vocab]` logits, softmax and gradients live for one chunk at
     /// a time, so memory does not grow with the sequence length, and with a
     /// task loss on a few answer tokens the other rows never reach the head.
@@ -342,21 +326,24 @@ impl LlamaModel {
         }
         let run = || -> candle_core::Result<(f64, Tensor)> {
             let h = h.detach().squeeze(0)?;
+            let head = self.head()?;
             let mut grad = h.zeros_like()?;
             let mut total = 0.0f64;
             for chunk in rows.chunks(HEAD_ROWS) {
                 let idx = Tensor::from_vec(chunk.to_vec(), chunk.len(), &self.device)?;
-                let v = Var::from_tensor(&h.index_select(&idx, 0)?)?;
                 let next: Vec<u32> = chunk.iter().map(|&r| tokens[r as usize + 1]).collect();
-                let loss = self.rows_loss(v.as_tensor(), &next, rows.len())?;
-                let grads = loss.backward()?;
-                let g = grads.get(v.as_tensor()).ok_or_else(|| {
-                    candle_core::Error::Msg("no gradient reached the last layer's output".into())
-                })?;
-                grad = grad.index_add(&idx, g, 0)?;
-                total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let part = head_loss_backward(
+                    &h.index_select(&idx, 0)?,
+                    &self.weights.norm,
+                    self.cfg.rms_eps,
+                    &head,
+                    &next,
+                    rows.len(),
+                )?;
+                grad = grad.index_add(&idx, &part.grad, 0)?;
+                total += part.loss_sum;
             }
-            Ok((total, grad.unsqueeze(0)?))
+            Ok((total / rows.len() as f64, grad.unsqueeze(0)?))
         };
         let (loss, grad) = run().at_model()?;
         Ok(Some((loss as f32, grad)))
