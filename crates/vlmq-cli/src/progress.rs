@@ -1,34 +1,31 @@
-//! Progress bars (one per stage, with rate and ETA) and Ctrl-C.
+//! Progress bars (one per stage, with rate and ETA: loading in bytes, the
+//! other stages in their units) and Ctrl-C.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use vlmq_candle::{Event, Stage};
 
-/// A spinner for a stage without a count (loading, writing).
-pub fn spinner(msg: &str) -> ProgressBar {
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.set_message(msg.to_string());
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
-}
-
 /// A bar of `total` units named `stage`.
 pub fn bar(stage: &str, total: usize) -> ProgressBar {
+    counted_bar(stage, total, "{pos}/{len} {per_sec}")
+}
+
+/// A bar of `total` bytes named `stage`.
+fn byte_bar(stage: &str, total: usize) -> ProgressBar {
+    counted_bar(stage, total, "{bytes}/{total_bytes} {bytes_per_sec}")
+}
+
+/// A bar named `stage` whose counts and rate are shown by `counts`.
+fn counted_bar(stage: &str, total: usize, counts: &str) -> ProgressBar {
     let pb = ProgressBar::new(total as u64);
+    let template = format!("{{prefix:>10}} [{{bar:30}}] {counts} ETA {{eta}} {{wide_msg}}");
     pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {wide_msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     pb.set_prefix(stage.to_string());
     pb
@@ -66,7 +63,11 @@ impl EventBars {
     pub fn on_event(&mut self, e: &Event) -> ControlFlow<()> {
         if self.current.as_ref().is_none_or(|(s, _)| *s != e.stage) {
             self.finish();
-            self.current = Some((e.stage, bar(e.stage.name(), e.total)));
+            let pb = match e.stage {
+                Stage::Load => byte_bar(e.stage.name(), e.total),
+                _ => bar(e.stage.name(), e.total),
+            };
+            self.current = Some((e.stage, pb));
         }
         if let Some((_, pb)) = &self.current {
             pb.set_length(e.total as u64);

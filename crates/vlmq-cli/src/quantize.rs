@@ -12,7 +12,7 @@ use vlmq_candle::{
 
 use crate::args::QuantizeArgs;
 use crate::eval::{eval_text, print_report};
-use crate::progress::{interrupt_flag, spinner, EventBars};
+use crate::progress::{interrupt_flag, EventBars};
 
 /// The recipe in effect and where its settings came from (for errors).
 fn recipe(a: &QuantizeArgs) -> Result<(Recipe, PathBuf)> {
@@ -66,29 +66,29 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let _state_lock = a.state_dir.as_deref().map(DirLock::state_dir).transpose()?;
     let data = Calibration::from_file(&a.calib)?;
     let t0 = Instant::now();
-    let pb = spinner(&format!("loading {}", a.model.display()));
+    let mut bars = EventBars::new(interrupt_flag(), a.stop_after_layers);
     let opts = LoadOptions::default()
         .with_device(device_from_name(&a.device)?)
         .with_dtype(dtype_from_name(&a.dtype)?);
-    let mut q = Quantizer::from_pretrained_with(&a.model, &opts)?;
-    pb.finish_with_message(format!(
+    let mut q = Quantizer::from_pretrained_with_events(&a.model, &opts, |e| bars.on_event(e))?;
+    bars.finish();
+    eprintln!(
         "loaded {} ({}, {} blocks)",
         a.model.display(),
         q.model().family(),
         q.model().num_blocks()
-    ));
+    );
     if let Some(dir) = &a.state_dir {
         q = q.with_state_dir(dir);
     }
     let reference = a.eval.as_ref().map(|_| q.model().clone());
-    let mut bars = EventBars::new(interrupt_flag(), a.stop_after_layers);
     let done = q
         .calibrate(data, &a.calib)?
         .quantize(&checked, |e| bars.on_event(e))?;
     bars.finish();
-    let pb = spinner(&format!("writing {}", a.out.display()));
-    done.save(&a.out)?;
-    pb.finish_with_message(format!("wrote {}", a.out.display()));
+    done.save_with_events(&a.out, |e| bars.on_event(e))?;
+    bars.finish();
+    eprintln!("wrote {}", a.out.display());
     let grid = match r.format.as_str() {
         "gptq" => format!("W{} g{}", r.bits, r.group_size),
         other => other.to_string(),

@@ -62,6 +62,7 @@ fn linear_stems<M: QuantizableModel>(model: &M) -> HashMap<String, (usize, Strin
 /// checkpoint names) to `dir`: a linear of `model` that the pipeline
 /// quantized is stored packed with its bias, anything else dense f32 under
 /// its own name. `tokenizer`, when given, is saved as `tokenizer.json`.
+/// `tick` counts the tensors, plus one for the write to disk.
 pub(crate) fn write_checkpoint<M: QuantizableModel>(
     model: &M,
     config: Value,
@@ -69,12 +70,25 @@ pub(crate) fn write_checkpoint<M: QuantizableModel>(
     quantized: &PipelineOutput,
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: &Path,
+    tick: WriteTick<'_>,
 ) -> Result<()> {
     let dense = DenseStyle {
         dtype: DType::F32,
         extras: serde_json::Map::new(),
     };
-    write_checkpoint_styled(model, config, tensors, quantized, tokenizer, dir, &dense)
+    write_checkpoint_styled(
+        model, config, tensors, quantized, tokenizer, dir, &dense, tick,
+    )
+}
+
+/// Sees `(done, total)` as a checkpoint is encoded and written; an error
+/// (e.g. [`vlmq::Error::Cancelled`]) stops the write before anything is on
+/// disk.
+pub(crate) type WriteTick<'a> = &'a mut dyn FnMut(usize, usize) -> Result<()>;
+
+/// A tick that ignores the counts.
+pub(crate) fn ignore_writes(_: usize, _: usize) -> Result<()> {
+    Ok(())
 }
 
 /// How [`write_checkpoint_styled`] stores what is not packed: the dtype of
@@ -86,6 +100,8 @@ pub(crate) struct DenseStyle {
 
 /// [`write_checkpoint`] with the dense tensors in `style.dtype` and
 /// `style.extras` added to the quantization config.
+// The checkpoint's parts and its progress: one call site per family.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write_checkpoint_styled<M: QuantizableModel>(
     model: &M,
     config: Value,
@@ -94,7 +110,10 @@ pub(crate) fn write_checkpoint_styled<M: QuantizableModel>(
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: &Path,
     style: &DenseStyle,
+    tick: WriteTick<'_>,
 ) -> Result<()> {
+    // Every tensor handled, then the write of the encoded files.
+    let total = tensors.len() + 1;
     let stems = linear_stems(model);
     let is_quantized = |stem: &str| {
         stems
@@ -105,7 +124,8 @@ pub(crate) fn write_checkpoint_styled<M: QuantizableModel>(
     let mut w = CheckpointWriter::new()
         .with_model_config(config)
         .with_config_extras(style.extras.clone());
-    for (name, t) in tensors {
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        tick(i, total)?;
         if let Some(stem) = name.strip_suffix(".weight") {
             if let Some((b, l)) = is_quantized(stem) {
                 let q = quantized.weights[&(*b, l.clone())].clone();
@@ -133,8 +153,9 @@ pub(crate) fn write_checkpoint_styled<M: QuantizableModel>(
         let text = tk.to_string(false).map_err(|e| file(&p, e))?;
         w.add_file("tokenizer.json", text.into_bytes())?;
     }
+    tick(tensors.len(), total)?;
     w.write(dir)?;
-    Ok(())
+    tick(total, total)
 }
 
 /// Sets every linear of `model` that the checkpoint in `dir` stores packed
@@ -176,10 +197,27 @@ pub fn write_gptq(
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: impl AsRef<Path>,
 ) -> Result<()> {
+    write_gptq_counted(
+        model,
+        quantized,
+        tokenizer,
+        dir.as_ref(),
+        &mut ignore_writes,
+    )
+}
+
+/// [`write_gptq`], counted by `tick`.
+pub(crate) fn write_gptq_counted(
+    model: &LlamaModel,
+    quantized: &PipelineOutput,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    dir: &Path,
+    tick: WriteTick<'_>,
+) -> Result<()> {
     let mut cfg = model.config().to_hf_json();
     cfg["torch_dtype"] = "float32".into();
     let tensors = model.weights().named_tensors();
-    write_checkpoint(model, cfg, &tensors, quantized, tokenizer, dir.as_ref())
+    write_checkpoint(model, cfg, &tensors, quantized, tokenizer, dir, tick)
 }
 
 /// Reads a checkpoint written by [`write_gptq`] back into `model`: every

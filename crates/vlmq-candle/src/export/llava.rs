@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use vlmq::pipeline::PipelineOutput;
 use vlmq::Result;
 
-use crate::export::{read_checkpoint, write_checkpoint};
+use crate::export::{ignore_writes, read_checkpoint, write_checkpoint, WriteTick};
 use crate::models::clip::{LayerNorm, VISION_LINEAR_NAMES};
 use crate::models::llava::model::LlavaModel;
 
@@ -86,13 +86,30 @@ pub fn write_llava_gptq(
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: impl AsRef<Path>,
 ) -> Result<()> {
+    write_llava_gptq_counted(
+        model,
+        quantized,
+        tokenizer,
+        dir.as_ref(),
+        &mut ignore_writes,
+    )
+}
+
+/// [`write_llava_gptq`], counted by `tick`.
+pub(crate) fn write_llava_gptq_counted(
+    model: &LlavaModel,
+    quantized: &PipelineOutput,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    dir: &Path,
+    tick: WriteTick<'_>,
+) -> Result<()> {
     let mut cfg = model.raw_config().clone();
     cfg["torch_dtype"] = "float32".into();
     if cfg.get("dtype").is_some() {
         cfg["dtype"] = "float32".into();
     }
     let tensors = model.named_tensors();
-    write_checkpoint(model, cfg, &tensors, quantized, tokenizer, dir.as_ref())
+    write_checkpoint(model, cfg, &tensors, quantized, tokenizer, dir, tick)
 }
 
 /// Reads a checkpoint written by [`write_llava_gptq`] back into `model`:

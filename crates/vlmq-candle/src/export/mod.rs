@@ -15,6 +15,9 @@ mod sharded;
 pub mod smolvlm;
 
 pub use gguf_llama::{gguf_name, write_gguf_llama};
+pub(crate) use llama::{
+    ignore_writes, read_checkpoint, write_checkpoint, write_checkpoint_styled, write_gptq_counted,
+    DenseStyle, WriteTick,
+};
 pub use llama::{load_gptq_into, write_gptq};
-pub(crate) use llama::{read_checkpoint, write_checkpoint, write_checkpoint_styled, DenseStyle};
 pub use sharded::ShardedGptqWriter;

@@ -27,7 +27,9 @@ use vlmq::Result;
 
 use crate::error::file;
 use crate::export::dense_parts::{quantization_extras, source_dtype, DensePart};
-use crate::export::{read_checkpoint, write_checkpoint_styled, DenseStyle};
+use crate::export::{
+    ignore_writes, read_checkpoint, write_checkpoint_styled, DenseStyle, WriteTick,
+};
 use crate::models::llama::weights::Linear;
 use crate::models::qwen2_vl::{Qwen2VlModel, VisionNorm, MERGER_LINEARS};
 
@@ -117,6 +119,23 @@ pub fn write_qwen2_vl_gptq(
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: impl AsRef<Path>,
 ) -> Result<()> {
+    write_qwen2_vl_gptq_counted(
+        model,
+        quantized,
+        tokenizer,
+        dir.as_ref(),
+        &mut ignore_writes,
+    )
+}
+
+/// [`write_qwen2_vl_gptq`], counted by `tick`.
+pub(crate) fn write_qwen2_vl_gptq_counted(
+    model: &Qwen2VlModel,
+    quantized: &PipelineOutput,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    dir: &Path,
+    tick: WriteTick<'_>,
+) -> Result<()> {
     let style = DenseStyle {
         dtype: model.source_dtype(),
         extras: model.quantization_extras(quantized),
@@ -124,13 +143,7 @@ pub fn write_qwen2_vl_gptq(
     let tensors = model.named_tensors()?;
     let cfg = model.cfg.raw.clone();
     write_checkpoint_styled(
-        model,
-        cfg,
-        &tensors,
-        quantized,
-        tokenizer,
-        dir.as_ref(),
-        &style,
+        model, cfg, &tensors, quantized, tokenizer, dir, &style, tick,
     )
 }
 

@@ -25,7 +25,9 @@ use vlmq::pipeline::PipelineOutput;
 use vlmq::Result;
 
 use crate::export::dense_parts::{quantization_extras, source_dtype, DensePart};
-use crate::export::{read_checkpoint, write_checkpoint_styled, DenseStyle};
+use crate::export::{
+    ignore_writes, read_checkpoint, write_checkpoint_styled, DenseStyle, WriteTick,
+};
 use crate::models::clip::{LayerNorm, VISION_LINEAR_NAMES};
 use crate::models::smolvlm::SmolVlmModel;
 
@@ -111,6 +113,23 @@ pub fn write_smolvlm_gptq(
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: impl AsRef<Path>,
 ) -> Result<()> {
+    write_smolvlm_gptq_counted(
+        model,
+        quantized,
+        tokenizer,
+        dir.as_ref(),
+        &mut ignore_writes,
+    )
+}
+
+/// [`write_smolvlm_gptq`], counted by `tick`.
+pub(crate) fn write_smolvlm_gptq_counted(
+    model: &SmolVlmModel,
+    quantized: &PipelineOutput,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    dir: &Path,
+    tick: WriteTick<'_>,
+) -> Result<()> {
     let style = DenseStyle {
         dtype: model.source_dtype(),
         extras: model.quantization_extras(quantized),
@@ -122,8 +141,9 @@ pub fn write_smolvlm_gptq(
         &tensors,
         quantized,
         tokenizer,
-        dir.as_ref(),
+        dir,
         &style,
+        tick,
     )
 }
 

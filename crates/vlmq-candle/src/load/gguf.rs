@@ -14,6 +14,7 @@ use vlmq::{Error, Result};
 use crate::error::{file, in_model_file};
 use crate::load::gguf_check::{check_metadata, check_tensors};
 use crate::load::options::{LoadOptions, Residency};
+use crate::load::progress::{ignore, total_bytes, LoadTick};
 use crate::models::llama::config::{Architecture, LlamaConfig};
 use crate::models::llama::model::LlamaModel;
 use crate::models::llama::store::{LayerSource, StreamedLayers};
@@ -209,6 +210,41 @@ impl TensorSource for GgufSource {
     }
 }
 
+impl GgufSource {
+    /// The bytes the tensor of HF name `name` takes in the file (0 when
+    /// absent).
+    fn stored_bytes(&self, name: &str) -> u64 {
+        let Some(info) = self
+            .by_hf
+            .get(name)
+            .and_then(|g| self.content.tensor_infos.get(g))
+        else {
+            return 0;
+        };
+        let blocks = info.shape.elem_count() / info.ggml_dtype.block_size().max(1);
+        (blocks as u64).saturating_mul(info.ggml_dtype.type_size() as u64)
+    }
+}
+
+/// A [`GgufSource`] that reports the bytes of each tensor read.
+struct CountedGguf<'a, 'b> {
+    src: &'a mut GgufSource,
+    tick: LoadTick<'b>,
+    done: u64,
+    total: u64,
+}
+
+impl TensorSource for CountedGguf<'_, '_> {
+    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
+        let t = self.src.get(name, dtype)?;
+        if t.is_some() {
+            self.done = self.done.saturating_add(self.src.stored_bytes(name));
+            (self.tick)(self.done.min(self.total), self.total)?;
+        }
+        Ok(t)
+    }
+}
+
 /// Reads a GGUF file's header (metadata and tensor directory).
 pub fn read_gguf_content(path: &Path) -> Result<Content> {
     check_metadata(path)?;
@@ -231,7 +267,18 @@ pub fn load_gguf(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Resul
 /// [`Residency::Disk`] the decoder layers stay quantized in the file and
 /// are dequantized one block at a time when the model runs it.
 pub fn load_gguf_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<LlamaModel> {
-    let path = path.as_ref();
+    load_gguf_counted(path.as_ref(), opts, &mut ignore)
+}
+
+/// [`load_gguf_with`], the bytes of each tensor read reported to `tick`
+/// out of the file's size; it ends at `done == total` (the header and the
+/// tensors the decoder does not use count at the end).
+pub(crate) fn load_gguf_counted(
+    path: &Path,
+    opts: &LoadOptions,
+    tick: LoadTick<'_>,
+) -> Result<LlamaModel> {
+    let total = total_bytes([path])?;
     let content = read_gguf_content(path)?;
     let cfg = config_from_gguf(&content, path)?;
     let by_hf = content
@@ -250,8 +297,16 @@ pub fn load_gguf_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Llam
     };
     match opts.residency {
         Residency::Memory => {
-            let weights =
-                ModelWeights::assemble(&cfg, &mut src, opts.dtype).map_err(in_model_file(path))?;
+            tick(0, total)?;
+            let mut counted = CountedGguf {
+                src: &mut src,
+                tick,
+                done: 0,
+                total,
+            };
+            let weights = ModelWeights::assemble(&cfg, &mut counted, opts.dtype)
+                .map_err(in_model_file(path))?;
+            tick(total, total)?;
             LlamaModel::new(cfg, weights)
         }
         Residency::Disk => {
@@ -264,6 +319,7 @@ pub fn load_gguf_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Llam
                 .map_err(in_model_file(path))?;
             let layers =
                 StreamedLayers::new(LayerSource::new(cfg.clone(), opts.dtype, Box::new(src)));
+            tick(total, total)?;
             LlamaModel::streamed(cfg, outer, layers)
         }
     }

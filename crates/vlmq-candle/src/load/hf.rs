@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use candle_core::safetensors::{Load, SliceSafetensors};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use vlmq::{Error, Result};
@@ -12,6 +13,7 @@ use vlmq::{Error, Result};
 use crate::error::{file, in_model_file};
 use crate::load::disk::DiskTensors;
 use crate::load::options::{LoadOptions, Residency};
+use crate::load::progress::{ignore, total_bytes, LoadTick};
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::model::LlamaModel;
 use crate::models::llama::store::{LayerSource, StreamedLayers};
@@ -59,24 +61,40 @@ pub(crate) struct NamedTensors {
 }
 
 impl NamedTensors {
-    /// Every tensor of a directory's safetensors files.
-    pub(crate) fn read_dir(dir: &Path, device: &Device) -> Result<Self> {
+    /// Every tensor of a directory's safetensors files; `tick` sees the
+    /// bytes read after each tensor, of the files' summed sizes, and ends
+    /// at `done == total`.
+    pub(crate) fn read_dir(dir: &Path, device: &Device, tick: LoadTick<'_>) -> Result<Self> {
         let mut src = NamedTensors {
             tensors: HashMap::new(),
             origin: HashMap::new(),
         };
-        for f in safetensors_files(dir)? {
+        let files = safetensors_files(dir)?;
+        for f in &files {
             if !f.exists() {
                 return Err(Error::io(
-                    &f,
+                    f,
                     std::io::Error::new(std::io::ErrorKind::NotFound, "safetensors file not found"),
                 ));
             }
-            let map = candle_core::safetensors::load(&f, device).map_err(|e| file(&f, e))?;
-            for (k, v) in map {
-                src.origin.insert(k.clone(), f.clone());
-                src.tensors.insert(k, v);
+        }
+        let total = total_bytes(files.iter().map(PathBuf::as_path))?;
+        tick(0, total)?;
+        let mut files_done = 0u64;
+        for f in files {
+            let bytes = std::fs::read(&f).map_err(|e| file(&f, e))?;
+            let st = SliceSafetensors::new(&bytes).map_err(|e| file(&f, e))?;
+            let mut done = files_done;
+            for (name, view) in st.tensors() {
+                let t = view.load(device).map_err(|e| file(&f, e))?;
+                src.origin.insert(name.clone(), f.clone());
+                src.tensors.insert(name, t);
+                done = done.saturating_add(view.data().len() as u64);
+                tick(done.min(total), total)?;
             }
+            // The file's header and padding count once it is read whole.
+            files_done = files_done.saturating_add(bytes.len() as u64);
+            tick(files_done.min(total), total)?;
         }
         Ok(src)
     }
@@ -115,12 +133,22 @@ pub fn load_hf_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Resu
 /// embedding and a separate head are read in their stored dtype, and each
 /// decoder layer is read and converted to `opts.dtype` when the model runs it.
 pub fn load_hf_dir_with(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<LlamaModel> {
-    let dir = dir.as_ref();
+    load_hf_dir_counted(dir.as_ref(), opts, &mut ignore)
+}
+
+/// [`load_hf_dir_with`], the bytes read reported to `tick` (with
+/// [`Residency::Disk`] once, at the end: only headers and the outer tensors
+/// are read).
+pub(crate) fn load_hf_dir_counted(
+    dir: &Path,
+    opts: &LoadOptions,
+    tick: LoadTick<'_>,
+) -> Result<LlamaModel> {
     let cfg_path = dir.join("config.json");
     let cfg = LlamaConfig::from_hf_json(&read_json(&cfg_path)?, &cfg_path)?;
     match opts.residency {
         Residency::Memory => {
-            let mut src = NamedTensors::read_dir(dir, &opts.device)?;
+            let mut src = NamedTensors::read_dir(dir, &opts.device, tick)?;
             let weights =
                 ModelWeights::assemble(&cfg, &mut src, opts.dtype).map_err(in_model_file(dir))?;
             LlamaModel::new(cfg, weights)
@@ -143,6 +171,8 @@ pub fn load_hf_dir_with(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Lla
             .map_err(in_model_file(dir))?;
             let layers =
                 StreamedLayers::new(LayerSource::new(cfg.clone(), opts.dtype, Box::new(src)));
+            let total = total_bytes(safetensors_files(dir)?.iter().map(PathBuf::as_path))?;
+            tick(total, total)?;
             LlamaModel::streamed(cfg, outer, layers)
         }
     }

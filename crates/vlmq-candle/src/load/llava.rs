@@ -20,6 +20,7 @@ use vlmq::{Error, Result};
 
 use crate::error::in_model_file;
 use crate::load::hf::{read_json, NamedTensors};
+use crate::load::progress::{ignore, LoadTick};
 use crate::models::clip::{ClipLayerWeights, LayerNorm, VisionWeights, VISION_LINEAR_NAMES};
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::model::LlamaModel;
@@ -192,10 +193,25 @@ fn vision_weights(
 pub fn load_llava_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<LlavaModel> {
     let dir = dir.as_ref();
     // Tensor errors name the directory.
-    read_llava_dir(dir, dtype, device).map_err(in_model_file(dir))
+    read_llava_dir(dir, dtype, device, &mut ignore).map_err(in_model_file(dir))
 }
 
-fn read_llava_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LlavaModel> {
+/// [`load_llava_dir`], the bytes read reported to `tick`.
+pub(crate) fn load_llava_dir_counted(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    tick: LoadTick<'_>,
+) -> Result<LlavaModel> {
+    read_llava_dir(dir, dtype, device, tick).map_err(in_model_file(dir))
+}
+
+fn read_llava_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    tick: LoadTick<'_>,
+) -> Result<LlavaModel> {
     let cfg_path = dir.join("config.json");
     let raw = read_json(&cfg_path)?;
     let cfg = LlavaConfig::from_hf_json(&raw, &cfg_path)?;
@@ -210,7 +226,7 @@ fn read_llava_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LlavaMode
     {
         text_cfg.tie_embeddings = tie;
     }
-    let mut src = NamedTensors::read_dir(dir, device)?;
+    let mut src = NamedTensors::read_dir(dir, device, tick)?;
     let naming = detect_naming(&src)?;
     let vision = vision_weights(&cfg, &mut src, &naming.vision, dtype)?;
     let (dv, dt) = (cfg.vision.hidden_size, text_cfg.hidden_size);

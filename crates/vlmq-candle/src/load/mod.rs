@@ -7,6 +7,7 @@ pub(crate) mod gguf_check;
 pub(crate) mod hf;
 pub(crate) mod llava;
 pub(crate) mod options;
+pub(crate) mod progress;
 pub(crate) mod qwen2_vl;
 pub(crate) mod smolvlm;
 
@@ -16,9 +17,10 @@ use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 use vlmq::Result;
 
-use crate::load::gguf::{load_gguf_with, read_gguf_content};
-use crate::load::hf::load_hf_dir_with;
+use crate::load::gguf::{load_gguf_counted, read_gguf_content};
+use crate::load::hf::load_hf_dir_counted;
 use crate::load::options::LoadOptions;
+use crate::load::progress::{ignore, LoadTick};
 use crate::models::llama::model::LlamaModel;
 use crate::process::tokenizer::{tokenizer_from_file, tokenizer_from_gguf};
 
@@ -42,16 +44,24 @@ pub fn load_model_with(
     path: impl AsRef<Path>,
     opts: &LoadOptions,
 ) -> Result<(LlamaModel, Tokenizer)> {
-    let path = path.as_ref();
+    load_model_counted(path.as_ref(), opts, &mut ignore)
+}
+
+/// [`load_model_with`], each tensor read reported to `tick`.
+pub(crate) fn load_model_counted(
+    path: &Path,
+    opts: &LoadOptions,
+    tick: LoadTick<'_>,
+) -> Result<(LlamaModel, Tokenizer)> {
     if path.extension().is_some_and(|e| e == "gguf") {
         let content = read_gguf_content(path)?;
         Ok((
-            load_gguf_with(path, opts)?,
+            load_gguf_counted(path, opts, tick)?,
             tokenizer_from_gguf(&content, path)?,
         ))
     } else {
         Ok((
-            load_hf_dir_with(path, opts)?,
+            load_hf_dir_counted(path, opts, tick)?,
             tokenizer_from_file(path.join("tokenizer.json"))?,
         ))
     }

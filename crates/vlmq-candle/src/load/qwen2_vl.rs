@@ -17,6 +17,7 @@ use vlmq::{Error, Result};
 
 use crate::error::in_model_file;
 use crate::load::hf::{read_json, NamedTensors};
+use crate::load::progress::{ignore, LoadTick};
 use crate::models::clip::LayerNorm;
 use crate::models::llama::model::LlamaModel;
 use crate::models::llama::weights::{check, required, Linear, ModelWeights, TensorSource};
@@ -182,17 +183,28 @@ pub fn load_qwen2_vl_dir(
 ) -> Result<(Qwen2VlModel, QwenVlNaming)> {
     let dir = dir.as_ref();
     // Tensor errors name the directory.
-    read_qwen2_vl_dir(dir, dtype, device).map_err(in_model_file(dir))
+    read_qwen2_vl_dir(dir, dtype, device, &mut ignore).map_err(in_model_file(dir))
+}
+
+/// [`load_qwen2_vl_dir`], the bytes read reported to `tick`.
+pub(crate) fn load_qwen2_vl_dir_counted(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    tick: LoadTick<'_>,
+) -> Result<(Qwen2VlModel, QwenVlNaming)> {
+    read_qwen2_vl_dir(dir, dtype, device, tick).map_err(in_model_file(dir))
 }
 
 fn read_qwen2_vl_dir(
     dir: &Path,
     dtype: DType,
     device: &Device,
+    tick: LoadTick<'_>,
 ) -> Result<(Qwen2VlModel, QwenVlNaming)> {
     let cfg_path = dir.join("config.json");
     let cfg = Qwen2VlConfig::from_hf_json(&read_json(&cfg_path)?, &cfg_path)?;
-    let mut src = NamedTensors::read_dir(dir, device)?;
+    let mut src = NamedTensors::read_dir(dir, device, tick)?;
     let naming = detect_naming(&src)?;
     let visual = vision_weights(&cfg, &mut src, &naming.visual, dtype)?;
     let weights = ModelWeights::assemble(

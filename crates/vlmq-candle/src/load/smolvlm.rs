@@ -16,6 +16,7 @@ use vlmq::{Error, Result};
 use crate::error::in_model_file;
 use crate::load::hf::{read_json, NamedTensors};
 use crate::load::llava::{get_checked, layer_norm, linear};
+use crate::load::progress::{ignore, LoadTick};
 use crate::models::clip::{ClipLayerWeights, VISION_LINEAR_NAMES};
 use crate::models::idefics3::Connector;
 use crate::models::llama::model::LlamaModel;
@@ -119,14 +120,29 @@ pub fn load_smolvlm_dir(
 ) -> Result<SmolVlmModel> {
     let dir = dir.as_ref();
     // Tensor errors name the directory.
-    read_smolvlm_dir(dir, dtype, device).map_err(in_model_file(dir))
+    read_smolvlm_dir(dir, dtype, device, &mut ignore).map_err(in_model_file(dir))
 }
 
-fn read_smolvlm_dir(dir: &Path, dtype: DType, device: &Device) -> Result<SmolVlmModel> {
+/// [`load_smolvlm_dir`], the bytes read reported to `tick`.
+pub(crate) fn load_smolvlm_dir_counted(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    tick: LoadTick<'_>,
+) -> Result<SmolVlmModel> {
+    read_smolvlm_dir(dir, dtype, device, tick).map_err(in_model_file(dir))
+}
+
+fn read_smolvlm_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    tick: LoadTick<'_>,
+) -> Result<SmolVlmModel> {
     let cfg_path = dir.join("config.json");
     let raw = read_json(&cfg_path)?;
     let cfg = SmolVlmConfig::from_hf_json(&raw, &cfg_path)?;
-    let mut src = NamedTensors::read_dir(dir, device)?;
+    let mut src = NamedTensors::read_dir(dir, device, tick)?;
     let naming = detect_naming(&src)?;
     let vision = vision_weights(&cfg, &mut src, &naming.vision, dtype)?;
     let connector = Connector {

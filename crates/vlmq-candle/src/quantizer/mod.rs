@@ -20,6 +20,7 @@
 
 mod event;
 mod gguf;
+mod quantized;
 mod samples;
 mod vlm_samples;
 
@@ -27,24 +28,24 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use tokenizers::Tokenizer;
-use vlmq::pipeline::{BlockSelection, PipelineOutput, PipelineReport};
+use vlmq::pipeline::{BlockSelection, PipelineOutput};
 use vlmq::{Error, Progress, QuantizableModel, Result};
 
+use event::send;
 pub use event::{Event, Stage};
+pub use quantized::Quantized;
 
-use crate::export::llava::write_llava_gptq;
-use crate::export::qwen2_vl::write_qwen2_vl_gptq;
-use crate::export::smolvlm::write_smolvlm_gptq;
-use crate::export::write_gptq;
+use crate::load::llava::load_llava_dir_counted;
+use crate::load::load_model_counted;
+use crate::load::qwen2_vl::load_qwen2_vl_dir_counted;
+use crate::load::smolvlm::load_smolvlm_dir_counted;
 use crate::process::calibration::Calibration;
 use crate::process::chat_template::ChatTemplate;
 use crate::process::image_input::ClipImageProcessor;
 use crate::process::qwen2_vl_image::Qwen2VlImageConfig;
 use crate::process::smolvlm_image::SmolVlmImageProcessor;
 use crate::recipe::{CheckedRecipe, OutputFormat};
-use crate::{
-    load_llava_dir, load_model_with, tokenizer_from_file, LlamaModel, LlavaModel, LoadOptions,
-};
+use crate::{tokenizer_from_file, LlamaModel, LlavaModel, LoadOptions};
 
 /// A model of one of the supported families.
 #[derive(Debug, Clone)]
@@ -120,7 +121,27 @@ impl Quantizer {
     /// Loads `path` with the given device, compute dtype and residency
     /// (vision-language models are always held in memory).
     pub fn from_pretrained_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Quantizer> {
+        Quantizer::from_pretrained_with_events(path, opts, |_| ControlFlow::Continue(()))
+    }
+
+    /// [`Quantizer::from_pretrained_with`], reporting the bytes of the
+    /// weight files read as [`Stage::Load`] events (the last one has
+    /// `done == total`); returning `ControlFlow::Break(())` stops the load
+    /// with [`Error::Cancelled`].
+    pub fn from_pretrained_with_events(
+        path: impl AsRef<Path>,
+        opts: &LoadOptions,
+        mut on_event: impl FnMut(&Event) -> ControlFlow<()>,
+    ) -> Result<Quantizer> {
         let path = path.as_ref();
+        let item = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut tick = |done: u64, total: u64| -> Result<()> {
+            let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+            send(&mut on_event, Stage::Load, count(done), count(total), &item)
+        };
         let is_gguf = is_gguf(path);
         if !is_gguf && !path.join("config.json").is_file() {
             return Err(Error::field(
@@ -131,25 +152,25 @@ impl Quantizer {
         }
         let (model, tokenizer) = match model_type(path).as_deref() {
             Some("llava") if !is_gguf => {
-                let m = load_llava_dir(path, opts.dtype, &opts.device)?;
+                let m = load_llava_dir_counted(path, opts.dtype, &opts.device, &mut tick)?;
                 let tk = tokenizer_from_file(path.join("tokenizer.json"))?;
                 let processor = clip_processor(path, &m)?;
                 (LoadedModel::Llava(m, processor), tk)
             }
             Some("qwen2_vl" | "qwen2_5_vl") if !is_gguf => {
-                let (m, _) = crate::load_qwen2_vl_dir(path, opts.dtype, &opts.device)?;
+                let (m, _) = load_qwen2_vl_dir_counted(path, opts.dtype, &opts.device, &mut tick)?;
                 let tk = tokenizer_from_file(path.join("tokenizer.json"))?;
                 let images = Qwen2VlImageConfig::from_dir(path)?;
                 (LoadedModel::Qwen2Vl(m, images), tk)
             }
             Some("smolvlm" | "idefics3") if !is_gguf => {
-                let m = crate::load_smolvlm_dir(path, opts.dtype, &opts.device)?;
+                let m = load_smolvlm_dir_counted(path, opts.dtype, &opts.device, &mut tick)?;
                 let tk = tokenizer_from_file(path.join("tokenizer.json"))?;
                 let images = smolvlm_processor(path, &m)?;
                 (LoadedModel::SmolVlm(m, images), tk)
             }
             _ => {
-                let (m, tk) = load_model_with(path, opts)?;
+                let (m, tk) = load_model_counted(path, opts, &mut tick)?;
                 (LoadedModel::Llama(m), tk)
             }
         };
@@ -202,16 +223,7 @@ impl Quantizer {
             cfg = cfg.with_state_dir(dir);
         }
         let mut tick = |stage: Stage, done: usize, total: usize, item: String| -> Result<()> {
-            let e = Event {
-                stage,
-                done,
-                total,
-                item,
-            };
-            match on_event(&e) {
-                ControlFlow::Continue(()) => Ok(()),
-                ControlFlow::Break(()) => Err(Error::Cancelled),
-            }
+            send(&mut on_event, stage, done, total, &item)
         };
         let template = match data {
             Calibration::Conversations(_) if is_gguf(&self.source) => {
@@ -380,68 +392,4 @@ fn smolvlm_processor(dir: &Path, m: &crate::SmolVlmModel) -> Result<SmolVlmImage
         ));
     }
     Ok(p)
-}
-
-/// A quantized model, ready to be saved.
-pub struct Quantized {
-    model: LoadedModel,
-    tokenizer: Tokenizer,
-    output: PipelineOutput,
-    format: OutputFormat,
-    source: PathBuf,
-}
-
-impl Quantized {
-    /// The model with its quantized layers' dequantized weights in place.
-    pub fn model(&self) -> &LoadedModel {
-        &self.model
-    }
-
-    /// The model's tokenizer.
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
-    /// The run's report (per layer: objectives, damping, time).
-    pub fn report(&self) -> &PipelineReport {
-        &self.output.report
-    }
-
-    /// The quantized weights by `(block, layer)`.
-    pub fn output(&self) -> &PipelineOutput {
-        &self.output
-    }
-
-    /// Writes the checkpoint in the recipe's format to `dir`. A GGUF
-    /// format writes one file: `dir` itself when it ends in `.gguf`, else
-    /// `dir/model.gguf` (the directory is created): from a GGUF source its
-    /// metadata and other tensors are copied, from a Hugging Face
-    /// directory they are derived and the other tensors stay f32.
-    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
-        match (&self.model, self.format) {
-            (LoadedModel::Llama(m), OutputFormat::Gguf(_)) => {
-                gguf::save(m, &self.output, &self.source, &gguf::gguf_path(dir)?)
-            }
-            (
-                LoadedModel::Llava(..) | LoadedModel::Qwen2Vl(..) | LoadedModel::SmolVlm(..),
-                OutputFormat::Gguf(_),
-            ) => Err(Error::Unsupported {
-                what: format!("GGUF output for a {} model", self.model.family()),
-                remedy: "write gptq for VLMs".into(),
-            }),
-            (LoadedModel::Llama(m), OutputFormat::Gptq) => {
-                write_gptq(m, &self.output, Some(&self.tokenizer), dir)
-            }
-            (LoadedModel::Llava(m, _), OutputFormat::Gptq) => {
-                write_llava_gptq(m, &self.output, Some(&self.tokenizer), dir)
-            }
-            (LoadedModel::Qwen2Vl(m, _), OutputFormat::Gptq) => {
-                write_qwen2_vl_gptq(m, &self.output, Some(&self.tokenizer), dir)
-            }
-            (LoadedModel::SmolVlm(m, _), OutputFormat::Gptq) => {
-                write_smolvlm_gptq(m, &self.output, Some(&self.tokenizer), dir)
-            }
-        }
-    }
 }
