@@ -62,13 +62,16 @@ pub use models::llava::model::{
 pub use models::llava::sample::{VlmHidden, VlmSample};
 pub use models::quantized_llama::{GgufKernel, QuantizedLlama};
 pub use models::qwen2_vl::{
-    image_cu_seqlens, rope_delta, rope_index, vision_position_ids, window_index, ImageGrid, Merger,
-    MropePositions, Qwen2VlConfig, Qwen2VlModel, QwenVisionConfig, QwenVisionWeights, QwenVlSample,
-    QwenVlVariant, VisionBlock, VisionNorm, VisionTrace, MERGER_LINEARS, QWEN2_5_VL_BLOCK_LINEARS,
-    QWEN2_VL_BLOCK_LINEARS, VISION_NORM_EPS,
+    ImageGrid, Merger, MropePositions, Qwen2VlConfig, Qwen2VlModel, QwenVisionConfig,
+    QwenVisionWeights, QwenVlSample, QwenVlVariant, VisionBlock, VisionNorm, MERGER_LINEARS,
+    QWEN2_5_VL_BLOCK_LINEARS, QWEN2_VL_BLOCK_LINEARS,
 };
+// Qwen2-VL's position and window bookkeeping, reached by the tests that
+// compare it with transformers' values.
+#[doc(hidden)]
+pub use models::qwen2_vl::{image_cu_seqlens, rope_delta, vision_position_ids, window_index};
 pub use models::siglip::{SiglipVisionConfig, SiglipWeights};
-pub use models::smolvlm::{SmolVlmConfig, SmolVlmModel, SmolVlmNaming, SmolVlmTrace};
+pub use models::smolvlm::{SmolVlmConfig, SmolVlmModel, SmolVlmNaming};
 pub use process::calibration::{Calibration, CalibrationRecord};
 pub use process::llava_prompt::IMAGE_MARKER;
 pub use process::tokenizer::{encode, tokenizer_from_file, tokenizer_from_gguf, tokenizers};

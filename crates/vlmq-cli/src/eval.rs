@@ -16,7 +16,7 @@ use crate::progress::bar;
 /// A model directory, GGUF file or GPTQ checkpoint, with its tokenizer.
 fn load(path: &Path, opts: &LoadOptions) -> Result<(LlamaModel, Tokenizer)> {
     if is_gptq_dir(path) {
-        let m = load_gptq_dir(path, opts.dtype, &opts.device)?;
+        let m = load_gptq_dir(path, opts.dtype(), opts.device())?;
         Ok((m, tokenizer_from_file(path.join("tokenizer.json"))?))
     } else if path.extension().is_some_and(|e| e == "gguf") || path.join("config.json").is_file() {
         load_model_with(path, opts)

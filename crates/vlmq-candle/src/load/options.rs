@@ -23,16 +23,14 @@ pub enum Residency {
     Disk,
 }
 
-/// How to load a model: device, compute dtype and [`Residency`].
+/// How to load a model: device, compute dtype and [`Residency`]; built
+/// from [`LoadOptions::default`] (CPU, f32, in memory) with the `with_*`
+/// setters, read with the getters.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Where tensors are computed (`Device::Cpu`, or a CUDA device when
-    /// vlmq-candle is built with the `cuda` feature).
-    pub device: Device,
-    /// The dtype blocks are computed in (F32 for quantization).
-    pub dtype: DType,
-    /// Whether decoder layers are read at load time or on demand.
-    pub residency: Residency,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+    pub(crate) residency: Residency,
 }
 
 impl Default for LoadOptions {
@@ -46,6 +44,22 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
+    /// Where tensors are computed (`Device::Cpu`, or a CUDA device when
+    /// vlmq-candle is built with the `cuda` feature).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype blocks are computed in (F32 for quantization).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Whether decoder layers are read at load time or on demand.
+    pub fn residency(&self) -> Residency {
+        self.residency
+    }
+
     /// Builder: the residency.
     pub fn with_residency(mut self, residency: Residency) -> Self {
         self.residency = residency;

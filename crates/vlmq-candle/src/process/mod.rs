@@ -10,6 +10,8 @@ pub mod conversation;
 pub(crate) mod conversation_prompt;
 pub mod image_input;
 pub(crate) mod llava_prompt;
+// PIL's resampling, reached by the tests that compare it with PIL's output.
+#[doc(hidden)]
 pub mod pil_resize;
 pub mod qwen2_vl_image;
 pub mod qwen2_vl_prompt;

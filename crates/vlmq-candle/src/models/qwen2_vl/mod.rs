@@ -12,12 +12,12 @@ pub(crate) mod vision;
 
 pub use config::{Qwen2VlConfig, QwenVisionConfig, QwenVlVariant};
 pub use grid::{image_cu_seqlens, vision_position_ids, window_index, ImageGrid};
-pub use model::{Qwen2VlModel, VisionTrace};
-pub use mrope::{rope_delta, rope_index, MropePositions};
+pub use model::Qwen2VlModel;
+pub use mrope::{rope_delta, MropePositions};
 pub use sample::QwenVlSample;
 pub use vision::{
     Merger, QwenVisionWeights, VisionBlock, VisionNorm, MERGER_LINEARS, QWEN2_5_VL_BLOCK_LINEARS,
-    QWEN2_VL_BLOCK_LINEARS, VISION_NORM_EPS,
+    QWEN2_VL_BLOCK_LINEARS,
 };
 
 #[cfg(test)]

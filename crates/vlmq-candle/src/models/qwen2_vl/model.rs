@@ -179,6 +179,8 @@ impl Qwen2VlModel {
 
     /// Runs the tower and merger on `pixels: [patches, values]` of images
     /// with `grids`, keeping every block's input.
+    // Reached by the tests that compare the tower with transformers'.
+    #[doc(hidden)]
     pub fn vision_trace(&self, pixels: &Tensor, grids: &[ImageGrid]) -> Result<VisionTrace> {
         self.check_pixels(pixels, grids)?;
         let plan = self.vision_plan(grids)?;
@@ -210,6 +212,7 @@ impl Qwen2VlModel {
     }
 
     /// M-RoPE positions of every row; the grids are consumed in order over the batch.
+    #[doc(hidden)]
     pub fn rope_positions(
         &self,
         batch: &[&[u32]],

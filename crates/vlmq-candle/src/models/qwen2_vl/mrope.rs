@@ -23,7 +23,7 @@ pub type MropePositions = [Vec<i64>; 3];
 /// Position ids of one token row. Each run of `image_token` consumes the
 /// next grid of `grids` (from `*next`) and must be exactly as long as its
 /// merged token count.
-pub fn rope_index(
+pub(crate) fn rope_index(
     tokens: &[u32],
     image_token: u32,
     grids: &[ImageGrid],

@@ -8,4 +8,4 @@ mod grad_tests;
 pub(crate) mod model;
 
 pub use config::SmolVlmConfig;
-pub use model::{SmolVlmModel, SmolVlmNaming, SmolVlmTrace};
+pub use model::{SmolVlmModel, SmolVlmNaming};

@@ -178,6 +178,8 @@ impl SmolVlmModel {
 
     /// Runs the tower and connector on frames `[N, C, S, S]`, keeping every
     /// encoder layer's input.
+    // Reached by the tests that compare the tower with transformers'.
+    #[doc(hidden)]
     pub fn vision_trace(&self, pixels: &Tensor) -> Result<SmolVlmTrace> {
         self.check_frames(pixels)?;
         let v = &self.cfg.vision;
