@@ -116,3 +116,17 @@ pub fn dtype_from_name(name: &str) -> Result<DType> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builders_set_what_the_getters_read() {
+        let d = LoadOptions::default();
+        assert_eq!((d.dtype(), d.residency()), (DType::F32, Residency::Memory));
+        assert!(d.device().is_cpu());
+        let o = d.with_dtype(DType::BF16).with_residency(Residency::Disk);
+        assert_eq!((o.dtype(), o.residency()), (DType::BF16, Residency::Disk));
+    }
+}
