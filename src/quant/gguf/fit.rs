@@ -1,21 +1,16 @@
 //! Fitting one row's block grids, weighted by per-column importance.
 //!
-//! Each block scale is searched the way llama.cpp's importance-matrix
-//! quantizers search theirs (written here from the method, not the code):
-//! a few candidate scales around the range-based one, each followed by the
-//! weighted least-squares scale for the codes it picks, and the candidate
-//! with the lowest weighted squared error after the stored rounding wins.
-//! The K-quants fit every sub-block this way, then quantize the sub-block
-//! scales against one f16 super-block scale.
+//! Each block scale goes through the candidate search of [`super::search`]
+//! (llama.cpp's importance-matrix method). The K-quants fit every sub-block
+//! this way, then quantize the sub-block scales against one f16
+//! super-block scale.
 
 use half::f16;
 
 use super::format::GgufType;
 use super::grid::BlockGrid;
+use super::search::{fit_affine, fit_signed};
 use crate::quant::cell::RowFit;
-
-/// Candidate offsets (in tenths of a code) around the range-based scale.
-const STEPS: i32 = 9;
 
 /// The fit of one GGUF type, as the column walk uses it.
 #[derive(Debug, Clone, Copy)]
@@ -150,158 +145,11 @@ fn round_f16(v: f32) -> f32 {
     to_f16(v).to_f32()
 }
 
-/// Interleaved partial sums per sum: element `i` goes to lane `i % LANES`.
-const LANES: usize = 8;
-
-/// `K` sums over a block, `f(x_i, w_i)` giving element `i`'s term of each:
-/// every sum runs in [`LANES`] interleaved partial sums, added in lane order
-/// at the end. The order is fixed (no dependence on threads or CPU), and
-/// unlike one running sum, which is a single chain of dependent additions,
-/// the compiler vectorizes it. `x` and `w` have equal lengths.
-#[inline(always)]
-fn lane_sums<const K: usize>(x: &[f32], w: &[f32], f: impl Fn(f32, f32) -> [f32; K]) -> [f32; K] {
-    let mut acc = [[0.0f32; LANES]; K];
-    let (xc, xr) = x.as_chunks::<LANES>();
-    let (wc, wr) = w.as_chunks::<LANES>();
-    for (xs, ws) in xc.iter().zip(wc) {
-        for l in 0..LANES {
-            let t = f(xs[l], ws[l]);
-            for k in 0..K {
-                acc[k][l] += t[k];
-            }
-        }
-    }
-    let mut out = acc.map(|lanes| lanes.iter().sum::<f32>());
-    for (&v, &wt) in xr.iter().zip(wr) {
-        let t = f(v, wt);
-        for k in 0..K {
-            out[k] += t[k];
-        }
-    }
-    out
-}
-
-/// `x` rounded to the nearest integer, ties to even, for `|x| <= 2^22`
-/// (callers clamp to the code range first, which commutes with rounding
-/// since the bounds are integers). Adding and removing `1.5 * 2^23` leaves
-/// the float adder to do the rounding: the same result as
-/// `f32::round_ties_even`, but plain arithmetic the compiler vectorizes,
-/// where the baseline x86-64 target turns `round_ties_even` into a library
-/// call per value (the candidate search rounds each weight ~40 times).
-#[inline(always)]
-fn round_even(x: f32) -> f32 {
-    const SHIFT: f32 = 12_582_912.0;
-    (x + SHIFT) - SHIFT
-}
-
 /// Weights that are all zero (a span of dead columns) become uniform.
 fn uniform_if_zero(w: &mut [f32]) {
     if w.iter().all(|&v| v <= 0.0) {
         w.fill(1.0);
     }
-}
-
-/// The scale `s` of `s q`, `q` in `-nmax ..= nmax - 1`, minimizing the
-/// weighted squared error after `round`. Candidates map the value of
-/// largest magnitude onto `-(nmax + step / 10)`, then take the weighted
-/// least-squares scale of the codes they pick. Returns 0 for an all-zero
-/// block.
-#[inline(always)]
-fn fit_signed(x: &[f32], w: &[f32], nmax: f32, round: impl Fn(f32) -> f32) -> f32 {
-    let xm = x
-        .iter()
-        .fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-    if xm == 0.0 {
-        return 0.0;
-    }
-    let err = |s: f32| -> f32 {
-        if s == 0.0 || !s.is_finite() {
-            return f32::INFINITY;
-        }
-        let [e] = lane_sums(x, w, |v, wt| {
-            let q = round_even((v / s).clamp(-nmax, nmax - 1.0));
-            [wt * (s * q - v) * (s * q - v)]
-        });
-        e
-    };
-    let mut best = round(xm / -nmax);
-    let mut best_err = err(best);
-    for step in -STEPS..=STEPS {
-        let iscale = -(nmax + 0.1 * step as f32) / xm;
-        let [xq, qq] = lane_sums(x, w, |v, wt| {
-            let q = round_even((iscale * v).clamp(-nmax, nmax - 1.0));
-            [wt * v * q, wt * q * q]
-        });
-        if qq <= 0.0 {
-            continue;
-        }
-        let s = round(xq / qq);
-        let e = err(s);
-        if e < best_err {
-            best = s;
-            best_err = e;
-        }
-    }
-    best
-}
-
-/// The `(d, m)` of `d q + m`, `q` in `0 ..= nmax`, minimizing the weighted
-/// squared error after `round` (with `nonpos_min`, `m <= 0`). Candidates
-/// spread the range over `nmax + step / 10` codes, then take the weighted
-/// least-squares `(d, m)` of the codes they pick.
-#[inline(always)]
-fn fit_affine(
-    x: &[f32],
-    w: &[f32],
-    nmax: f32,
-    nonpos_min: bool,
-    round: impl Fn(f32) -> f32,
-) -> (f32, f32) {
-    let mut lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
-    let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    if nonpos_min {
-        lo = lo.min(0.0);
-    }
-    if hi <= lo {
-        return (0.0, round(lo));
-    }
-    let err = |d: f32, m: f32| -> f32 {
-        if d <= 0.0 || !d.is_finite() {
-            return f32::INFINITY;
-        }
-        let [e] = lane_sums(x, w, |v, wt| {
-            let q = round_even(((v - m) / d).clamp(0.0, nmax));
-            [wt * (d * q + m - v) * (d * q + m - v)]
-        });
-        e
-    };
-    let mut best = (round((hi - lo) / nmax), round(lo));
-    let mut best_err = err(best.0, best.1);
-    let [sw, sx] = lane_sums(x, w, |v, wt| [wt, wt * v]);
-    for step in -STEPS..=STEPS {
-        let iscale = (nmax + 0.1 * step as f32) / (hi - lo);
-        let [sq, sqq, sqx] = lane_sums(x, w, |v, wt| {
-            let q = round_even((iscale * (v - lo)).clamp(0.0, nmax));
-            [wt * q, wt * q * q, wt * q * v]
-        });
-        let det = sw * sqq - sq * sq;
-        if det <= 0.0 {
-            continue;
-        }
-        let mut d = (sw * sqx - sq * sx) / det;
-        let mut m = (sqq * sx - sq * sqx) / det;
-        if nonpos_min && m > 0.0 {
-            m = 0.0;
-            d = sqx / sqq;
-        }
-        let (d, m) = (round(d), round(m));
-        let e = err(d, m);
-        if e < best_err {
-            best = (d, m);
-            best_err = e;
-        }
-    }
-    best
 }
 
 #[cfg(test)]
@@ -323,29 +171,6 @@ mod tests {
             .zip(w)
             .map(|(&v, &wt)| wt * (g.value(g.code(v, max)) - v).powi(2))
             .sum()
-    }
-
-    #[test]
-    fn round_even_is_round_ties_even_on_the_code_range() {
-        let mut x = -300.0f32;
-        while x <= 300.0 {
-            for v in [x, x + 0.5, x + 0.499_999_97, x + 0.500_000_06, x + 0.25] {
-                // == treats -0 and +0 as equal: the sign of a zero code
-                // changes no sum the fit forms.
-                assert_eq!(round_even(v), v.round_ties_even(), "{v}");
-            }
-            x += 1.0;
-        }
-    }
-
-    #[test]
-    fn lane_sums_add_every_element_once() {
-        // 19 elements: two full chunks of 8 and a remainder of 3.
-        let x: Vec<f32> = (1..=19).map(|i| i as f32).collect();
-        let w = vec![2.0f32; 19];
-        let [a, b] = lane_sums(&x, &w, |v, wt| [v * wt, wt]);
-        assert_eq!(a, 2.0 * 190.0);
-        assert_eq!(b, 38.0);
     }
 
     #[test]

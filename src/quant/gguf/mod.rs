@@ -12,6 +12,7 @@ mod fit;
 mod format;
 mod grid;
 mod pack;
+mod search;
 
 pub use format::GgufType;
 pub use grid::BlockGrid;
