@@ -22,6 +22,7 @@
 
 mod cli;
 mod gguf_files;
+mod text_windows;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,7 +30,6 @@ use std::time::Instant;
 use cli::{emit, Flags, Quant};
 use vlmq::QuantMethod;
 use vlmq_candle::candle_core::{DType, Device};
-use vlmq_candle::eval::windows;
 use vlmq_candle::{encode, load_model, Recipe, TextSample};
 
 struct Args {
@@ -109,25 +109,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let text = std::fs::read_to_string(&a.calib)?;
     let tokens = encode(&tk, &text)?;
-    let all = windows(&tokens, a.window_len);
-    if all.len() < a.eval_windows + a.windows {
-        return Err(format!(
-            "{} tokens give {} windows of {}, fewer than {} eval + {} calibration",
-            tokens.len(),
-            all.len(),
-            a.window_len,
-            a.eval_windows,
-            a.windows
-        )
-        .into());
-    }
-    let pool = all.len() - a.eval_windows;
-    let eval_set: Vec<Vec<u32>> = all[pool..].to_vec();
-    let calib_idx = vlmq::sample_indices(pool, a.windows, a.seed);
-    eprintln!(
-        "text {:?}: {} tokens, {} windows of {}; eval = windows {}..{}; calibration (seed {}) = {:?}",
-        a.calib, tokens.len(), all.len(), a.window_len, pool, all.len(), a.seed, calib_idx
-    );
+    let text_windows::TextWindows {
+        all,
+        pool,
+        eval_set,
+        calib_idx,
+    } = text_windows::split(
+        &a.calib,
+        &tokens,
+        a.window_len,
+        a.windows,
+        a.eval_windows,
+        a.seed,
+    )?;
     let samples: Vec<TextSample> = calib_idx
         .iter()
         .map(|&i| TextSample::causal(all[i].clone()))

@@ -20,6 +20,7 @@
 //! `--windows` by the seed ([`vlmq::sample_indices`], as the command does).
 
 mod cli;
+mod text_windows;
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ use std::time::Instant;
 
 use cli::{emit, Flags, Quant};
 use vlmq::QuantMethod;
-use vlmq_candle::eval::{evaluate, windows};
+use vlmq_candle::eval::evaluate;
 use vlmq_candle::export::load_gptq_into;
 use vlmq_candle::{encode, Calibration, LoadedModel, Quantizer, Recipe};
 
@@ -113,26 +114,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let text = std::fs::read_to_string(&a.calib)?;
     let tokens = encode(q.tokenizer(), &text)?;
-    let all = windows(&tokens, a.window_len);
-    if all.len() < a.eval_windows + a.windows {
-        return Err(format!(
-            "{} tokens give {} windows of {}, fewer than {} eval + {} calibration",
-            tokens.len(),
-            all.len(),
-            a.window_len,
-            a.eval_windows,
-            a.windows
-        )
-        .into());
-    }
-    let pool = all.len() - a.eval_windows;
-    let eval_set: Vec<Vec<u32>> = all[pool..].to_vec();
-    // The quantizer draws its samples from the pool with this same function.
-    let calib_idx = vlmq::sample_indices(pool, a.windows, a.seed);
-    eprintln!(
-        "text {:?}: {} chars, {} tokens, {} windows of {}; eval = windows {}..{}; calibration (seed {}) = {:?}",
-        a.calib, text.len(), tokens.len(), all.len(), a.window_len, pool, all.len(), a.seed, calib_idx
-    );
+    let text_windows::TextWindows {
+        all,
+        pool,
+        eval_set,
+        calib_idx,
+    } = text_windows::split(
+        &a.calib,
+        &tokens,
+        a.window_len,
+        a.windows,
+        a.eval_windows,
+        a.seed,
+    )?;
 
     let mut prog = |d: usize, n: usize| eprint!("\r  eval {d}/{n}   ");
     let base = evaluate(&reference, None, &eval_set, 2, &mut prog)?;
