@@ -26,7 +26,7 @@ WORK=${WORK:-${TMPDIR:-/tmp}}
 EXTRA=()
 [ "${ONE_FORWARD:-0}" = 1 ] && EXTRA+=(--one-forward)
 if [ -z "${BIN:-}" ]; then
-  cargo build --profile "$PROFILE" -p vlmq-candle --example gguf_table
+  cargo build --profile "$PROFILE" --workspace --example gguf_table
   BIN=${CARGO_TARGET_DIR:-target}/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/gguf_table
 fi
 run() {

@@ -115,8 +115,29 @@ fn a_gguf_written_by_vlmq_computes_the_in_memory_quantized_logits() {
         let d = run(GgufKernel::Quantized);
         assert!(d < 0.1, "{ty}: QMatMul logits differ by {d} relative");
         eprintln!("{ty}: QMatMul logits within {d:.2e} relative");
+        rows_alone_match_rows_together(&path);
         each_linear_is_the_product_with_rounded_activations(&path, ty);
         std::fs::remove_file(&path).unwrap();
+    }
+}
+
+/// `QuantizedLlama` runs the rows of a batch as separate tasks: each row's
+/// logits are the same bits whether it runs alone or beside other rows.
+fn rows_alone_match_rows_together(path: &std::path::Path) {
+    let rows: Vec<Vec<u32>> = (0..3u32)
+        .map(|r| (0..20).map(|i| (i * 29 + r * 101 + 3) % 300).collect())
+        .collect();
+    let batch: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let qm = QuantizedLlama::from_gguf(path, GgufKernel::Quantized, &Device::Cpu).unwrap();
+    let together = qm.logits(&batch).unwrap();
+    for (i, row) in batch.iter().enumerate() {
+        let alone = qm.logits(&[row]).unwrap();
+        let beside = together.narrow(0, i, 1).unwrap();
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            alone.flatten_all().unwrap().to_vec1().unwrap(),
+            beside.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(a, b, "row {i}: logits depend on the other rows");
     }
 }
 

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+use rayon::prelude::*;
 use vlmq::{Error, Result};
 
 use crate::error::{file, CandleResultExt};
@@ -204,7 +205,16 @@ impl QuantizedLlama {
                 reason: "not below the vocabulary size",
             });
         }
-        self.forward(batch, t).at_model()
+        // One row per task: vlmq runs candle's own kernels single-threaded
+        // (`threads::prefer_sample_parallelism`), so the rows are what keeps
+        // every core busy. Each row's logits do not depend on the other
+        // rows, so the split changes no value.
+        let rows = batch
+            .par_iter()
+            .map(|row| self.forward(std::slice::from_ref(row), t))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .at_model()?;
+        Tensor::cat(&rows, 0).at_model()
     }
 
     fn forward(&self, batch: &[&[u32]], t: usize) -> candle_core::Result<Tensor> {
