@@ -21,7 +21,7 @@ set -euo pipefail
 work=${1:?WORK_DIR}; gguf=${2:?SMOLLM_GGUF}; text=${3:?TEXT}; json=${4:-}
 here=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$here"
-nice -n 5 cargo build --release -p vlmq-candle --example memory_run --example random_checkpoint
+nice -n 5 cargo build --release --workspace --example memory_run --example random_checkpoint
 bin=${CARGO_TARGET_DIR:-target}/release/examples
 ckpt=$work/llama7b
 if [ ! -f "$ckpt/model.safetensors.index.json" ]; then

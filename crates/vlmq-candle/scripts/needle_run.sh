@@ -10,7 +10,7 @@ OUT=${1:-results-needle.jsonl}
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=${METHODS:-"rtn gptq gptaq vlmq vlmq+gptaq"}
 SETTINGS=${SETTINGS:-"4:128 3:128 2:64"}
-cargo build --release -p vlmq-candle --example needle_qa
+cargo build --release --workspace --example needle_qa
 FP_CACHE=$(mktemp)
 rm -f "$FP_CACHE"
 for setting in $SETTINGS; do

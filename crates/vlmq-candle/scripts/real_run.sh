@@ -17,7 +17,7 @@ SETTINGS=${SETTINGS:-"4:128 3:128 2:64"}   # bits:group
 ONE_FORWARD=${ONE_FORWARD:-0}
 EXTRA=()
 [ "$ONE_FORWARD" = 1 ] && EXTRA+=(--one-forward)
-cargo build --profile "$PROFILE" -p vlmq-candle --example quantize
+cargo build --profile "$PROFILE" --workspace --example quantize
 BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/quantize
 for setting in $SETTINGS; do
   bits=${setting%%:*}; group=${setting##*:}
