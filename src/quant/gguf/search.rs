@@ -13,30 +13,28 @@ const STEPS: i32 = 9;
 /// Interleaved partial sums per sum: element `i` goes to lane `i % LANES`.
 const LANES: usize = 8;
 
-/// `K` sums over a block, `f(x_i, w_i)` giving element `i`'s term of each:
-/// every sum runs in [`LANES`] interleaved partial sums, added in lane order
-/// at the end. The order is fixed (no dependence on threads or CPU), and
-/// unlike one running sum, which is a single chain of dependent additions,
-/// the compiler vectorizes it. `x` and `w` have equal lengths.
+/// One sum over a block, `f(x_i, w_i)` giving element `i`'s term: it runs
+/// in [`LANES`] interleaved partial sums, added in lane order at the end.
+/// The order is fixed (no dependence on threads or CPU), and unlike one
+/// running sum, which is a single chain of dependent additions, the
+/// compiler vectorizes it. One sum per call on purpose: with several sums
+/// in one loop (one closure returning an array) the compiler paired the
+/// sums of one element in a vector instead of the lanes, and the candidate
+/// search ran about 4 times slower (docs/PERFORMANCE.md). `x` and `w` have
+/// equal lengths.
 #[inline(always)]
-fn lane_sums<const K: usize>(x: &[f32], w: &[f32], f: impl Fn(f32, f32) -> [f32; K]) -> [f32; K] {
-    let mut acc = [[0.0f32; LANES]; K];
+fn lane_sum(x: &[f32], w: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
     let (xc, xr) = x.as_chunks::<LANES>();
     let (wc, wr) = w.as_chunks::<LANES>();
     for (xs, ws) in xc.iter().zip(wc) {
         for l in 0..LANES {
-            let t = f(xs[l], ws[l]);
-            for k in 0..K {
-                acc[k][l] += t[k];
-            }
+            acc[l] += f(xs[l], ws[l]);
         }
     }
-    let mut out = acc.map(|lanes| lanes.iter().sum::<f32>());
+    let mut out = acc.iter().sum::<f32>();
     for (&v, &wt) in xr.iter().zip(wr) {
-        let t = f(v, wt);
-        for k in 0..K {
-            out[k] += t[k];
-        }
+        out += f(v, wt);
     }
     out
 }
@@ -52,6 +50,20 @@ fn lane_sums<const K: usize>(x: &[f32], w: &[f32], f: impl Fn(f32, f32) -> [f32;
 fn round_even(x: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0;
     (x + SHIFT) - SHIFT
+}
+
+/// `x` clamped to `[lo, hi]`: `f32::clamp`'s result for every `x`, NaN
+/// included, but two compares and selects with no check that `lo <= hi`
+/// (`f32::clamp` asserts it, and that panic path kept the candidate loops
+/// from being vectorized). Callers pass code bounds with `lo < hi`.
+#[inline(always)]
+fn clamp_code(x: f32, lo: f32, hi: f32) -> f32 {
+    let x = if x < lo { lo } else { x };
+    if x > hi {
+        hi
+    } else {
+        x
+    }
 }
 
 /// The scale `s` of `s q`, `q` in `-nmax ..= nmax - 1`, minimizing the
@@ -73,18 +85,19 @@ pub(super) fn fit_signed(x: &[f32], w: &[f32], nmax: f32, round: impl Fn(f32) ->
             return f32::INFINITY;
         }
         let inv = 1.0 / s;
-        let [e] = lane_sums(x, w, |v, wt| {
-            let q = round_even((v * inv).clamp(-nmax, nmax - 1.0));
-            [wt * (s * q - v) * (s * q - v)]
-        });
-        e
+        lane_sum(x, w, |v, wt| {
+            let q = round_even(clamp_code(v * inv, -nmax, nmax - 1.0));
+            wt * (s * q - v) * (s * q - v)
+        })
     };
     let mut best: Option<(f32, f32)> = None;
     for step in -STEPS..=STEPS {
         let iscale = -(nmax + 0.1 * step as f32) / xm;
-        let [xq, qq] = lane_sums(x, w, |v, wt| {
-            let q = round_even((iscale * v).clamp(-nmax, nmax - 1.0));
-            [wt * v * q, wt * q * q]
+        let code = |v: f32| round_even(clamp_code(iscale * v, -nmax, nmax - 1.0));
+        let xq = lane_sum(x, w, |v, wt| wt * v * code(v));
+        let qq = lane_sum(x, w, |v, wt| {
+            let q = code(v);
+            wt * q * q
         });
         if let Some(gain) = signed_gain(xq, qq) {
             if best.is_none_or(|(g, _)| gain > g) {
@@ -136,20 +149,23 @@ pub(super) fn fit_affine(
             return f32::INFINITY;
         }
         let inv = 1.0 / d;
-        let [e] = lane_sums(x, w, |v, wt| {
-            let q = round_even(((v - m) * inv).clamp(0.0, nmax));
-            [wt * (d * q + m - v) * (d * q + m - v)]
-        });
-        e
+        lane_sum(x, w, |v, wt| {
+            let q = round_even(clamp_code((v - m) * inv, 0.0, nmax));
+            wt * (d * q + m - v) * (d * q + m - v)
+        })
     };
-    let [sw, sx] = lane_sums(x, w, |v, wt| [wt, wt * v]);
+    let sw = lane_sum(x, w, |_, wt| wt);
+    let sx = lane_sum(x, w, |v, wt| wt * v);
     let mut best: Option<(f32, (f32, f32))> = None;
     for step in -STEPS..=STEPS {
         let iscale = (nmax + 0.1 * step as f32) / (hi - lo);
-        let [sq, sqq, sqx] = lane_sums(x, w, |v, wt| {
-            let q = round_even((iscale * (v - lo)).clamp(0.0, nmax));
-            [wt * q, wt * q * q, wt * q * v]
+        let code = |v: f32| round_even(clamp_code(iscale * (v - lo), 0.0, nmax));
+        let sq = lane_sum(x, w, |v, wt| wt * code(v));
+        let sqq = lane_sum(x, w, |v, wt| {
+            let q = code(v);
+            wt * q * q
         });
+        let sqx = lane_sum(x, w, |v, wt| wt * code(v) * v);
         let sums = AffineSums {
             sw,
             sx,
@@ -230,13 +246,12 @@ mod tests {
     }
 
     #[test]
-    fn lane_sums_add_every_element_once() {
+    fn lane_sum_adds_every_element_once() {
         // 19 elements: two full chunks of 8 and a remainder of 3.
         let x: Vec<f32> = (1..=19).map(|i| i as f32).collect();
         let w = vec![2.0f32; 19];
-        let [a, b] = lane_sums(&x, &w, |v, wt| [v * wt, wt]);
-        assert_eq!(a, 2.0 * 190.0);
-        assert_eq!(b, 38.0);
+        assert_eq!(lane_sum(&x, &w, |v, wt| v * wt), 2.0 * 190.0);
+        assert_eq!(lane_sum(&x, &w, |_, wt| wt), 38.0);
     }
 
     /// `sum w (d q + m - x)^2` for the codes `q` and a given `(d, m)`.
@@ -333,10 +348,9 @@ mod tests {
                     .map(|&v| round_even((iscale * v).clamp(-8.0, 7.0)))
                     .collect();
                 // The scale the fit computes for these codes (same sums).
-                let [xq, qq] = lane_sums(&x, &w, |v, wt| {
-                    let c = round_even((iscale * v).clamp(-8.0, 7.0));
-                    [wt * v * c, wt * c * c]
-                });
+                let code = |v: f32| round_even((iscale * v).clamp(-8.0, 7.0));
+                let xq = lane_sum(&x, &w, |v, wt| wt * v * code(v));
+                let qq = lane_sum(&x, &w, |v, wt| wt * code(v) * code(v));
                 let e = error_with_codes(&x, &w, &q, xq / qq, 0.0);
                 if e < brute.0 {
                     brute = (e, xq / qq);
