@@ -9,17 +9,12 @@
 //! intermediates (with the fused softmax) and the chain rule is applied
 //! directly, one tensor op per term:
 //!
-//! - a linear `y = x W^T (+ b)`: `dx = dy W`;
+//! - a linear, attention and RoPE: [`crate::backend::chain_rule`];
 //! - SwiGLU `a = silu(g) * u`: `du = da * silu(g)`,
 //!   `dg = da * u * s * (1 + g * (1 - s))` with `s = sigmoid(g)`;
 //! - RMSNorm `h = x * r * w`, `r = (mean(x^2) + eps)^(-1/2)` over `n`
 //!   features: `dx = r * z - x * r^3 * sum(z * x) / n` with `z = dh * w`;
-//! - attention `O = P V`, `P = softmax(S)`, `S = c Q K^T + mask`:
-//!   `dV = P^T dO`, `dS = P * (dP - rowsum(P * dP))` with `dP = dO V^T`,
-//!   `dQ = c dS K`, `dK = c dS^T Q`; a KV head shared by several query heads
-//!   sums their gradients;
-//! - half-split RoPE `y = x cos + rot(x) sin`, `rot([x1, x2]) = [-x2, x1]`:
-//!   `dx = dy cos + rot^T(dy sin)`, `rot^T([z1, z2]) = [z2, -z1]`.
+//! - a KV head shared by several query heads sums their gradients;
 //! - the head's mean cross-entropy over `n` target rows, logits `z = h W^T`:
 //!   `dz = (softmax(z) - onehot(next)) / n`, so `dh = (softmax(z) W - W[next]) / n`
 //!   (the one-hot term is a row gather, never a `[rows, vocab]` tensor).
@@ -28,28 +23,23 @@
 
 use candle_core::{Tensor, D};
 
+use crate::backend::chain_rule::{attention_backward, input_grad, rotary_backward, BlockGradients};
 use crate::backend::linear_op::matmul_weight_t;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::forward::{layer_tape, rms_norm_keep, Positional};
 use crate::models::llama::weights::LayerWeights;
 
-/// Gradients of `sum(layer(x) * grad_output)`: at the layer input
-/// `[B, T, hidden]`, and at each linear's output `[B, T, out]` in
-/// [`crate::models::llama::weights::LINEAR_NAMES`] order.
-pub(crate) struct LayerGradients {
-    pub input: Tensor,
-    pub linear_outputs: Vec<Tensor>,
-}
-
 /// Runs layer `l` forward on `x` keeping its tape, then back from
-/// `grad_output`.
+/// `grad_output`: the gradient at the layer input `[B, T, hidden]` and at
+/// each linear's output `[B, T, out]` in
+/// [`crate::models::llama::weights::LINEAR_NAMES`] order.
 pub(crate) fn layer_backward(
     cfg: &LlamaConfig,
     l: &LayerWeights,
     x: &Tensor,
     pos: &Positional,
     grad_output: &Tensor,
-) -> candle_core::Result<LayerGradients> {
+) -> candle_core::Result<BlockGradients> {
     let tape = layer_tape(cfg, l, x, pos)?;
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -73,21 +63,17 @@ pub(crate) fn layer_backward(
         .reshape((b, t, nh, hd))?
         .transpose(1, 2)?
         .contiguous()?;
-    let d_v = tape.probs.t()?.matmul(&d_att)?;
-    let d_p = d_att.matmul(&tape.v.t()?)?;
-    let row = (&tape.probs * &d_p)?.sum_keepdim(D::Minus1)?;
-    let d_s = (d_p.broadcast_sub(&row)? * &tape.probs)?;
     let c = 1.0 / (hd as f64).sqrt();
-    let d_q = (d_s.matmul(&tape.k)? * c)?;
-    let d_k = (d_s.t()?.matmul(&tape.q)? * c)?;
+    let (d_q, d_k, d_v) =
+        attention_backward(&tape.q, &tape.k, &tape.v, &tape.probs, &d_att, c, false)?;
     let (d_k, d_v) = if nh == nkv {
         (d_k, d_v)
     } else {
         let fold = |z: &Tensor| z.reshape((b, nkv, nh / nkv, t, hd))?.sum(2);
         (fold(&d_k)?, fold(&d_v)?)
     };
-    let d_q = rope_backward(&d_q, pos)?;
-    let d_k = rope_backward(&d_k, pos)?;
+    let d_q = rotary_backward(&d_q, &pos.cos, &pos.sin)?;
+    let d_k = rotary_backward(&d_k, &pos.cos, &pos.sin)?;
     let heads_to_rows = |z: Tensor, heads: usize| z.transpose(1, 2)?.reshape((b, t, heads * hd));
     let d_q = heads_to_rows(d_q, nh)?;
     let d_k = heads_to_rows(d_k, nkv)?;
@@ -95,7 +81,7 @@ pub(crate) fn layer_backward(
     let d_h = ((input_grad(&d_q, w(0))? + input_grad(&d_k, w(1))?)? + input_grad(&d_v, w(2))?)?;
     let d_x = (&d_mid + rms_norm_backward(x, &tape.r_in, &l.input_norm, &d_h)?)?;
 
-    Ok(LayerGradients {
+    Ok(BlockGradients {
         input: d_x,
         linear_outputs: vec![d_q, d_k, d_v, d_o, d_gate, d_up, d_down],
     })
@@ -138,13 +124,6 @@ pub(crate) fn head_loss_backward(
     Ok(HeadLoss { loss_sum, grad })
 }
 
-/// `dL/dx = dL/dy W` for `y = x W^T` on `[B, T, out]`.
-fn input_grad(dy: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, t, out) = dy.dims3()?;
-    let i = weight.dim(1)?;
-    dy.reshape((b * t, out))?.matmul(weight)?.reshape((b, t, i))
-}
-
 /// `1 / (1 + exp(-z))`.
 fn sigmoid(z: &Tensor) -> candle_core::Result<Tensor> {
     (z.neg()?.exp()? + 1.0)?.recip()
@@ -162,14 +141,4 @@ fn rms_norm_backward(
     let zx = (&z * x)?.sum_keepdim(D::Minus1)?;
     let coef = ((r.powf(3.0)? * zx)? / n)?;
     z.broadcast_mul(r)? - x.broadcast_mul(&coef)?
-}
-
-/// The RoPE backward of the module docs on `[B, heads, T, hd]`.
-fn rope_backward(dy: &Tensor, pos: &Positional) -> candle_core::Result<Tensor> {
-    let half = dy.dim(D::Minus1)? / 2;
-    let ds = dy.broadcast_mul(&pos.sin)?;
-    let z1 = ds.narrow(D::Minus1, 0, half)?;
-    let z2 = ds.narrow(D::Minus1, half, half)?;
-    let rot_t = Tensor::cat(&[&z2, &z1.neg()?], D::Minus1)?;
-    dy.broadcast_mul(&pos.cos)? + rot_t
 }

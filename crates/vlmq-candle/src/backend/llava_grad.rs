@@ -1,16 +1,18 @@
 //! [`GradientModel`] for [`LlavaModel`]: the task loss on the LM's output and
 //! a real backward pass through every block (vision layers, projector, LM
 //! layers): the LM layers through the hand-written decoder backward, the
-//! vision layers and the projector with candle's autograd and zero-valued
-//! probes at each linear output.
+//! vision layers through the hand-written encoder layer backward, the
+//! projector with candle's autograd and zero-valued probes at each linear
+//! output.
 
 use candle_core::{Tensor, Var};
 use ndarray::Array2;
 use vlmq::{Error, GradientModel, QuantizableModel, Result, RowSink};
 
 use crate::backend::llava::{stream_error, Kind};
+use crate::backend::vit_backward::encoder_layer_backward;
 use crate::error::CandleResultExt;
-use crate::models::clip::{clip_layer_forward, VISION_LINEAR_NAMES};
+use crate::models::clip::VISION_LINEAR_NAMES;
 use crate::models::llama::forward::rows;
 use crate::models::llava::model::{LlavaModel, PROJECTOR_LINEAR_NAMES};
 use crate::models::llava::sample::{VlmHidden, VlmSample};
@@ -72,20 +74,10 @@ impl GradientModel for LlavaModel {
                     return Err(stream_error(block, "vision gradient"));
                 };
                 let l = &self.vision.layers[i];
-                let outs: Vec<usize> = l.linears.iter().map(|q| q.weight.dims()[0]).collect();
-                let (n, t, _) = x.dims3().in_block(block)?;
-                let run = || -> candle_core::Result<_> {
-                    let xv = Var::from_tensor(&x.detach())?;
-                    let pv = self.probes(&outs, (n, t))?;
-                    let pt: Vec<Tensor> = pv.iter().map(|p| p.as_tensor().clone()).collect();
-                    let y = clip_layer_forward(&self.cfg.vision, l, &xv, None, Some(&pt))?;
-                    let grads = (y * g.to_dtype(self.dtype())?)?.sum_all()?.backward()?;
-                    Ok((grads.get(xv.as_tensor()).cloned(), pt, grads))
-                };
-                let (gx, pt, grads) = run().in_block(block)?;
-                show_grads(block, &VISION_LINEAR_NAMES, &pt, &grads, sink)?;
-                let gx = gx.ok_or_else(|| stream_error(block, "a gradient-carrying"))?;
-                Ok(VlmHidden::Vision(Some(gx)))
+                let grads =
+                    encoder_layer_backward(&self.cfg.vision.shape(), l, x, g).in_block(block)?;
+                grads.show(block, &VISION_LINEAR_NAMES, sink)?;
+                Ok(VlmHidden::Vision(Some(grads.input)))
             }
             Kind::Projector => {
                 let g = self.text_in(block, grad_output, s)?;

@@ -2,6 +2,8 @@
 //! weights) and [`vlmq::GradientModel`] (the task loss and the block
 //! backward) for the Llama-family decoder, LLaVA, Qwen2-VL and SmolVLM.
 
+pub(crate) mod chain_rule;
+pub(crate) mod fused;
 #[cfg(test)]
 mod grad_tests;
 pub(crate) mod linear_op;
@@ -12,5 +14,9 @@ pub(crate) mod llava_grad;
 pub(crate) mod llava_stages;
 pub(crate) mod qwen2_vl;
 pub(crate) mod qwen2_vl_grad;
+pub(crate) mod qwen_vision_backward;
 pub(crate) mod smolvlm;
 pub(crate) mod smolvlm_grad;
+#[cfg(test)]
+mod vision_grad_tests;
+pub(crate) mod vit_backward;

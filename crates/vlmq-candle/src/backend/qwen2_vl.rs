@@ -29,7 +29,8 @@ use crate::models::llama::forward::{Hooks, Positional};
 use crate::models::llama::stages::layer_stage;
 use crate::models::llama::weights::Linear;
 use crate::models::llava::sample::VlmHidden;
-use crate::models::qwen2_vl::vision::{block_forward, merger_forward, patch_embed};
+use crate::models::qwen2_vl::vision::{merger_forward, patch_embed};
+use crate::models::qwen2_vl::vision_block::block_forward;
 use crate::models::qwen2_vl::{Qwen2VlModel, QwenVlSample, MERGER_LINEARS};
 
 /// What a block index names.

@@ -1,8 +1,9 @@
 //! [`GradientModel`] for [`Qwen2VlModel`]: the task loss on the decoder's
 //! output and a real backward pass through every block: decoder layers
 //! through the hand-written decoder backward under the sample's M-RoPE
-//! tables, vision blocks and the merger with candle's autograd and
-//! zero-valued probes at each linear output.
+//! tables, vision blocks through the hand-written vision block backward,
+//! and the merger with candle's autograd and zero-valued probes at each
+//! linear output.
 //!
 //! Per-block importance factors (`per_block`) on the merger are a shape
 //! error, as for LLaVA's projector: its output has one row per token, not
@@ -15,11 +16,12 @@ use vlmq::{Error, GradientModel, QuantizableModel, Result, RowSink};
 use crate::backend::llama_backward::layer_backward;
 use crate::backend::llava::stream_error;
 use crate::backend::qwen2_vl::Kind;
+use crate::backend::qwen_vision_backward::vision_block_backward;
 use crate::error::CandleResultExt;
 use crate::models::llama::forward::rows;
 use crate::models::llama::weights::LINEAR_NAMES;
 use crate::models::llava::sample::VlmHidden;
-use crate::models::qwen2_vl::vision::{block_forward, merger_forward};
+use crate::models::qwen2_vl::vision::merger_forward;
 use crate::models::qwen2_vl::{Qwen2VlModel, QwenVlSample, MERGER_LINEARS};
 
 /// Shows the gradient that reached each probe.
@@ -83,11 +85,7 @@ impl GradientModel for Qwen2VlModel {
                 let pos = self.sample_positional(s)?;
                 let l = self.lm.layer_weights(i)?;
                 let grads = layer_backward(&self.cfg.text, &l, x, &pos, g).in_block(block)?;
-                if let Some(sink) = sink {
-                    for (name, g) in LINEAR_NAMES.iter().zip(&grads.linear_outputs) {
-                        sink.rows(name, rows(g).in_block(block)?.view());
-                    }
-                }
+                grads.show(block, &LINEAR_NAMES, sink)?;
                 Ok(VlmHidden::Text(grads.input))
             }
             Kind::Vision(i) => {
@@ -100,18 +98,10 @@ impl GradientModel for Qwen2VlModel {
                 };
                 let plan = self.vision_plan(&s.grids)?;
                 let b = &self.visual.blocks[i];
-                let outs: Vec<usize> = b.linears.iter().map(|l| l.weight.dims()[0]).collect();
-                let run = || -> candle_core::Result<_> {
-                    let xv = Var::from_tensor(&x.detach())?;
-                    let pt = self.probes(&outs, x.dim(1)?)?;
-                    let y = block_forward(v, b, &xv, &plan.pos, v.windowed(i), None, Some(&pt))?;
-                    let grads = (y * g.to_dtype(self.dtype())?)?.sum_all()?.backward()?;
-                    Ok((grads.get(xv.as_tensor()).cloned(), pt, grads))
-                };
-                let (gx, pt, grads) = run().in_block(block)?;
-                show_grads(block, b.linear_names(), &pt, &grads, sink)?;
-                let gx = gx.ok_or_else(|| stream_error(block, "a gradient-carrying"))?;
-                Ok(VlmHidden::Vision(Some(gx)))
+                let grads =
+                    vision_block_backward(v, b, x, &plan.pos, v.windowed(i), g).in_block(block)?;
+                grads.show(block, b.linear_names(), sink)?;
+                Ok(VlmHidden::Vision(Some(grads.input)))
             }
             Kind::Merger => {
                 let g = self.text_in(block, grad_output, s)?;

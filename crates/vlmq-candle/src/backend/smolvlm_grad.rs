@@ -1,7 +1,8 @@
 //! [`GradientModel`] for [`SmolVlmModel`]: the task loss on the LM's output
 //! and a real backward pass through every block: the LM layers through the
-//! hand-written decoder backward, the SigLIP layers and the connector with
-//! candle's autograd and zero-valued probes at each linear output.
+//! hand-written decoder backward, the SigLIP layers through the hand-written
+//! encoder layer backward, the connector with candle's autograd and
+//! zero-valued probes at each linear output.
 
 use candle_core::{Tensor, Var};
 use ndarray::Array2;
@@ -9,12 +10,13 @@ use vlmq::{Error, GradientModel, QuantizableModel, Result, RowSink};
 
 use crate::backend::llava::stream_error;
 use crate::backend::smolvlm::Part;
+use crate::backend::vit_backward::encoder_layer_backward;
 use crate::error::CandleResultExt;
 use crate::models::clip::VISION_LINEAR_NAMES;
 use crate::models::idefics3::{connector_forward, CONNECTOR_LINEAR_NAMES};
 use crate::models::llama::forward::rows;
 use crate::models::llava::sample::{VlmHidden, VlmSample};
-use crate::models::siglip::{siglip_layer_forward, siglip_post_norm};
+use crate::models::siglip::siglip_post_norm;
 use crate::models::smolvlm::SmolVlmModel;
 
 fn show_grads(
@@ -87,20 +89,10 @@ impl GradientModel for SmolVlmModel {
                     return Err(stream_error(block, "vision gradient"));
                 };
                 let l = &self.vision.layers[i];
-                let outs: Vec<usize> = l.linears.iter().map(|q| q.weight.dims()[0]).collect();
-                let (n, t, _) = x.dims3().in_block(block)?;
-                let run = || -> candle_core::Result<_> {
-                    let xv = Var::from_tensor(&x.detach())?;
-                    let pv = self.zero_probes(&outs, (n, t))?;
-                    let pt: Vec<Tensor> = pv.iter().map(|p| p.as_tensor().clone()).collect();
-                    let y = siglip_layer_forward(&self.cfg.vision, l, &xv, None, Some(&pt))?;
-                    let grads = (y * g.to_dtype(self.dtype())?)?.sum_all()?.backward()?;
-                    Ok((grads.get(xv.as_tensor()).cloned(), pt, grads))
-                };
-                let (gx, pt, grads) = run().in_block(block)?;
-                show_grads(block, &VISION_LINEAR_NAMES, &pt, &grads, sink)?;
-                let gx = gx.ok_or_else(|| stream_error(block, "a gradient-carrying"))?;
-                Ok(VlmHidden::Vision(Some(gx)))
+                let grads =
+                    encoder_layer_backward(&self.cfg.vision.shape(), l, x, g).in_block(block)?;
+                grads.show(block, &VISION_LINEAR_NAMES, sink)?;
+                Ok(VlmHidden::Vision(Some(grads.input)))
             }
             Part::Connector => {
                 let g = self.tokens_in(block, grad_output, s)?;

@@ -9,12 +9,12 @@
 
 use candle_core::{Tensor, D};
 use serde_json::Value;
-use vlmq::{Error, Result};
+use vlmq::{Error, Result, RowSink};
 
-use crate::models::llama::forward::{linear, rows};
 use crate::models::llama::weights::Linear;
 use crate::models::sizes::addressable;
-use vlmq::RowSink;
+use crate::models::vision_ops::MlpAct;
+use crate::models::vit_encoder::{encoder_layer_forward, EncoderShape};
 
 /// The six quantizable linears of a CLIP encoder layer, by their HF names
 /// (relative to `encoder.layers.N.`), in forward order.
@@ -141,6 +141,15 @@ impl ClipVisionConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads
     }
+
+    /// What an encoder layer needs besides its weights.
+    pub(crate) fn shape(&self) -> EncoderShape {
+        EncoderShape {
+            num_heads: self.num_heads,
+            eps: self.layer_norm_eps,
+            act: MlpAct::QuickGelu,
+        }
+    }
 }
 
 /// A LayerNorm's gain and shift.
@@ -232,9 +241,9 @@ pub(crate) fn embed_images(
 }
 
 /// One CLIP encoder layer on `x: [N, S, d]`. `capture` receives each linear's
-/// input rows; `probes` (zero tensors, one per linear in
-/// [`VISION_LINEAR_NAMES`] order) are added to each linear's output so a
-/// backward pass shows the gradient there.
+/// input rows; `probes` (one per linear in [`VISION_LINEAR_NAMES`] order) are
+/// added to each linear's output (the finite-difference tests perturb
+/// linear outputs through them).
 pub(crate) fn clip_layer_forward(
     cfg: &ClipVisionConfig,
     l: &ClipLayerWeights,
@@ -242,83 +251,5 @@ pub(crate) fn clip_layer_forward(
     capture: Option<&mut dyn RowSink>,
     probes: Option<&[Tensor]>,
 ) -> candle_core::Result<Tensor> {
-    let shape = EncoderShape {
-        num_heads: cfg.num_heads,
-        eps: cfg.layer_norm_eps,
-        act: MlpAct::QuickGelu,
-    };
-    encoder_layer_forward(&shape, l, x, capture, probes)
-}
-
-/// The MLP activation of a pre-LN ViT encoder layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum MlpAct {
-    /// CLIP's `z * sigmoid(1.702 z)`.
-    QuickGelu,
-    /// The tanh approximation of GELU (SigLIP's `gelu_pytorch_tanh`).
-    GeluTanh,
-}
-
-/// What a pre-LN ViT encoder layer needs besides its weights.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct EncoderShape {
-    /// Attention heads (the width must divide evenly).
-    pub num_heads: usize,
-    /// LayerNorm epsilon.
-    pub eps: f64,
-    /// MLP activation.
-    pub act: MlpAct,
-}
-
-/// One pre-LN ViT encoder layer (CLIP, SigLIP) on `x: [N, S, d]`, with
-/// bidirectional attention and no mask; `capture` and `probes` as in
-/// [`clip_layer_forward`].
-pub(crate) fn encoder_layer_forward(
-    shape: &EncoderShape,
-    l: &ClipLayerWeights,
-    x: &Tensor,
-    mut capture: Option<&mut dyn RowSink>,
-    probes: Option<&[Tensor]>,
-) -> candle_core::Result<Tensor> {
-    let (n, s, d) = x.dims3()?;
-    let nh = shape.num_heads;
-    let hd = d / nh;
-    let mut show = |idx: &[usize], t: &Tensor| -> candle_core::Result<()> {
-        if let Some(sink) = capture.as_deref_mut() {
-            let r = rows(t)?;
-            for &i in idx {
-                sink.rows(VISION_LINEAR_NAMES[i], r.view());
-            }
-        }
-        Ok(())
-    };
-    let lin = |i: usize, t: &Tensor| -> candle_core::Result<Tensor> {
-        let y = linear(t, &l.linears[i])?;
-        match probes {
-            Some(p) => y + &p[i],
-            None => Ok(y),
-        }
-    };
-    let h = layer_norm(x, &l.norm1, shape.eps)?;
-    show(&[0, 1, 2], &h)?;
-    let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-        t.reshape((n, s, nh, hd))?.transpose(1, 2)?.contiguous()
-    };
-    let q = heads(lin(0, &h)?)?;
-    let k = heads(lin(1, &h)?)?;
-    let v = heads(lin(2, &h)?)?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-    let att = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, s, d))?;
-    show(&[3], &att)?;
-    let x = (x + lin(3, &att)?)?;
-    let h = layer_norm(&x, &l.norm2, shape.eps)?;
-    show(&[4], &h)?;
-    let f = lin(4, &h)?;
-    let a = match shape.act {
-        MlpAct::QuickGelu => (&f * candle_nn::ops::sigmoid(&(&f * 1.702)?)?)?,
-        MlpAct::GeluTanh => f.gelu()?,
-    };
-    show(&[5], &a)?;
-    x + lin(5, &a)?
+    encoder_layer_forward(&cfg.shape(), l, x, capture, probes)
 }

@@ -17,10 +17,9 @@ use candle_core::Tensor;
 use serde_json::Value;
 use vlmq::{Error, Result, RowSink};
 
-use crate::models::clip::{
-    encoder_layer_forward, layer_norm, tower_addressable, ClipLayerWeights, EncoderShape,
-    LayerNorm, MlpAct,
-};
+use crate::models::clip::{layer_norm, tower_addressable, ClipLayerWeights, LayerNorm};
+use crate::models::vision_ops::MlpAct;
+use crate::models::vit_encoder::{encoder_layer_forward, EncoderShape};
 
 /// Configuration of a SigLIP vision tower (`vision_config` of a SmolVLM config).
 #[derive(Debug, Clone, PartialEq)]

@@ -9,6 +9,7 @@ mod model;
 mod mrope;
 mod sample;
 pub(crate) mod vision;
+pub(crate) mod vision_block;
 
 pub use config::{Qwen2VlConfig, QwenVisionConfig, QwenVlVariant};
 pub use grid::{image_cu_seqlens, vision_position_ids, window_index, ImageGrid};

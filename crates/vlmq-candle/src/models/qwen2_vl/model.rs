@@ -18,8 +18,9 @@ use super::grid::{
 };
 use super::mrope::{mrope_positional, rope_index, MropePositions};
 use super::vision::{
-    block_forward, merger_forward, patch_embed, rotary_tables, QwenVisionWeights, VisionPositions,
+    merger_forward, patch_embed, rotary_tables, QwenVisionWeights, VisionPositions,
 };
+use super::vision_block::block_forward;
 use crate::error::CandleResultExt;
 use crate::load::qwen2_vl::QwenVlNaming;
 use crate::models::llama::forward::{Hooks, Positional};

@@ -12,15 +12,18 @@
 //! - `mlp` is `fc2(quick_gelu(fc1(x)))` (Qwen2-VL) or
 //!   `down(silu(gate(x)) * up(x))` with biases (Qwen2.5-VL).
 //!
+//! The block itself runs in [`super::vision_block`].
+//!
 //! The merger normalizes each patch (`ln_q`), concatenates the `m * m`
 //! patches of a merge block and applies `mlp.2(gelu(mlp.0(.)))` (exact erf GELU).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use vlmq::RowSink;
 
 use crate::models::clip::{layer_norm, LayerNorm};
 use crate::models::llama::forward::{linear, rms_norm, rows};
 use crate::models::llama::weights::Linear;
+use crate::models::vision_ops::{layer_norm_keep, rms_norm_keep, NormTape};
 
 use super::config::QwenVisionConfig;
 
@@ -57,6 +60,22 @@ impl VisionNorm {
         match self {
             VisionNorm::Layer(n) => layer_norm(x, n, VISION_NORM_EPS),
             VisionNorm::Rms(w) => rms_norm(x, w, VISION_NORM_EPS, true),
+        }
+    }
+
+    /// Applies the norm, keeping what its backward reads.
+    pub(crate) fn apply_keep(&self, x: &Tensor) -> candle_core::Result<(Tensor, NormTape)> {
+        match self {
+            VisionNorm::Layer(n) => layer_norm_keep(x, n, VISION_NORM_EPS),
+            VisionNorm::Rms(w) => rms_norm_keep(x, w, VISION_NORM_EPS),
+        }
+    }
+
+    /// The gain.
+    pub(crate) fn weight(&self) -> &Tensor {
+        match self {
+            VisionNorm::Layer(n) => &n.weight,
+            VisionNorm::Rms(w) => w,
         }
     }
 }
@@ -164,50 +183,6 @@ pub(crate) fn rotary_tables(
     ))
 }
 
-/// Half-split rotation of `x: [heads, S, hd]` by `[S, hd]` tables.
-fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
-}
-
-/// Softmax attention of `q, k, v: [heads, S, hd]` within each segment of
-/// `cu`; the result as rows `[1, S, heads * hd]`. `differentiable` picks the
-/// composed softmax (the fused kernel has no backward).
-fn segment_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cu: &[usize],
-    differentiable: bool,
-) -> candle_core::Result<Tensor> {
-    let (nh, s, hd) = q.dims3()?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut parts = Vec::with_capacity(cu.len().saturating_sub(1));
-    for seg in cu.windows(2) {
-        let (a, len) = (seg[0], seg[1] - seg[0]);
-        if len == 0 {
-            continue;
-        }
-        let (qs, ks, vs) = (
-            q.narrow(1, a, len)?,
-            k.narrow(1, a, len)?,
-            v.narrow(1, a, len)?,
-        );
-        let scores = (qs.matmul(&ks.t()?)? * scale)?;
-        let probs = if differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        parts.push(probs.matmul(&vs)?);
-    }
-    let att = Tensor::cat(&parts, 1)?;
-    att.transpose(0, 1)?.reshape((1, s, nh * hd))
-}
-
 /// `linear(x)` plus the probe of that linear when given.
 fn probed(
     x: &Tensor,
@@ -220,65 +195,6 @@ fn probed(
         Some(p) => y + p,
         None => Ok(y),
     }
-}
-
-/// One block on `x: [1, S, d]`; `sink` receives each linear's input rows
-/// under the names of [`VisionBlock::linear_names`]; `probes` (zero tensors
-/// `[1, S, out]`, one per linear in that order) are added to each linear's
-/// output so a backward pass shows the gradient there.
-pub(crate) fn block_forward(
-    cfg: &QwenVisionConfig,
-    b: &VisionBlock,
-    x: &Tensor,
-    pos: &VisionPositions,
-    windowed: bool,
-    mut sink: Option<&mut dyn RowSink>,
-    probes: Option<&[Tensor]>,
-) -> candle_core::Result<Tensor> {
-    let names = b.linear_names();
-    let lin = |i: usize, t: &Tensor| probed(t, &b.linears[i], probes, i);
-    let mut show = |idx: &[usize], t: &Tensor| -> candle_core::Result<()> {
-        if let Some(s) = sink.as_deref_mut() {
-            let r = rows(t)?;
-            for &i in idx {
-                s.rows(names[i], r.view());
-            }
-        }
-        Ok(())
-    };
-    let (_, s, d) = x.dims3()?;
-    let (nh, hd) = (cfg.num_heads, cfg.head_dim());
-    let h = b.norm1.apply(x)?;
-    show(&[0], &h)?;
-    let qkv = lin(0, &h)?.reshape((s, 3, nh, hd))?;
-    let part = |i: usize| {
-        qkv.narrow(1, i, 1)?
-            .squeeze(1)?
-            .transpose(0, 1)?
-            .contiguous()
-    };
-    let q = rotate(&part(0)?, &pos.cos, &pos.sin)?;
-    let k = rotate(&part(1)?, &pos.cos, &pos.sin)?;
-    let v = part(2)?;
-    let cu = if windowed { &pos.windows } else { &pos.images };
-    let att = segment_attention(&q, &k, &v, cu, probes.is_some())?;
-    debug_assert_eq!(att.dim(2)?, d);
-    show(&[1], &att)?;
-    let x = (x + lin(1, &att)?)?;
-    let h = b.norm2.apply(&x)?;
-    let y = if b.linears.len() == QWEN2_5_VL_BLOCK_LINEARS.len() {
-        show(&[2, 3], &h)?;
-        let a = (lin(2, &h)?.silu()? * lin(3, &h)?)?;
-        show(&[4], &a)?;
-        lin(4, &a)?
-    } else {
-        show(&[2], &h)?;
-        let f = lin(2, &h)?;
-        let a = (&f * candle_nn::ops::sigmoid(&(&f * 1.702)?)?)?;
-        show(&[3], &a)?;
-        lin(3, &a)?
-    };
-    x + y
 }
 
 /// The merger on the last block's output `x: [1, S, d]` (S a multiple of
