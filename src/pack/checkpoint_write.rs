@@ -41,12 +41,12 @@ pub struct CheckpointWriter {
     format: Option<CheckpointFormat>,
     static_groups: bool,
     asymmetric_v1: bool,
-    omit_digests: bool,
+    pub(super) omit_digests: bool,
     settings: Option<(GptqConfig, Method)>,
     model_config: Option<Value>,
     extras: serde_json::Map<String, Value>,
-    layers: Vec<(String, QuantizedWeight, Option<DenseTensor>)>,
-    tensors: Vec<(String, DenseTensor)>,
+    pub(super) layers: Vec<(String, QuantizedWeight, Option<DenseTensor>)>,
+    pub(super) tensors: Vec<(String, DenseTensor)>,
     names: BTreeSet<String>,
     files: Vec<(String, Vec<u8>)>,
 }
@@ -340,26 +340,7 @@ impl CheckpointWriter {
             model_bytes = add_digests(&model_bytes, &digests, &target)?;
         }
         drop(owned);
-        let qc_bytes = json_bytes(&dir.join("quantize_config.json"), &qc)?;
-        let config_path = dir.join("config.json");
-        let mut model = match &self.model_config {
-            Some(v) => v.clone(),
-            None if config_path.exists() => {
-                let text =
-                    fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-                serde_json::from_str(&text).map_err(|e| Error::Json {
-                    path: config_path.clone(),
-                    reason: e.to_string(),
-                })?
-            }
-            None => Value::Object(Default::default()),
-        };
-        let obj = model.as_object_mut().ok_or_else(|| Error::Json {
-            path: config_path.clone(),
-            reason: "the model config is not a JSON object".into(),
-        })?;
-        obj.insert("quantization_config".into(), qc);
-        let config_bytes = json_bytes(&config_path, &model)?;
+        let (qc_bytes, config_bytes) = self.config_files(&qc, dir)?;
         let mut files: Vec<(&str, &[u8])> = vec![
             (OWN_FILES[0], &model_bytes),
             (OWN_FILES[1], &qc_bytes),
@@ -375,7 +356,7 @@ impl CheckpointWriter {
     /// The quantization config object: the layers' settings, the solve's
     /// (when recorded) and the extras, which may not replace a key the
     /// writer sets (an error naming `dir/quantize_config.json` and the key).
-    fn config_json(&self, config: &QuantizeConfig, dir: &Path) -> Result<Value> {
+    pub(super) fn config_json(&self, config: &QuantizeConfig, dir: &Path) -> Result<Value> {
         let mut qc = config.to_json();
         if let Some((cfg, method)) = &self.settings {
             record_settings(&mut qc, cfg, *method);
@@ -393,6 +374,37 @@ impl CheckpointWriter {
             }
         }
         Ok(qc)
+    }
+}
+
+impl CheckpointWriter {
+    /// The bytes of `quantize_config.json` and `config.json` for the
+    /// quantization config object `qc`: the model config given to
+    /// [`with_model_config`](Self::with_model_config), else `dir`'s existing
+    /// `config.json`, else an empty object, with `quantization_config`
+    /// inserted.
+    pub(super) fn config_files(&self, qc: &Value, dir: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
+        let qc_bytes = json_bytes(&dir.join("quantize_config.json"), qc)?;
+        let config_path = dir.join("config.json");
+        let mut model = match &self.model_config {
+            Some(v) => v.clone(),
+            None if config_path.exists() => {
+                let text =
+                    fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+                serde_json::from_str(&text).map_err(|e| Error::Json {
+                    path: config_path.clone(),
+                    reason: e.to_string(),
+                })?
+            }
+            None => Value::Object(Default::default()),
+        };
+        let obj = model.as_object_mut().ok_or_else(|| Error::Json {
+            path: config_path.clone(),
+            reason: "the model config is not a JSON object".into(),
+        })?;
+        obj.insert("quantization_config".into(), qc.clone());
+        let config_bytes = json_bytes(&config_path, &model)?;
+        Ok((qc_bytes, config_bytes))
     }
 }
 

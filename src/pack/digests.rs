@@ -24,7 +24,6 @@ pub(crate) fn add_digests(
     digests: &BTreeMap<&str, String>,
     path: &Path,
 ) -> Result<Vec<u8>> {
-    const PREFIX: &str = r#"{"__metadata__":{"format":"pt"}"#;
     let internal = |reason: &str| Error::Safetensors {
         path: path.to_path_buf(),
         reason: format!("adding tensor digests: {reason}"),
@@ -37,8 +36,31 @@ pub(crate) fn add_digests(
         .ok_or_else(|| internal("no header length"))?;
     let header = bytes
         .get(8..8 + n)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| internal("header out of range"))?
+        .ok_or_else(|| internal("header out of range"))?;
+    let new_header = header_with_digests(header, digests, path)?;
+    let data = bytes.get(8 + n..).ok_or_else(|| internal("no data"))?;
+    let mut out = Vec::with_capacity(8 + new_header.len() + data.len());
+    out.extend_from_slice(&(new_header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&new_header);
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
+/// The safetensors header `header` (padded JSON whose metadata is the single
+/// entry `format = pt`) with the digests spliced in after `format`, padded
+/// again to a multiple of 8 bytes: the header [`add_digests`] writes.
+pub(crate) fn header_with_digests(
+    header: &[u8],
+    digests: &BTreeMap<&str, String>,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    const PREFIX: &str = r#"{"__metadata__":{"format":"pt"}"#;
+    let internal = |reason: &str| Error::Safetensors {
+        path: path.to_path_buf(),
+        reason: format!("adding tensor digests: {reason}"),
+    };
+    let header = std::str::from_utf8(header)
+        .map_err(|_| internal("header is not UTF-8"))?
         .trim_end_matches(' ');
     let rest = header
         .strip_prefix(PREFIX)
@@ -49,12 +71,7 @@ pub(crate) fn add_digests(
         format!(r#"{{"__metadata__":{{"format":"pt","{TENSOR_DIGESTS_KEY}":{value}}}{rest}"#)
             .into_bytes();
     new_header.resize(new_header.len().next_multiple_of(8), b' ');
-    let data = bytes.get(8 + n..).ok_or_else(|| internal("no data"))?;
-    let mut out = Vec::with_capacity(8 + new_header.len() + data.len());
-    out.extend_from_slice(&(new_header.len() as u64).to_le_bytes());
-    out.extend_from_slice(&new_header);
-    out.extend_from_slice(data);
-    Ok(out)
+    Ok(new_header)
 }
 
 /// The digests recorded under [`TENSOR_DIGESTS_KEY`] in `meta`, checked to

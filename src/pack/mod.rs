@@ -32,6 +32,9 @@ mod config_json;
 mod digests;
 mod layer_encode;
 mod packed_linear;
+mod stream_write;
+#[cfg(test)]
+mod stream_write_tests;
 mod tensor;
 #[cfg(test)]
 mod write_atomic_tests;

@@ -197,3 +197,85 @@ fn a_full_disk_leaves_the_earlier_output_and_no_partial_directory() {
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// `src` (an f32 checkpoint) rewritten under `dir` with every tensor in bf16.
+fn bf16_copy(src: &Path, dir: &Path) -> HashMap<String, Tensor> {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let all: HashMap<String, Tensor> =
+        safetensors::load(src.join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap()))
+            .collect();
+    safetensors::save(&all, dir.join("model.safetensors")).unwrap();
+    all
+}
+
+fn bits(t: &Tensor) -> Vec<u16> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<vlmq::half::bf16>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+/// Issue 23: from a bf16 checkpoint whose layers stay on disk, the sharded
+/// writer stores the embedding, head, norms and biases in bf16, bit for bit
+/// the source's, says `torch_dtype: bfloat16`, and its packed layers are
+/// those of the same values quantized in memory in f32.
+#[test]
+fn a_bf16_source_keeps_its_dense_tensors_in_bf16_bit_for_bit() {
+    let root = temp("bf16");
+    let (src, samples, pcfg) = setup(&root);
+    let bf16_dir = root.join("bf16");
+    let source = bf16_copy(&src, &bf16_dir);
+
+    let mut whole = load_hf_dir(&bf16_dir, DType::F32, &Device::Cpu).unwrap();
+    let original = whole.clone();
+    let out = quantize_model(&mut whole, &samples, &pcfg, |_| {}).unwrap();
+    let single = root.join("single");
+    write_gptq(&original, &out, None, &single).unwrap();
+
+    let opts = LoadOptions::default().with_residency(Residency::Disk);
+    let mut model = load_hf_dir_with(&bf16_dir, &opts).unwrap();
+    let target = root.join("sharded");
+    let mut writer = ShardedGptqWriter::new(&model, &target).unwrap();
+    quantize_model_streaming(&mut model, &samples, &pcfg, &mut writer, |_| {}).unwrap();
+    writer.finish(None).unwrap();
+
+    let got = tensors(&target);
+    let want = tensors(&single);
+    assert_eq!(got.len(), want.len());
+    let mut dense = 0;
+    for (name, (w, _)) in &want {
+        let g = &got[name].0;
+        match source.get(name) {
+            Some(s) => {
+                dense += 1;
+                assert_eq!(g.dtype(), DType::BF16, "{name}");
+                assert_eq!(bits(g), bits(s), "{name}");
+            }
+            None => {
+                assert_eq!(g.dtype(), w.dtype(), "{name}");
+                let same = g
+                    .eq(w)
+                    .unwrap()
+                    .min_all()
+                    .unwrap()
+                    .to_scalar::<u8>()
+                    .unwrap();
+                assert_eq!(same, 1, "{name}");
+            }
+        }
+    }
+    // Embedding, final norm, head, two norms per block, three q/k/v biases.
+    assert_eq!(dense, 3 + 3 * (2 + 3));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(target.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    std::fs::remove_dir_all(&root).unwrap();
+}

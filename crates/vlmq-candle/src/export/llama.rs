@@ -18,10 +18,6 @@ use vlmq::{Checkpoint, CheckpointWriter, Error, QuantizableModel, Result};
 use crate::error::file;
 use crate::models::llama::model::LlamaModel;
 
-pub(super) fn dense(t: &Tensor, path: &Path) -> Result<DenseTensor> {
-    dense_as(t, DType::F32, path)
-}
-
 /// `t` as a dense tensor of `dtype` (f32, f16 or bf16; other dtypes give f32).
 pub(super) fn dense_as(t: &Tensor, dtype: DType, path: &Path) -> Result<DenseTensor> {
     fn values<T: candle_core::WithDType>(t: &Tensor, dtype: DType) -> candle_core::Result<Vec<T>> {

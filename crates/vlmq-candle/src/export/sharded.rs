@@ -2,7 +2,10 @@
 //! safetensors shard per decoder layer (`model-00001-of-000NN.safetensors`,
 //! the last one also holding the embedding, final norm and head; GPTQModel's
 //! sharded layout) plus `model.safetensors.index.json`, built in a
-//! temporary sibling directory and swapped in when the run is done.
+//! temporary sibling directory and swapped in when the run is done. The
+//! tensors left unquantized keep the dtype they are stored in (a bf16
+//! checkpoint's embedding, norms and head stay bf16, bit for bit), and each
+//! shard is streamed to its file tensor by tensor.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,9 +13,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use vlmq::lock::DirLock;
+use vlmq::pack::DenseTensor;
 use vlmq::{BlockSink, CheckpointWriter, Error, FinishedBlock, Result};
 
-use super::llama::dense;
+use super::llama::dense_as;
 use crate::models::llama::model::LlamaModel;
 use crate::models::llama::store::LayerSource;
 use crate::models::llama::weights::{ModelWeights, LINEAR_NAMES};
@@ -26,9 +30,10 @@ enum Originals {
 }
 
 impl Originals {
+    /// `name` in the dtype it is stored in (on disk), or as loaded.
     fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
         match self {
-            Originals::Disk(src) => src.tensor(name, DType::F32),
+            Originals::Disk(src) => src.stored_tensor(name),
             Originals::Memory(w) => Ok(w
                 .named_tensors()
                 .into_iter()
@@ -52,7 +57,7 @@ pub struct ShardedGptqWriter {
     model_config: serde_json::Value,
     blocks: usize,
     originals: Originals,
-    outer: Vec<(String, Tensor)>,
+    outer: Vec<(String, Option<Tensor>)>,
     weight_map: BTreeMap<String, String>,
     configs_from: Option<usize>,
     _lock: DirLock,
@@ -84,16 +89,28 @@ impl ShardedGptqWriter {
             Some(src) => Originals::Disk(src),
             None => Originals::Memory(Box::new(model.weights().clone())),
         };
+        // The embedding and head as the model holds them: in their stored
+        // dtype when the layers stay on disk (a GGUF file's decoded to the
+        // compute dtype), in the compute dtype when loaded whole. The final
+        // norm is read from the source when the last shard is written.
         let w = model.weights();
         let mut outer = vec![
-            ("model.embed_tokens.weight".to_string(), w.embed.clone()),
-            ("model.norm.weight".to_string(), w.norm.clone()),
+            (
+                "model.embed_tokens.weight".to_string(),
+                Some(w.embed.clone()),
+            ),
+            ("model.norm.weight".to_string(), None),
         ];
         if let Some(h) = &w.lm_head {
-            outer.push(("lm_head.weight".to_string(), h.clone()));
+            outer.push(("lm_head.weight".to_string(), Some(h.clone())));
         }
         let mut model_config = model.config().to_hf_json();
-        model_config["torch_dtype"] = "float32".into();
+        model_config["torch_dtype"] = match w.embed.dtype() {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        }
+        .into();
         Ok(ShardedGptqWriter {
             target,
             partial,
@@ -111,23 +128,15 @@ impl ShardedGptqWriter {
         format!("model-{:05}-of-{:05}.safetensors", k + 1, self.blocks)
     }
 
-    /// Writes `w` as shard `k` (its `model.safetensors` renamed), recording
-    /// its tensors in the index; keeps its config files when `configs`.
+    /// Streams `w` to shard `k`, recording its tensors in the index; the
+    /// first shard also writes the config files.
     fn write_shard(&mut self, k: usize, w: &CheckpointWriter, names: Vec<String>) -> Result<()> {
-        let dir = self.partial.join(format!("shard-{k}"));
-        w.write(&dir)?;
         let shard = self.shard_name(k);
-        let from = dir.join("model.safetensors");
-        let to = self.partial.join(&shard);
-        std::fs::rename(&from, &to).map_err(|e| Error::io(&to, e))?;
-        if self.configs_from.is_none() && dir.join("quantize_config.json").exists() {
-            for f in ["config.json", "quantize_config.json"] {
-                let to = self.partial.join(f);
-                std::fs::rename(dir.join(f), &to).map_err(|e| Error::io(&to, e))?;
-            }
+        w.write_safetensors(self.partial.join(&shard))?;
+        if self.configs_from.is_none() {
+            w.write_configs(&self.partial)?;
             self.configs_from = Some(k);
         }
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         for n in names {
             self.weight_map.insert(n, shard.clone());
         }
@@ -209,7 +218,14 @@ impl BlockSink for ShardedGptqWriter {
         let mut names = Vec::new();
         if b + 1 == self.blocks {
             for (name, t) in std::mem::take(&mut self.outer) {
-                w.add_tensor(&name, dense(&t, &self.partial)?)?;
+                let t = match t {
+                    Some(t) => t,
+                    None => self
+                        .originals
+                        .tensor(&name)?
+                        .ok_or_else(|| Error::MissingTensor { name: name.clone() })?,
+                };
+                w.add_tensor(&name, stored(&t, &self.partial)?)?;
                 names.push(name);
             }
         }
@@ -219,7 +235,7 @@ impl BlockSink for ShardedGptqWriter {
             let bias = self
                 .originals
                 .tensor(&format!("{stem}.bias"))?
-                .map(|t| dense(&t, &self.partial))
+                .map(|t| stored(&t, &self.partial))
                 .transpose()?;
             for s in ["qweight", "qzeros", "scales", "g_idx"] {
                 names.push(format!("{stem}.{s}"));
@@ -240,7 +256,7 @@ impl BlockSink for ShardedGptqWriter {
         }
         for name in dense_names {
             if let Some(t) = self.originals.tensor(&name)? {
-                w.add_tensor(&name, dense(&t, &self.partial)?)?;
+                w.add_tensor(&name, stored(&t, &self.partial)?)?;
                 names.push(name);
             }
         }
@@ -252,4 +268,9 @@ impl BlockSink for ShardedGptqWriter {
         }
         self.write_shard(b, &w, names)
     }
+}
+
+/// `t` as a dense tensor of its own dtype (f32, f16 or bf16; f64 as f32).
+fn stored(t: &Tensor, path: &Path) -> Result<DenseTensor> {
+    dense_as(t, t.dtype(), path)
 }

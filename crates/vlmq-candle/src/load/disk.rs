@@ -181,4 +181,8 @@ impl TensorSource for DiskTensors {
         let path = &self.files[self.entries[name].file];
         t.to_dtype(dtype).map(Some).map_err(|e| file(path, e))
     }
+
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        self.dtype(name)
+    }
 }

@@ -8,6 +8,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
@@ -207,6 +208,15 @@ impl TensorSource for GgufSource {
             }
         }
         t.to_dtype(dtype).map(Some).map_err(|e| file(&self.path, e))
+    }
+
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        let info = self.content.tensor_infos.get(self.by_hf.get(name)?)?;
+        Some(match info.ggml_dtype {
+            GgmlDType::F16 => DType::F16,
+            GgmlDType::BF16 => DType::BF16,
+            _ => DType::F32,
+        })
     }
 }
 

@@ -41,10 +41,12 @@ impl LayerSource {
         }
     }
 
-    /// The tensor `name` read from the source in `dtype` (for exporters that
-    /// need a layer's norms and biases without materializing the layer).
-    pub(crate) fn tensor(&self, name: &str, dtype: DType) -> Result<Option<candle_core::Tensor>> {
+    /// The tensor `name` read from the source in the dtype it is stored in
+    /// (the compute dtype when the source does not say), for exporters that
+    /// need a layer's norms and biases without materializing the layer.
+    pub(crate) fn stored_tensor(&self, name: &str) -> Result<Option<candle_core::Tensor>> {
         let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        let dtype = src.stored_dtype(name).unwrap_or(self.dtype);
         src.get(name, dtype)
     }
 

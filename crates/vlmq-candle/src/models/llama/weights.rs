@@ -148,6 +148,13 @@ pub(crate) fn check(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
 pub(crate) trait TensorSource {
     /// The tensor called `name` (HF naming), converted to `dtype`; `Ok(None)` when absent.
     fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>>;
+
+    /// The dtype `name` is stored in, when the source keeps it (a
+    /// quantized GGUF tensor reports the f32 it decodes to); `None` when
+    /// absent or unknown.
+    fn stored_dtype(&self, _name: &str) -> Option<DType> {
+        None
+    }
 }
 
 pub(crate) fn required(src: &mut dyn TensorSource, name: &str, dtype: DType) -> Result<Tensor> {
