@@ -89,6 +89,14 @@ pub struct QuantizeArgs {
     /// Seed of the draw of calibration windows [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Calibration tokens whose layer inputs are held at once while a
+    /// block's statistics are gathered (memory only) [default: 8192].
+    #[arg(long)]
+    pub capture_tokens: Option<usize>,
+    /// MiB of hidden states VLMQ's importance pass holds at once: less
+    /// memory, fewer samples in parallel, the same result [default: 1024].
+    #[arg(long, value_name = "MIB")]
+    pub importance_mb: Option<usize>,
     /// Keep the run's state here after each block; a rerun with the same
     /// directory, model, data and recipe resumes.
     #[arg(long)]

@@ -49,6 +49,12 @@ fn recipe(a: &QuantizeArgs) -> Result<(Recipe, PathBuf)> {
     if let Some(v) = &a.format {
         r.format = v.clone();
     }
+    if let Some(v) = a.capture_tokens {
+        r.capture_tokens = v;
+    }
+    if let Some(v) = a.importance_mb {
+        r.importance_memory_mb = v;
+    }
     Ok((r, origin))
 }
 

@@ -337,3 +337,47 @@ fn a_vlm_quantizes_on_conversations_with_images() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("chat template"), "{}", stderr(&o));
 }
+
+/// `--capture-tokens` and `--importance-mb` go into the recipe in effect
+/// (printed as TOML), and that recipe gives the pipeline those budgets.
+#[test]
+fn memory_flags_reach_the_pipeline_configuration() {
+    let d = scratch("memory-flags");
+    let o = vlmq(&[
+        "quantize",
+        "model-not-read",
+        "--out",
+        s(&d.join("out")),
+        "--calib",
+        "calib-not-read",
+        "--capture-tokens",
+        "1000",
+        "--importance-mb",
+        "64",
+        "--print-recipe",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("capture_tokens = 1000\n"), "{text}");
+    assert!(text.contains("importance_memory_mb = 64\n"), "{text}");
+    let r = vlmq_candle::Recipe::from_toml_str(&text, Path::new("printed")).unwrap();
+    let checked = r.check(Path::new("printed")).unwrap();
+    assert_eq!(checked.pipeline().capture_tokens(), 1000);
+    assert_eq!(checked.pipeline().importance_memory(), 64 << 20);
+    let o = vlmq(&[
+        "quantize",
+        "m",
+        "--out",
+        s(&d.join("out")),
+        "--calib",
+        "c",
+        "--importance-mb",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("importance_memory_mb"),
+        "{}",
+        stderr(&o)
+    );
+}

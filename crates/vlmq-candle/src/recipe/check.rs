@@ -126,6 +126,22 @@ impl Recipe {
         if self.seq_len < 2 {
             return Err(bad("seq_len", &"must be at least 2 (one predicted token)"));
         }
+        if self.capture_tokens == 0 {
+            return Err(bad("capture_tokens", &"must be at least 1"));
+        }
+        let importance_bytes = self
+            .importance_memory_mb
+            .checked_mul(1 << 20)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| {
+                bad(
+                    "importance_memory_mb",
+                    &format!(
+                        "{} MiB is not a usable budget (1 or more, in bytes below usize::MAX)",
+                        self.importance_memory_mb
+                    ),
+                )
+            })?;
         let solver = GptqConfig::new(scheme)
             .with_damping(damping)
             .with_act_order(self.act_order)
@@ -137,6 +153,8 @@ impl Recipe {
             })?;
         let mut pipeline = PipelineConfig::new(method, solver)
             .with_true_sequential(self.true_sequential)
+            .with_capture_tokens(self.capture_tokens)
+            .with_importance_memory(importance_bytes)
             .with_gguf_type(gguf);
         for (key, layer) in &self.layers {
             let s = layer_scheme(origin, key, layer, self)?;

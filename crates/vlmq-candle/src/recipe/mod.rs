@@ -27,6 +27,8 @@
 //! | `dense` | `[]` | layers left in full precision |
 //! | `layers` | `{}` | per-layer grids (`bits`, `group_size`, `symmetric`); a GPTQ checkpoint holds one grid, so they must match the recipe's |
 //! | `blocks` | every block | a block-name prefix: only those blocks are quantized |
+//! | `capture_tokens` | 8192 | calibration tokens whose layer inputs are held at once while a block's statistics are gathered (memory, not results) |
+//! | `importance_memory_mb` | 1024 | MiB of hidden states VLMQ's importance pass holds at once (memory and parallelism, not results) |
 //!
 //! ```
 //! use vlmq_candle::Recipe;
@@ -96,6 +98,17 @@ pub struct Recipe {
     pub layers: BTreeMap<String, LayerRecipe>,
     /// Quantize only the blocks whose name starts with this prefix.
     pub blocks: Option<String>,
+    /// Calibration tokens whose layer inputs are held at once while a
+    /// block's statistics are gathered
+    /// ([`PipelineConfig::with_capture_tokens`](vlmq::PipelineConfig::with_capture_tokens));
+    /// changes memory, not the result.
+    pub capture_tokens: usize,
+    /// MiB of f32 hidden states the task-loss importance pass (VLMQ
+    /// methods) holds at once
+    /// ([`PipelineConfig::with_importance_memory`](vlmq::PipelineConfig::with_importance_memory)):
+    /// a smaller budget lowers the peak memory and runs fewer samples in
+    /// parallel; it changes no bit of the result.
+    pub importance_memory_mb: usize,
 }
 
 /// The grid of one layer (or of every layer matching a key); a field left
@@ -130,6 +143,8 @@ impl Default for Recipe {
             dense: Vec::new(),
             layers: BTreeMap::new(),
             blocks: None,
+            capture_tokens: vlmq::PipelineConfig::DEFAULT_CAPTURE_TOKENS,
+            importance_memory_mb: vlmq::PipelineConfig::DEFAULT_IMPORTANCE_MEMORY >> 20,
         }
     }
 }
