@@ -20,7 +20,7 @@ use crate::config::QuantScheme;
 use crate::error::{Error, Result};
 use crate::hessian::LayerStatistics;
 use crate::quant::quantize_rtn;
-use crate::solver::{hessian_objective, solve_layer};
+use crate::solver::{hessian_objective, solve_layer, solve_layer_owned};
 
 /// One quantized layer: name, codes and grids (or GGUF blocks), report.
 pub(crate) type SavedLayer = (String, LayerCodes, LayerReport);
@@ -118,13 +118,26 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
         } else {
             pass.clone().map(|_| None).collect()
         };
-        for (k, st) in pass.zip(stats) {
-            for layer in &groups[k] {
+        for (k, mut st) in pass.zip(stats) {
+            // The group's last quantized layer owns its statistics (unless
+            // objectives need the Hessian afterwards): its solve frees the
+            // Hessian once factored instead of keeping it beside the factor.
+            let last = groups[k].iter().rposition(|l| l.scheme.is_some());
+            for (i, layer) in groups[k].iter().enumerate() {
                 let Some(scheme) = layer.scheme else {
                     continue;
                 };
+                let stats = match st.take() {
+                    Some(s) if Some(i) == last && !cfg.layer_objectives() => {
+                        Stats::Owned(Box::new(s))
+                    }
+                    taken => {
+                        st = taken;
+                        Stats::Shared(st.as_ref())
+                    }
+                };
                 let (qw, report, original, deq) =
-                    quantize_layer(model, b, name, &layer.info, scheme, st.as_ref(), cfg)?;
+                    quantize_layer(model, b, name, &layer.info, scheme, stats, cfg)?;
                 if fp_stream.is_some() && cfg.true_sequential() {
                     swapped
                         .layers
@@ -180,6 +193,13 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
     })
 }
 
+/// A layer's view of its group's statistics: shared with the group's other
+/// layers, or handed over to the group's last one.
+enum Stats<'a> {
+    Shared(Option<&'a GroupStatistics>),
+    Owned(Box<GroupStatistics>),
+}
+
 /// Solves one layer on its group's statistics (none for RTN without
 /// objectives), installs the dequantized weight and reports it: (codes,
 /// report, original weight, dequantized).
@@ -189,10 +209,17 @@ fn quantize_layer<M: QuantizableModel>(
     name: &str,
     info: &LinearInfo,
     scheme: QuantScheme,
-    st: Option<&GroupStatistics>,
+    stats: Stats<'_>,
     cfg: &PipelineConfig,
 ) -> Result<(LayerCodes, LayerReport, Array2<f32>, Array2<f32>)> {
     let at = || in_block(b, name, Some(&info.name), None);
+    let (shared, owned) = match stats {
+        Stats::Shared(s) => (s, None),
+        Stats::Owned(s) => (None, Some(*s)),
+    };
+    let st = shared.or(owned.as_ref());
+    let tokens = st.map_or(0, |s| s.weighted.tokens);
+    let shares = st.map(|s| s.shares).unwrap_or_default();
     let dead_columns = st.map(|s| {
         s.weighted
             .hessian
@@ -209,14 +236,22 @@ fn quantize_layer<M: QuantizableModel>(
     {
         return Err(at()(Error::DeadLayer {
             in_features: info.in_features,
-            tokens: st.map_or(0, |s| s.weighted.tokens),
+            tokens,
         }));
     }
     let t0 = Instant::now();
-    let stats = st.map(|s| &s.weighted).filter(|_| !all_dead);
-    let (w, qw, deq, damp) = solve_one(&*model, b, info, scheme, stats, cfg).map_err(at())?;
+    let layer_stats = match owned {
+        Some(s) if !all_dead => Some(LayerStats::Owned(s.weighted)),
+        Some(_) => None,
+        None => shared
+            .map(|s| &s.weighted)
+            .filter(|_| !all_dead)
+            .map(LayerStats::Shared),
+    };
+    let (w, qw, deq, damp) = solve_one(&*model, b, info, scheme, layer_stats, cfg).map_err(at())?;
     crate::kill_point::reached("solve");
-    let (objective, objective_unweighted) = match st {
+    // With objectives asked for, the statistics are never handed over.
+    let (objective, objective_unweighted) = match shared {
         Some(st) if cfg.layer_objectives() => {
             let o =
                 hessian_objective(w.view(), deq.view(), st.weighted.hessian.view()).map_err(at())?;
@@ -257,13 +292,13 @@ fn quantize_layer<M: QuantizableModel>(
         layer: info.name.clone(),
         bits,
         group_size,
-        tokens: st.map_or(0, |s| s.weighted.tokens),
+        tokens,
         objective,
         objective_unweighted,
         dead_columns,
         damp_percent: damp,
         seconds: t0.elapsed().as_secs_f64(),
-        shares: st.map(|s| s.shares).unwrap_or_default(),
+        shares,
     };
     Ok((qw, report, w, deq))
 }
@@ -277,7 +312,7 @@ fn solve_one<M: QuantizableModel>(
     b: usize,
     info: &LinearInfo,
     scheme: QuantScheme,
-    stats: Option<&LayerStatistics>,
+    stats: Option<LayerStats<'_>>,
     cfg: &PipelineConfig,
 ) -> Result<(Array2<f32>, LayerCodes, Array2<f32>, f64)> {
     let w = model.linear_weight(b, &info.name)?;
@@ -292,6 +327,7 @@ fn solve_one<M: QuantizableModel>(
     let solver = cfg.solver().with_scheme(scheme);
     if let Some(ty) = cfg.gguf_type() {
         let solver = solver.with_objective(false);
+        let stats = stats.as_ref().map(LayerStats::get);
         let sol = solve_gguf(w.view(), stats, &solver, cfg.solver_method(), ty)?;
         let damp = if stats.is_some() && cfg.solver_method().is_some() {
             sol.report.damp_percent
@@ -304,7 +340,10 @@ fn solve_one<M: QuantizableModel>(
     let (qw, deq, damp) = match (cfg.solver_method(), stats) {
         (Some(method), Some(stats)) => {
             let solver = solver.with_objective(false);
-            let sol = solve_layer(w.view(), stats, &solver, method)?;
+            let sol = match stats {
+                LayerStats::Shared(s) => solve_layer(w.view(), s, &solver, method)?,
+                LayerStats::Owned(s) => solve_layer_owned(w.view(), s, &solver, method)?,
+            };
             (sol.weight, sol.dequantized, sol.report.damp_percent)
         }
         _ => {
@@ -315,4 +354,19 @@ fn solve_one<M: QuantizableModel>(
     };
     let qw = LayerCodes::Gptq(qw);
     Ok((w, qw, deq, damp))
+}
+
+/// One layer's statistics, borrowed or owned (then freed by the solve).
+enum LayerStats<'a> {
+    Shared(&'a LayerStatistics),
+    Owned(LayerStatistics),
+}
+
+impl LayerStats<'_> {
+    fn get(&self) -> &LayerStatistics {
+        match self {
+            LayerStats::Shared(s) => s,
+            LayerStats::Owned(s) => s,
+        }
+    }
 }

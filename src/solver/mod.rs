@@ -8,8 +8,11 @@
 
 mod factor;
 mod gguf;
+mod gptaq;
 mod kernel;
 mod objective;
+#[cfg(test)]
+mod owned_tests;
 mod plan;
 mod report;
 mod solve;
@@ -20,4 +23,5 @@ pub use gguf::{solve_layer_gguf, GgufSolution};
 pub use objective::{asymmetric_objective, hessian_objective};
 pub use plan::{act_order_permutation, group_aware_permutation};
 pub use report::{LayerSolution, SolveReport};
+pub(crate) use solve::solve_layer_owned;
 pub use solve::{solve_layer, Method};

@@ -1,10 +1,11 @@
 //! The single entry point: one linear layer, one method.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
-use faer::{Accum, Par};
-use ndarray::{s, Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2};
 
+use super::gptaq::gptaq_correction;
 use super::objective::hessian_objective;
 use super::plan::{column_order, Plan};
 use super::report::{LayerSolution, SolveReport};
@@ -12,7 +13,7 @@ use super::walk::walk;
 use crate::config::GptqConfig;
 use crate::error::{Error, Result};
 use crate::hessian::LayerStatistics;
-use crate::linalg::{faer_mut, faer_ref, inverse_cholesky_upper_in_order};
+use crate::linalg::{inverse_cholesky_upper_in_order, inverse_cholesky_upper_owned};
 use crate::quant::grid::check_scales;
 use crate::quant::{GridFit, QuantizedWeight};
 use crate::validate::check_finite;
@@ -124,6 +125,50 @@ pub fn solve_layer(
     })
 }
 
+/// [`solve_layer`] on statistics the caller gives up (the pipeline's
+/// last layer of an input group): the Hessian is freed as soon as the
+/// factorization has read it. The same solution, bit for bit. With
+/// `cfg.compute_objective()` the Hessian is needed after the walk, so it is
+/// kept.
+pub(crate) fn solve_layer_owned(
+    w: ArrayView2<'_, f32>,
+    stats: LayerStatistics,
+    cfg: &GptqConfig,
+    method: Method,
+) -> Result<LayerSolution> {
+    if cfg.compute_objective() {
+        return solve_layer(w, &stats, cfg, method);
+    }
+    let start = Instant::now();
+    let n = w.ncols();
+    check_inputs(w, &stats)?;
+    let group_cols = cfg.scheme().group_size().columns_for(n)?;
+    let groups = cfg.scheme().group_size().groups_for(n)?;
+    check_scales(w, &cfg.scheme(), group_cols)?;
+    let prep = prepare_owned(w, stats, cfg, method)?;
+    let plan = Plan::new(
+        prep.perm.clone(),
+        cfg.block_size(),
+        group_cols,
+        cfg.static_groups(),
+        cfg.group_fit(),
+    )
+    .with_original_groups(cfg.act_group_aware());
+    let (weight, dequantized, obs_loss) = run_plan(
+        prep.w_work.view(),
+        &plan,
+        prep.factor.u.view(),
+        prep.p.as_ref().map(|p| p.view()),
+        cfg,
+        groups,
+    )?;
+    Ok(LayerSolution {
+        weight,
+        dequantized,
+        report: prep.report(obs_loss, None, start),
+    })
+}
+
 /// Checks a weight and its statistics: non-empty, matching shapes, finite,
 /// and a Hessian that can be one.
 pub(crate) fn check_inputs(w: ArrayView2<'_, f32>, stats: &LayerStatistics) -> Result<()> {
@@ -176,13 +221,48 @@ pub(crate) fn prepare(
     cfg: &GptqConfig,
     method: Method,
 ) -> Result<Prepared> {
+    prepare_from(
+        w,
+        Cow::Borrowed(&stats.hessian),
+        stats.cross.as_ref().map(Cow::Borrowed),
+        cfg,
+        method,
+    )
+}
+
+/// [`prepare`] of statistics the caller gives up: dead columns are patched
+/// in the Hessian itself, and the Hessian is freed once the factorization
+/// has read it, so the solve's peak holds one `n x n` matrix less. The same
+/// result, bit for bit.
+pub(crate) fn prepare_owned(
+    w: ArrayView2<'_, f32>,
+    stats: LayerStatistics,
+    cfg: &GptqConfig,
+    method: Method,
+) -> Result<Prepared> {
+    prepare_from(
+        w,
+        Cow::Owned(stats.hessian),
+        stats.cross.map(Cow::Owned),
+        cfg,
+        method,
+    )
+}
+
+fn prepare_from(
+    w: ArrayView2<'_, f32>,
+    hessian: Cow<'_, Array2<f32>>,
+    cross: Option<Cow<'_, Array2<f32>>>,
+    cfg: &GptqConfig,
+    method: Method,
+) -> Result<Prepared> {
     let n = w.ncols();
     method.validate()?;
     let strength = match method {
         Method::Gptq => None,
         Method::Gptaq { strength } => Some(strength),
     };
-    let cross = match (strength, stats.cross.as_ref()) {
+    let cross = match (strength, cross) {
         (None, _) => None,
         (Some(_), Some(c)) if c.dim() == (n, n) => {
             check_finite("GPTAQ cross term", c.view())?;
@@ -200,24 +280,38 @@ pub(crate) fn prepare(
 
     // Dead columns: never activated, so any value is free; quantize them as 0.
     let mut w_work = w.to_owned();
-    let dead: Vec<usize> = (0..n).filter(|&i| stats.hessian[[i, i]] == 0.0).collect();
+    let dead: Vec<usize> = (0..n).filter(|&i| hessian[[i, i]] == 0.0).collect();
     for &i in &dead {
         w_work.column_mut(i).fill(0.0);
     }
-    // Their diagonal entries become 1. The Hessian is copied only then:
-    // for the widest layers (11008 inputs: 485 MB) a copy is a large share
-    // of the solve's memory, and the factor reads the columns in the walk's
-    // order in place instead of from a permuted copy.
-    let patched = (!dead.is_empty()).then(|| {
-        let mut h = stats.hessian.clone();
-        for &i in &dead {
-            h[[i, i]] = 1.0;
+    // Their diagonal entries become 1. A borrowed Hessian is copied only
+    // then: for the widest layers (11008 inputs: 485 MB) a copy is a large
+    // share of the solve's memory, and the factor reads the columns in the
+    // walk's order in place instead of from a permuted copy. An owned one
+    // is patched in place and handed to the factorization, which frees it.
+    let (perm, factor) = match hessian {
+        Cow::Borrowed(h) => {
+            let patched = (!dead.is_empty()).then(|| {
+                let mut h = h.clone();
+                for &i in &dead {
+                    h[[i, i]] = 1.0;
+                }
+                h
+            });
+            let h = patched.as_ref().map_or(h.view(), |h| h.view());
+            let perm = column_order(h, cfg)?;
+            let factor = inverse_cholesky_upper_in_order(h, Some(&perm), &cfg.damping())?;
+            (perm, factor)
         }
-        h
-    });
-    let h = patched.as_ref().map_or(stats.hessian.view(), |h| h.view());
-    let perm = column_order(h, cfg)?;
-    let factor = inverse_cholesky_upper_in_order(h, Some(&perm), &cfg.damping())?;
+        Cow::Owned(mut h) => {
+            for &i in &dead {
+                h[[i, i]] = 1.0;
+            }
+            let perm = column_order(h.view(), cfg)?;
+            let factor = inverse_cholesky_upper_owned(h, Some(&perm), &cfg.damping())?;
+            (perm, factor)
+        }
+    };
     let dead_columns = dead.len();
     let p = match (strength, cross) {
         (Some(a), Some(c)) => Some(gptaq_correction(c.view(), &perm, factor.u.view(), a)),
@@ -310,62 +404,4 @@ where
         }
     }
     Ok(())
-}
-
-/// GPTAQ's `P = strength * triu(C U^T, 1) U` in plan order, with `C` the
-/// cross term permuted like the Hessian.
-fn gptaq_correction(
-    cross: ArrayView2<'_, f32>,
-    perm: &[usize],
-    u: ArrayView2<'_, f32>,
-    strength: f32,
-) -> Array2<f32> {
-    let n = perm.len();
-    let c = Array2::from_shape_fn((n, n), |(i, j)| cross[[perm[i], perm[j]]]);
-    // `U` is upper triangular, so in column blocks `J = j0..j1` only the
-    // needed parts are formed by dense products: `(C U^T)[..j1, J] =
-    // C[..j1, j0..] U[J, j0..]^T` (entries below the diagonal are dropped),
-    // then `P[..j1, J] = X[..j1, ..j1] U[..j1, J]`: a quarter of the two
-    // dense products' flops. Fixed blocks and sequential products, so the
-    // result does not depend on the thread count.
-    const BLOCK: usize = 128;
-    let mut x = Array2::<f32>::zeros((n, n));
-    for j0 in (0..n).step_by(BLOCK) {
-        let j1 = (j0 + BLOCK).min(n);
-        faer::linalg::matmul::matmul(
-            faer_mut(x.slice_mut(s![..j1, j0..j1])),
-            Accum::Replace,
-            faer_ref(c.slice(s![..j1, j0..])),
-            faer_ref(u.slice(s![j0..j1, j0..]).t()),
-            1.0f32,
-            Par::Seq,
-        );
-    }
-    for (i, mut row) in x.outer_iter_mut().enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
-            if j <= i {
-                *v = 0.0;
-            } else {
-                *v *= strength;
-            }
-        }
-    }
-    let mut p = Array2::<f32>::zeros((n, n));
-    for j0 in (0..n).step_by(BLOCK) {
-        let j1 = (j0 + BLOCK).min(n);
-        faer::linalg::matmul::matmul(
-            faer_mut(p.slice_mut(s![..j1, j0..j1])),
-            Accum::Replace,
-            faer_ref(x.slice(s![..j1, ..j1])),
-            faer_ref(u.slice(s![..j1, j0..j1])),
-            1.0f32,
-            Par::Seq,
-        );
-    }
-    // Strictly upper: entries on and below the diagonal are sums of zero
-    // products; cleared explicitly.
-    for (i, mut row) in p.outer_iter_mut().enumerate() {
-        row.slice_mut(s![..=i]).fill(0.0);
-    }
-    p
 }
