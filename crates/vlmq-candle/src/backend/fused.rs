@@ -1,17 +1,24 @@
 //! Fused CPU kernels for the vision blocks' element-wise work: each MLP
-//! activation, its backward `da * act'(f)`, and the softmax backward
-//! `P * (dP - rowsum(P * dP))`, each one pass over its operands.
+//! activation, its backward `da * act'(f)`, the softmax backward
+//! `P * (dP - rowsum(P * dP))` and LayerNorm, each one pass over its
+//! operands.
 //!
 //! Composed from candle's element-wise ops, the tanh-GELU backward is a
-//! dozen passes over the `[patches, mlp]` activations and the softmax
-//! backward four over the `[heads, patches, patches]` probabilities, each
-//! allocating its result. Every element (every row, for the softmax) is
+//! dozen passes over the `[patches, mlp]` activations, the softmax
+//! backward four over the `[heads, patches, patches]` probabilities and
+//! LayerNorm nine, each allocating its result. Both GELUs are written with
+//! one `exp` each: `(1 + tanh(u)) / 2 = sigmoid(2u)`, so tanh-GELU is
+//! `f * sigmoid(2u)` (libm's `tanhf` cost twice its `expf` in the profile
+//! of a SigLIP block). Every element (every row, for the softmax and the
+//! norm) is
 //! computed on its own, in a fixed order, so the split over threads does
 //! not change a bit. Off the CPU, or for other dtypes than f32 and f64,
 //! the same maths runs composed from candle ops.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
+};
 use rayon::prelude::*;
 
 use crate::models::vision_ops::MlpAct;
@@ -26,7 +33,7 @@ trait Real:
 {
     fn of(v: f64) -> Self;
     fn exp(self) -> Self;
-    fn tanh(self) -> Self;
+    fn sqrt(self) -> Self;
 }
 
 impl Real for f32 {
@@ -36,8 +43,8 @@ impl Real for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
-    fn tanh(self) -> Self {
-        f32::tanh(self)
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
     }
 }
 
@@ -48,8 +55,8 @@ impl Real for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
     }
-    fn tanh(self) -> Self {
-        f64::tanh(self)
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
     }
 }
 
@@ -57,28 +64,38 @@ impl Real for f64 {
 const GELU_C: f64 = 0.797_884_560_802_865_4;
 const GELU_A: f64 = 0.044_715;
 
-/// `z * sigmoid(1.702 z)`.
-fn quick_gelu<T: Real>(z: T) -> T {
-    z / (T::of(1.0) + (T::of(-1.702) * z).exp())
+/// `1 / (1 + exp(-z))`.
+fn sigmoid<T: Real>(z: T) -> T {
+    T::of(1.0) / (T::of(1.0) + (T::of(0.0) - z).exp())
 }
 
-/// The activation's derivative at `f` (module docs of
-/// [`crate::backend::chain_rule`]).
-fn slope<T: Real>(act: MlpAct, f: T) -> T {
-    let one = T::of(1.0);
+/// The argument `z` of the activation's sigmoid (`a = f * sigmoid(z)`) and
+/// its derivative `dz/df`.
+fn gate<T: Real>(act: MlpAct, f: T) -> (T, T) {
     match act {
-        MlpAct::QuickGelu => {
-            let u = T::of(1.702) * f;
-            let s = one / (one + (T::of(0.0) - u).exp());
-            s * (one + u * (one - s))
-        }
+        MlpAct::QuickGelu => (T::of(1.702) * f, T::of(1.702)),
         MlpAct::GeluTanh => {
             let f2 = f * f;
-            let t = (T::of(GELU_C) * f * (one + T::of(GELU_A) * f2)).tanh();
-            let du = T::of(GELU_C) * (one + T::of(3.0 * GELU_A) * f2);
-            T::of(0.5) * (one + t) + T::of(0.5) * f * (one - t * t) * du
+            let z = T::of(2.0 * GELU_C) * f * (T::of(1.0) + T::of(GELU_A) * f2);
+            (
+                z,
+                T::of(2.0 * GELU_C) * (T::of(1.0) + T::of(3.0 * GELU_A) * f2),
+            )
         }
     }
+}
+
+/// The activation `f * sigmoid(z(f))`.
+fn activate<T: Real>(act: MlpAct, f: T) -> T {
+    f * sigmoid(gate(act, f).0)
+}
+
+/// The activation's derivative at `f`: `s + f s (1 - s) z'` with
+/// `s = sigmoid(z(f))`.
+fn slope<T: Real>(act: MlpAct, f: T) -> T {
+    let (z, dz) = gate(act, f);
+    let s = sigmoid(z);
+    s + f * s * (T::of(1.0) - s) * dz
 }
 
 /// The contiguous elements of `s` under `l`.
@@ -94,25 +111,82 @@ fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-/// Quick-GELU on each element.
-struct QuickGelu;
+/// An MLP activation on each element.
+struct Activation(MlpAct);
 
-impl CustomOp1 for QuickGelu {
+impl CustomOp1 for Activation {
     fn name(&self) -> &'static str {
-        "vlmq-quick-gelu"
+        "vlmq-activation"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn run<T: Real>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
-            let z = elements::<T>(s, l)?;
-            let out: Vec<T> = z.par_iter().map(|&z| quick_gelu(z)).collect();
+        fn run<T: Real>(
+            act: MlpAct,
+            s: &CpuStorage,
+            l: &Layout,
+        ) -> candle_core::Result<CpuStorage> {
+            let f = elements::<T>(s, l)?;
+            let out: Vec<T> = f.par_iter().map(|&f| activate(act, f)).collect();
             Ok(T::to_cpu_storage_owned(out))
         }
         let out = match s.dtype() {
-            DType::F32 => run::<f32>(s, l)?,
-            _ => run::<f64>(s, l)?,
+            DType::F32 => run::<f32>(self.0, s, l)?,
+            _ => run::<f64>(self.0, s, l)?,
         };
         Ok((out, l.shape().clone()))
+    }
+}
+
+/// LayerNorm `(x - mean) r * w + b` over the last dimension,
+/// `r = (mean((x - mean)^2) + eps)^(-1/2)` (operands `x`, `w`, `b`).
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "vlmq-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            eps: f64,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> candle_core::Result<CpuStorage> {
+            let x = elements::<T>(s1, l1)?;
+            let (w, b) = (elements::<T>(s2, l2)?, elements::<T>(s3, l3)?);
+            let n = w.len().max(1);
+            let mut out = vec![T::of(0.0); x.len()];
+            out.par_chunks_mut(n)
+                .zip(x.par_chunks(n))
+                .for_each(|(o, x)| {
+                    let mean = x.iter().fold(T::of(0.0), |a, &v| a + v) / T::of(n as f64);
+                    let var = x
+                        .iter()
+                        .fold(T::of(0.0), |a, &v| a + (v - mean) * (v - mean))
+                        / T::of(n as f64);
+                    let r = T::of(1.0) / (var + T::of(eps)).sqrt();
+                    for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                        *o = (x - mean) * r * w + b;
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let out = match s1.dtype() {
+            DType::F32 => run::<f32>(self.eps, (s1, l1), (s2, l2), (s3, l3))?,
+            _ => run::<f64>(self.eps, (s1, l1), (s2, l2), (s3, l3))?,
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -220,11 +294,32 @@ fn same(a: &Tensor, b: &Tensor, op: &'static str) -> candle_core::Result<()> {
 
 /// The MLP activation of `z`.
 pub(crate) fn activation(act: MlpAct, z: &Tensor) -> candle_core::Result<Tensor> {
+    if fusable(z) {
+        return z.contiguous()?.apply_op1_no_bwd(&Activation(act));
+    }
     match act {
         MlpAct::GeluTanh => z.gelu(),
-        MlpAct::QuickGelu if fusable(z) => z.contiguous()?.apply_op1_no_bwd(&QuickGelu),
         MlpAct::QuickGelu => z * candle_nn::ops::sigmoid(&(z * 1.702)?)?,
     }
+}
+
+/// LayerNorm of `x` over the last dimension with gain `w` and shift `b`
+/// (`[d]` each); `composed` computes it off the fused kernel.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    composed: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if !fusable(x) || w.dims() != [d] || b.dims() != [d] {
+        return composed();
+    }
+    same(w, b, "layer norm")?;
+    let (w, b) = (w.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+    x.contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &LayerNormOp { eps })
 }
 
 /// The gradient at the activation's input `f` from the gradient `da` at
@@ -328,6 +423,28 @@ mod tests {
             let composed = (&f * candle_nn::ops::sigmoid(&(&f * 1.702).unwrap()).unwrap()).unwrap();
             let err = max_rel(&fused, &composed);
             assert!(err < tol, "quick-GELU {dtype:?}: {err:e}");
+            // candle's own tanh-GELU, in the tanh form.
+            let fused = activation(MlpAct::GeluTanh, &c(&f)).unwrap();
+            let err = max_rel(&fused, &f.gelu().unwrap());
+            assert!(err < tol, "tanh-GELU {dtype:?}: {err:e}");
+            let w = values(&[37], 7, 0.5).affine(1.0, 1.0).unwrap();
+            let b = values(&[37], 8, 0.5);
+            // Rows with a mean far from zero, as residual streams have.
+            let x = (&f + 3.0).unwrap();
+            let fused = layer_norm(&c(&x), &c(&w), &c(&b), 1e-6, || unreachable!()).unwrap();
+            let xc = x
+                .broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap())
+                .unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let composed = xc
+                .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&w)
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let err = max_rel(&fused, &composed);
+            assert!(err < tol, "layer norm {dtype:?}: {err:e}");
             let fused = softmax_backward(&c(&p), &c(&dp)).unwrap();
             let row = (&p * &dp).unwrap().sum_keepdim(D::Minus1).unwrap();
             let composed = (dp.broadcast_sub(&row).unwrap() * &p).unwrap();

@@ -207,15 +207,22 @@ pub struct VisionWeights {
     pub post_norm: LayerNorm,
 }
 
-/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension (composed
-/// from primitives, so autograd reaches its input).
+/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension: one
+/// fused pass on the CPU, composed from primitives when `x` is part of an
+/// autograd graph (the fused kernel has no backward) or off the CPU.
 pub(crate) fn layer_norm(x: &Tensor, n: &LayerNorm, eps: f64) -> candle_core::Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let c = x.broadcast_sub(&mean)?;
-    let var = c.sqr()?.mean_keepdim(D::Minus1)?;
-    c.broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(&n.weight)?
-        .broadcast_add(&n.bias)
+    let composed = || {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let c = x.broadcast_sub(&mean)?;
+        let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+        c.broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(&n.weight)?
+            .broadcast_add(&n.bias)
+    };
+    if x.track_op() {
+        return composed();
+    }
+    crate::backend::fused::layer_norm(x, &n.weight, &n.bias, eps, composed)
 }
 
 /// Embeddings of `pixels: [N, C, H, W]`: patches (row-major), class token

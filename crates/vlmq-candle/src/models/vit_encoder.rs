@@ -52,6 +52,8 @@ pub(crate) fn encoder_layer_forward(
 ) -> candle_core::Result<Tensor> {
     let mut hooks = BlockHooks::new(&VISION_LINEAR_NAMES, capture, probes);
     let (mid, a, _) = encoder_body(shape, l, x, &mut hooks, false)?;
+    let a =
+        a.ok_or_else(|| candle_core::Error::Msg("the encoder layer formed no activation".into()))?;
     mid + hooks.lin(5, &a, &l.linears[5])?
 }
 
@@ -67,16 +69,17 @@ pub(crate) fn encoder_tape(
     tape.ok_or_else(|| candle_core::Error::Msg("the encoder layer kept no tape".into()))
 }
 
-/// Layer `l` on `x` up to `fc2`: the residual stream after attention, the
-/// MLP activation (shown to the capture as `fc2`'s input) and, when `keep`
-/// is set, the [`EncoderTape`].
+/// Layer `l` on `x` up to `fc2`: the residual stream after attention, and
+/// the MLP activation (shown to the capture as `fc2`'s input) or, when
+/// `keep` is set, the [`EncoderTape`] instead (the backward reads `fc1`'s
+/// output, not the activation).
 fn encoder_body(
     shape: &EncoderShape,
     l: &ClipLayerWeights,
     x: &Tensor,
     hooks: &mut BlockHooks<'_, '_>,
     keep: bool,
-) -> candle_core::Result<(Tensor, Tensor, Option<EncoderTape>)> {
+) -> candle_core::Result<(Tensor, Option<Tensor>, Option<EncoderTape>)> {
     let (n, s, d) = x.dims3()?;
     let nh = shape.num_heads;
     let hd = d / nh;
@@ -96,7 +99,8 @@ fn encoder_body(
     let q = heads(hooks.lin(0, &h, &l.linears[0])?)?;
     let k = heads(hooks.lin(1, &h, &l.linears[1])?)?;
     let v = heads(hooks.lin(2, &h, &l.linears[2])?)?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    // Scaling the queries costs `S x d` multiplications, the scores `S x S x heads`.
+    let scores = (&q * (1.0 / (hd as f64).sqrt()))?.matmul(&k.t()?)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let att = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, s, d))?;
     hooks.show(&[3], &att)?;
@@ -104,8 +108,13 @@ fn encoder_body(
     let (h, norm2) = norm(&mid, &l.norm2)?;
     hooks.show(&[4], &h)?;
     let fc1 = hooks.lin(4, &h, &l.linears[4])?;
-    let a = shape.act.apply(&fc1)?;
-    hooks.show(&[5], &a)?;
+    let a = if keep {
+        None
+    } else {
+        let a = shape.act.apply(&fc1)?;
+        hooks.show(&[5], &a)?;
+        Some(a)
+    };
     let tape = match (norm1, norm2) {
         (Some(norm1), Some(norm2)) => Some(EncoderTape {
             norm1,

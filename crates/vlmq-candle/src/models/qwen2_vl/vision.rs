@@ -55,11 +55,12 @@ pub enum VisionNorm {
 }
 
 impl VisionNorm {
-    /// Applies the norm over the last dimension (differentiable primitives).
+    /// Applies the norm over the last dimension (fused kernels, or
+    /// differentiable primitives when `x` is part of an autograd graph).
     pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             VisionNorm::Layer(n) => layer_norm(x, n, VISION_NORM_EPS),
-            VisionNorm::Rms(w) => rms_norm(x, w, VISION_NORM_EPS, true),
+            VisionNorm::Rms(w) => rms_norm(x, w, VISION_NORM_EPS, x.track_op()),
         }
     }
 

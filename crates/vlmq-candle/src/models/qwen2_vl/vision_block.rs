@@ -81,7 +81,8 @@ fn segment_attention(
             k.narrow(1, a, len)?,
             v.narrow(1, a, len)?,
         );
-        let scores = (qs.matmul(&ks.t()?)? * scale)?;
+        // Scaling the queries costs `len x d` multiplications, the scores `len x len x heads`.
+        let scores = (qs * scale)?.matmul(&ks.t()?)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         parts.push(probs.matmul(&vs)?);
         if keep {
@@ -106,6 +107,8 @@ pub(crate) fn block_forward(
 ) -> candle_core::Result<Tensor> {
     let mut hooks = BlockHooks::new(b.linear_names(), sink, probes);
     let (mid, a, _) = block_body(cfg, b, x, pos, windowed, &mut hooks, false)?;
+    let a =
+        a.ok_or_else(|| candle_core::Error::Msg("the vision block formed no activation".into()))?;
     let last = b.linears.len() - 1;
     mid + hooks.lin(last, &a, &b.linears[last])?
 }
@@ -125,8 +128,9 @@ pub(crate) fn block_tape(
 }
 
 /// Block `b` on `x` up to the last linear: the residual stream after
-/// attention, the MLP activation (shown to the capture as the last linear's
-/// input) and, when `keep` is set, the [`VisionBlockTape`].
+/// attention, and the MLP activation (shown to the capture as the last
+/// linear's input) or, when `keep` is set, the [`VisionBlockTape`] instead
+/// (the backward reads the MLP's pre-activations, not the activation).
 fn block_body(
     cfg: &QwenVisionConfig,
     b: &VisionBlock,
@@ -135,7 +139,7 @@ fn block_body(
     windowed: bool,
     hooks: &mut BlockHooks<'_, '_>,
     keep: bool,
-) -> candle_core::Result<(Tensor, Tensor, Option<VisionBlockTape>)> {
+) -> candle_core::Result<(Tensor, Option<Tensor>, Option<VisionBlockTape>)> {
     let lin = |hooks: &BlockHooks<'_, '_>, i: usize, t: &Tensor| hooks.lin(i, t, &b.linears[i]);
     let norm = |n: &VisionNorm, x: &Tensor| -> candle_core::Result<(Tensor, Option<NormTape>)> {
         if keep {
@@ -164,18 +168,27 @@ fn block_body(
     hooks.show(&[1], &att)?;
     let mid = (x + lin(hooks, 1, &att)?)?;
     let (h, norm2) = norm(&b.norm2, &mid)?;
-    let (a, mlp) = if b.swiglu() {
+    let mlp = if b.swiglu() {
         hooks.show(&[2, 3], &h)?;
         let gate = lin(hooks, 2, &h)?;
         let up = lin(hooks, 3, &h)?;
-        let a = (gate.silu()? * &up)?;
-        (a, MlpTape::SwiGlu { gate, up })
+        MlpTape::SwiGlu { gate, up }
     } else {
         hooks.show(&[2], &h)?;
-        let fc1 = lin(hooks, 2, &h)?;
-        (MlpAct::QuickGelu.apply(&fc1)?, MlpTape::QuickGelu { fc1 })
+        MlpTape::QuickGelu {
+            fc1: lin(hooks, 2, &h)?,
+        }
     };
-    hooks.show(&[b.linears.len() - 1], &a)?;
+    let a = if keep {
+        None
+    } else {
+        let a = match &mlp {
+            MlpTape::SwiGlu { gate, up } => (gate.silu()? * up)?,
+            MlpTape::QuickGelu { fc1 } => MlpAct::QuickGelu.apply(fc1)?,
+        };
+        hooks.show(&[b.linears.len() - 1], &a)?;
+        Some(a)
+    };
     let tape = match (norm1, norm2) {
         (Some(norm1), Some(norm2)) => Some(VisionBlockTape {
             norm1,
