@@ -13,10 +13,10 @@
 //! `inverse_cholesky / matmul_equal_flops` (the factor's share; its own
 //! FLOPs are 2/5 of the yardstick's) within one thread count.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode};
 use faer::{Accum, Mat, Par};
 use ndarray::Array2;
-use vlmq::__private::inverse_cholesky_upper;
+use vlmq::__private::{inverse_cholesky_upper, solve_layer_owned};
 use vlmq::hessian::HessianAccumulator;
 use vlmq::{solve_layer, Bits, Damping, GptqConfig, GroupSize, Method, QuantScheme};
 
@@ -95,6 +95,22 @@ fn bench(c: &mut Criterion) {
                     })
                 })
             });
+            // The copy of the statistics it consumes is made outside the timing.
+            g.bench_with_input(
+                BenchmarkId::new("solve_owned_4bit_g128", n),
+                &n,
+                |bch, _| {
+                    bch.iter_batched(
+                        || stats.clone(),
+                        |s| {
+                            pool.install(|| {
+                                solve_layer_owned(w.view(), s, &cfg, Method::Gptq).expect("solve")
+                            })
+                        },
+                        BatchSize::LargeInput,
+                    )
+                },
+            );
             g.finish();
         }
     }

@@ -56,4 +56,5 @@ pub mod __private {
         unpack_qzeros, unpack_stream,
     };
     pub use crate::rng::SplitMix64;
+    pub use crate::solver::solve_layer_owned;
 }

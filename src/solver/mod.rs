@@ -23,5 +23,5 @@ pub use gguf::{solve_layer_gguf, GgufSolution};
 pub use objective::{asymmetric_objective, hessian_objective};
 pub use plan::{act_order_permutation, group_aware_permutation};
 pub use report::{LayerSolution, SolveReport};
-pub(crate) use solve::solve_layer_owned;
+pub use solve::solve_layer_owned;
 pub use solve::{solve_layer, Method};

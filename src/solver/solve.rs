@@ -130,7 +130,7 @@ pub fn solve_layer(
 /// factorization has read it. The same solution, bit for bit. With
 /// `cfg.compute_objective()` the Hessian is needed after the walk, so it is
 /// kept.
-pub(crate) fn solve_layer_owned(
+pub fn solve_layer_owned(
     w: ArrayView2<'_, f32>,
     stats: LayerStatistics,
     cfg: &GptqConfig,
