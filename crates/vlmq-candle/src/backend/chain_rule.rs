@@ -25,6 +25,7 @@ use vlmq::{Result, RowSink};
 
 use crate::backend::fused::softmax_backward;
 use crate::error::CandleResultExt;
+use crate::models::attention::{assemble, piece_of, AttentionTape, Piece};
 use crate::models::llama::forward::rows;
 use crate::models::vision_ops::NormTape;
 
@@ -88,6 +89,42 @@ pub(crate) fn attention_backward(
     let d_q = (d_s.matmul(k)? * c)?;
     let d_k = (d_s.t()?.matmul(q)? * c)?;
     Ok((d_q, d_k, d_v))
+}
+
+/// The attention backward over the pieces of `t` (fused softmax term),
+/// from the gradient at the attention's output `d_att: [heads, S, hd]`:
+/// `(dQ, dK, dV)`, each `[heads, S, hd]`.
+pub(crate) fn pieced_attention_backward(
+    t: &AttentionTape,
+    d_att: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let c = 1.0 / (t.q.dim(D::Minus1)? as f64).sqrt();
+    let n = t.pieces.len();
+    let (mut dq, mut dk, mut dv) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (p, probs) in &t.pieces {
+        let (q, k, v) = attention_backward(
+            &piece_of(&t.q, p)?,
+            &piece_of(&t.k, p)?,
+            &piece_of(&t.v, p)?,
+            probs,
+            &piece_of(d_att, p)?,
+            c,
+            true,
+        )?;
+        dq.push(q);
+        dk.push(k);
+        dv.push(v);
+    }
+    let plan: Vec<Piece> = t.pieces.iter().map(|(p, _)| *p).collect();
+    Ok((
+        assemble(&plan, dq)?,
+        assemble(&plan, dk)?,
+        assemble(&plan, dv)?,
+    ))
 }
 
 /// The rotary backward of the module docs on `[.., T, hd]` with tables

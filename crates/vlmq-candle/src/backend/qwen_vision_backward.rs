@@ -11,7 +11,7 @@
 use candle_core::Tensor;
 
 use crate::backend::chain_rule::{
-    attention_backward, input_grad, norm_backward, rotary_backward, BlockGradients,
+    input_grad, norm_backward, pieced_attention_backward, rotary_backward, BlockGradients,
 };
 use crate::backend::fused::activation_backward;
 use crate::models::qwen2_vl::vision::{VisionBlock, VisionPositions};
@@ -83,26 +83,9 @@ fn attention_input_grads(
         .reshape((s, nh, hd))?
         .transpose(0, 1)?
         .contiguous()?;
-    let c = 1.0 / (hd as f64).sqrt();
-    let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
-    for (&(a, len), probs) in t.segments.iter().zip(&t.probs) {
-        let seg = |z: &Tensor| z.narrow(1, a, len);
-        let (q, k, v) = attention_backward(
-            &seg(&t.q)?,
-            &seg(&t.k)?,
-            &seg(&t.v)?,
-            probs,
-            &seg(&d_att)?,
-            c,
-            true,
-        )?;
-        dq.push(q);
-        dk.push(k);
-        dv.push(v);
-    }
-    let d_q = rotary_backward(&Tensor::cat(&dq, 1)?, &pos.cos, &pos.sin)?;
-    let d_k = rotary_backward(&Tensor::cat(&dk, 1)?, &pos.cos, &pos.sin)?;
-    let d_v = Tensor::cat(&dv, 1)?;
+    let (d_q, d_k, d_v) = pieced_attention_backward(&t.attention, &d_att)?;
+    let d_q = rotary_backward(&d_q, &pos.cos, &pos.sin)?;
+    let d_k = rotary_backward(&d_k, &pos.cos, &pos.sin)?;
     // [3, heads, S, hd] -> [S, 3, heads, hd]: qkv's output layout.
     let d_qkv = Tensor::stack(&[d_q, d_k, d_v], 0)?
         .permute((2, 0, 1, 3))?

@@ -6,7 +6,9 @@
 
 use candle_core::Tensor;
 
-use crate::backend::chain_rule::{attention_backward, input_grad, norm_backward, BlockGradients};
+use crate::backend::chain_rule::{
+    input_grad, norm_backward, pieced_attention_backward, BlockGradients,
+};
 use crate::backend::fused::activation_backward;
 use crate::models::clip::ClipLayerWeights;
 use crate::models::vit_encoder::{encoder_tape, EncoderShape};
@@ -39,10 +41,14 @@ pub(crate) fn encoder_layer_backward(
     let d_att = input_grad(&d_out, w(3))?
         .reshape((n, s, nh, hd))?
         .transpose(1, 2)?
-        .contiguous()?;
-    let c = 1.0 / (hd as f64).sqrt();
-    let (d_q, d_k, d_v) = attention_backward(&t.q, &t.k, &t.v, &t.probs, &d_att, c, true)?;
-    let heads_to_rows = |z: Tensor| z.transpose(1, 2)?.reshape((n, s, d));
+        .contiguous()?
+        .reshape((n * nh, s, hd))?;
+    let (d_q, d_k, d_v) = pieced_attention_backward(&t.attention, &d_att)?;
+    let heads_to_rows = |z: Tensor| {
+        z.reshape((n, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((n, s, d))
+    };
     let d_q = heads_to_rows(d_q)?;
     let d_k = heads_to_rows(d_k)?;
     let d_v = heads_to_rows(d_v)?;

@@ -3,6 +3,7 @@
 //! Qwen2-VL, SmolVLM with its Idefics3 connector, and a Llama run from a
 //! GGUF file through candle's quantized matmul.
 
+pub(crate) mod attention;
 pub(crate) mod clip;
 pub(crate) mod idefics3;
 pub(crate) mod llama;

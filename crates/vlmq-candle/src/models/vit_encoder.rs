@@ -10,6 +10,7 @@
 use candle_core::Tensor;
 use vlmq::RowSink;
 
+use crate::models::attention::{attention, AttentionTape, PIECE_SCORES};
 use crate::models::clip::{layer_norm, ClipLayerWeights, LayerNorm, VISION_LINEAR_NAMES};
 use crate::models::vision_ops::{layer_norm_keep, BlockHooks, MlpAct, NormTape};
 
@@ -28,12 +29,8 @@ pub(crate) struct EncoderShape {
 pub(crate) struct EncoderTape {
     /// `layer_norm1` of the input.
     pub norm1: NormTape,
-    /// Queries, keys and values `[N, heads, S, hd]`.
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
-    /// Attention probabilities `[N, heads, S, S]`.
-    pub probs: Tensor,
+    /// The attention over `N x heads` heads (image-major).
+    pub attention: AttentionTape,
     /// `layer_norm2` of the residual stream after attention.
     pub norm2: NormTape,
     /// `fc1`'s output (the activation's input) `[N, S, mlp]`.
@@ -93,16 +90,21 @@ fn encoder_body(
     };
     let (h, norm1) = norm(x, &l.norm1)?;
     hooks.show(&[0, 1, 2], &h)?;
+    // `[N, S, d]` -> `[N x heads, S, hd]`, image-major.
     let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-        t.reshape((n, s, nh, hd))?.transpose(1, 2)?.contiguous()
+        t.reshape((n, s, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n * nh, s, hd))
     };
     let q = heads(hooks.lin(0, &h, &l.linears[0])?)?;
     let k = heads(hooks.lin(1, &h, &l.linears[1])?)?;
     let v = heads(hooks.lin(2, &h, &l.linears[2])?)?;
-    // Scaling the queries costs `S x d` multiplications, the scores `S x S x heads`.
-    let scores = (&q * (1.0 / (hd as f64).sqrt()))?.matmul(&k.t()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let att = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, s, d))?;
+    let (att, attention) = attention(&q, &k, &v, &[(0, s)], PIECE_SCORES, keep)?;
+    let att = att
+        .reshape((n, nh, s, hd))?
+        .transpose(1, 2)?
+        .reshape((n, s, d))?;
     hooks.show(&[3], &att)?;
     let mid = (x + hooks.lin(3, &att, &l.linears[3])?)?;
     let (h, norm2) = norm(&mid, &l.norm2)?;
@@ -115,13 +117,10 @@ fn encoder_body(
         hooks.show(&[5], &a)?;
         Some(a)
     };
-    let tape = match (norm1, norm2) {
-        (Some(norm1), Some(norm2)) => Some(EncoderTape {
+    let tape = match (norm1, attention, norm2) {
+        (Some(norm1), Some(attention), Some(norm2)) => Some(EncoderTape {
             norm1,
-            q,
-            k,
-            v,
-            probs,
+            attention,
             norm2,
             fc1,
         }),

@@ -6,6 +6,7 @@
 use candle_core::{Tensor, D};
 use vlmq::RowSink;
 
+use crate::models::attention::{attention, AttentionTape, PIECE_SCORES};
 use crate::models::vision_ops::{BlockHooks, MlpAct, NormTape};
 
 use super::config::QwenVisionConfig;
@@ -23,14 +24,9 @@ pub(crate) enum MlpTape {
 pub(crate) struct VisionBlockTape {
     /// `norm1` of the input.
     pub norm1: NormTape,
-    /// Queries and keys after the rotation, values: `[heads, S, hd]`.
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
-    /// The non-empty attention segments `(start, len)` and their
-    /// probabilities `[heads, len, len]`.
-    pub segments: Vec<(usize, usize)>,
-    pub probs: Vec<Tensor>,
+    /// The attention (queries and keys after the rotation) within the
+    /// non-empty segments.
+    pub attention: AttentionTape,
     /// `norm2` of the residual stream after attention.
     pub norm2: NormTape,
     /// The MLP's intermediates.
@@ -59,38 +55,6 @@ pub(crate) fn segments(cu: &[usize]) -> Vec<(usize, usize)> {
         .filter(|w| w[1] > w[0])
         .map(|w| (w[0], w[1] - w[0]))
         .collect()
-}
-
-/// Softmax attention of `q, k, v: [heads, S, hd]` within each segment; the
-/// result as rows `[1, S, heads * hd]`, and each segment's probabilities
-/// when `keep` is set.
-fn segment_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    segs: &[(usize, usize)],
-    keep: bool,
-) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
-    let (nh, s, hd) = q.dims3()?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut parts = Vec::with_capacity(segs.len());
-    let mut kept = Vec::new();
-    for &(a, len) in segs {
-        let (qs, ks, vs) = (
-            q.narrow(1, a, len)?,
-            k.narrow(1, a, len)?,
-            v.narrow(1, a, len)?,
-        );
-        // Scaling the queries costs `len x d` multiplications, the scores `len x len x heads`.
-        let scores = (qs * scale)?.matmul(&ks.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        parts.push(probs.matmul(&vs)?);
-        if keep {
-            kept.push(probs);
-        }
-    }
-    let att = Tensor::cat(&parts, 1)?;
-    Ok((att.transpose(0, 1)?.reshape((1, s, nh * hd))?, kept))
 }
 
 /// One block on `x: [1, S, d]`; `sink` receives each linear's input rows
@@ -164,7 +128,8 @@ fn block_body(
     let k = rotate(&part(1)?, &pos.cos, &pos.sin)?;
     let v = part(2)?;
     let segs = segments(if windowed { &pos.windows } else { &pos.images });
-    let (att, probs) = segment_attention(&q, &k, &v, &segs, keep)?;
+    let (att, attention) = attention(&q, &k, &v, &segs, PIECE_SCORES, keep)?;
+    let att = att.transpose(0, 1)?.reshape((1, s, nh * hd))?;
     hooks.show(&[1], &att)?;
     let mid = (x + lin(hooks, 1, &att)?)?;
     let (h, norm2) = norm(&b.norm2, &mid)?;
@@ -189,14 +154,10 @@ fn block_body(
         hooks.show(&[b.linears.len() - 1], &a)?;
         Some(a)
     };
-    let tape = match (norm1, norm2) {
-        (Some(norm1), Some(norm2)) => Some(VisionBlockTape {
+    let tape = match (norm1, attention, norm2) {
+        (Some(norm1), Some(attention), Some(norm2)) => Some(VisionBlockTape {
             norm1,
-            q,
-            k,
-            v,
-            segments: segs,
-            probs,
+            attention,
             norm2,
             mlp,
         }),
