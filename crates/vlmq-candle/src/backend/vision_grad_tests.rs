@@ -101,9 +101,9 @@ fn check(
     }
 }
 
-fn encoder_case(act: MlpAct) {
-    let (n, s, d, f, nh) = (2, 5, 8, 12, 2);
-    let l = ClipLayerWeights {
+/// An encoder layer of width `d`, MLP width `f`.
+fn encoder_weights(d: usize, f: usize) -> ClipLayerWeights {
+    ClipLayerWeights {
         norm1: layer_norm(d, 1),
         norm2: layer_norm(d, 3),
         linears: [
@@ -114,7 +114,12 @@ fn encoder_case(act: MlpAct) {
             linear(f, d, 13),
             linear(d, f, 15),
         ],
-    };
+    }
+}
+
+fn encoder_case(act: MlpAct) {
+    let (n, s, d, f, nh) = (2, 5, 8, 12, 2);
+    let l = encoder_weights(d, f);
     let shape = EncoderShape {
         num_heads: nh,
         eps: 1e-6,
@@ -212,4 +217,35 @@ fn qwen2_vl_block_backward_matches_finite_differences() {
 fn qwen2_5_vl_block_backward_matches_finite_differences() {
     qwen_case(true, true);
     qwen_case(true, false);
+}
+
+/// The backward's kernels split work over rayon's threads (the fused
+/// element-wise kernels, the matrix products): 1 and 3 threads give the
+/// same bits.
+#[test]
+fn encoder_backward_is_independent_of_the_thread_count() {
+    let (n, s, d, f) = (2, 64, 32, 64);
+    let l = encoder_weights(d, f);
+    let shape = EncoderShape {
+        num_heads: 4,
+        eps: 1e-6,
+        act: MlpAct::GeluTanh,
+    };
+    let x = lcg(&[n, s, d], 20, 1.0, 3.0);
+    let g = lcg(&[n, s, d], 21, 1.0, 0.0);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let grads = encoder_layer_backward(&shape, &l, &x, &g).unwrap();
+            let mut all = vec![grads.input];
+            all.extend(grads.linear_outputs);
+            all.iter()
+                .map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    assert!(run(1) == run(3));
 }
