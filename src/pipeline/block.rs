@@ -138,6 +138,9 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
                 };
                 let (qw, report, original, deq) =
                     quantize_layer(model, b, name, &layer.info, scheme, stats, cfg)?;
+                // What the layer's solve freed goes back to the system
+                // before the next layer allocates (docs/PERFORMANCE.md).
+                super::trim::return_free_pages();
                 if fp_stream.is_some() && cfg.true_sequential() {
                     swapped
                         .layers

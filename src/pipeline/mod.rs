@@ -29,6 +29,7 @@ mod sink;
 mod stages;
 mod state;
 mod task_loss;
+mod trim;
 
 pub use config::{
     BlockSelection, DeadLayerFallback, GradientSource, ImportanceOptions, PipelineConfig,
