@@ -6,6 +6,7 @@ pub mod backend;
 pub mod config;
 mod digest;
 pub mod error;
+mod fastexp;
 mod fsutil;
 pub mod hessian;
 pub mod importance;
@@ -49,6 +50,7 @@ pub use solver::{solve_layer, LayerSolution, Method, SolveReport};
 /// Anything here may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::fastexp::exp_nonpositive;
     pub use crate::fsutil::{simulate_free_space, write_dir_atomic};
     pub use crate::linalg::{inverse_cholesky_upper, matmul, matmul_into};
     pub use crate::pack::bits::{

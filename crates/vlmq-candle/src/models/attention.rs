@@ -94,7 +94,7 @@ pub(crate) fn attention(
     let mut kept = Vec::new();
     for p in &plan {
         let scores = piece_of(&qs, p)?.matmul(&piece_of(k, p)?.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = crate::models::softmax::softmax_last_dim(&scores)?;
         parts.push(probs.matmul(&piece_of(v, p)?)?);
         if keep {
             kept.push((*p, probs));

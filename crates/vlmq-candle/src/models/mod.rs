@@ -13,5 +13,6 @@ pub(crate) mod qwen2_vl;
 pub(crate) mod siglip;
 pub(crate) mod sizes;
 pub(crate) mod smolvlm;
+pub(crate) mod softmax;
 pub(crate) mod vision_ops;
 pub(crate) mod vit_encoder;
