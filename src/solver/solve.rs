@@ -87,28 +87,9 @@ pub fn solve_layer(
     method: Method,
 ) -> Result<LayerSolution> {
     let start = Instant::now();
-    let n = w.ncols();
-    check_inputs(w, stats)?;
-    let group_cols = cfg.scheme().group_size().columns_for(n)?;
-    let groups = cfg.scheme().group_size().groups_for(n)?;
-    check_scales(w, &cfg.scheme(), group_cols)?;
+    let (group_cols, groups) = checked_groups(w, stats, cfg)?;
     let prep = prepare(w, stats, cfg, method)?;
-    let plan = Plan::new(
-        prep.perm.clone(),
-        cfg.block_size(),
-        group_cols,
-        cfg.static_groups(),
-        cfg.group_fit(),
-    )
-    .with_original_groups(cfg.act_group_aware());
-    let (weight, dequantized, obs_loss) = run_plan(
-        prep.w_work.view(),
-        &plan,
-        prep.factor.u.view(),
-        prep.p.as_ref().map(|p| p.view()),
-        cfg,
-        groups,
-    )?;
+    let (weight, dequantized, obs_loss) = walk_prepared(&prep, cfg, group_cols, groups)?;
     let objective = if cfg.compute_objective() {
         Some(hessian_objective(
             w,
@@ -140,28 +121,9 @@ pub fn solve_layer_owned(
         return solve_layer(w, &stats, cfg, method);
     }
     let start = Instant::now();
-    let n = w.ncols();
-    check_inputs(w, &stats)?;
-    let group_cols = cfg.scheme().group_size().columns_for(n)?;
-    let groups = cfg.scheme().group_size().groups_for(n)?;
-    check_scales(w, &cfg.scheme(), group_cols)?;
+    let (group_cols, groups) = checked_groups(w, &stats, cfg)?;
     let prep = prepare_owned(w, stats, cfg, method)?;
-    let plan = Plan::new(
-        prep.perm.clone(),
-        cfg.block_size(),
-        group_cols,
-        cfg.static_groups(),
-        cfg.group_fit(),
-    )
-    .with_original_groups(cfg.act_group_aware());
-    let (weight, dequantized, obs_loss) = run_plan(
-        prep.w_work.view(),
-        &plan,
-        prep.factor.u.view(),
-        prep.p.as_ref().map(|p| p.view()),
-        cfg,
-        groups,
-    )?;
+    let (weight, dequantized, obs_loss) = walk_prepared(&prep, cfg, group_cols, groups)?;
     Ok(LayerSolution {
         weight,
         dequantized,
@@ -324,6 +286,48 @@ fn prepare_from(
         p,
         dead_columns,
     })
+}
+
+/// The checks of both solves before any work: the inputs' shapes and
+/// values, and the grid's scales for the layer's groups. Returns the
+/// columns per group and the number of groups.
+fn checked_groups(
+    w: ArrayView2<'_, f32>,
+    stats: &LayerStatistics,
+    cfg: &GptqConfig,
+) -> Result<(usize, usize)> {
+    let n = w.ncols();
+    check_inputs(w, stats)?;
+    let group_cols = cfg.scheme().group_size().columns_for(n)?;
+    let groups = cfg.scheme().group_size().groups_for(n)?;
+    check_scales(w, &cfg.scheme(), group_cols)?;
+    Ok((group_cols, groups))
+}
+
+/// The column walk of a prepared layer in its order, with the configured
+/// groups: the quantized weight, the dense weight it stands for, the OBS loss.
+fn walk_prepared(
+    prep: &Prepared,
+    cfg: &GptqConfig,
+    group_cols: usize,
+    groups: usize,
+) -> Result<(QuantizedWeight, Array2<f32>, f64)> {
+    let plan = Plan::new(
+        prep.perm.clone(),
+        cfg.block_size(),
+        group_cols,
+        cfg.static_groups(),
+        cfg.group_fit(),
+    )
+    .with_original_groups(cfg.act_group_aware());
+    run_plan(
+        prep.w_work.view(),
+        &plan,
+        prep.factor.u.view(),
+        prep.p.as_ref().map(|p| p.view()),
+        cfg,
+        groups,
+    )
 }
 
 /// Runs the column walk of `plan` over `w_work` (dead columns already
