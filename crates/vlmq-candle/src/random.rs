@@ -81,7 +81,7 @@ pub fn random_model(cfg: &LlamaConfig, seed: u64, dtype: DType) -> Result<LlamaM
             Some(r.tensor(&[cfg.vocab_size, d], 0.0, 1.0 / (d as f64).sqrt())?)
         };
         Ok(ModelWeights {
-            embed,
+            embed: Some(embed),
             layers,
             norm,
             lm_head,

@@ -1,19 +1,22 @@
 //! A model loaded with `Residency::Disk` from a sharded bf16 checkpoint
 //! quantizes to the same codes as the same values loaded into memory in
 //! f32, with its layers read one at a time and each quantized block
-//! released after the pipeline hands it to the sink.
+//! released after the pipeline hands it to the sink; its embedding rows
+//! and head are read from the checkpoint when needed and never kept.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use vlmq::{
-    quantize_model, quantize_model_streaming, Bits, FinishedBlock, GptqConfig, GroupSize,
-    PipelineConfig, QuantMethod, QuantScheme, QuantizableModel, QuantizedWeight, Result,
+    quantize_model, quantize_model_streaming, Bits, FinishedBlock, GptqConfig, GradientModel,
+    GroupSize, PipelineConfig, QuantMethod, QuantScheme, QuantizableModel, QuantizedWeight, Result,
 };
+use vlmq_candle::candle_core::quantized::GgmlDType;
 use vlmq_candle::candle_core::{safetensors, DType, Device, Tensor};
+use vlmq_candle::export::write_gguf_llama;
 use vlmq_candle::{
-    load_hf_dir, load_hf_dir_with, random_model, save_hf_dir, Architecture, LlamaConfig,
-    LoadOptions, Residency, TextSample,
+    load_gguf, load_gguf_with, load_hf_dir, load_hf_dir_with, random_model, save_hf_dir,
+    Architecture, LlamaConfig, LoadOptions, Residency, TextSample,
 };
 
 fn cfg(arch: Architecture) -> LlamaConfig {
@@ -96,10 +99,11 @@ fn streamed_run(dir: &Path, method: QuantMethod) -> (vlmq_candle::LlamaModel, We
         model.weights().layers.is_empty(),
         "no layer read at load time"
     );
+    assert!(model.weights().embed.is_none() && model.weights().lm_head.is_none());
     assert_eq!(
-        model.weights().embed.dtype(),
-        DType::BF16,
-        "embedding kept as stored"
+        model.resident_table_bytes(),
+        0,
+        "no table read at load time"
     );
     assert_eq!(model.dtype(), DType::F32);
     let mut got = BTreeMap::new();
@@ -110,6 +114,7 @@ fn streamed_run(dir: &Path, method: QuantMethod) -> (vlmq_candle::LlamaModel, We
         Ok(())
     };
     quantize_model_streaming(&mut model, &samples(), &pipeline(method), &mut sink, |_| {}).unwrap();
+    assert_eq!(model.resident_table_bytes(), 0, "no table kept after use");
     (model, got)
 }
 
@@ -162,6 +167,90 @@ fn an_untouched_layer_is_read_again_after_release() {
         disk.linear_weight(1, "mlp.up_proj").unwrap(),
         memory.linear_weight(1, "mlp.up_proj").unwrap()
     );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The largest absolute difference of two tensors (0 when bitwise equal
+/// for finite values).
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Issue 23: the embedding rows read from disk, the logits through the head
+/// read from disk and the loss gradient are those of the same values held
+/// in memory, bit for bit, for a tied (Llama) and an untied (Qwen2) head.
+#[test]
+fn embedding_rows_logits_and_loss_gradient_read_from_disk_are_the_resident_bits() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let root = temp(&format!("tables-{arch:?}"));
+        let (f32_dir, bf16_dir) = checkpoints(arch, &root);
+        let memory = load_hf_dir(&f32_dir, DType::F32, &Device::Cpu).unwrap();
+        let opts = LoadOptions::default().with_residency(Residency::Disk);
+        let disk = load_hf_dir_with(&bf16_dir, &opts).unwrap();
+        // Repeated ids, the first and the last row of the vocabulary.
+        let rows: [&[u32]; 2] = [&[0, 299, 5, 5, 17], &[299, 1, 0, 42, 5]];
+        let (want, got) = (
+            memory.embed_batch(&rows).unwrap(),
+            disk.embed_batch(&rows).unwrap(),
+        );
+        assert_eq!(got.dtype(), DType::F32);
+        assert_eq!(max_diff(&want, &got), 0.0, "{arch:?} embeddings");
+        assert_eq!(
+            max_diff(&memory.logits(&rows).unwrap(), &disk.logits(&rows).unwrap()),
+            0.0,
+            "{arch:?} logits"
+        );
+        let s = &samples()[2];
+        let h = memory.hidden_states(&[&s.tokens]).unwrap().pop().unwrap();
+        let (lw, gw) = memory.loss_and_grad(&h, s).unwrap().unwrap();
+        let (lg, gg) = disk.loss_and_grad(&h, s).unwrap().unwrap();
+        assert_eq!(lw.to_bits(), lg.to_bits(), "{arch:?} loss");
+        assert_eq!(max_diff(&gw, &gg), 0.0, "{arch:?} loss gradient");
+        assert_eq!(disk.resident_table_bytes(), 0, "read, used and dropped");
+        let bad: [&[u32]; 1] = [&[300]];
+        assert!(disk.embed_batch(&bad).is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
+
+/// The same from a GGUF file whose embedding and head are quantized (Q4_0
+/// and Q8_0: a 64-wide row is two blocks, read on its own).
+#[test]
+fn gguf_embedding_rows_and_logits_read_from_disk_are_the_resident_bits() {
+    let root = temp("gguf");
+    std::fs::create_dir_all(&root).unwrap();
+    for (arch, ty) in [
+        (Architecture::Qwen2, GgmlDType::Q4_0),
+        (Architecture::Llama, GgmlDType::Q8_0),
+    ] {
+        let model = random_model(&cfg(arch), 5, DType::F32).unwrap();
+        let path = root.join(format!("{arch:?}-{ty:?}.gguf"));
+        write_gguf_llama(&model, &BTreeMap::new(), None, ty, &path).unwrap();
+        let memory = load_gguf(&path, DType::F32, &Device::Cpu).unwrap();
+        let opts = LoadOptions::default().with_residency(Residency::Disk);
+        let disk = load_gguf_with(&path, &opts).unwrap();
+        assert_eq!(disk.resident_table_bytes(), 0);
+        let rows: [&[u32]; 2] = [&[0, 299, 5, 5, 17], &[299, 1, 0, 42, 5]];
+        let (want, got) = (
+            memory.embed_batch(&rows).unwrap(),
+            disk.embed_batch(&rows).unwrap(),
+        );
+        assert_eq!(max_diff(&want, &got), 0.0, "{ty:?} embeddings");
+        assert_eq!(
+            max_diff(&memory.logits(&rows).unwrap(), &disk.logits(&rows).unwrap()),
+            0.0,
+            "{ty:?} logits"
+        );
+        assert_eq!(disk.resident_table_bytes(), 0);
+    }
     std::fs::remove_dir_all(&root).unwrap();
 }
 

@@ -19,7 +19,7 @@ use vlmq::{BlockSink, CheckpointWriter, Error, FinishedBlock, Result};
 use super::llama::dense_as;
 use crate::models::llama::model::LlamaModel;
 use crate::models::llama::store::LayerSource;
-use crate::models::llama::weights::{ModelWeights, LINEAR_NAMES};
+use crate::models::llama::weights::{ModelWeights, EMBED, HEAD, LINEAR_NAMES};
 
 /// Where the writer reads what the pipeline does not hand it (norms,
 /// biases, linears left unquantized): the checkpoint on disk for a streamed
@@ -89,23 +89,25 @@ impl ShardedGptqWriter {
             Some(src) => Originals::Disk(src),
             None => Originals::Memory(Box::new(model.weights().clone())),
         };
-        // The embedding and head as the model holds them: in their stored
-        // dtype when the layers stay on disk (a GGUF file's decoded to the
-        // compute dtype), in the compute dtype when loaded whole. The final
-        // norm is read from the source when the last shard is written.
+        // The embedding and head as the model holds them (in the compute
+        // dtype), or read from the source in their stored dtype when the
+        // last shard is written (a model whose weights stay on disk); the
+        // final norm is read then too.
         let w = model.weights();
         let mut outer = vec![
-            (
-                "model.embed_tokens.weight".to_string(),
-                Some(w.embed.clone()),
-            ),
+            (EMBED.to_string(), w.embed.clone()),
             ("model.norm.weight".to_string(), None),
         ];
-        if let Some(h) = &w.lm_head {
-            outer.push(("lm_head.weight".to_string(), Some(h.clone())));
+        if !model.config().tie_embeddings {
+            outer.push((HEAD.to_string(), w.lm_head.clone()));
         }
+        let table_dtype = match (&w.embed, &originals) {
+            (Some(e), _) => e.dtype(),
+            (None, Originals::Disk(src)) => src.stored_dtype(EMBED),
+            (None, Originals::Memory(_)) => model.dtype(),
+        };
         let mut model_config = model.config().to_hf_json();
-        model_config["torch_dtype"] = match w.embed.dtype() {
+        model_config["torch_dtype"] = match table_dtype {
             DType::BF16 => "bfloat16",
             DType::F16 => "float16",
             _ => "float32",

@@ -1,6 +1,7 @@
 //! Safetensors tensors read from disk when asked for: each shard's header is
 //! parsed once at open time, and a tensor's bytes are read (one positioned
-//! read) only when the model needs that tensor.
+//! read) only when the model needs that tensor, or only some of its rows
+//! (an embedding lookup reads the rows of the batch's token ids).
 //!
 //! The files are read rather than memory-mapped on purpose: the pages of a
 //! mapping count towards the resident set for as long as the mapping lives,
@@ -173,7 +174,49 @@ impl DiskTensors {
     }
 }
 
+impl DiskTensors {
+    /// Rows `ids` of the 2-D tensor `name` in its stored dtype, one
+    /// positioned read per row; `Ok(None)` when absent.
+    pub(crate) fn read_rows(&self, name: &str, ids: &[u32]) -> Result<Option<Tensor>> {
+        let Some(e) = self.entries.get(name) else {
+            return Ok(None);
+        };
+        let path = &self.files[e.file];
+        let bad = |reason: String| Error::Safetensors {
+            path: path.clone(),
+            reason: format!("tensor {name:?}: {reason}"),
+        };
+        let [rows, width] = e.shape[..] else {
+            return Err(bad(format!("rows asked of a {}-D tensor", e.shape.len())));
+        };
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= rows) {
+            return Err(bad(format!("row {id} asked of {rows} rows")));
+        }
+        // The header check made `len` the product of the shape and the
+        // element size, so a row is `len / rows` bytes.
+        let row = e.len / rows.max(1);
+        let mut bytes = vec![0u8; ids.len() * row];
+        let mut f = File::open(path).map_err(|err| Error::io(path, err))?;
+        for (&id, out) in ids.iter().zip(bytes.chunks_exact_mut(row.max(1))) {
+            f.seek(SeekFrom::Start(e.start + id as u64 * row as u64))
+                .and_then(|_| f.read_exact(out))
+                .map_err(|err| Error::io(path, err))?;
+        }
+        Tensor::from_raw_buffer(&bytes, e.dtype, &[ids.len(), width], &self.device)
+            .map(Some)
+            .map_err(|err| file(path, format!("tensor {name:?}: {err}")))
+    }
+}
+
 impl TensorSource for DiskTensors {
+    fn rows(&mut self, name: &str, ids: &[u32], dtype: DType) -> Result<Option<Tensor>> {
+        let Some(t) = self.read_rows(name, ids)? else {
+            return Ok(None);
+        };
+        let path = &self.files[self.entries[name].file];
+        t.to_dtype(dtype).map(Some).map_err(|e| file(path, e))
+    }
+
     fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
         let Some(t) = self.read(name)? else {
             return Ok(None);

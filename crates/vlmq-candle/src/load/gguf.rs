@@ -2,24 +2,23 @@
 //! dequantized to the compute dtype, renamed to HF names, and the q/k row
 //! permutation of llama.cpp's converter undone for the `llama` architecture.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
 use crate::error::{file, in_model_file};
 use crate::load::gguf_check::{check_metadata, check_tensors};
+use crate::load::gguf_source::{CountedGguf, GgufSource};
 use crate::load::options::{LoadOptions, Residency};
 use crate::load::progress::{ignore, total_bytes, LoadTick};
 use crate::models::llama::config::{Architecture, LlamaConfig};
 use crate::models::llama::model::LlamaModel;
 use crate::models::llama::store::{LayerSource, StreamedLayers};
-use crate::models::llama::weights::{check_layer_directory, ModelWeights, TensorSource};
+use crate::models::llama::weights::{check_directory, ModelWeights};
 
 /// HF name of a GGUF tensor name (`None` for tensors the decoder does not use).
 pub(crate) fn hf_name(gguf: &str) -> Option<String> {
@@ -165,96 +164,6 @@ pub fn config_from_gguf(c: &Content, path: &Path) -> Result<LlamaConfig> {
     Ok(cfg)
 }
 
-/// A GGUF file's tensors by HF name: each read (and dequantized) when asked
-/// for, so a model can keep its layers in the file until it needs them.
-struct GgufSource {
-    content: Content,
-    reader: BufReader<File>,
-    by_hf: HashMap<String, String>,
-    path: PathBuf,
-    device: Device,
-    cfg: LlamaConfig,
-}
-
-impl TensorSource for GgufSource {
-    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
-        let Some(g) = self.by_hf.get(name) else {
-            return Ok(None);
-        };
-        let q = self
-            .content
-            .tensor(&mut self.reader, g, &self.device)
-            .map_err(|e| file(&self.path, format!("tensor {g:?}: {e}")))?;
-        let mut t = q
-            .dequantize(&self.device)
-            .map_err(|e| file(&self.path, e))?;
-        if self.cfg.arch == Architecture::Llama {
-            let heads = if name.contains("self_attn.q_proj") {
-                Some(self.cfg.num_heads)
-            } else if name.contains("self_attn.k_proj") {
-                Some(self.cfg.num_kv_heads)
-            } else {
-                None
-            };
-            if let Some(h) = heads {
-                if t.dim(0).map_err(|e| file(&self.path, e))? % (2 * h) != 0 {
-                    return Err(Error::shape(
-                        format!("rows of {g:?} (per head pairs)"),
-                        &[2 * h],
-                        t.dims(),
-                    ));
-                }
-                t = permute_qk(&t, h, true).map_err(|e| file(&self.path, e))?;
-            }
-        }
-        t.to_dtype(dtype).map(Some).map_err(|e| file(&self.path, e))
-    }
-
-    fn stored_dtype(&self, name: &str) -> Option<DType> {
-        let info = self.content.tensor_infos.get(self.by_hf.get(name)?)?;
-        Some(match info.ggml_dtype {
-            GgmlDType::F16 => DType::F16,
-            GgmlDType::BF16 => DType::BF16,
-            _ => DType::F32,
-        })
-    }
-}
-
-impl GgufSource {
-    /// The bytes the tensor of HF name `name` takes in the file (0 when
-    /// absent).
-    fn stored_bytes(&self, name: &str) -> u64 {
-        let Some(info) = self
-            .by_hf
-            .get(name)
-            .and_then(|g| self.content.tensor_infos.get(g))
-        else {
-            return 0;
-        };
-        let blocks = info.shape.elem_count() / info.ggml_dtype.block_size().max(1);
-        (blocks as u64).saturating_mul(info.ggml_dtype.type_size() as u64)
-    }
-}
-
-/// A [`GgufSource`] that reports the bytes of each tensor read.
-struct CountedGguf<'a, 'b> {
-    src: &'a mut GgufSource,
-    tick: LoadTick<'b>,
-    done: u64,
-    total: u64,
-}
-
-impl TensorSource for CountedGguf<'_, '_> {
-    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
-        let t = self.src.get(name, dtype)?;
-        if t.is_some() {
-            self.done = self.done.saturating_add(self.src.stored_bytes(name));
-            (self.tick)(self.done.min(self.total), self.total)?;
-        }
-        Ok(t)
-    }
-}
-
 /// Reads a GGUF file's header (metadata and tensor directory).
 pub fn read_gguf_content(path: &Path) -> Result<Content> {
     check_metadata(path)?;
@@ -324,8 +233,8 @@ pub(crate) fn load_gguf_counted(
                 let g = src.by_hf.get(n)?;
                 Some(src.content.tensor_infos.get(g)?.shape.dims().to_vec())
             };
-            check_layer_directory(&cfg, stored).map_err(in_model_file(path))?;
-            let outer = ModelWeights::assemble_outer(&cfg, &mut src, |_| opts.dtype)
+            check_directory(&cfg, stored).map_err(in_model_file(path))?;
+            let outer = ModelWeights::final_norm_only(&cfg, &mut src, opts.dtype)
                 .map_err(in_model_file(path))?;
             let layers =
                 StreamedLayers::new(LayerSource::new(cfg.clone(), opts.dtype, Box::new(src)));

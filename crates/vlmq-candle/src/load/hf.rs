@@ -17,7 +17,7 @@ use crate::load::progress::{ignore, total_bytes, LoadTick};
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::model::LlamaModel;
 use crate::models::llama::store::{LayerSource, StreamedLayers};
-use crate::models::llama::weights::{check_layer_directory, ModelWeights, TensorSource};
+use crate::models::llama::weights::{check_directory, ModelWeights, TensorSource};
 
 /// Reads and parses a JSON file (a missing file is an [`Error::Io`]).
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
@@ -129,15 +129,15 @@ pub fn load_hf_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Resu
 }
 
 /// Loads a Llama-family model from an HF directory with `opts`: with
-/// [`Residency::Disk`] only the shards' headers are read at load time, the
-/// embedding and a separate head are read in their stored dtype, and each
-/// decoder layer is read and converted to `opts.dtype` when the model runs it.
+/// [`Residency::Disk`] only the shards' headers and the final norm are read
+/// at load time; a batch's embedding rows, the head and each decoder layer
+/// are read and converted to `opts.dtype` when the model needs them.
 pub fn load_hf_dir_with(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<LlamaModel> {
     load_hf_dir_counted(dir.as_ref(), opts, &mut ignore)
 }
 
 /// [`load_hf_dir_with`], the bytes read reported to `tick` (with
-/// [`Residency::Disk`] once, at the end: only headers and the outer tensors
+/// [`Residency::Disk`] once, at the end: only headers and the final norm
 /// are read).
 pub(crate) fn load_hf_dir_counted(
     dir: &Path,
@@ -155,20 +155,9 @@ pub(crate) fn load_hf_dir_counted(
         }
         Residency::Disk => {
             let mut src = DiskTensors::open(dir, &opts.device)?;
-            check_layer_directory(&cfg, |n| src.shape(n)).map_err(in_model_file(dir))?;
-            // The final norm computes with the layers' output: compute dtype.
-            let stored = |name: &str| match src.dtype(name) {
-                Some(d) if name != "model.norm.weight" => d,
-                _ => opts.dtype,
-            };
-            let dtypes: HashMap<String, DType> = ["model.embed_tokens.weight", "lm_head.weight"]
-                .iter()
-                .map(|n| (n.to_string(), stored(n)))
-                .collect();
-            let outer = ModelWeights::assemble_outer(&cfg, &mut src, |n| {
-                dtypes.get(n).copied().unwrap_or(opts.dtype)
-            })
-            .map_err(in_model_file(dir))?;
+            check_directory(&cfg, |n| src.shape(n)).map_err(in_model_file(dir))?;
+            let outer = ModelWeights::final_norm_only(&cfg, &mut src, opts.dtype)
+                .map_err(in_model_file(dir))?;
             let layers =
                 StreamedLayers::new(LayerSource::new(cfg.clone(), opts.dtype, Box::new(src)));
             let total = total_bytes(safetensors_files(dir)?.iter().map(PathBuf::as_path))?;

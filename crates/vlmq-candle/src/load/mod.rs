@@ -4,6 +4,7 @@ pub(crate) mod checkpoint;
 pub(crate) mod disk;
 pub(crate) mod gguf;
 pub(crate) mod gguf_check;
+pub(crate) mod gguf_source;
 pub(crate) mod hf;
 pub(crate) mod llava;
 pub(crate) mod options;

@@ -12,8 +12,8 @@ pub enum Stage {
     /// ([`Quantizer::from_pretrained_with_events`](super::Quantizer::from_pretrained_with_events));
     /// `done` and `total` count bytes of its weight files (safetensors
     /// files, or the GGUF file). With [`Residency::Disk`](crate::Residency)
-    /// only the embedding and head are read at load time, so the count jumps
-    /// to the end when they are in.
+    /// only the headers and the final norm are read at load time, so the
+    /// count jumps to the end when they are in.
     Load,
     /// Tokenizing and preprocessing the calibration samples.
     Calibrate,

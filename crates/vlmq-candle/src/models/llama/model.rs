@@ -12,7 +12,7 @@ use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::forward::{layer_forward, rms_norm, Hooks, Positional};
 use crate::models::llama::positional::PositionalCache;
 use crate::models::llama::store::{LayerSource, StreamedLayers};
-use crate::models::llama::weights::{LayerWeights, ModelWeights};
+use crate::models::llama::weights::{LayerWeights, ModelWeights, EMBED};
 
 /// Target rows that go through the head together in the loss's backward
 /// pass (a `[HEAD_ROWS, vocab]` block of logits at a time).
@@ -20,9 +20,11 @@ const HEAD_ROWS: usize = 64;
 
 /// A decoder: configuration, parameters, device and compute dtype.
 ///
-/// Its decoder layers are either all in memory ([`weights`](Self::weights))
+/// Its parameters are either all in memory ([`weights`](Self::weights))
 /// or, for a model loaded with [`Residency::Disk`](crate::Residency::Disk),
-/// read from the checkpoint one at a time (then `weights().layers` is empty).
+/// read from the checkpoint when needed: the decoder layers one at a time,
+/// a batch's embedding rows, and the head for each logits or loss call
+/// (then `weights()` holds the final norm only).
 ///
 /// Cloning is cheap (tensors are shared); replacing a weight in one clone
 /// never changes another.
@@ -54,36 +56,49 @@ impl std::ops::Deref for LayerRef<'_> {
 }
 
 impl LlamaModel {
-    /// Wraps checked weights (all tensors must share one dtype and device).
+    /// Wraps checked weights (all tensors must share one dtype and device;
+    /// the embedding must be present).
     pub fn new(cfg: LlamaConfig, weights: ModelWeights) -> Result<Self> {
+        let embed = weights
+            .embed
+            .as_ref()
+            .ok_or_else(|| Error::MissingTensor { name: EMBED.into() })?;
+        let (device, dtype) = (embed.device().clone(), embed.dtype());
+        Self::build(cfg, weights, device, dtype, None)
+    }
+
+    fn build(
+        cfg: LlamaConfig,
+        weights: ModelWeights,
+        device: Device,
+        dtype: DType,
+        streamed: Option<StreamedLayers>,
+    ) -> Result<Self> {
         cfg.validate().map_err(|reason| Error::InvalidConfig {
             field: "LlamaConfig",
             value: reason,
             reason: "the decoder's sizes must be consistent",
         })?;
-        let device = weights.embed.device().clone();
-        let dtype = weights.embed.dtype();
         Ok(LlamaModel {
             cfg,
             weights,
             device,
             dtype,
-            streamed: None,
+            streamed,
             positional: PositionalCache::default(),
         })
     }
 
-    /// A model whose decoder layers come from `layers` on demand; `outer`
-    /// holds the embedding, final norm and head and no layer.
+    /// A model whose embedding rows, head and decoder layers come from
+    /// `layers` on demand; `outer` holds the final norm only.
     pub(crate) fn streamed(
         cfg: LlamaConfig,
         outer: ModelWeights,
         layers: StreamedLayers,
     ) -> Result<Self> {
-        let mut m = Self::new(cfg, outer)?;
-        m.dtype = layers.dtype();
-        m.streamed = Some(layers);
-        Ok(m)
+        let device = outer.norm.device().clone();
+        let dtype = layers.dtype();
+        Self::build(cfg, outer, device, dtype, Some(layers))
     }
 
     /// Decoder layer `i` (read from disk for a streamed model).
@@ -140,7 +155,8 @@ impl LlamaModel {
         &self.cfg
     }
 
-    /// The parameters.
+    /// The parameters held in memory (for a model loaded with
+    /// [`Residency::Disk`](crate::Residency::Disk), the final norm only).
     pub fn weights(&self) -> &ModelWeights {
         &self.weights
     }
@@ -152,7 +168,7 @@ impl LlamaModel {
     }
 
     /// The compute dtype (that of the layers; a streamed model's embedding
-    /// and head may be stored in another).
+    /// and head are stored on disk in theirs and converted when read).
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -182,7 +198,9 @@ impl LlamaModel {
         }
         let c = |t: &Tensor| t.to_dtype(dtype).at_model();
         let mut w = self.weights.clone();
-        w.embed = c(&w.embed)?;
+        if let Some(e) = &w.embed {
+            w.embed = Some(c(e)?);
+        }
         w.norm = c(&w.norm)?;
         if let Some(h) = &w.lm_head {
             w.lm_head = Some(c(h)?);
@@ -230,17 +248,23 @@ impl LlamaModel {
         Ok((batch.len(), t))
     }
 
-    /// Input embeddings `[B, T, hidden]` of equal-length token rows.
+    /// Input embeddings `[B, T, hidden]` of equal-length token rows (for a
+    /// streamed model, only these rows are read from the checkpoint).
     pub fn embed_batch(&self, batch: &[&[u32]]) -> Result<Tensor> {
         let (b, t) = self.check_tokens(batch)?;
         let flat: Vec<u32> = batch.iter().flat_map(|r| r.iter().copied()).collect();
-        let ids = Tensor::from_vec(flat, b * t, &self.device).at_model()?;
-        self.weights
-            .embed
-            .index_select(&ids, 0)
-            .and_then(|e| e.to_dtype(self.dtype))
-            .and_then(|e| e.reshape((b, t, self.cfg.hidden_size)))
-            .at_model()
+        let rows = match (&self.weights.embed, &self.streamed) {
+            (Some(embed), _) => {
+                let ids = Tensor::from_vec(flat, b * t, &self.device).at_model()?;
+                embed
+                    .index_select(&ids, 0)
+                    .and_then(|e| e.to_dtype(self.dtype))
+                    .at_model()?
+            }
+            (None, Some(s)) => s.source().embedding_rows(&flat)?,
+            (None, None) => return Err(Error::MissingTensor { name: EMBED.into() }),
+        };
+        rows.reshape((b, t, self.cfg.hidden_size)).at_model()
     }
 
     /// Positional tables for length `t`.
@@ -263,16 +287,35 @@ impl LlamaModel {
     }
 
     /// The LM head (the embedding when tied) in the compute dtype: a
-    /// converted copy when it is stored in another dtype.
-    fn head(&self) -> candle_core::Result<Tensor> {
-        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        head.to_dtype(self.dtype)
+    /// converted copy when it is stored in another dtype, read from the
+    /// checkpoint for a streamed model (not kept: each call reads it again).
+    fn head(&self) -> Result<Tensor> {
+        let held = self
+            .weights
+            .lm_head
+            .as_ref()
+            .or(self.weights.embed.as_ref());
+        match (held, &self.streamed) {
+            (Some(h), _) => h.to_dtype(self.dtype).at_model(),
+            (None, Some(s)) => s.source().head(),
+            (None, None) => Err(Error::MissingTensor { name: EMBED.into() }),
+        }
+    }
+
+    /// Bytes of embedding and head held in memory between uses (0 for a
+    /// streamed model, which reads them from the checkpoint when needed).
+    pub fn resident_table_bytes(&self) -> usize {
+        [&self.weights.embed, &self.weights.lm_head]
+            .into_iter()
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Final norm then LM head: logits `[B, T, vocab]` from the last layer's output.
     pub fn head_logits(&self, h: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let head = self.head()?;
         let run = || -> candle_core::Result<Tensor> {
-            let head = self.head()?;
             let (b, t, d) = h.dims3()?;
             let n = rms_norm(h, &self.weights.norm, self.cfg.rms_eps, differentiable)?;
             matmul_weight_t(&n.reshape((b * t, d))?, &head)?.reshape((b, t, self.cfg.vocab_size))
@@ -324,9 +367,9 @@ impl LlamaModel {
         if rows.is_empty() {
             return Ok(None);
         }
+        let head = self.head()?;
         let run = || -> candle_core::Result<(f64, Tensor)> {
             let h = h.detach().squeeze(0)?;
-            let head = self.head()?;
             let mut grad = h.zeros_like()?;
             let mut total = 0.0f64;
             for chunk in rows.chunks(HEAD_ROWS) {

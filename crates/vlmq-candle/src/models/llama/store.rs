@@ -1,6 +1,8 @@
 //! Decoder layers kept in their source (on disk) and materialized one at a
 //! time in the compute dtype: what lets a model larger than memory be
-//! quantized block by block.
+//! quantized block by block. The embedding and the head stay there too:
+//! a batch's embedding rows and the head are read when a forward needs
+//! them and dropped with the tensors built from them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -9,10 +11,11 @@ use candle_core::DType;
 use vlmq::{Error, Result};
 
 use super::config::LlamaConfig;
-use super::weights::{assemble_layer, LayerWeights, TensorSource};
+use super::weights::{assemble_layer, LayerWeights, TensorSource, EMBED, HEAD};
 
-/// A source of decoder layers: any [`TensorSource`] (a checkpoint on disk)
-/// behind a lock, assembling one layer at a time.
+/// A source of decoder layers, embedding rows and the head: any
+/// [`TensorSource`] (a checkpoint on disk) behind a lock, assembling one
+/// layer at a time.
 pub(crate) struct LayerSource {
     cfg: LlamaConfig,
     dtype: DType,
@@ -41,6 +44,13 @@ impl LayerSource {
         }
     }
 
+    /// The dtype `name` is stored in (the compute dtype when the source
+    /// does not say).
+    pub(crate) fn stored_dtype(&self, name: &str) -> DType {
+        let src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        src.stored_dtype(name).unwrap_or(self.dtype)
+    }
+
     /// The tensor `name` read from the source in the dtype it is stored in
     /// (the compute dtype when the source does not say), for exporters that
     /// need a layer's norms and biases without materializing the layer.
@@ -48,6 +58,23 @@ impl LayerSource {
         let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
         let dtype = src.stored_dtype(name).unwrap_or(self.dtype);
         src.get(name, dtype)
+    }
+
+    /// The embedding rows of `ids` (already checked against the
+    /// vocabulary) in the compute dtype: `[ids.len(), hidden]`.
+    pub(crate) fn embedding_rows(&self, ids: &[u32]) -> Result<candle_core::Tensor> {
+        let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        src.rows(EMBED, ids, self.dtype)?
+            .ok_or_else(|| Error::MissingTensor { name: EMBED.into() })
+    }
+
+    /// The LM head (the embedding when tied) read whole and converted to
+    /// the compute dtype; the caller's copy is the only one.
+    pub(crate) fn head(&self) -> Result<candle_core::Tensor> {
+        let name = if self.cfg.tie_embeddings { EMBED } else { HEAD };
+        let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        src.get(name, self.dtype)?
+            .ok_or_else(|| Error::MissingTensor { name: name.into() })
     }
 
     /// Layer `i` read from the source, shape-checked, in the compute dtype.

@@ -104,15 +104,20 @@ impl LayerWeights {
 }
 
 /// Every parameter of a decoder.
+///
+/// A model loaded with [`Residency::Disk`](crate::Residency::Disk) holds
+/// only the final norm here: its embedding rows, head and decoder layers
+/// are read from the checkpoint when they are needed.
 #[derive(Debug, Clone)]
 pub struct ModelWeights {
-    /// Token embedding `[vocab, hidden]`.
-    pub embed: Tensor,
+    /// Token embedding `[vocab, hidden]`; `None` when it stays on disk.
+    pub embed: Option<Tensor>,
     /// Decoder layers.
     pub layers: Vec<LayerWeights>,
     /// Final RMSNorm gain.
     pub norm: Tensor,
-    /// Separate LM head `[vocab, hidden]`; `None` when tied to `embed`.
+    /// Separate LM head `[vocab, hidden]`; `None` when tied to the
+    /// embedding or when it stays on disk.
     pub lm_head: Option<Tensor>,
 }
 
@@ -155,6 +160,22 @@ pub(crate) trait TensorSource {
     fn stored_dtype(&self, _name: &str) -> Option<DType> {
         None
     }
+
+    /// Rows `ids` (in that order, repeats allowed) of the 2-D tensor
+    /// `name`, converted to `dtype`: `[ids.len(), width]`; `Ok(None)` when
+    /// absent. The default reads the whole tensor and selects the rows; a
+    /// source on disk reads only the rows asked for.
+    fn rows(&mut self, name: &str, ids: &[u32], dtype: DType) -> Result<Option<Tensor>> {
+        self.get(name, dtype)?
+            .map(|t| select_rows(&t, ids))
+            .transpose()
+    }
+}
+
+/// Rows `ids` of `t` (`[ids.len(), ...]`).
+pub(crate) fn select_rows(t: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let ids = Tensor::from_slice(ids, ids.len(), t.device()).at_model()?;
+    t.index_select(&ids, 0).at_model()
 }
 
 pub(crate) fn required(src: &mut dyn TensorSource, name: &str, dtype: DType) -> Result<Tensor> {
@@ -162,6 +183,12 @@ pub(crate) fn required(src: &mut dyn TensorSource, name: &str, dtype: DType) -> 
         name: name.to_string(),
     })
 }
+
+/// The HF name of the token embedding.
+pub(crate) const EMBED: &str = "model.embed_tokens.weight";
+
+/// The HF name of an untied LM head.
+pub(crate) const HEAD: &str = "lm_head.weight";
 
 /// Every tensor of decoder layer `i` (HF names) with its expected shape.
 fn layer_shapes(cfg: &LlamaConfig, i: usize) -> Vec<(String, Vec<usize>)> {
@@ -184,27 +211,37 @@ fn layer_shapes(cfg: &LlamaConfig, i: usize) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// Checks every decoder layer's tensors against a file's tensor directory
-/// (`shape_of` gives a stored tensor's shape) without reading them: a
-/// model whose layers stay on disk trusts its configuration's layer count
-/// and sizes only after this.
-pub(crate) fn check_layer_directory(
+/// The embedding, and the head when it is not tied, with their shapes.
+fn table_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+    let mut out = vec![(EMBED.to_string(), vec![v, d])];
+    if !cfg.tie_embeddings {
+        out.push((HEAD.to_string(), vec![v, d]));
+    }
+    out
+}
+
+/// Checks every decoder layer's tensors, the embedding and an untied head
+/// against a file's tensor directory (`shape_of` gives a stored tensor's
+/// shape) without reading them: a model whose weights stay on disk trusts
+/// its configuration's layer count and sizes only after this.
+pub(crate) fn check_directory(
     cfg: &LlamaConfig,
     shape_of: impl Fn(&str) -> Option<Vec<usize>>,
 ) -> Result<()> {
-    for i in 0..cfg.num_layers {
-        for (name, expected) in layer_shapes(cfg, i) {
-            match shape_of(&name) {
-                None => return Err(Error::MissingTensor { name }),
-                Some(stored) if stored != expected => {
-                    return Err(Error::shape(
-                        format!("tensor {name:?} against the config"),
-                        &expected,
-                        &stored,
-                    ))
-                }
-                Some(_) => {}
+    let tables = table_shapes(cfg);
+    let layers = (0..cfg.num_layers).flat_map(|i| layer_shapes(cfg, i));
+    for (name, expected) in tables.into_iter().chain(layers) {
+        match shape_of(&name) {
+            None => return Err(Error::MissingTensor { name }),
+            Some(stored) if stored != expected => {
+                return Err(Error::shape(
+                    format!("tensor {name:?} against the config"),
+                    &expected,
+                    &stored,
+                ))
             }
+            Some(_) => {}
         }
     }
     Ok(())
@@ -262,44 +299,53 @@ impl ModelWeights {
         src: &mut dyn TensorSource,
         dtype: DType,
     ) -> Result<Self> {
-        let mut w = Self::assemble_outer(cfg, src, |_| dtype)?;
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = required(src, name, dtype)?;
+            check(name, &t, shape)?;
+            Ok(t)
+        };
+        let embed = get(EMBED, &[v, d])?;
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(get(HEAD, &[v, d])?)
+        };
+        let mut w = Self::final_norm_only(cfg, src, dtype)?;
+        w.embed = Some(embed);
+        w.lm_head = lm_head;
         w.layers = (0..cfg.num_layers)
             .map(|i| assemble_layer(cfg, i, src, dtype))
             .collect::<Result<Vec<_>>>()?;
         Ok(w)
     }
 
-    /// The embedding, final norm and head (in the dtype `dtype_of` picks for
-    /// each name) without any decoder layer.
-    pub(crate) fn assemble_outer(
+    /// The final norm in `dtype` and nothing else: the resident part of a
+    /// model whose embedding, head and layers stay on disk.
+    pub(crate) fn final_norm_only(
         cfg: &LlamaConfig,
         src: &mut dyn TensorSource,
-        dtype_of: impl Fn(&str) -> DType,
+        dtype: DType,
     ) -> Result<Self> {
-        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = required(src, name, dtype_of(name))?;
-            check(name, &t, shape)?;
-            Ok(t)
-        };
-        let embed = get("model.embed_tokens.weight", &[v, d])?;
-        let norm = get("model.norm.weight", &[d])?;
-        let lm_head = if cfg.tie_embeddings {
-            None
-        } else {
-            Some(get("lm_head.weight", &[v, d])?)
-        };
+        let name = "model.norm.weight";
+        let norm = required(src, name, dtype)?;
+        check(name, &norm, &[cfg.hidden_size])?;
         Ok(ModelWeights {
-            embed,
+            embed: None,
             layers: Vec::new(),
             norm,
-            lm_head,
+            lm_head: None,
         })
     }
 
-    /// Every parameter under its HF name (the tied head is not repeated).
+    /// Every parameter held here under its HF name (the tied head is not
+    /// repeated; what stays on disk is not listed).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let mut out: Vec<(String, Tensor)> = self
+            .embed
+            .iter()
+            .map(|e| (EMBED.to_string(), e.clone()))
+            .collect();
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}.");
             out.push((format!("{p}input_layernorm.weight"), l.input_norm.clone()));
@@ -316,7 +362,7 @@ impl ModelWeights {
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if let Some(h) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), h.clone()));
+            out.push((HEAD.to_string(), h.clone()));
         }
         out
     }
