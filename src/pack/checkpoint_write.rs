@@ -22,6 +22,7 @@ use crate::solver::Method;
 
 use super::bits::{check_checkpoint_bits, words_for};
 use super::config_json::{CheckpointFormat, QuantizeConfig};
+use super::file_tensor::FileTensor;
 use super::layer_encode::{encode_layer, record_settings};
 use super::tensor::DenseTensor;
 
@@ -47,6 +48,7 @@ pub struct CheckpointWriter {
     extras: serde_json::Map<String, Value>,
     pub(super) layers: Vec<(String, QuantizedWeight, Option<DenseTensor>)>,
     pub(super) tensors: Vec<(String, DenseTensor)>,
+    pub(super) file_tensors: Vec<(String, FileTensor)>,
     names: BTreeSet<String>,
     files: Vec<(String, Vec<u8>)>,
 }
@@ -127,7 +129,7 @@ impl CheckpointWriter {
         self
     }
 
-    fn claim(&mut self, names: &[String]) -> Result<()> {
+    pub(super) fn claim(&mut self, names: &[String]) -> Result<()> {
         for n in names {
             if n.is_empty()
                 || self.names.contains(n)
@@ -202,6 +204,15 @@ impl CheckpointWriter {
     /// `.qweight` or `.qzeros` are refused: a reader would take them for a
     /// quantized layer's tensors.
     pub fn add_tensor(&mut self, name: &str, tensor: DenseTensor) -> Result<()> {
+        self.check_dense_name(name)?;
+        self.claim(&[name.to_string()])?;
+        self.tensors.push((name.to_string(), tensor));
+        Ok(())
+    }
+
+    /// Refuses a dense tensor's name that a reader would take for part of
+    /// a quantized layer.
+    pub(super) fn check_dense_name(&self, name: &str) -> Result<()> {
         if name.ends_with(".qweight") || name.ends_with(".qzeros") {
             return Err(Error::InvalidConfig {
                 field: "tensor name",
@@ -209,8 +220,6 @@ impl CheckpointWriter {
                 reason: "names ending in .qweight or .qzeros are reserved for quantized layers",
             });
         }
-        self.claim(&[name.to_string()])?;
-        self.tensors.push((name.to_string(), tensor));
         Ok(())
     }
 
@@ -315,6 +324,9 @@ impl CheckpointWriter {
         }
         for (name, t) in &self.tensors {
             owned.push((name.clone(), t.dtype(), t.shape().to_vec(), t.to_le_bytes()));
+        }
+        for (name, t) in &self.file_tensors {
+            owned.push((name.clone(), t.dtype(), t.shape().to_vec(), t.read_all()?));
         }
         let target = dir.join("model.safetensors");
         let mut views = Vec::with_capacity(owned.len());

@@ -17,6 +17,7 @@ use crate::fsutil::{write_atomic_with, write_limited};
 use super::checkpoint_write::CheckpointWriter;
 use super::config_json::QuantizeConfig;
 use super::digests::header_with_digests;
+use super::file_tensor::FileTensor;
 use super::layer_encode::encode_layer;
 use super::tensor::DenseTensor;
 
@@ -29,6 +30,8 @@ enum Bytes<'a> {
     Encoded(&'a [u8]),
     /// A dense tensor, encoded piece by piece as it is written.
     Dense(&'a DenseTensor),
+    /// A dense tensor left in a file, copied piece by piece.
+    File(&'a FileTensor),
 }
 
 impl Bytes<'_> {
@@ -36,6 +39,7 @@ impl Bytes<'_> {
         match self {
             Bytes::Encoded(b) => b.len(),
             Bytes::Dense(t) => t.shape().iter().product::<usize>() * t.dtype().bitsize() / 8,
+            Bytes::File(t) => t.len(),
         }
     }
 
@@ -63,6 +67,7 @@ impl Bytes<'_> {
         }
         match self {
             Bytes::Encoded(b) => out(b),
+            Bytes::File(t) => t.each(out),
             Bytes::Dense(DenseTensor::F32(a)) => pieces(a.iter().copied(), f32::to_le_bytes, out),
             Bytes::Dense(DenseTensor::F16(a)) => {
                 pieces(a.iter().copied(), half::f16::to_le_bytes, out)
@@ -92,8 +97,9 @@ impl CheckpointWriter {
     /// The file has the same bytes as the `model.safetensors` that
     /// [`write`](Self::write) produces for the same writer, but it is written
     /// as it is produced: the header, then each tensor, a dense tensor in
-    /// pieces of 64 Ki values. Peak memory beyond the writer's own tensors is
-    /// the packed form of its quantized layers (about an eighth of their f32
+    /// pieces of 64 Ki values, a [`FileTensor`] copied from its file in
+    /// pieces of 1 MiB. Peak memory beyond the writer's own tensors is the
+    /// packed form of its quantized layers (about an eighth of their f32
     /// size at 4 bits) and one piece, not the whole file.
     ///
     /// Atomic like [`write_file_atomic`](crate::write_file_atomic): the bytes
@@ -114,6 +120,9 @@ impl CheckpointWriter {
             .collect();
         for (name, t) in &self.tensors {
             entries.push((name.as_str(), t.dtype(), t.shape(), Bytes::Dense(t)));
+        }
+        for (name, t) in &self.file_tensors {
+            entries.push((name.as_str(), t.dtype(), t.shape(), Bytes::File(t)));
         }
         // safetensors' own order: by dtype, widest first, then by name.
         entries.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));

@@ -100,3 +100,82 @@ fn a_full_disk_leaves_no_file_and_no_temporary() {
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// The dense tensors of [`writer`] as little-endian bytes in one file after
+/// a 13-byte prefix, and the same writer with them added as
+/// [`FileTensor`](super::FileTensor)s pointing into that file.
+fn file_backed(digests: bool, root: &std::path::Path) -> (CheckpointWriter, PathBuf) {
+    let dense = writer(digests);
+    let source = root.join("source.bin");
+    let mut bytes = vec![7u8; 13];
+    let mut w = CheckpointWriter::new()
+        .with_model_config(json!({"model_type": "toy"}))
+        .with_tensor_digests(digests);
+    for (name, q, bias) in &dense.layers {
+        w.add_layer(name, q.clone(), bias.clone()).unwrap();
+    }
+    let mut at = Vec::new();
+    for (name, t) in &dense.tensors {
+        at.push((
+            name.clone(),
+            bytes.len() as u64,
+            t.dtype_name(),
+            t.shape().to_vec(),
+        ));
+        bytes.extend(t.to_le_bytes());
+    }
+    std::fs::write(&source, &bytes).unwrap();
+    for (name, start, dtype, shape) in at {
+        let t = super::FileTensor::new(&source, start, dtype, &shape).unwrap();
+        w.add_file_tensor(&name, t).unwrap();
+    }
+    (w, source)
+}
+
+/// Tensors copied from a file (the 70,001-value f32 one crosses a 1 MiB
+/// piece) give the bytes of the same tensors held in memory, streamed or
+/// written whole.
+#[test]
+fn file_tensors_are_copied_bit_for_bit() {
+    for digests in [true, false] {
+        let root = fresh(&format!("file-{digests}"));
+        let (w, _) = file_backed(digests, &root);
+        let dense = writer(digests);
+        dense.write(root.join("want")).unwrap();
+        w.write(root.join("got")).unwrap();
+        let want = std::fs::read(root.join("want/model.safetensors")).unwrap();
+        assert!(want == std::fs::read(root.join("got/model.safetensors")).unwrap());
+        let shard = root.join("shard.safetensors");
+        w.write_safetensors(&shard).unwrap();
+        assert!(want == std::fs::read(&shard).unwrap(), "digests {digests}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
+
+/// A source file that is too short is refused when the tensor is added,
+/// and one cut short afterwards fails the write naming it, leaving nothing.
+#[test]
+fn a_short_source_file_is_an_error_naming_it() {
+    let root = fresh("file-short");
+    let (w, source) = file_backed(true, &root);
+    let len = std::fs::metadata(&source).unwrap().len();
+    let err = super::FileTensor::new(&source, len - 3, "F32", &[1]).unwrap_err();
+    assert!(
+        matches!(&err, crate::Error::Safetensors { path, .. } if path == &source),
+        "{err}"
+    );
+    assert!(super::FileTensor::new(&source, 0, "I8", &[1]).is_err());
+    std::fs::write(&source, vec![0u8; 20]).unwrap();
+    let shard = root.join("out").join("shard.safetensors");
+    std::fs::create_dir_all(shard.parent().unwrap()).unwrap();
+    let err = w.write_safetensors(&shard).unwrap_err();
+    assert!(
+        matches!(&err, crate::Error::Io { path, .. } if path == &source),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(shard.parent().unwrap()).unwrap().count(),
+        0
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}

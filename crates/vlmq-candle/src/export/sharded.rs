@@ -5,7 +5,9 @@
 //! temporary sibling directory and swapped in when the run is done. The
 //! tensors left unquantized keep the dtype they are stored in (a bf16
 //! checkpoint's embedding, norms and head stay bf16, bit for bit), and each
-//! shard is streamed to its file tensor by tensor.
+//! shard is streamed to its file tensor by tensor; for a model whose
+//! weights stay in safetensors files, the dense tensors are copied from
+//! the source file into the shard piece by piece, never held whole.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,22 @@ enum Originals {
 }
 
 impl Originals {
+    /// Adds `name` to `w` as stored: copied from the source file when the
+    /// writer can stream its bytes there, else read (in its stored dtype
+    /// from disk, or as loaded). `false` when there is no such tensor.
+    fn add_to(&self, w: &mut CheckpointWriter, name: &str, dir: &Path) -> Result<bool> {
+        if let Originals::Disk(src) = self {
+            if let Some(t) = src.file_tensor(name)? {
+                w.add_file_tensor(name, t)?;
+                return Ok(true);
+            }
+        }
+        match self.tensor(name)? {
+            Some(t) => w.add_tensor(name, stored(&t, dir)?).map(|_| true),
+            None => Ok(false),
+        }
+    }
+
     /// `name` in the dtype it is stored in (on disk), or as loaded.
     fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
         match self {
@@ -220,14 +238,11 @@ impl BlockSink for ShardedGptqWriter {
         let mut names = Vec::new();
         if b + 1 == self.blocks {
             for (name, t) in std::mem::take(&mut self.outer) {
-                let t = match t {
-                    Some(t) => t,
-                    None => self
-                        .originals
-                        .tensor(&name)?
-                        .ok_or_else(|| Error::MissingTensor { name: name.clone() })?,
-                };
-                w.add_tensor(&name, stored(&t, &self.partial)?)?;
+                match t {
+                    Some(t) => w.add_tensor(&name, stored(&t, &self.partial)?)?,
+                    None if self.originals.add_to(&mut w, &name, &self.partial)? => {}
+                    None => return Err(Error::MissingTensor { name }),
+                }
                 names.push(name);
             }
         }
@@ -257,8 +272,7 @@ impl BlockSink for ShardedGptqWriter {
             dense_names.push(format!("{p}{l}.bias"));
         }
         for name in dense_names {
-            if let Some(t) = self.originals.tensor(&name)? {
-                w.add_tensor(&name, stored(&t, &self.partial)?)?;
+            if self.originals.add_to(&mut w, &name, &self.partial)? {
                 names.push(name);
             }
         }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
+use vlmq::pack::FileTensor;
 use vlmq::{Error, Result};
 
 use crate::error::file;
@@ -227,5 +228,18 @@ impl TensorSource for DiskTensors {
 
     fn stored_dtype(&self, name: &str) -> Option<DType> {
         self.dtype(name)
+    }
+
+    fn file_tensor(&self, name: &str) -> Result<Option<FileTensor>> {
+        let Some(e) = self.entries.get(name) else {
+            return Ok(None);
+        };
+        let dtype = match e.dtype {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            _ => return Ok(None),
+        };
+        FileTensor::new(&self.files[e.file], e.start, dtype, &e.shape).map(Some)
     }
 }

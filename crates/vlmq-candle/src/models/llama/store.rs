@@ -51,6 +51,13 @@ impl LayerSource {
         src.stored_dtype(name).unwrap_or(self.dtype)
     }
 
+    /// Where `name`'s stored bytes lie, when they can be copied unchanged
+    /// (see [`TensorSource::file_tensor`]).
+    pub(crate) fn file_tensor(&self, name: &str) -> Result<Option<vlmq::pack::FileTensor>> {
+        let src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        src.file_tensor(name)
+    }
+
     /// The tensor `name` read from the source in the dtype it is stored in
     /// (the compute dtype when the source does not say), for exporters that
     /// need a layer's norms and biases without materializing the layer.

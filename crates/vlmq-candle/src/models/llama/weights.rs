@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use ndarray::{Array2, ArrayView2};
+use vlmq::pack::FileTensor;
 use vlmq::{Error, Result};
 
 use crate::error::CandleResultExt;
@@ -159,6 +160,13 @@ pub(crate) trait TensorSource {
     /// absent or unknown.
     fn stored_dtype(&self, _name: &str) -> Option<DType> {
         None
+    }
+
+    /// Where `name`'s stored bytes lie in a file, when a writer can copy
+    /// them unchanged (an f32, f16 or bf16 safetensors tensor); `None`
+    /// otherwise (absent, or stored in a form that is decoded on reading).
+    fn file_tensor(&self, _name: &str) -> Result<Option<FileTensor>> {
+        Ok(None)
     }
 
     /// Rows `ids` (in that order, repeats allowed) of the 2-D tensor
