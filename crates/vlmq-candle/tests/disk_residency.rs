@@ -13,7 +13,7 @@ use vlmq::{
 };
 use vlmq_candle::candle_core::quantized::GgmlDType;
 use vlmq_candle::candle_core::{safetensors, DType, Device, Tensor};
-use vlmq_candle::export::write_gguf_llama;
+use vlmq_candle::export::{write_gguf_llama, write_gptq};
 use vlmq_candle::{
     load_gguf, load_gguf_with, load_hf_dir, load_hf_dir_with, random_model, save_hf_dir,
     Architecture, LlamaConfig, LoadOptions, Residency, TextSample,
@@ -126,6 +126,15 @@ fn same_codes(arch: Architecture, method: QuantMethod, tag: &str) {
     let (streamed, got) = streamed_run(&bf16_dir, method);
     assert_eq!(got.len(), 3 * 7);
     assert_eq!(got, expected.weights);
+    // Its dense tensors are not in memory: a whole-checkpoint writer
+    // refuses it rather than leave them out, and writes nothing.
+    let out = root.join("whole");
+    let err = write_gptq(&streamed, &expected, None, &out).unwrap_err();
+    assert!(matches!(err, vlmq::Error::Unsupported { .. }), "{err}");
+    let gguf = root.join("whole.gguf");
+    let err = write_gguf_llama(&streamed, &BTreeMap::new(), None, GgmlDType::F32, &gguf);
+    assert!(matches!(err, Err(vlmq::Error::Unsupported { .. })));
+    assert!(!out.exists() && !gguf.exists());
     // A quantized block was released: running it again is an error, not a
     // silent run with the unquantized weights from disk.
     let s = &samples()[0];

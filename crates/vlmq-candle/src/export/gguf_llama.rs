@@ -16,6 +16,7 @@ use vlmq::{Error, Result};
 
 use super::gguf::{permute_packed_rows, write_gguf, GgufTensor};
 use super::gguf_tokenizer::tokenizer_metadata;
+use super::llama::refuse_streamed;
 use crate::error::file;
 use crate::load::gguf::permute_qk;
 use crate::models::llama::config::{Architecture, LlamaConfig};
@@ -133,6 +134,7 @@ pub fn write_gguf_llama(
     dense_type: GgmlDType,
     dst: &Path,
 ) -> Result<()> {
+    refuse_streamed(model)?;
     let cfg = model.config();
     let name = hf_dir
         .and_then(|d| d.file_name())

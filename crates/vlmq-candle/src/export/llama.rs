@@ -202,6 +202,23 @@ pub fn write_gptq(
     )
 }
 
+/// The whole-checkpoint writers take every dense tensor from the model's
+/// memory: a model whose weights stay on disk has only its final norm
+/// there, so writing it whole is refused instead of leaving tensors out.
+pub(crate) fn refuse_streamed(model: &LlamaModel) -> Result<()> {
+    if model.is_streamed() {
+        return Err(Error::Unsupported {
+            what: "writing a whole checkpoint of a model whose weights stay on disk \
+                   (Residency::Disk)"
+                .into(),
+            remedy: "write it block by block with export::ShardedGptqWriter, or load it \
+                     with Residency::Memory"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 /// [`write_gptq`], counted by `tick`.
 pub(crate) fn write_gptq_counted(
     model: &LlamaModel,
@@ -210,6 +227,7 @@ pub(crate) fn write_gptq_counted(
     dir: &Path,
     tick: WriteTick<'_>,
 ) -> Result<()> {
+    refuse_streamed(model)?;
     let mut cfg = model.config().to_hf_json();
     cfg["torch_dtype"] = "float32".into();
     let tensors = model.weights().named_tensors();
