@@ -47,44 +47,14 @@ pub(crate) fn inverse_cholesky_upper_in_order(
     perm: Option<&[usize]>,
     damping: &Damping,
 ) -> Result<InverseCholesky> {
-    factor_in_order(Hessian::Borrowed(h), perm, damping)
+    factor_in_order(h, perm, damping)
 }
 
-/// [`inverse_cholesky_upper_in_order`] of a Hessian the caller gives up:
-/// it is freed as soon as the flipped matrix the factorization works on is
-/// built, so the two never live together (for an 11008-wide layer, 485 MB
-/// less at the solve's peak). The same factor, bit for bit, retries
-/// included.
-pub(crate) fn inverse_cholesky_upper_owned(
-    h: Array2<f32>,
-    perm: Option<&[usize]>,
-    damping: &Damping,
-) -> Result<InverseCholesky> {
-    factor_in_order(Hessian::Owned(h), perm, damping)
-}
-
-/// The Hessian a factorization reads: kept by the caller, or handed over
-/// to be dropped once it has been read (then released).
-enum Hessian<'a> {
-    Borrowed(ArrayView2<'a, f32>),
-    Owned(Array2<f32>),
-    Released,
-}
-
-fn factor_in_order(
-    mut hessian: Hessian<'_>,
-    perm: Option<&[usize]>,
-    damping: &Damping,
-) -> Result<InverseCholesky> {
-    let h = match &hessian {
-        Hessian::Borrowed(h) => h.view(),
-        Hessian::Owned(h) => h.view(),
-        Hessian::Released => {
-            return Err(Error::Empty {
-                what: "Hessian".into(),
-            })
-        }
-    };
+/// Checks a Hessian (square, non-empty, finite) and an order of its
+/// columns (`perm`, of length `n` when given), and returns the damping's
+/// scale: the mean of the diagonal, summed in the walk's order, or 1 when
+/// it is not positive.
+pub(super) fn checked_scale(h: ArrayView2<'_, f32>, perm: Option<&[usize]>) -> Result<f64> {
     let n = h.nrows();
     if h.ncols() != n {
         return Err(Error::shape("Hessian", &[n, n], h.shape()));
@@ -102,34 +72,41 @@ fn factor_in_order(
             &[perm.map_or(0, <[usize]>::len)],
         ));
     }
+    if let Some(perm) = perm {
+        let mut seen = vec![false; n];
+        for &i in perm {
+            if i >= n || std::mem::replace(&mut seen[i], true) {
+                return Err(Error::InvalidConfig {
+                    field: "column order",
+                    value: format!("{i}"),
+                    reason: "must be a permutation of the Hessian's columns",
+                });
+            }
+        }
+    }
     // Position p of the ordered matrix is row and column at(p) of h.
     let at = |p: usize| perm.map_or(p, |perm| perm[p]);
-    // Summed in the order of the walk, as over the ordered matrix's diagonal.
     let mean_diag = (0..n).map(|p| f64::from(h[[at(p), at(p)]])).sum::<f64>() / n as f64;
-    let scale = if mean_diag > 0.0 { mean_diag } else { 1.0 };
+    Ok(if mean_diag > 0.0 { mean_diag } else { 1.0 })
+}
+
+fn factor_in_order(
+    h: ArrayView2<'_, f32>,
+    perm: Option<&[usize]>,
+    damping: &Damping,
+) -> Result<InverseCholesky> {
+    let scale = checked_scale(h, perm)?;
+    let n = h.nrows();
     let mut percent = damping.initial_percent();
     let par = factor_par(n);
     let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(n, par, Spec::default()));
-    // The flipped matrix's diagonal before damping, for refills.
+    // The flipped matrix's diagonal before damping.
     let mut diag = vec![0f32; n];
     let mut a = Mat::<f32>::zeros(n, n);
-    // The factor. The inverse writes its upper triangle only, so with an
-    // owned Hessian its strict lower triangle keeps the flipped matrix's
-    // (all of it but the diagonal, by symmetry) for retries, and is cleared
-    // before it is returned.
     let mut u = Array2::<f32>::zeros((n, n));
     for attempt in 1..=damping.max_attempts() {
         let damp = percent * scale;
-        match &hessian {
-            Hessian::Borrowed(h) => fill_flipped(&mut a, h.view(), perm, &mut diag),
-            Hessian::Owned(h) => {
-                fill_flipped(&mut a, h.view(), perm, &mut diag);
-                keep_lower(&a, &mut u);
-                // Read and kept: the caller's matrix is no longer needed.
-                hessian = Hessian::Released;
-            }
-            Hessian::Released => refill_lower(&mut a, &u),
-        }
+        fill_flipped(&mut a, h, perm, &mut diag);
         for (j, d) in diag.iter().enumerate() {
             a[(j, j)] = (f64::from(*d) + damp) as f32;
         }
@@ -144,7 +121,7 @@ fn factor_in_order(
             // L^-1 written straight into U through a view with both axes
             // reversed: entry (i, j) of the view is u[n-1-i, n-1-j], so the
             // view receives L^-1 exactly when U = J L^-1 J. Only its lower
-            // triangle is written; the rest of U is zero or the kept copy.
+            // triangle is written; the rest of U stays zero.
             faer::linalg::triangular_inverse::invert_lower_triangular(
                 crate::linalg::faer_mut(u.view_mut()).reverse_rows_and_cols_mut(),
                 a.as_ref(),
@@ -153,11 +130,6 @@ fn factor_in_order(
             let healthy = u.diag().iter().all(|&d| d.is_finite() && d > 0.0)
                 && u.iter().all(|v| v.is_finite());
             if healthy {
-                if matches!(hessian, Hessian::Released) {
-                    for i in 1..n {
-                        u.row_mut(i).slice_mut(ndarray::s![..i]).fill(0.0);
-                    }
-                }
                 return Ok(InverseCholesky {
                     u,
                     damp_percent: percent,
@@ -206,36 +178,6 @@ fn fill_flipped(
     }
 }
 
-/// Copies the strict lower triangle of `a` into that of `u`.
-fn keep_lower(a: &Mat<f32>, u: &mut Array2<f32>) {
-    for_lower_tiles(u.nrows(), |i, j| u[[i, j]] = a[(i, j)]);
-}
-
-/// Calls `f(i, j)` for every `i > j` below `n`, in 64 x 64 tiles: `a` is
-/// column-major and `u` row-major, so a plain double loop would stride
-/// through one of them.
-fn for_lower_tiles(n: usize, mut f: impl FnMut(usize, usize)) {
-    const TILE: usize = 64;
-    for i0 in (0..n).step_by(TILE) {
-        for j0 in (0..=i0).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(n) {
-                for j in j0..(j0 + TILE).min(i) {
-                    f(i, j);
-                }
-            }
-        }
-    }
-}
-
-/// Restores the flipped matrix's strict lower triangle in `a` from the copy
-/// in `u` after a failed attempt wrote over it (faer's in-place Cholesky
-/// writes the factor below the diagonal and uses the upper triangle as
-/// scratch; the inverse writes `u`'s upper triangle only). The caller sets
-/// the diagonal.
-fn refill_lower(a: &mut Mat<f32>, u: &Array2<f32>) {
-    for_lower_tiles(u.nrows(), |i, j| a[(i, j)] = u[[i, j]]);
-}
-
 /// Below this dimension the factorization runs on one thread: on two cores
 /// threading a factorization of n <= 1024 measured slower than one thread
 /// (docs/PERFORMANCE.md).
@@ -249,7 +191,7 @@ const PARALLEL_DIM: usize = 1536;
 /// fixed-depth blocks whichever thread computes it, so the factor is the
 /// same bits for any number of threads (tested with pools of 1, 2 and 3
 /// threads in `tests/hessian_properties.rs`).
-fn factor_par(n: usize) -> Par {
+pub(super) fn factor_par(n: usize) -> Par {
     let threads = rayon::current_num_threads();
     if n < PARALLEL_DIM || threads < 2 {
         Par::Seq
@@ -287,38 +229,5 @@ mod tests {
         // And the order matters: the natural order gives another factor.
         let natural = inverse_cholesky_upper_in_order(h.view(), None, &damping).unwrap();
         assert_ne!(natural.u, want.u);
-    }
-
-    /// An owned Hessian is read once; a retry refills the flipped matrix
-    /// from the copy kept below the factor's diagonal: the same factor, bit
-    /// for bit, as refilling from the Hessian, and zero below the diagonal.
-    #[test]
-    fn a_retry_from_the_upper_triangle_is_the_fresh_factor() {
-        let n = 41;
-        let mut state = 0x9e37_79b9_u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
-        // Rank 10 of 41, shifted down by 3% of the mean diagonal: 1%
-        // damping fails, 10% succeeds.
-        let x = Array2::from_shape_fn((10, n), |_| next());
-        let mut h = x.t().dot(&x);
-        let mean = h.diag().sum() / n as f32;
-        for i in 0..n {
-            h[[i, i]] -= 0.03 * mean;
-        }
-        let perm: Vec<usize> = (0..n).map(|i| (i * 7 + 3) % n).collect();
-        let damping = Damping::default();
-        for order in [None, Some(perm.as_slice())] {
-            let want = inverse_cholesky_upper_in_order(h.view(), order, &damping).unwrap();
-            let got = inverse_cholesky_upper_owned(h.clone(), order, &damping).unwrap();
-            assert!(want.attempts > 1, "the first damping must fail");
-            assert_eq!(got.attempts, want.attempts);
-            assert_eq!(got.u, want.u);
-            assert!((1..n).all(|i| (0..i).all(|j| got.u[[i, j]] == 0.0)));
-        }
     }
 }
