@@ -91,6 +91,36 @@ fn f64_accumulation_agrees_with_f32() {
     assert_within_reordering(&h32, &h64, &x);
 }
 
+/// Consuming the accumulator gives `finish`'s statistics bit for bit, with
+/// and without GPTAQ's cross term, at a width spanning several tiles and
+/// weights that make the normalization round; and the same error when no
+/// token has weight.
+#[test]
+fn into_statistics_is_finish_in_place() {
+    let mut rng = Rng::new(11);
+    let n = 150;
+    let x = inputs(&mut rng, 300, n);
+    let shifted = x.mapv(|v| v * 0.7 + 0.1);
+    let alpha = Array1::from_shape_fn(300, |t| 0.3 + (t % 7) as f32 * 0.37);
+    let mut plain = HessianAccumulator::<f32>::new(n);
+    plain.add(x.view(), Some(alpha.view())).unwrap();
+    let mut paired = HessianAccumulator::<f32>::with_cross_term(n);
+    paired
+        .add_paired(x.view(), shifted.view(), Some(alpha.view()))
+        .unwrap();
+    for acc in [plain, paired] {
+        let want = acc.finish().unwrap();
+        let got = acc.into_statistics().unwrap();
+        assert!(got.hessian == want.hessian);
+        assert_eq!(got.hessian, got.hessian.t());
+        assert_eq!(got.cross, want.cross);
+        assert_eq!((got.tokens, got.weight_sum), (want.tokens, want.weight_sum));
+    }
+    let empty = HessianAccumulator::<f32>::new(n);
+    assert!(empty.finish().is_err());
+    assert!(empty.into_statistics().is_err());
+}
+
 /// Runs `f` on a rayon pool of `threads` threads.
 fn on_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     rayon::ThreadPoolBuilder::new()

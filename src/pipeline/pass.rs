@@ -190,12 +190,20 @@ pub(crate) fn capture_pass<M: QuantizableModel>(
     }
     let stats = firsts
         .iter()
-        .zip(weighted.iter().zip(plain.iter().zip(&diagnostics)))
+        .zip(
+            weighted
+                .into_iter()
+                .zip(plain.into_iter().zip(&diagnostics)),
+        )
         .map(|(layer, (w, (p, d)))| {
             let at = || in_block(b, name, Some(&layer.name), None);
+            // Normalized in the sums' own memory: no second n x n matrix.
             Ok(GroupStatistics {
-                weighted: w.finish().map_err(at())?,
-                unweighted: p.as_ref().map(|p| p.finish()).transpose().map_err(at())?,
+                weighted: w.into_statistics().map_err(at())?,
+                unweighted: p
+                    .map(HessianAccumulator::into_statistics)
+                    .transpose()
+                    .map_err(at())?,
                 shares: TraceShares::from_diagnostics(d),
             })
         })
