@@ -4,6 +4,8 @@
 //! released after the pipeline hands it to the sink; its embedding rows
 //! and head are read from the checkpoint when needed and never kept.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -179,20 +181,6 @@ fn an_untouched_layer_is_read_again_after_release() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
-/// The largest absolute difference of two tensors (0 when bitwise equal
-/// for finite values).
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Issue 23: the embedding rows read from disk, the logits through the head
 /// read from disk and the loss gradient are those of the same values held
 /// in memory, bit for bit, for a tied (Llama) and an untied (Qwen2) head.
@@ -211,9 +199,13 @@ fn embedding_rows_logits_and_loss_gradient_read_from_disk_are_the_resident_bits(
             disk.embed_batch(&rows).unwrap(),
         );
         assert_eq!(got.dtype(), DType::F32);
-        assert_eq!(max_diff(&want, &got), 0.0, "{arch:?} embeddings");
         assert_eq!(
-            max_diff(&memory.logits(&rows).unwrap(), &disk.logits(&rows).unwrap()),
+            common::max_abs_diff(&want, &got),
+            0.0,
+            "{arch:?} embeddings"
+        );
+        assert_eq!(
+            common::max_abs_diff(&memory.logits(&rows).unwrap(), &disk.logits(&rows).unwrap()),
             0.0,
             "{arch:?} logits"
         );
@@ -222,7 +214,11 @@ fn embedding_rows_logits_and_loss_gradient_read_from_disk_are_the_resident_bits(
         let (lw, gw) = memory.loss_and_grad(&h, s).unwrap().unwrap();
         let (lg, gg) = disk.loss_and_grad(&h, s).unwrap().unwrap();
         assert_eq!(lw.to_bits(), lg.to_bits(), "{arch:?} loss");
-        assert_eq!(max_diff(&gw, &gg), 0.0, "{arch:?} loss gradient");
+        assert_eq!(
+            common::max_abs_diff(&gw, &gg),
+            0.0,
+            "{arch:?} loss gradient"
+        );
         assert_eq!(disk.resident_table_bytes(), 0, "read, used and dropped");
         let bad: [&[u32]; 1] = [&[300]];
         assert!(disk.embed_batch(&bad).is_err());
@@ -252,9 +248,9 @@ fn gguf_embedding_rows_and_logits_read_from_disk_are_the_resident_bits() {
             memory.embed_batch(&rows).unwrap(),
             disk.embed_batch(&rows).unwrap(),
         );
-        assert_eq!(max_diff(&want, &got), 0.0, "{ty:?} embeddings");
+        assert_eq!(common::max_abs_diff(&want, &got), 0.0, "{ty:?} embeddings");
         assert_eq!(
-            max_diff(&memory.logits(&rows).unwrap(), &disk.logits(&rows).unwrap()),
+            common::max_abs_diff(&memory.logits(&rows).unwrap(), &disk.logits(&rows).unwrap()),
             0.0,
             "{ty:?} logits"
         );

@@ -11,7 +11,7 @@ use common::llama_cpp_qk_rows;
 
 use vlmq_candle::candle_core::quantized::gguf_file::{self, Value};
 use vlmq_candle::candle_core::quantized::{GgmlDType, QTensor};
-use vlmq_candle::candle_core::{DType, Device, Tensor};
+use vlmq_candle::candle_core::{DType, Device};
 use vlmq_candle::{
     encode, load_gguf, load_hf_dir, read_gguf_content, tokenizer_from_gguf, Architecture,
     LlamaModel,
@@ -140,17 +140,6 @@ fn write_gguf(model: &LlamaModel, tokenizer_json: &PathBuf, path: &PathBuf) {
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn roundtrip(name: &str) {
     let hf = load_hf_dir(dir(name), DType::F32, &Device::Cpu).unwrap();
     let path = std::env::temp_dir().join(format!("vlmq-candle-{name}-{}.gguf", std::process::id()));
@@ -185,7 +174,7 @@ fn roundtrip(name: &str) {
     // F32 tensors are stored exactly and the permutation is undone exactly:
     // the logits are bitwise equal.
     assert_eq!(
-        max_abs_diff(&g.logits(&batch).unwrap(), &hf.logits(&batch).unwrap()),
+        common::max_abs_diff(&g.logits(&batch).unwrap(), &hf.logits(&batch).unwrap()),
         0.0
     );
 }

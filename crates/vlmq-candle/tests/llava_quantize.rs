@@ -3,6 +3,8 @@
 //! differences, token info, VLMQ with the LM-only selection and with every
 //! block, and the LLaVA-layout GPTQ checkpoint written and read back.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -175,17 +177,6 @@ fn token_info_tags_vision_and_padding() {
     assert!((lo(&ss[0]) - lo(&ss[2])).abs() < 1e-6);
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn scheme() -> GptqConfig {
     GptqConfig::new(
         QuantScheme::new(Bits::new(4).unwrap())
@@ -254,9 +245,9 @@ fn vlmq_lm_only_then_llava_gptq_checkpoint_roundtrip() {
     let want = model.logits(&batch, Some(px)).unwrap();
     // The packed kernel reproduces the dequantized weights up to f32
     // rounding of scale * (code - zero).
-    let d = max_abs(&back.logits(&batch, Some(px)).unwrap(), &want);
+    let d = common::max_abs_diff(&back.logits(&batch, Some(px)).unwrap(), &want);
     assert!(d < 1e-4, "read-back logits differ by {d}");
-    let d0 = max_abs(&orig.logits(&batch, Some(px)).unwrap(), &want);
+    let d0 = common::max_abs_diff(&orig.logits(&batch, Some(px)).unwrap(), &want);
     assert!(d0 > 1e-3, "quantization changed nothing ({d0})");
     std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -2,6 +2,8 @@
 //! tokenizer) goes through loading, perplexity, GPTQ and VLMQ, the GPTQ
 //! checkpoint writer and the read-back through `PackedLinear`.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -64,17 +66,6 @@ fn text() -> String {
         .repeat(6)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn run(arch: Architecture, method: QuantMethod) {
     let tmp = std::env::temp_dir().join(format!(
         "vlmq-candle-rt-{arch:?}-{method}-{}",
@@ -93,7 +84,7 @@ fn run(arch: Architecture, method: QuantMethod) {
     assert!(wins.len() >= 6, "{} windows", wins.len());
     let probe: Vec<&[u32]> = wins[..2].iter().map(Vec::as_slice).collect();
     assert_eq!(
-        max_abs_diff(
+        common::max_abs_diff(
             &model.logits(&probe).unwrap(),
             &orig.logits(&probe).unwrap()
         ),
@@ -136,7 +127,7 @@ fn run(arch: Architecture, method: QuantMethod) {
     assert_eq!(load_gptq_into(&mut back, &out).unwrap(), 14);
     // The packed kernel reproduces the dequantized weights up to f32
     // rounding of scale * (code - zero) (and of the bias subtraction).
-    let d = max_abs_diff(
+    let d = common::max_abs_diff(
         &back.logits(&probe).unwrap(),
         &model.logits(&probe).unwrap(),
     );

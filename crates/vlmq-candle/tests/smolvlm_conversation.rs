@@ -5,6 +5,8 @@
 //! the modules left dense listed in `quantization_config`, and the packed
 //! layers reproducing the in-memory quantized logits when read back.
 
+mod common;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -64,17 +66,6 @@ fn write_conversations(d: &Path) -> (PathBuf, [&'static str; 2]) {
     (file, answers)
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// The fixture's prompts as conversations give transformers' `input_ids`
 /// (then the `<end_of_utterance>\n` that closes the answer), its frames
 /// and the answer tokens as the only targets.
@@ -116,7 +107,7 @@ fn conversations_give_the_processor_samples() {
         assert_eq!(s.tokens[ids[k].len()..], tail[..], "sample {k} end of turn");
         let px = s.pixels.as_ref().unwrap();
         let n = px.dim(0).unwrap();
-        let d = max_abs(px, &frames.narrow(0, start, n).unwrap());
+        let d = common::max_abs_diff(px, &frames.narrow(0, start, n).unwrap());
         start += n;
         // The processor test's bound: PIL-exact frames, f32 normalization.
         assert!(d <= 1e-5, "sample {k} pixel_values {d:e}");
@@ -279,7 +270,7 @@ fn a_bf16_directory_quantizes_and_keeps_its_dense_bytes() {
     let got = back.logits(&batch, Some(&frames)).unwrap();
     // The packed kernel reproduces the dequantized weights up to f32
     // rounding of scale * (code - zero).
-    let diff = max_abs(&got, &want);
+    let diff = common::max_abs_diff(&got, &want);
     assert!(diff < 1e-4, "read-back logits differ by {diff}");
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -4,6 +4,8 @@
 //! checkpoint written and read back through `PackedLinear` reproducing the
 //! in-memory quantized logits.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -54,17 +56,6 @@ fn samples(model: &SmolVlmModel) -> Vec<VlmSample> {
             .padded(5, 0),
         VlmSample::causal(rows[0][..6].to_vec(), None),
     ]
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn scheme() -> GptqConfig {
@@ -187,8 +178,8 @@ fn vision_input_gradient_matches_transformers() {
     }
     let ours = Tensor::cat(&grads, 0).unwrap();
     let want = &expected()["grad_vision_block0_input"];
-    let err =
-        f64::from(max_abs(&ours, want)) / f64::from(max_abs(want, &want.zeros_like().unwrap()));
+    let err = f64::from(common::max_abs_diff(&ours, want))
+        / f64::from(common::max_abs_diff(want, &want.zeros_like().unwrap()));
     eprintln!("smolvlm grad_vision_block0_input rel err {err:.2e}");
     // f32 on both sides through 2 decoder layers, the connector and 2 SigLIP
     // layers: rounding stays far below 1e-5; a wrong backward is O(1).
@@ -212,7 +203,7 @@ fn blocks_chain_to_the_model_forward_and_tag_tokens() {
         .hidden_states(&[&rows[1]], Some(&frames.narrow(0, 5, 8).unwrap()))
         .unwrap();
     // The same operations in the same order: identical.
-    assert_eq!(max_abs(&last, want.last().unwrap()), 0.0);
+    assert_eq!(common::max_abs_diff(&last, want.last().unwrap()), 0.0);
 
     assert_eq!(model.num_blocks(), 2 + 1 + 2);
     assert_eq!(model.block_name(2), "model.connector");
@@ -287,9 +278,9 @@ fn lm_only_gptq_and_vlmq_checkpoints_roundtrip() {
         let want = model.logits(&batch, Some(&frames)).unwrap();
         // The packed kernel reproduces the dequantized weights up to f32
         // rounding of scale * (code - zero).
-        let d = max_abs(&back.logits(&batch, Some(&frames)).unwrap(), &want);
+        let d = common::max_abs_diff(&back.logits(&batch, Some(&frames)).unwrap(), &want);
         assert!(d < 1e-4, "{method}: read-back logits differ by {d}");
-        let d0 = max_abs(&orig.logits(&batch, Some(&frames)).unwrap(), &want);
+        let d0 = common::max_abs_diff(&orig.logits(&batch, Some(&frames)).unwrap(), &want);
         assert!(d0 > 1e-3, "{method}: quantization changed nothing ({d0})");
     }
 }

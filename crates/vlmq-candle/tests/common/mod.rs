@@ -1,5 +1,8 @@
 //! Helpers shared by this crate's integration tests.
 
+// Each test binary includes this module and uses only some of its helpers.
+#![allow(dead_code)]
+
 use vlmq_candle::candle_core::{Result, Tensor};
 
 /// llama.cpp's converter order of q/k rows, derived here from the rule
@@ -28,4 +31,15 @@ pub fn llama_cpp_qk_rows(w: &Tensor, heads: usize, to_hf: bool) -> Result<Tensor
     }
     let idx = Tensor::from_vec(pick, out, w.device())?;
     w.index_select(&idx, 0)
+}
+
+/// The largest absolute difference between two f32 tensors of the same
+/// shape (0 when they hold the same values).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .unwrap()
 }
