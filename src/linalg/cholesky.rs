@@ -90,6 +90,46 @@ pub(super) fn checked_scale(h: ArrayView2<'_, f32>, perm: Option<&[usize]>) -> R
     Ok(if mean_diag > 0.0 { mean_diag } else { 1.0 })
 }
 
+/// The damping of the attempt that gave a healthy factor.
+pub(super) struct Damped {
+    /// Relative damping (fraction of the mean diagonal).
+    pub(super) percent: f64,
+    /// Absolute damping added to the diagonal.
+    pub(super) absolute: f64,
+    /// Attempts made, the successful one included.
+    pub(super) attempts: u32,
+}
+
+/// The damping policy's attempts, shared by both routes:
+/// `try_factor(attempt, damp)` factors `H + damp I` (`damp = percent *
+/// scale`) and says whether the factor is healthy; `percent` grows by the
+/// policy's factor after each failure, up to its attempt limit, after which
+/// [`Error::IndefiniteHessian`] is returned for the `n`-wide Hessian.
+pub(super) fn damped_attempts(
+    n: usize,
+    scale: f64,
+    damping: &Damping,
+    mut try_factor: impl FnMut(u32, f64) -> bool,
+) -> Result<Damped> {
+    let mut percent = damping.initial_percent();
+    for attempt in 1..=damping.max_attempts() {
+        let absolute = percent * scale;
+        if try_factor(attempt, absolute) {
+            return Ok(Damped {
+                percent,
+                absolute,
+                attempts: attempt,
+            });
+        }
+        percent *= damping.growth();
+    }
+    Err(Error::IndefiniteHessian {
+        dim: n,
+        last_damp_percent: percent / damping.growth(),
+        attempts: damping.max_attempts() as usize,
+    })
+}
+
 fn factor_in_order(
     h: ArrayView2<'_, f32>,
     perm: Option<&[usize]>,
@@ -97,15 +137,13 @@ fn factor_in_order(
 ) -> Result<InverseCholesky> {
     let scale = checked_scale(h, perm)?;
     let n = h.nrows();
-    let mut percent = damping.initial_percent();
     let par = factor_par(n);
     let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(n, par, Spec::default()));
     // The flipped matrix's diagonal before damping.
     let mut diag = vec![0f32; n];
     let mut a = Mat::<f32>::zeros(n, n);
     let mut u = Array2::<f32>::zeros((n, n));
-    for attempt in 1..=damping.max_attempts() {
-        let damp = percent * scale;
+    let damped = damped_attempts(n, scale, damping, |_, damp| {
         fill_flipped(&mut a, h, perm, &mut diag);
         for (j, d) in diag.iter().enumerate() {
             a[(j, j)] = (f64::from(*d) + damp) as f32;
@@ -117,33 +155,25 @@ fn factor_in_order(
             MemStack::new(&mut scratch),
             Spec::default(),
         );
-        if factored.is_ok() {
-            // L^-1 written straight into U through a view with both axes
-            // reversed: entry (i, j) of the view is u[n-1-i, n-1-j], so the
-            // view receives L^-1 exactly when U = J L^-1 J. Only its lower
-            // triangle is written; the rest of U stays zero.
-            faer::linalg::triangular_inverse::invert_lower_triangular(
-                crate::linalg::faer_mut(u.view_mut()).reverse_rows_and_cols_mut(),
-                a.as_ref(),
-                par,
-            );
-            let healthy = u.diag().iter().all(|&d| d.is_finite() && d > 0.0)
-                && u.iter().all(|v| v.is_finite());
-            if healthy {
-                return Ok(InverseCholesky {
-                    u,
-                    damp_percent: percent,
-                    damp_absolute: damp,
-                    attempts: attempt,
-                });
-            }
+        if factored.is_err() {
+            return false;
         }
-        percent *= damping.growth();
-    }
-    Err(Error::IndefiniteHessian {
-        dim: n,
-        last_damp_percent: percent / damping.growth(),
-        attempts: damping.max_attempts() as usize,
+        // L^-1 written straight into U through a view with both axes
+        // reversed: entry (i, j) of the view is u[n-1-i, n-1-j], so the
+        // view receives L^-1 exactly when U = J L^-1 J. Only its lower
+        // triangle is written; the rest of U stays zero.
+        faer::linalg::triangular_inverse::invert_lower_triangular(
+            crate::linalg::faer_mut(u.view_mut()).reverse_rows_and_cols_mut(),
+            a.as_ref(),
+            par,
+        );
+        u.diag().iter().all(|&d| d.is_finite() && d > 0.0) && u.iter().all(|v| v.is_finite())
+    })?;
+    Ok(InverseCholesky {
+        u,
+        damp_percent: damped.percent,
+        damp_absolute: damped.absolute,
+        attempts: damped.attempts,
     })
 }
 

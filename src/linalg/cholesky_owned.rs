@@ -42,9 +42,9 @@ use faer::{MatMut, MatRef, Spec};
 use ndarray::{s, Array2};
 use rayon::prelude::*;
 
-use super::cholesky::{checked_scale, factor_par, InverseCholesky};
+use super::cholesky::{checked_scale, damped_attempts, factor_par, InverseCholesky};
 use crate::config::Damping;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// [`super::inverse_cholesky_upper_in_order`] of a Hessian the caller gives
 /// up: the same factor, bit for bit, retries included, computed in `h`'s
@@ -68,7 +68,7 @@ pub(crate) fn inverse_cholesky_upper_owned(
     // The diagonal before damping, and the strict lower triangle for
     // retries, column by column.
     let diag: Vec<f32> = (0..n).map(|j| buf[at(j + 1, j)]).collect();
-    let mut backup = (damping.max_attempts() > 1).then(|| {
+    let backup = (damping.max_attempts() > 1).then(|| {
         let mut kept = Vec::with_capacity(n * n.saturating_sub(1) / 2);
         for j in 0..n {
             kept.extend_from_slice(&buf[at(j + 2, j)..at(n + 1, j)]);
@@ -77,13 +77,13 @@ pub(crate) fn inverse_cholesky_upper_owned(
     });
     let par = factor_par(n);
     let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(n, par, Spec::default()));
-    let mut percent = damping.initial_percent();
-    for attempt in 1..=damping.max_attempts() {
-        let damp = percent * scale;
+    let damped = damped_attempts(n, scale, damping, |attempt, damp| {
         if attempt > 1 {
-            let kept = backup.as_ref().ok_or(Error::Empty {
-                what: "Hessian".into(),
-            })?;
+            // Kept whenever a second attempt is allowed; without it the
+            // attempt fails rather than factor an overwritten matrix.
+            let Some(kept) = backup.as_ref() else {
+                return false;
+            };
             let mut from = 0;
             for j in 0..n {
                 let len = n - 1 - j;
@@ -107,50 +107,36 @@ pub(crate) fn inverse_cholesky_upper_owned(
             MemStack::new(&mut scratch),
             Spec::default(),
         );
-        if factored.is_ok() {
-            copy_factor_row_major(&mut buf, n);
-            let ptr = buf.as_mut_ptr();
-            // SAFETY: both views lie in `buf`: the copy's last entry is
-            // `Q[n - 1, n - 1] < n (n + 1)`, the reversed view's first is the
-            // buffer's last. The triangular inverse reads only the lower
-            // triangle of `l` (`Q[r, c]`, `c <= r`) and writes only the
-            // lower triangle of `x` (`Q[r, c]`, `c > r`, module
-            // documentation): no entry is read through one view and
-            // written through the other.
-            let (l, x) = unsafe {
-                (
-                    MatRef::from_raw_parts(ptr, n, n, (n + 1) as isize, 1),
-                    MatMut::from_raw_parts_mut(
-                        ptr.add(n * (n + 1) - 1),
-                        n,
-                        n,
-                        -((n + 1) as isize),
-                        -1,
-                    ),
-                )
-            };
-            faer::linalg::triangular_inverse::invert_lower_triangular(x, l, par);
-            // Row r of U's upper triangle is Q[r, r + 1..=n], contiguous.
-            let healthy = (0..n).all(|r| {
-                let row = &buf[r * (n + 2) + 1..(r + 1) * (n + 1)];
-                row[0] > 0.0 && row.iter().all(|v| v.is_finite())
-            });
-            if healthy {
-                backup.take();
-                return Ok(InverseCholesky {
-                    u: upper_factor(buf, n),
-                    damp_percent: percent,
-                    damp_absolute: damp,
-                    attempts: attempt,
-                });
-            }
+        if factored.is_err() {
+            return false;
         }
-        percent *= damping.growth();
-    }
-    Err(Error::IndefiniteHessian {
-        dim: n,
-        last_damp_percent: percent / damping.growth(),
-        attempts: damping.max_attempts() as usize,
+        copy_factor_row_major(&mut buf, n);
+        let ptr = buf.as_mut_ptr();
+        // SAFETY: both views lie in `buf`: the copy's last entry is
+        // `Q[n - 1, n - 1] < n (n + 1)`, the reversed view's first is the
+        // buffer's last. The triangular inverse reads only the lower
+        // triangle of `l` (`Q[r, c]`, `c <= r`) and writes only the lower
+        // triangle of `x` (`Q[r, c]`, `c > r`, module documentation): no
+        // entry is read through one view and written through the other.
+        let (l, x) = unsafe {
+            (
+                MatRef::from_raw_parts(ptr, n, n, (n + 1) as isize, 1),
+                MatMut::from_raw_parts_mut(ptr.add(n * (n + 1) - 1), n, n, -((n + 1) as isize), -1),
+            )
+        };
+        faer::linalg::triangular_inverse::invert_lower_triangular(x, l, par);
+        // Row r of U's upper triangle is Q[r, r + 1..=n], contiguous.
+        (0..n).all(|r| {
+            let row = &buf[r * (n + 2) + 1..(r + 1) * (n + 1)];
+            row[0] > 0.0 && row.iter().all(|v| v.is_finite())
+        })
+    })?;
+    drop(backup);
+    Ok(InverseCholesky {
+        u: upper_factor(buf, n),
+        damp_percent: damped.percent,
+        damp_absolute: damped.absolute,
+        attempts: damped.attempts,
     })
 }
 
@@ -245,6 +231,7 @@ fn upper_factor(mut buf: Vec<f32>, n: usize) -> Array2<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use crate::linalg::inverse_cholesky_upper_in_order;
 
     /// Uniform values in [-0.5, 0.5) from a fixed seed.
