@@ -8,11 +8,15 @@
 //! 256-column super-block together, since those scales are themselves
 //! quantized against one f16 super-block scale.
 
+mod candidates;
 mod fit;
 mod format;
 mod grid;
 mod pack;
+mod rank;
 mod search;
+#[cfg(test)]
+mod test_values;
 
 pub use format::GgufType;
 pub use grid::BlockGrid;
