@@ -13,7 +13,7 @@
 //!   or `xhat = x r` (RMSNorm), `r` the reciprocal scale, over `n` features:
 //!   `dx = r * (z - xhat * mean(z * xhat) - mean(z))` with `z = dh * w`,
 //!   the `mean(z)` term only for LayerNorm (it comes from the centring);
-//! - the MLP activations ([`crate::backend::fused::activation_backward`]):
+//! - the MLP activations ([`crate::backend::activation::activation_backward`]):
 //!   quick-GELU `a = f s`, `s = sigmoid(1.702 f)`:
 //!   `df = da * (s + 1.702 f s (1 - s))`;
 //! - tanh-GELU `a = f (1 + t) / 2`, `t = tanh(u)`, `u = c (f + 0.044715 f^3)`,

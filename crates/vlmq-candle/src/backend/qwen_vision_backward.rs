@@ -10,10 +10,10 @@
 
 use candle_core::Tensor;
 
+use crate::backend::activation::activation_backward;
 use crate::backend::chain_rule::{
     input_grad, norm_backward, pieced_attention_backward, rotary_backward, BlockGradients,
 };
-use crate::backend::fused::activation_backward;
 use crate::models::qwen2_vl::vision::{VisionBlock, VisionPositions};
 use crate::models::qwen2_vl::vision_block::{block_tape, MlpTape, VisionBlockTape};
 use crate::models::qwen2_vl::QwenVisionConfig;

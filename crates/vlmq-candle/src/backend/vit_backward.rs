@@ -6,10 +6,10 @@
 
 use candle_core::Tensor;
 
+use crate::backend::activation::activation_backward;
 use crate::backend::chain_rule::{
     input_grad, norm_backward, pieced_attention_backward, BlockGradients,
 };
-use crate::backend::fused::activation_backward;
 use crate::models::clip::ClipLayerWeights;
 use crate::models::vit_encoder::{encoder_tape, EncoderShape};
 

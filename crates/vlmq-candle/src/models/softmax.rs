@@ -17,10 +17,13 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use vlmq::__private::exp_nonpositive;
 
+use crate::backend::wide::widened;
+
 /// Interleaved partial sums per row sum: element `i` goes to lane `i % LANES`.
 const LANES: usize = 16;
 
 /// One row of the softmax: `out = exp(x - max x) / sum`.
+#[inline(always)]
 fn softmax_row(x: &[f32], out: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut lanes = [0.0f32; LANES];
@@ -45,6 +48,8 @@ fn softmax_row(x: &[f32], out: &mut [f32]) {
     }
 }
 
+widened!(fn softmax_row_wide(x: &[f32], out: &mut [f32]) = softmax_row;);
+
 /// The softmax over the last dimension of a contiguous f32 CPU tensor.
 struct Softmax;
 
@@ -62,7 +67,7 @@ impl CustomOp1 for Softmax {
         let mut out = vec![0.0f32; x.len()];
         out.par_chunks_mut(n)
             .zip(x.par_chunks(n))
-            .for_each(|(o, x)| softmax_row(x, o));
+            .for_each(|(o, x)| softmax_row_wide(x, o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -140,6 +145,18 @@ mod tests {
         let theirs = g.get(&x).unwrap();
         let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    /// The row kernel built for AVX-512 (which this test runs where the CPU
+    /// has it) gives the bits of the baseline build, inlined here.
+    #[test]
+    fn the_wide_build_gives_the_baseline_bits() {
+        let x: Vec<f32> = scores(&[1061], 13, 20.0).to_vec1::<f32>().unwrap();
+        let (mut base, mut wide) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+        softmax_row(&x, &mut base);
+        softmax_row_wide(&x, &mut wide);
+        let bits = |v: &[f32]| v.iter().map(|p| p.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&base), bits(&wide));
     }
 
     #[test]

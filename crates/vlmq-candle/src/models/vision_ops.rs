@@ -6,7 +6,7 @@ use candle_core::{Tensor, D};
 use vlmq::RowSink;
 
 use crate::models::clip::LayerNorm;
-use crate::models::llama::forward::{linear, rows};
+use crate::models::llama::forward::{linear, linear_plus, show_rows};
 use crate::models::llama::weights::Linear;
 
 /// What one block run shows, for a block whose linears are named `names`.
@@ -36,13 +36,11 @@ impl<'a, 'p> BlockHooks<'a, 'p> {
 
     /// Shows `x` to the capture as the input of the linears `idx`.
     pub(crate) fn show(&mut self, idx: &[usize], x: &Tensor) -> candle_core::Result<()> {
-        if let Some(sink) = self.capture.as_deref_mut() {
-            let r = rows(x)?;
-            for &i in idx {
-                sink.rows(self.names[i], r.view());
-            }
+        let names = self.names;
+        match self.capture.as_deref_mut() {
+            Some(sink) => show_rows(sink, idx.iter().map(|&i| names[i]), x),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Linear `i` (`l`) on `x`, plus its probe when given.
@@ -51,6 +49,21 @@ impl<'a, 'p> BlockHooks<'a, 'p> {
         match self.probes.and_then(|p| p.get(i)) {
             Some(p) => y + p,
             None => Ok(y),
+        }
+    }
+
+    /// `r + lin(i, x, l)`: the residual stream `r` plus linear `i` on `x`,
+    /// added in the product's memory when no probe is given.
+    pub(crate) fn lin_plus(
+        &self,
+        i: usize,
+        x: &Tensor,
+        l: &Linear,
+        r: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self.probes.and_then(|p| p.get(i)) {
+            Some(_) => r + self.lin(i, x, l)?,
+            None => linear_plus(x, l, Some(r)),
         }
     }
 }
@@ -112,6 +125,6 @@ pub(crate) enum MlpAct {
 impl MlpAct {
     /// The activation of `z`.
     pub(crate) fn apply(self, z: &Tensor) -> candle_core::Result<Tensor> {
-        crate::backend::fused::activation(self, z)
+        crate::backend::activation::activation(self, z)
     }
 }

@@ -51,7 +51,7 @@ pub(crate) fn encoder_layer_forward(
     let (mid, a, _) = encoder_body(shape, l, x, &mut hooks, false)?;
     let a =
         a.ok_or_else(|| candle_core::Error::Msg("the encoder layer formed no activation".into()))?;
-    mid + hooks.lin(5, &a, &l.linears[5])?
+    hooks.lin_plus(5, &a, &l.linears[5], &mid)
 }
 
 /// The [`EncoderTape`] of layer `l` on `x`: the forward pass up to `fc2`,
@@ -106,7 +106,7 @@ fn encoder_body(
         .transpose(1, 2)?
         .reshape((n, s, d))?;
     hooks.show(&[3], &att)?;
-    let mid = (x + hooks.lin(3, &att, &l.linears[3])?)?;
+    let mid = hooks.lin_plus(3, &att, &l.linears[3], x)?;
     let (h, norm2) = norm(&mid, &l.norm2)?;
     hooks.show(&[4], &h)?;
     let fc1 = hooks.lin(4, &h, &l.linears[4])?;

@@ -74,7 +74,7 @@ pub(crate) fn block_forward(
     let a =
         a.ok_or_else(|| candle_core::Error::Msg("the vision block formed no activation".into()))?;
     let last = b.linears.len() - 1;
-    mid + hooks.lin(last, &a, &b.linears[last])?
+    hooks.lin_plus(last, &a, &b.linears[last], &mid)
 }
 
 /// The [`VisionBlockTape`] of block `b` on `x`: the forward pass up to the
@@ -131,7 +131,7 @@ fn block_body(
     let (att, attention) = attention(&q, &k, &v, &segs, PIECE_SCORES, keep)?;
     let att = att.transpose(0, 1)?.reshape((1, s, nh * hd))?;
     hooks.show(&[1], &att)?;
-    let mid = (x + lin(hooks, 1, &att)?)?;
+    let mid = hooks.lin_plus(1, &att, &b.linears[1], x)?;
     let (h, norm2) = norm(&b.norm2, &mid)?;
     let mlp = if b.swiglu() {
         hooks.show(&[2, 3], &h)?;
