@@ -17,7 +17,7 @@
 //! | point | where |
 //! |---|---|
 //! | `importance` | the task-loss importance pass, before each block's backward step |
-//! | `capture` | a capture pass, after each chunk of samples went into the accumulators |
+//! | `capture` | a capture pass, after each chunk of samples went into the accumulators (a chunk holds at least one sample per thread, so with a token or byte bound below that the count follows the thread count) |
 //! | `solve` | after each layer's solve, before its quantized weight is installed |
 //! | `file-half` | [`write_atomic`](crate::fsutil::write_atomic): half the bytes are in the temporary file (state files: manifest, block tensors, block reports) |
 //! | `file-written` | [`write_atomic_with`](crate::fsutil::write_atomic_with): the temporary file is complete and flushed, not yet renamed |

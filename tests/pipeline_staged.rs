@@ -12,26 +12,39 @@ use vlmq_nn::{Sample, SequenceModel};
 use vlmq_toy::{build_model, examples, to_sample, Split, ToyConfig};
 
 /// The reference backend with its staged forward hidden: the trait's
-/// default (one `block_forward` per stage) runs instead.
-struct Unstaged(SequenceModel);
+/// default (one `block_forward` per stage) runs instead. It records every
+/// `stage_finished` call.
+struct Unstaged {
+    model: SequenceModel,
+    finished: Vec<(usize, usize)>,
+}
+
+impl Unstaged {
+    fn new(model: SequenceModel) -> Self {
+        Unstaged {
+            model,
+            finished: Vec::new(),
+        }
+    }
+}
 
 impl QuantizableModel for Unstaged {
     type Sample = Sample;
     type Hidden = Array2<f32>;
     fn num_blocks(&self) -> usize {
-        self.0.num_blocks()
+        self.model.num_blocks()
     }
     fn block_name(&self, b: usize) -> String {
-        self.0.block_name(b)
+        self.model.block_name(b)
     }
     fn linear_groups(&self, b: usize) -> Vec<Vec<LinearInfo>> {
-        self.0.linear_groups(b)
+        self.model.linear_groups(b)
     }
     fn token_info(&self, b: usize, s: &Sample) -> TokenInfo {
-        self.0.token_info(b, s)
+        self.model.token_info(b, s)
     }
     fn embed(&self, s: &Sample) -> vlmq::Result<Array2<f32>> {
-        self.0.embed(s)
+        self.model.embed(s)
     }
     fn block_forward(
         &self,
@@ -40,10 +53,10 @@ impl QuantizableModel for Unstaged {
         s: &Sample,
         sink: Option<&mut dyn RowSink>,
     ) -> vlmq::Result<Array2<f32>> {
-        self.0.block_forward(b, x, s, sink)
+        self.model.block_forward(b, x, s, sink)
     }
     fn linear_weight(&self, b: usize, layer: &str) -> vlmq::Result<Array2<f32>> {
-        self.0.linear_weight(b, layer)
+        self.model.linear_weight(b, layer)
     }
     fn set_linear_weight(
         &mut self,
@@ -51,7 +64,14 @@ impl QuantizableModel for Unstaged {
         layer: &str,
         w: ArrayView2<'_, f32>,
     ) -> vlmq::Result<()> {
-        self.0.set_linear_weight(b, layer, w)
+        self.model.set_linear_weight(b, layer, w)
+    }
+    fn gradients(&self) -> Option<&dyn vlmq::GradientModel<Sample = Sample, Hidden = Array2<f32>>> {
+        self.model.gradients()
+    }
+    fn stage_finished(&mut self, b: usize, k: usize) -> vlmq::Result<()> {
+        self.finished.push((b, k));
+        Ok(())
     }
 }
 
@@ -129,14 +149,14 @@ fn staged_true_sequential_matches_one_forward_per_group() {
     for method in [QuantMethod::Gptq, QuantMethod::Gptaq] {
         let cfg = PipelineConfig::new(method, GptqConfig::new(scheme)).with_capture_tokens(40);
         let mut staged = build_model(toy(), 11).unwrap();
-        let mut plain = Unstaged(build_model(toy(), 11).unwrap());
+        let mut plain = Unstaged::new(build_model(toy(), 11).unwrap());
         let a = quantize_model(&mut staged, &samples, &cfg, |_| {}).unwrap();
         let b = quantize_model(&mut plain, &samples, &cfg, |_| {}).unwrap();
         assert_eq!(a.weights, b.weights, "{method}: codes and grids");
         for s in &samples {
             assert_eq!(
                 staged.forward(s).unwrap(),
-                plain.0.forward(s).unwrap(),
+                plain.model.forward(s).unwrap(),
                 "{method}: the quantized models differ"
             );
         }
@@ -254,5 +274,38 @@ fn a_staged_backend_needs_no_block_forward_in_true_sequential_capture() {
         quantize_model(&mut model, &samples, &cfg, |_| {}).unwrap();
         assert_eq!(model.forwards.into_inner(), forwards, "{true_sequential}");
         assert_eq!(model.stages.into_inner(), stages, "{true_sequential}");
+    }
+}
+
+/// A true-sequential run without a full-precision stream tells the backend
+/// after each stage of each block, in order, so a streamed backend can free
+/// the weights only that stage read; GPTAQ methods (which put the original
+/// weights back for the full-precision stream) and one-forward capture
+/// never do.
+#[test]
+fn finished_stages_are_reported_only_where_no_weight_is_read_again() {
+    let scheme = QuantScheme::new(Bits::new(4).unwrap());
+    for method in [
+        QuantMethod::Gptq,
+        QuantMethod::Vlmq,
+        QuantMethod::Gptaq,
+        QuantMethod::VlmqGptaq,
+    ] {
+        for true_sequential in [true, false] {
+            let model = build_model(toy(), 3).unwrap();
+            let expected: Vec<(usize, usize)> = (0..model.num_blocks())
+                .flat_map(|b| (0..model.linear_groups(b).len()).map(move |k| (b, k)))
+                .collect();
+            let mut m = Unstaged::new(model);
+            let cfg = PipelineConfig::new(method, GptqConfig::new(scheme))
+                .with_true_sequential(true_sequential);
+            quantize_model(&mut m, &samples(), &cfg, |_| {}).unwrap();
+            let paired = matches!(method, QuantMethod::Gptaq | QuantMethod::VlmqGptaq);
+            if true_sequential && !paired {
+                assert_eq!(m.finished, expected, "{method}");
+            } else {
+                assert!(m.finished.is_empty(), "{method} {true_sequential}");
+            }
+        }
     }
 }

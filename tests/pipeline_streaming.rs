@@ -78,9 +78,23 @@ fn the_capture_bound_changes_no_bit() {
         QuantMethod::Vlmq,
         QuantMethod::VlmqGptaq,
     ] {
-        let (all, w_all) = run(&config(method).with_capture_tokens(usize::MAX));
-        for bound in [1, 40] {
-            let (chunked, w) = run(&config(method).with_capture_tokens(bound));
+        let unbounded = config(method)
+            .with_capture_tokens(usize::MAX)
+            .with_capture_memory(usize::MAX);
+        let (all, w_all) = run(&unbounded);
+        // Token bounds, and byte bounds: 1 byte leaves one sample per
+        // thread in a chunk, 8 KiB a few tokens of the tiny model's rows.
+        let bounds = [
+            ("tokens 1", config(method).with_capture_tokens(1)),
+            ("tokens 40", config(method).with_capture_tokens(40)),
+            ("bytes 1", unbounded.clone().with_capture_memory(1)),
+            (
+                "bytes 8 KiB",
+                unbounded.clone().with_capture_memory(8 << 10),
+            ),
+        ];
+        for (bound, cfg) in bounds {
+            let (chunked, w) = run(&cfg);
             assert_eq!(
                 chunked.weights, all.weights,
                 "{method} bound {bound}: codes"

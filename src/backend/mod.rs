@@ -233,6 +233,18 @@ pub trait QuantizableModel: Sync {
     /// The current weight `[out, in]` of a linear.
     fn linear_weight(&self, block: usize, layer: &str) -> Result<Array2<f32>>;
 
+    /// The current weight `[out, in]` of a linear the pipeline is about to
+    /// solve and replace with [`set_linear_weight`](Self::set_linear_weight),
+    /// when it will not need the original again (no layer objectives, no
+    /// full-precision stream). A backend that materializes its blocks on
+    /// demand may hand over its own copy and hold none until the new weight
+    /// arrives (if the solve fails, the run stops with the error and the
+    /// block is not used again); the default copies, as
+    /// [`linear_weight`](Self::linear_weight).
+    fn take_linear_weight(&mut self, block: usize, layer: &str) -> Result<Array2<f32>> {
+        self.linear_weight(block, layer)
+    }
+
     /// Replaces a linear's weight (`[out, in]`), e.g. with its dequantized form.
     fn set_linear_weight(
         &mut self,
@@ -250,6 +262,22 @@ pub trait QuantizableModel: Sync {
     /// here; the default does nothing.
     fn release_block(&mut self, block: usize) -> Result<()> {
         let _ = block;
+        Ok(())
+    }
+
+    /// Called by a true-sequential run after stage `stage` of `block` ran
+    /// on every sample, when the run has no full-precision stream (GPTQ and
+    /// VLMQ, not the GPTAQ methods): from then on the pipeline runs only
+    /// stages after `stage` of this block, and reads no weight of the input
+    /// groups before `stage` again (their codes are already in the run's
+    /// results). A backend that materializes its blocks on demand may free
+    /// what only stages up to `stage` read, for a streamed Llama block the
+    /// projections of group `stage - 1`: when the down projection is
+    /// solved, the block's six other projections are gone. The default
+    /// keeps everything, as a backend whose model is the run's in-memory
+    /// result must.
+    fn stage_finished(&mut self, block: usize, stage: usize) -> Result<()> {
+        let _ = (block, stage);
         Ok(())
     }
 

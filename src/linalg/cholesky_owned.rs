@@ -29,8 +29,16 @@
 //! borrowed route writes it; the input's layout does not matter.
 //!
 //! Damping retries need the undamped matrix again, and the factorization
-//! overwrites it: a copy of its strict lower triangle (half a matrix) is
-//! kept while attempts remain. Peak: 1.5 matrices instead of 2.5.
+//! overwrites its lower triangle. faer's LLT factorization writes only the
+//! lower triangle, except inside the diagonal blocks of its unblocked
+//! kernel (row batches at most four vectors wide), where it also writes a
+//! few entries just above the diagonal. So the flipped matrix's strict
+//! upper triangle, its transpose, survives a failed attempt outside a band
+//! along the diagonal: the band is kept ([`RetrySource`], `n x 128` values
+//! instead of the half matrix a copy of the triangle would take), and a
+//! fingerprint of the rest checks that it did survive before the lower
+//! triangle is rebuilt from it. Peak: one matrix and a column, instead of
+//! 2.5 matrices for the borrowed route.
 //!
 //! The arithmetic is the borrowed route's, operation for operation, so the
 //! factor is the same bits (tested below, on both sides of the parallel
@@ -65,31 +73,19 @@ pub(crate) fn inverse_cholesky_upper_owned(
     permute_symmetric(&mut buf, n, &flip);
     spread_columns(&mut buf, n);
     let at = |r: usize, c: usize| r + c * (n + 1);
-    // The diagonal before damping, and the strict lower triangle for
-    // retries, column by column.
+    // The diagonal before damping, and what a retry needs.
     let diag: Vec<f32> = (0..n).map(|j| buf[at(j + 1, j)]).collect();
-    let backup = (damping.max_attempts() > 1).then(|| {
-        let mut kept = Vec::with_capacity(n * n.saturating_sub(1) / 2);
-        for j in 0..n {
-            kept.extend_from_slice(&buf[at(j + 2, j)..at(n + 1, j)]);
-        }
-        kept
-    });
+    let retry = (damping.max_attempts() > 1).then(|| RetrySource::keep(&buf, n));
     let par = factor_par(n);
     let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(n, par, Spec::default()));
     let damped = damped_attempts(n, scale, damping, |attempt, damp| {
-        if attempt > 1 {
-            // Kept whenever a second attempt is allowed; without it the
-            // attempt fails rather than factor an overwritten matrix.
-            let Some(kept) = backup.as_ref() else {
-                return false;
-            };
-            let mut from = 0;
-            for j in 0..n {
-                let len = n - 1 - j;
-                buf[at(j + 2, j)..at(n + 1, j)].copy_from_slice(&kept[from..from + len]);
-                from += len;
-            }
+        // Kept whenever a second attempt is allowed; without it, or when
+        // the upper triangle did not survive (a factorization that
+        // succeeded but gave a non-finite inverse has overwritten it with
+        // the factor's copy), the attempt fails rather than factor an
+        // overwritten matrix.
+        if attempt > 1 && !retry.as_ref().is_some_and(|r| r.restore(&mut buf, n)) {
+            return false;
         }
         for (j, d) in diag.iter().enumerate() {
             buf[at(j + 1, j)] = (f64::from(*d) + damp) as f32;
@@ -131,13 +127,88 @@ pub(crate) fn inverse_cholesky_upper_owned(
             row[0] > 0.0 && row.iter().all(|v| v.is_finite())
         })
     })?;
-    drop(backup);
+    drop(retry);
     Ok(InverseCholesky {
         u: upper_factor(buf, n),
         damp_percent: damped.percent,
         damp_absolute: damped.absolute,
         attempts: damped.attempts,
     })
+}
+
+/// Entries above the diagonal of the flipped matrix that a factorization
+/// may write (module documentation): faer's row batches are at most four
+/// 512-bit vectors (64 f32) wide; the band is twice that.
+const BAND: usize = 128;
+
+/// What a damping retry rebuilds the undamped flipped matrix from (rows
+/// `1..=n` of the column-major buffer, as laid out before the first
+/// attempt): the strict upper triangle's entries within [`BAND`] of the
+/// diagonal, and a fingerprint of the others.
+struct RetrySource {
+    band: Vec<f32>,
+    outside: u64,
+}
+
+impl RetrySource {
+    /// Keeps the band and fingerprints the rest of the upper triangle.
+    fn keep(buf: &[f32], n: usize) -> Self {
+        let mut band = Vec::with_capacity(n * BAND.min(n));
+        for j in 0..n {
+            band.extend_from_slice(&buf[Self::band_of(j, n)]);
+        }
+        RetrySource {
+            band,
+            outside: Self::fingerprint_outside(buf, n),
+        }
+    }
+
+    /// Column `j`'s band entries (rows `j - BAND ..j` of the matrix).
+    fn band_of(j: usize, n: usize) -> std::ops::Range<usize> {
+        let col = 1 + j * (n + 1);
+        col + j.saturating_sub(BAND)..col + j
+    }
+
+    /// A fingerprint of the strict upper triangle outside the band.
+    fn fingerprint_outside(buf: &[f32], n: usize) -> u64 {
+        let mut h = 0x243f_6a88_85a3_08d3u64;
+        for j in BAND..n {
+            let col = 1 + j * (n + 1);
+            for &v in &buf[col..col + j - BAND] {
+                h = (h.rotate_left(5) ^ u64::from(v.to_bits())).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            }
+        }
+        h
+    }
+
+    /// Puts the band back, checks the rest of the upper triangle is
+    /// unchanged, and mirrors the upper triangle into the lower one (the
+    /// diagonal is the caller's). `false` when the upper triangle changed.
+    fn restore(&self, buf: &mut [f32], n: usize) -> bool {
+        let mut from = 0;
+        for j in 0..n {
+            let cols = Self::band_of(j, n);
+            let len = cols.len();
+            buf[cols].copy_from_slice(&self.band[from..from + len]);
+            from += len;
+        }
+        if Self::fingerprint_outside(buf, n) != self.outside {
+            return false;
+        }
+        // A(i, j) = A(j, i) for i > j, in 64 x 64 tiles.
+        const TILE: usize = 64;
+        let s = n + 1;
+        for j0 in (0..n).step_by(TILE) {
+            for i0 in (j0..n).step_by(TILE) {
+                for j in j0..(j0 + TILE).min(n) {
+                    for i in i0.max(j + 1)..(i0 + TILE).min(n) {
+                        buf[i + 1 + j * s] = buf[j + 1 + i * s];
+                    }
+                }
+            }
+        }
+        true
+    }
 }
 
 /// `h`'s values in row-major order, in its own allocation when it has the
@@ -312,20 +383,68 @@ mod tests {
         }
     }
 
-    /// A Hessian the first damping cannot factor: the retry restores the
-    /// flipped matrix from the kept triangle and gives the borrowed
-    /// route's factor.
-    #[test]
-    fn a_retry_from_the_kept_triangle_is_the_fresh_factor() {
-        // Rank 10 of 41, shifted down by 3% of the mean diagonal: 1%
-        // damping fails, 10% succeeds.
-        let n = 41;
+    /// Rank 10 of `n`, shifted down by 3% of the mean diagonal: 1%
+    /// damping fails, 10% succeeds.
+    fn needs_a_retry(n: usize) -> Array2<f32> {
         let mut h = gram(n, 10, 0x9e37_79b9);
         let mean = h.diag().sum() / n as f32;
         for i in 0..n {
             h[[i, i]] -= 0.03 * mean;
         }
-        assert!(same_as_borrowed(&h) > 1, "the first damping must fail");
+        h
+    }
+
+    /// A Hessian the first damping cannot factor: the retry rebuilds the
+    /// flipped matrix from the kept band and the surviving upper triangle,
+    /// and gives the borrowed route's factor, below and through faer's
+    /// recursive blocks and above the parallel threshold.
+    #[test]
+    fn a_retry_from_the_upper_triangle_is_the_fresh_factor() {
+        for n in [41, 300, 1100] {
+            assert!(
+                same_as_borrowed(&needs_a_retry(n)) > 1,
+                "n {n}: the first damping must fail"
+            );
+        }
+        let h = needs_a_retry(1601);
+        for threads in [1, 3] {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| assert!(same_as_borrowed(&h) > 1));
+        }
+    }
+
+    /// The retry source on a buffer laid out as before an attempt: the band
+    /// and the lower triangle come back after being overwritten, and a
+    /// change to the upper triangle outside the band is caught.
+    #[test]
+    fn the_retry_source_rebuilds_the_lower_triangle_and_catches_a_changed_upper_one() {
+        let n = 300;
+        let h = gram(n, 320, 11);
+        let mut buf = row_major_vec(h.clone());
+        spread_columns(&mut buf, n);
+        let original = buf.clone();
+        let kept = RetrySource::keep(&buf, n);
+        let at = |r: usize, c: usize| r + c * (n + 1);
+        // What a failed attempt may leave: the lower triangle and the band
+        // overwritten.
+        for j in 0..n {
+            for i in j.saturating_sub(BAND)..n {
+                if i != j {
+                    buf[at(i + 1, j)] = f32::NAN;
+                }
+            }
+        }
+        assert!(kept.restore(&mut buf, n));
+        assert!(buf
+            .iter()
+            .zip(&original)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        // An entry above the band changed: no rebuild.
+        buf[at(5, 5 + BAND + 1)] += 1.0;
+        assert!(!kept.restore(&mut buf, n));
     }
 
     /// Without attempts left to retry, nothing is kept, and a Hessian the

@@ -15,6 +15,7 @@ use super::progress::{Progress, Stage};
 use super::report::LayerReport;
 use super::saliency::{block_local_saliency, SaliencyMaps};
 use super::stages::{finish_stages, StageCarries};
+use super::weight_check::{left_in_place, WeightPrint};
 use crate::backend::{LinearInfo, QuantizableModel};
 use crate::config::QuantScheme;
 use crate::error::{Error, Result};
@@ -111,6 +112,13 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
             };
             let (stats, fp_out) =
                 capture_pass(run, model, &inputs, groups, pass.clone(), &swapped, how)?;
+            // Only later stages run from here on; without a full-precision
+            // stream no earlier group's weight is put back either.
+            if carries.is_some() && fp_stream.is_none() {
+                model
+                    .stage_finished(b, pass.start)
+                    .map_err(in_block(b, name, None, None))?;
+            }
             if fp_out.is_some() {
                 fp_next = fp_out;
             }
@@ -136,12 +144,14 @@ pub(crate) fn quantize_block<M: QuantizableModel>(
                         Stats::Shared(st.as_ref())
                     }
                 };
+                // GPTAQ's full-precision captures put the original back.
+                let swap = fp_stream.is_some() && cfg.true_sequential();
                 let (qw, report, original, deq) =
-                    quantize_layer(model, b, name, &layer.info, scheme, stats, cfg)?;
+                    quantize_layer(model, b, name, &layer.info, scheme, stats, cfg, swap)?;
                 // What the layer's solve freed goes back to the system
                 // before the next layer allocates (docs/PERFORMANCE.md).
                 super::trim::return_free_pages();
-                if fp_stream.is_some() && cfg.true_sequential() {
+                if let Some(original) = original.filter(|_| swap) {
                     swapped
                         .layers
                         .push((layer.info.name.clone(), original, deq));
@@ -205,7 +215,9 @@ enum Stats<'a> {
 
 /// Solves one layer on its group's statistics (none for RTN without
 /// objectives), installs the dequantized weight and reports it: (codes,
-/// report, original weight, dequantized).
+/// report, original weight when `keep_original` or objectives need it,
+/// dequantized).
+#[allow(clippy::too_many_arguments)]
 fn quantize_layer<M: QuantizableModel>(
     model: &mut M,
     b: usize,
@@ -214,7 +226,8 @@ fn quantize_layer<M: QuantizableModel>(
     scheme: QuantScheme,
     stats: Stats<'_>,
     cfg: &PipelineConfig,
-) -> Result<(LayerCodes, LayerReport, Array2<f32>, Array2<f32>)> {
+    keep_original: bool,
+) -> Result<QuantizedLayer> {
     let at = || in_block(b, name, Some(&info.name), None);
     let (shared, owned) = match stats {
         Stats::Shared(s) => (s, None),
@@ -251,11 +264,14 @@ fn quantize_layer<M: QuantizableModel>(
             .filter(|_| !all_dead)
             .map(LayerStats::Shared),
     };
-    let (w, qw, deq, damp) = solve_one(&*model, b, info, scheme, layer_stats, cfg).map_err(at())?;
+    let keep = keep_original || cfg.layer_objectives();
+    let (original, print, qw, deq, damp) =
+        solve_one(model, b, info, scheme, layer_stats, cfg, keep).map_err(at())?;
     crate::kill_point::reached("solve");
-    // With objectives asked for, the statistics are never handed over.
-    let (objective, objective_unweighted) = match shared {
-        Some(st) if cfg.layer_objectives() => {
+    // With objectives asked for, the statistics are never handed over and
+    // the original weight is kept.
+    let (objective, objective_unweighted) = match (shared, original.as_ref()) {
+        (Some(st), Some(w)) if cfg.layer_objectives() => {
             let o =
                 hessian_objective(w.view(), deq.view(), st.weighted.hessian.view()).map_err(at())?;
             let u = match &st.unweighted {
@@ -271,11 +287,10 @@ fn quantize_layer<M: QuantizableModel>(
     model
         .set_linear_weight(b, &info.name, deq.view())
         .map_err(at())?;
-    // A backend that ignores the new weight would give a successful run of
-    // a model that is not the quantized one (later blocks would calibrate on
-    // full-precision inputs). Read it back: it must have moved off the
-    // original (exact equality: a backend may store the weight rounded).
-    if w != deq && model.linear_weight(b, &info.name).map_err(at())? == w {
+    // Read the weight back: it must have moved off the original
+    // (`weight_check`).
+    let read_back = model.linear_weight(b, &info.name).map_err(at())?;
+    if left_in_place(print, deq.view(), read_back.view()) {
         return Err(Error::Backend {
             block: b,
             layer: Some(info.name.clone()),
@@ -303,22 +318,43 @@ fn quantize_layer<M: QuantizableModel>(
         seconds: t0.elapsed().as_secs_f64(),
         shares,
     };
-    Ok((qw, report, w, deq))
+    Ok((qw, report, original, deq))
 }
 
-/// Reads, checks and quantizes one layer: (original, codes, dequantized,
-/// damping). The solver methods use `stats`; without them (RTN, or the
-/// dead-layer fallback) the layer is rounded to nearest. With a GGUF type
-/// configured the layer goes onto that type's blocks.
+/// What [`quantize_layer`] gives: the codes, the report, the original
+/// weight (when kept) and the dequantized weight.
+type QuantizedLayer = (LayerCodes, LayerReport, Option<Array2<f32>>, Array2<f32>);
+
+/// What [`solve_one`] gives: the original weight (when kept) and its
+/// print, the codes, the dequantized weight, the damping.
+type Solved = (
+    Option<Array2<f32>>,
+    WeightPrint,
+    LayerCodes,
+    Array2<f32>,
+    f64,
+);
+
+/// Reads, checks and quantizes one layer. The solver methods use `stats`;
+/// without them (RTN, or the dead-layer fallback) the layer is rounded to
+/// nearest. With a GGUF type configured the layer goes onto that type's
+/// blocks. Unless `keep_original`, the weight is taken from the model
+/// ([`QuantizableModel::take_linear_weight`]), the solve of statistics
+/// handed over works in its memory, and the original is not returned.
 fn solve_one<M: QuantizableModel>(
-    model: &M,
+    model: &mut M,
     b: usize,
     info: &LinearInfo,
     scheme: QuantScheme,
     stats: Option<LayerStats<'_>>,
     cfg: &PipelineConfig,
-) -> Result<(Array2<f32>, LayerCodes, Array2<f32>, f64)> {
-    let w = model.linear_weight(b, &info.name)?;
+    keep_original: bool,
+) -> Result<Solved> {
+    let w = if keep_original {
+        model.linear_weight(b, &info.name)?
+    } else {
+        model.take_linear_weight(b, &info.name)?
+    };
     let expected = [info.out_features, info.in_features];
     if w.shape() != expected {
         return Err(Error::shape(
@@ -327,6 +363,7 @@ fn solve_one<M: QuantizableModel>(
             w.shape(),
         ));
     }
+    let print = WeightPrint::of(w.view());
     let solver = cfg.solver().with_scheme(scheme);
     if let Some(ty) = cfg.gguf_type() {
         let solver = solver.with_objective(false);
@@ -338,25 +375,37 @@ fn solve_one<M: QuantizableModel>(
             0.0
         };
         let deq = sol.dequantized.clone();
-        return Ok((w, LayerCodes::Gguf(sol), deq, damp));
+        let original = keep_original.then_some(w);
+        return Ok((original, print, LayerCodes::Gguf(sol), deq, damp));
     }
-    let (qw, deq, damp) = match (cfg.solver_method(), stats) {
+    let (original, qw, deq, damp) = match (cfg.solver_method(), stats) {
         (Some(method), Some(stats)) => {
             let solver = solver.with_objective(false);
-            let sol = match stats {
-                LayerStats::Shared(s) => solve_layer(w.view(), s, &solver, method)?,
-                LayerStats::Owned(s) => solve_layer_owned(w.view(), s, &solver, method)?,
+            let (original, sol) = match stats {
+                LayerStats::Shared(s) => {
+                    let sol = solve_layer(w.view(), s, &solver, method)?;
+                    (keep_original.then_some(w), sol)
+                }
+                LayerStats::Owned(s) if keep_original => {
+                    let sol = solve_layer_owned(w.clone(), s, &solver, method)?;
+                    (Some(w), sol)
+                }
+                LayerStats::Owned(s) => (None, solve_layer_owned(w, s, &solver, method)?),
             };
-            (sol.weight, sol.dequantized, sol.report.damp_percent)
+            (
+                original,
+                sol.weight,
+                sol.dequantized,
+                sol.report.damp_percent,
+            )
         }
         _ => {
             let qw = quantize_rtn(w.view(), &solver.scheme())?;
             let deq = qw.dequantize();
-            (qw, deq, 0.0)
+            (keep_original.then_some(w), qw, deq, 0.0)
         }
     };
-    let qw = LayerCodes::Gptq(qw);
-    Ok((w, qw, deq, damp))
+    Ok((original, print, LayerCodes::Gptq(qw), deq, damp))
 }
 
 /// One layer's statistics, borrowed or owned (then freed by the solve).

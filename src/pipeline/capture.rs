@@ -84,10 +84,20 @@ pub(crate) fn capture<M: QuantizableModel + ?Sized>(
 /// (a longer sample gets a range of its own). Depends only on the token
 /// counts, never on the thread count.
 pub(crate) fn sample_chunks(infos: &[TokenInfo], max_tokens: usize) -> Vec<Range<usize>> {
+    sample_chunks_of_at_least(infos, max_tokens, 1)
+}
+
+/// [`sample_chunks`], with every range but the last holding at least
+/// `min_samples` samples even past `max_tokens`.
+pub(crate) fn sample_chunks_of_at_least(
+    infos: &[TokenInfo],
+    max_tokens: usize,
+    min_samples: usize,
+) -> Vec<Range<usize>> {
     let mut chunks = Vec::new();
     let (mut start, mut tokens) = (0, 0);
     for (i, info) in infos.iter().enumerate() {
-        if i > start && tokens + info.len() > max_tokens {
+        if i >= start + min_samples.max(1) && tokens + info.len() > max_tokens {
             chunks.push(start..i);
             (start, tokens) = (i, 0);
         }
@@ -97,6 +107,20 @@ pub(crate) fn sample_chunks(infos: &[TokenInfo], max_tokens: usize) -> Vec<Range
         chunks.push(start..infos.len());
     }
     chunks
+}
+
+/// The token bound of a capture pass over groups whose inputs are
+/// `widths` wide (`streams` copies of each: 2 with a full-precision
+/// stream): the configured token bound, lowered so the chunk's captured
+/// rows stay within the byte bound, at least one token.
+pub(crate) fn capture_token_bound(
+    max_tokens: usize,
+    max_bytes: usize,
+    widths: impl IntoIterator<Item = usize>,
+    streams: usize,
+) -> usize {
+    let per_token: usize = widths.into_iter().sum::<usize>() * streams * size_of::<f32>();
+    max_tokens.min(max_bytes / per_token.max(1)).max(1)
 }
 
 /// One sample's captured rows of `layer`, checked: present,
@@ -157,4 +181,44 @@ pub(crate) fn sample_factors(
         ));
     }
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Modality;
+
+    fn infos(lens: &[usize]) -> Vec<TokenInfo> {
+        lens.iter()
+            .map(|&n| TokenInfo::uniform(Modality::Text, n))
+            .collect()
+    }
+
+    #[test]
+    fn chunks_hold_the_bound_or_the_minimum_of_samples() {
+        let i = infos(&[3, 3, 3, 3, 3]);
+        assert_eq!(sample_chunks(&i, 7), vec![0..2, 2..4, 4..5]);
+        assert_eq!(sample_chunks(&i, 1), vec![0..1, 1..2, 2..3, 3..4, 4..5]);
+        // At least three samples a chunk, past the token bound.
+        assert_eq!(sample_chunks_of_at_least(&i, 1, 3), vec![0..3, 3..5]);
+        assert_eq!(sample_chunks_of_at_least(&i, 7, 3), vec![0..3, 3..5]);
+        assert_eq!(sample_chunks_of_at_least(&i, 100, 3), vec![0..5]);
+    }
+
+    #[test]
+    fn the_byte_bound_lowers_the_token_bound_for_wide_inputs() {
+        let mib = 1 << 20;
+        // 11008 f32 inputs are 44,032 bytes a token: 128 MiB hold 3,048.
+        assert_eq!(capture_token_bound(8192, 128 * mib, [11008], 1), 3048);
+        assert_eq!(capture_token_bound(8192, 128 * mib, [11008], 2), 1524);
+        // Narrow inputs keep the token bound.
+        assert_eq!(capture_token_bound(8192, 128 * mib, [4096], 1), 8192);
+        assert_eq!(capture_token_bound(8192, 128 * mib, [576, 576], 1), 8192);
+        // Widths add up when one pass captures several groups.
+        assert_eq!(
+            capture_token_bound(8192, 128 * mib, [4096, 4096, 4096], 1),
+            2730
+        );
+        assert_eq!(capture_token_bound(8192, 1, [64], 1), 1);
+    }
 }

@@ -288,6 +288,7 @@ pub struct PipelineConfig {
     state_dir: Option<PathBuf>,
     true_sequential: bool,
     capture_tokens: usize,
+    capture_memory: usize,
     importance_memory: usize,
     layer_objectives: bool,
     gguf_type: Option<GgufType>,
@@ -300,6 +301,11 @@ impl PipelineConfig {
     /// Default bound on the tokens captured at once (see
     /// [`with_capture_tokens`](Self::with_capture_tokens)).
     pub const DEFAULT_CAPTURE_TOKENS: usize = 8192;
+
+    /// Default bound on the bytes of layer inputs captured at once (see
+    /// [`with_capture_memory`](Self::with_capture_memory)): 128 MiB, 8,192
+    /// tokens of a 4096-wide input, 3,048 of an 11008-wide one.
+    pub const DEFAULT_CAPTURE_MEMORY: usize = 128 << 20;
 
     /// Default bound on the bytes of hidden states the task-loss importance
     /// pass holds at once (see
@@ -318,6 +324,7 @@ impl PipelineConfig {
             state_dir: None,
             true_sequential: true,
             capture_tokens: Self::DEFAULT_CAPTURE_TOKENS,
+            capture_memory: Self::DEFAULT_CAPTURE_MEMORY,
             importance_memory: Self::DEFAULT_IMPORTANCE_MEMORY,
             layer_objectives: false,
             dead_layer_fallback: DeadLayerFallback::Refuse,
@@ -419,6 +426,20 @@ impl PipelineConfig {
         self
     }
 
+    /// Bounds the bytes of captured layer inputs held at once (default
+    /// [`DEFAULT_CAPTURE_MEMORY`](Self::DEFAULT_CAPTURE_MEMORY)): a capture
+    /// pass's chunks hold at most this many bytes of f32 input rows of the
+    /// groups it captures (both streams for GPTAQ methods), as well as at
+    /// most [`capture_tokens`](Self::capture_tokens) tokens, so a wide
+    /// input (a 7B model's 11008-wide down projection) is captured in
+    /// shorter chunks than a narrow one. A chunk never holds fewer samples
+    /// than the thread pool has threads, so every core has a sample. Like
+    /// the token bound, it changes no bit of the result. 0 is read as 1.
+    pub fn with_capture_memory(mut self, bytes: usize) -> Self {
+        self.capture_memory = bytes.max(1);
+        self
+    }
+
     /// Bounds the bytes of f32 hidden states the task-loss importance pass
     /// holds at once (default
     /// [`DEFAULT_IMPORTANCE_MEMORY`](Self::DEFAULT_IMPORTANCE_MEMORY)). The
@@ -467,6 +488,11 @@ impl PipelineConfig {
     /// The bound on tokens captured at once.
     pub fn capture_tokens(&self) -> usize {
         self.capture_tokens
+    }
+
+    /// The bound on the bytes of captured layer inputs held at once.
+    pub fn capture_memory(&self) -> usize {
+        self.capture_memory
     }
 
     /// The bound on the bytes of hidden states the importance pass holds.

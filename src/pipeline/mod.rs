@@ -30,6 +30,7 @@ mod stages;
 mod state;
 mod task_loss;
 mod trim;
+mod weight_check;
 
 pub use config::{
     BlockSelection, DeadLayerFallback, GradientSource, ImportanceOptions, PipelineConfig,

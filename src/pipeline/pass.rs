@@ -7,7 +7,9 @@ use std::ops::Range;
 use ndarray::Array2;
 
 use super::block::BlockRun;
-use super::capture::{capture, check_rows, sample_chunks, sample_factors, Captured};
+use super::capture::{
+    capture, capture_token_bound, check_rows, sample_chunks_of_at_least, sample_factors, Captured,
+};
 use super::config::PipelineConfig;
 use super::context::in_block;
 use super::plan::PlannedLayer;
@@ -120,7 +122,16 @@ pub(crate) fn capture_pass<M: QuantizableModel>(
     } else {
         &Uniform
     };
-    for chunk in sample_chunks(&inputs.infos, cfg.capture_tokens()) {
+    let max_tokens = capture_token_bound(
+        cfg.capture_tokens(),
+        cfg.capture_memory(),
+        firsts.iter().map(|l| l.in_features),
+        if paired { 2 } else { 1 },
+    );
+    // Chunking changes no result, so it may follow the thread count: a
+    // chunk has a sample for every thread.
+    let chunks = sample_chunks_of_at_least(&inputs.infos, max_tokens, rayon::current_num_threads());
+    for chunk in chunks {
         let fp_caps = match inputs.fp_stream {
             Some(fp) => {
                 swapped

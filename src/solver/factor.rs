@@ -124,8 +124,7 @@ pub fn solve_layer_with_factor(
     .with_original_groups(cfg.act_group_aware());
     // The kernel reads rows of the factor as contiguous slices.
     let u = u.as_standard_layout();
-    let (weight, dequantized, obs_loss) =
-        run_plan(w_work.view(), &plan, u.view(), None, cfg, groups)?;
+    let (weight, dequantized, obs_loss) = run_plan(w_work, &plan, u.view(), None, cfg, groups)?;
     let objective = match hessian {
         Some(h) if cfg.compute_objective() => Some(hessian_objective(w, dequantized.view(), h)?),
         _ => None,

@@ -81,13 +81,19 @@ pub fn solve_layer_gguf(
             reason: "GAR orders GPTQ groups, not GGUF blocks and super-blocks",
         });
     }
-    if let Some(((o, c), v)) = w.indexed_iter().find(|(_, v)| v.abs() > MAX_WEIGHT) {
+    // One pass over the weight that vectorizes; the (slow) search for the
+    // position only when there is one to report.
+    let too_large = w.fold(false, |any, v| any | (v.abs() > MAX_WEIGHT));
+    let first = too_large
+        .then(|| w.indexed_iter().find(|(_, v)| v.abs() > MAX_WEIGHT))
+        .flatten();
+    if let Some(((o, c), v)) = first {
         return Err(Error::Unencodable {
             what: format!("weight [{o}, {c}] = {v:e}"),
             reason: format!("GGUF block headers are f16; weights must stay within +-{MAX_WEIGHT}"),
         });
     }
-    let prep = prepare(w, stats, cfg, method)?;
+    let mut prep = prepare(w, stats, cfg, method)?;
     let plan = Plan::with_fit_span(
         prep.perm.clone(),
         cfg.block_size(),
@@ -98,7 +104,7 @@ pub fn solve_layer_gguf(
     );
     let importance: Vec<f32> = stats.hessian.diag().to_vec();
     let walked = walk(
-        prep.w_work.view(),
+        std::mem::take(&mut prep.w_work),
         &plan,
         prep.factor.u.view(),
         prep.p.as_ref().map(|p| p.view()),

@@ -9,7 +9,7 @@
 //! `w * P[i, j]` to the same updates.
 
 use faer::{Accum, Par};
-use ndarray::{s, Array2, ArrayView2};
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2};
 
 use super::plan::Plan;
 use crate::config::GroupFit;
@@ -34,23 +34,26 @@ pub(crate) struct Shared<'a, F: RowFit> {
     pub static_params: Option<&'a Array2<F::Grid>>,
 }
 
-/// One chunk's results, in natural column order.
+/// One chunk's grids and loss (its codes and dequantized values are
+/// written into the caller's rows).
 pub(crate) struct ChunkResult<G> {
-    pub codes: Array2<u8>,
-    pub dequantized: Array2<f32>,
     /// `[groups, rows]`.
     pub params: Array2<G>,
     pub obs_loss: f64,
 }
 
-/// Solves rows `row0 .. row0 + w.nrows()` of the layer (`w` in natural order).
+/// Solves rows `row0 .. row0 + w.nrows()` of the layer (`w` in natural
+/// order), writing each weight's code into `codes` and the value it decodes
+/// to over the weight in `w`: the chunk works on a copy of its rows, so the
+/// layer needs no second `out x in` matrix for its result.
 ///
 /// Dispatches to a copy of the kernel compiled for AVX2 when the CPU has it.
 /// Both copies perform the same operations in the same order (no FMA
 /// contraction), so results do not depend on the CPU.
 pub(crate) fn solve_chunk<F: RowFit>(
     shared: &Shared<'_, F>,
-    w: ArrayView2<'_, f32>,
+    w: ArrayViewMut2<'_, f32>,
+    codes: ArrayViewMut2<'_, u8>,
     row0: usize,
     groups: usize,
 ) -> ChunkResult<F::Grid> {
@@ -58,21 +61,22 @@ pub(crate) fn solve_chunk<F: RowFit>(
     {
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { solve_chunk_avx2(shared, w, row0, groups) };
+            return unsafe { solve_chunk_avx2(shared, w, codes, row0, groups) };
         }
     }
-    solve_chunk_impl(shared, w, row0, groups)
+    solve_chunk_impl(shared, w, codes, row0, groups)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn solve_chunk_avx2<F: RowFit>(
     shared: &Shared<'_, F>,
-    w: ArrayView2<'_, f32>,
+    w: ArrayViewMut2<'_, f32>,
+    codes: ArrayViewMut2<'_, u8>,
     row0: usize,
     groups: usize,
 ) -> ChunkResult<F::Grid> {
-    solve_chunk_impl(shared, w, row0, groups)
+    solve_chunk_impl(shared, w, codes, row0, groups)
 }
 
 /// The column walk. The current block is kept column-major (`blk[k * r +
@@ -82,7 +86,8 @@ unsafe fn solve_chunk_avx2<F: RowFit>(
 #[inline(always)]
 fn solve_chunk_impl<F: RowFit>(
     shared: &Shared<'_, F>,
-    w: ArrayView2<'_, f32>,
+    w: ArrayViewMut2<'_, f32>,
+    codes: ArrayViewMut2<'_, u8>,
     row0: usize,
     groups: usize,
 ) -> ChunkResult<F::Grid> {
@@ -242,12 +247,8 @@ fn solve_chunk_impl<F: RowFit>(
         }
     }
 
-    let mut codes = Array2::<u8>::zeros((r, n));
-    let mut dequantized = Array2::<f32>::zeros((r, n));
-    for (row, (mut c_row, mut d_row)) in codes
-        .outer_iter_mut()
-        .zip(dequantized.outer_iter_mut())
-        .enumerate()
+    let (mut codes, mut w) = (codes, w);
+    for (row, (mut c_row, mut d_row)) in codes.outer_iter_mut().zip(w.outer_iter_mut()).enumerate()
     {
         let src = wc.row(row);
         for (p, &c) in plan.perm.iter().enumerate() {
@@ -255,10 +256,5 @@ fn solve_chunk_impl<F: RowFit>(
             d_row[c] = src[p];
         }
     }
-    ChunkResult {
-        codes,
-        dequantized,
-        params,
-        obs_loss,
-    }
+    ChunkResult { params, obs_loss }
 }

@@ -49,7 +49,7 @@ fn configs() -> Vec<(GptqConfig, Method)> {
 
 fn same(w: &Array2<f32>, stats: &LayerStatistics, cfg: &GptqConfig, method: Method) -> u32 {
     let want = solve_layer(w.view(), stats, cfg, method).unwrap();
-    let got = solve_layer_owned(w.view(), stats.clone(), cfg, method).unwrap();
+    let got = solve_layer_owned(w.clone(), stats.clone(), cfg, method).unwrap();
     assert_eq!(got.weight, want.weight, "{cfg:?} {method:?}");
     assert_eq!(got.dequantized, want.dequantized, "{cfg:?} {method:?}");
     assert_eq!(

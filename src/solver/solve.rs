@@ -88,8 +88,8 @@ pub fn solve_layer(
 ) -> Result<LayerSolution> {
     let start = Instant::now();
     let (group_cols, groups) = checked_groups(w, stats, cfg)?;
-    let prep = prepare(w, stats, cfg, method)?;
-    let (weight, dequantized, obs_loss) = walk_prepared(&prep, cfg, group_cols, groups)?;
+    let mut prep = prepare(w, stats, cfg, method)?;
+    let (weight, dequantized, obs_loss) = walk_prepared(&mut prep, cfg, group_cols, groups)?;
     let objective = if cfg.compute_objective() {
         Some(hessian_objective(
             w,
@@ -112,18 +112,18 @@ pub fn solve_layer(
 /// `cfg.compute_objective()` the Hessian is needed after the walk, so it is
 /// kept.
 pub fn solve_layer_owned(
-    w: ArrayView2<'_, f32>,
+    w: Array2<f32>,
     stats: LayerStatistics,
     cfg: &GptqConfig,
     method: Method,
 ) -> Result<LayerSolution> {
     if cfg.compute_objective() {
-        return solve_layer(w, &stats, cfg, method);
+        return solve_layer(w.view(), &stats, cfg, method);
     }
     let start = Instant::now();
-    let (group_cols, groups) = checked_groups(w, &stats, cfg)?;
-    let prep = prepare_owned(w, stats, cfg, method)?;
-    let (weight, dequantized, obs_loss) = walk_prepared(&prep, cfg, group_cols, groups)?;
+    let (group_cols, groups) = checked_groups(w.view(), &stats, cfg)?;
+    let mut prep = prepare_owned(w, stats, cfg, method)?;
+    let (weight, dequantized, obs_loss) = walk_prepared(&mut prep, cfg, group_cols, groups)?;
     Ok(LayerSolution {
         weight,
         dequantized,
@@ -184,7 +184,7 @@ pub(crate) fn prepare(
     method: Method,
 ) -> Result<Prepared> {
     prepare_from(
-        w,
+        w.to_owned(),
         Cow::Borrowed(&stats.hessian),
         stats.cross.as_ref().map(Cow::Borrowed),
         cfg,
@@ -197,7 +197,7 @@ pub(crate) fn prepare(
 /// has read it, so the solve's peak holds one `n x n` matrix less. The same
 /// result, bit for bit.
 pub(crate) fn prepare_owned(
-    w: ArrayView2<'_, f32>,
+    w: Array2<f32>,
     stats: LayerStatistics,
     cfg: &GptqConfig,
     method: Method,
@@ -212,13 +212,13 @@ pub(crate) fn prepare_owned(
 }
 
 fn prepare_from(
-    w: ArrayView2<'_, f32>,
+    mut w_work: Array2<f32>,
     hessian: Cow<'_, Array2<f32>>,
     cross: Option<Cow<'_, Array2<f32>>>,
     cfg: &GptqConfig,
     method: Method,
 ) -> Result<Prepared> {
-    let n = w.ncols();
+    let n = w_work.ncols();
     method.validate()?;
     let strength = match method {
         Method::Gptq => None,
@@ -241,7 +241,6 @@ fn prepare_from(
     };
 
     // Dead columns: never activated, so any value is free; quantize them as 0.
-    let mut w_work = w.to_owned();
     let dead: Vec<usize> = (0..n).filter(|&i| hessian[[i, i]] == 0.0).collect();
     for &i in &dead {
         w_work.column_mut(i).fill(0.0);
@@ -305,9 +304,10 @@ fn checked_groups(
 }
 
 /// The column walk of a prepared layer in its order, with the configured
-/// groups: the quantized weight, the dense weight it stands for, the OBS loss.
+/// groups: the quantized weight, the dense weight it stands for (written
+/// over the prepared work weight, which is taken), the OBS loss.
 fn walk_prepared(
-    prep: &Prepared,
+    prep: &mut Prepared,
     cfg: &GptqConfig,
     group_cols: usize,
     groups: usize,
@@ -321,7 +321,7 @@ fn walk_prepared(
     )
     .with_original_groups(cfg.act_group_aware());
     run_plan(
-        prep.w_work.view(),
+        std::mem::take(&mut prep.w_work),
         &plan,
         prep.factor.u.view(),
         prep.p.as_ref().map(|p| p.view()),
@@ -332,9 +332,9 @@ fn walk_prepared(
 
 /// Runs the column walk of `plan` over `w_work` (dead columns already
 /// zeroed) in row chunks, and assembles the quantized weight, the dense
-/// weight it stands for, and the OBS loss.
+/// weight it stands for (in `w_work`'s memory), and the OBS loss.
 pub(crate) fn run_plan(
-    w_work: ArrayView2<'_, f32>,
+    w_work: Array2<f32>,
     plan: &Plan,
     u: ArrayView2<'_, f32>,
     p: Option<ArrayView2<'_, f32>>,

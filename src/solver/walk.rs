@@ -23,8 +23,11 @@ pub(crate) struct Walked<G> {
 /// Walks `w_work` (dead columns already zeroed) through `plan` with factor
 /// `u` (and GPTAQ's `p`), fitting grids with `fit`. `importance` is one
 /// weight per original column (the Hessian diagonal), handed to the fit.
+/// The dequantized weight is written over `w_work` and returned in it, and
+/// every chunk writes its codes straight into the layer's: the walk holds
+/// no `out x in` matrix beyond the weight and the codes.
 pub(crate) fn walk<F: RowFit>(
-    w_work: ArrayView2<'_, f32>,
+    mut w_work: Array2<f32>,
     plan: &Plan,
     u: ArrayView2<'_, f32>,
     p: Option<ArrayView2<'_, f32>>,
@@ -35,7 +38,7 @@ pub(crate) fn walk<F: RowFit>(
     let (m, n) = w_work.dim();
     let static_params = plan
         .static_groups
-        .then(|| static_span_params(w_work, &fit, plan, importance, groups));
+        .then(|| static_span_params(w_work.view(), &fit, plan, importance, groups));
     let importance_plan: Vec<f32> = plan.perm.iter().map(|&c| importance[c]).collect();
     let shared = Shared {
         plan,
@@ -45,29 +48,29 @@ pub(crate) fn walk<F: RowFit>(
         importance: &importance_plan,
         static_params: static_params.as_ref(),
     };
+    let mut codes = Array2::<u8>::zeros((m, n));
     let chunks: Vec<ChunkResult<F::Grid>> = w_work
-        .axis_chunks_iter(Axis(0), ROW_CHUNK)
+        .axis_chunks_iter_mut(Axis(0), ROW_CHUNK)
         .into_par_iter()
+        .zip(
+            codes
+                .axis_chunks_iter_mut(Axis(0), ROW_CHUNK)
+                .into_par_iter(),
+        )
         .enumerate()
-        .map(|(c, rows)| solve_chunk(&shared, rows, c * ROW_CHUNK, groups))
+        .map(|(c, (rows, codes))| solve_chunk(&shared, rows, codes, c * ROW_CHUNK, groups))
         .collect();
 
-    let mut codes = Array2::<u8>::zeros((m, n));
-    let mut dequantized = Array2::<f32>::zeros((m, n));
     let mut params = Array2::from_elem((groups, m), shared.fit.placeholder());
     let mut obs_loss = 0.0;
     for (c, chunk) in chunks.iter().enumerate() {
-        let rows = c * ROW_CHUNK..c * ROW_CHUNK + chunk.codes.nrows();
-        codes.slice_mut(s![rows.clone(), ..]).assign(&chunk.codes);
-        dequantized
-            .slice_mut(s![rows.clone(), ..])
-            .assign(&chunk.dequantized);
+        let rows = c * ROW_CHUNK..c * ROW_CHUNK + chunk.params.ncols();
         params.slice_mut(s![.., rows]).assign(&chunk.params);
         obs_loss += chunk.obs_loss;
     }
     Walked {
         codes,
-        dequantized,
+        dequantized: w_work,
         params,
         obs_loss,
     }

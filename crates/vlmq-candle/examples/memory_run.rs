@@ -8,7 +8,8 @@
 //! cargo run --release -p vlmq-candle --example memory_run -- \
 //!     --model DIR_OR_GGUF [--calib TEXT | --random-tokens] [--method gptq|vlmq] \
 //!     [--bits 4] [--group 128] [--windows 16] [--window-len 512] [--resident] \
-//!     [--out GPTQ_DIR] [--json OUT] [--capture-tokens N] [--importance-mb MB] [--trace-rss]
+//!     [--out GPTQ_DIR] [--json OUT] [--capture-tokens N] [--capture-mb MB] \
+//!     [--importance-mb MB] [--trace-rss]
 //! ```
 //!
 //! `--trace-rss` prints, after every progress event (each step of the
@@ -61,6 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--out",
             "--json",
             "--capture-tokens",
+            "--capture-mb",
             "--importance-mb",
         ],
         &[
@@ -116,6 +118,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .clone();
     if let Some(t) = f.parsed::<usize>("--capture-tokens")? {
         cfg = cfg.with_capture_tokens(t);
+    }
+    if let Some(mb) = f.parsed::<usize>("--capture-mb")? {
+        cfg = cfg.with_capture_memory(mb << 20);
     }
     if let Some(mb) = f.parsed::<usize>("--importance-mb")? {
         cfg = cfg.with_importance_memory(mb << 20);
@@ -181,6 +186,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "block_seconds": block_seconds,
         "total_seconds": run_start.elapsed().as_secs_f64(),
         "capture_tokens": cfg.capture_tokens(),
+        "capture_mb": cfg.capture_memory() >> 20,
         "importance_mb": cfg.importance_memory() >> 20,
         "peak_rss_mb": peak_rss_mb(),
     });

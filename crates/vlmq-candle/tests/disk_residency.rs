@@ -181,6 +181,85 @@ fn an_untouched_layer_is_read_again_after_release() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// Issue 23: once a true-sequential stage ran, a streamed block frees the
+/// projections only that stage read (stage 2 reads o_proj); a resident
+/// model keeps them, they are the run's result. A streamed block's stage 4
+/// computes the MLP's product again (stage 3 carries only the residual),
+/// so gate and up stay past stage 3, and its stages give `block_forward`'s
+/// bits.
+#[test]
+fn a_finished_stage_frees_its_projections_only_when_streamed() {
+    let root = temp("stage-free");
+    let (f32_dir, bf16_dir) = checkpoints(Architecture::Llama, &root);
+    let mut memory = load_hf_dir(&f32_dir, DType::F32, &Device::Cpu).unwrap();
+    let opts = LoadOptions::default().with_residency(Residency::Disk);
+    let mut disk = load_hf_dir_with(&bf16_dir, &opts).unwrap();
+    // Stages 0-4 of a streamed block, carry after carry.
+    let s = &samples()[0];
+    let h = disk.embed(s).unwrap();
+    let want = memory
+        .block_forward(1, &memory.embed(s).unwrap(), s, None)
+        .unwrap();
+    let mut carry = None;
+    let mut ignore = |_: &str, _: ndarray::ArrayView2<'_, f32>| {};
+    for stage in 0..4 {
+        match disk
+            .block_stage(1, stage, &h, s, carry.take(), &mut ignore)
+            .unwrap()
+        {
+            vlmq::StageOutput::Carry(c) => carry = Some(c),
+            vlmq::StageOutput::Output(_) => panic!("stage {stage} gave the output"),
+        }
+    }
+    let Ok(vlmq::StageOutput::Output(got)) = disk.block_stage(1, 4, &h, s, carry, &mut ignore)
+    else {
+        panic!("stage 4 gave no output");
+    };
+    assert_eq!(common::max_abs_diff(&got, &want), 0.0);
+    let o = memory.linear_weight(1, "self_attn.o_proj").unwrap();
+    let gate = memory.linear_weight(1, "mlp.gate_proj").unwrap();
+    for m in [&mut memory, &mut disk] {
+        m.stage_finished(1, 2).unwrap();
+        m.stage_finished(1, 3).unwrap();
+    }
+    assert_eq!(memory.linear_weight(1, "self_attn.o_proj").unwrap(), o);
+    let freed = disk.linear_weight(1, "self_attn.o_proj").unwrap();
+    assert_eq!(freed.dim(), (0, o.ncols()));
+    assert_eq!(disk.linear_weight(1, "mlp.gate_proj").unwrap(), gate);
+    assert_eq!(
+        disk.linear_weight(0, "self_attn.o_proj").unwrap().dim(),
+        o.dim()
+    );
+    // Running the block again is an error, not a result without o_proj.
+    assert!(disk.block_forward(1, &h, s, None).is_err());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Issue 23: a streamed block hands a weight being solved over instead of
+/// keeping a copy, and takes the solved one back; a resident model keeps
+/// its own.
+#[test]
+fn a_streamed_block_hands_over_the_weight_it_solves() {
+    let root = temp("take");
+    let (f32_dir, bf16_dir) = checkpoints(Architecture::Llama, &root);
+    let mut memory = load_hf_dir(&f32_dir, DType::F32, &Device::Cpu).unwrap();
+    let opts = LoadOptions::default().with_residency(Residency::Disk);
+    let mut disk = load_hf_dir_with(&bf16_dir, &opts).unwrap();
+    let layer = "mlp.down_proj";
+    let want = memory.linear_weight(0, layer).unwrap();
+    assert_eq!(memory.take_linear_weight(0, layer).unwrap(), want);
+    assert_eq!(memory.linear_weight(0, layer).unwrap(), want);
+    assert_eq!(disk.take_linear_weight(0, layer).unwrap(), want);
+    assert_eq!(
+        disk.linear_weight(0, layer).unwrap().dim(),
+        (0, want.ncols())
+    );
+    let solved = want.mapv(|v| (v * 8.0).round() / 8.0);
+    disk.set_linear_weight(0, layer, solved.view()).unwrap();
+    assert_eq!(disk.linear_weight(0, layer).unwrap(), solved);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 /// Issue 23: the embedding rows read from disk, the logits through the head
 /// read from disk and the loss gradient are those of the same values held
 /// in memory, bit for bit, for a tied (Llama) and an untied (Qwen2) head.

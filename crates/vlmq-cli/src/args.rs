@@ -93,6 +93,11 @@ pub struct QuantizeArgs {
     /// block's statistics are gathered (memory only) [default: 8192].
     #[arg(long)]
     pub capture_tokens: Option<usize>,
+    /// MiB of layer inputs held at once while a block's statistics are
+    /// gathered: wide inputs are captured in fewer tokens (memory only)
+    /// [default: 128].
+    #[arg(long, value_name = "MIB")]
+    pub capture_mb: Option<usize>,
     /// MiB of hidden states VLMQ's importance pass holds at once: less
     /// memory, fewer samples in parallel, the same result [default: 1024].
     #[arg(long, value_name = "MIB")]

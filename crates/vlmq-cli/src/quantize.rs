@@ -52,6 +52,9 @@ fn recipe(a: &QuantizeArgs) -> Result<(Recipe, PathBuf)> {
     if let Some(v) = a.capture_tokens {
         r.capture_tokens = v;
     }
+    if let Some(v) = a.capture_mb {
+        r.capture_memory_mb = v;
+    }
     if let Some(v) = a.importance_mb {
         r.importance_memory_mb = v;
     }

@@ -338,7 +338,7 @@ fn a_vlm_quantizes_on_conversations_with_images() {
     assert!(stderr(&o).contains("chat template"), "{}", stderr(&o));
 }
 
-/// `--capture-tokens` and `--importance-mb` go into the recipe in effect
+/// `--capture-tokens`, `--capture-mb` and `--importance-mb` go into the recipe in effect
 /// (printed as TOML), and that recipe gives the pipeline those budgets.
 #[test]
 fn memory_flags_reach_the_pipeline_configuration() {
@@ -352,6 +352,8 @@ fn memory_flags_reach_the_pipeline_configuration() {
         "calib-not-read",
         "--capture-tokens",
         "1000",
+        "--capture-mb",
+        "32",
         "--importance-mb",
         "64",
         "--print-recipe",
@@ -360,10 +362,12 @@ fn memory_flags_reach_the_pipeline_configuration() {
     let text = stdout(&o);
     assert!(text.contains("capture_tokens = 1000\n"), "{text}");
     assert!(text.contains("importance_memory_mb = 64\n"), "{text}");
+    assert!(text.contains("capture_memory_mb = 32\n"), "{text}");
     let r = vlmq_candle::Recipe::from_toml_str(&text, Path::new("printed")).unwrap();
     let checked = r.check(Path::new("printed")).unwrap();
     assert_eq!(checked.pipeline().capture_tokens(), 1000);
     assert_eq!(checked.pipeline().importance_memory(), 64 << 20);
+    assert_eq!(checked.pipeline().capture_memory(), 32 << 20);
     let o = vlmq(&[
         "quantize",
         "m",

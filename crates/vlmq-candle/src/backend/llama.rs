@@ -17,7 +17,7 @@ use crate::backend::llama_backward::layer_backward;
 use crate::error::CandleResultExt;
 use crate::models::llama::forward::{rows, Hooks};
 use crate::models::llama::model::LlamaModel;
-use crate::models::llama::stages::layer_stage;
+use crate::models::llama::stages::{layer_stage, MlpCarry};
 use crate::models::llama::weights::{expected_linear, LINEAR_NAMES};
 
 /// One calibration sample: token ids and which tokens are prediction
@@ -49,6 +49,18 @@ impl TextSample {
 }
 
 impl LlamaModel {
+    /// What stage 3 of a block carries: a streamed model, run to bound
+    /// memory, recomputes the MLP's product in stage 4 instead of holding
+    /// it for every sample through down_proj's solve; a resident one keeps
+    /// it (no extra work).
+    fn mlp_carry(&self) -> MlpCarry {
+        if self.is_streamed() {
+            MlpCarry::Recompute
+        } else {
+            MlpCarry::Activation
+        }
+    }
+
     fn check_sample(&self, s: &TextSample) -> Result<()> {
         self.check_tokens(&[&s.tokens])?;
         if s.targets.len() != s.tokens.len() {
@@ -173,7 +185,17 @@ impl QuantizableModel for LlamaModel {
         self.check_hidden("block input", input, sample)?;
         let pos = self.positional(sample.tokens.len())?;
         let l = self.layer_weights(block)?;
-        layer_stage(self.config(), &l, stage, input, &pos, carry, sink).in_block(block)
+        layer_stage(
+            self.config(),
+            &l,
+            stage,
+            input,
+            &pos,
+            carry,
+            sink,
+            self.mlp_carry(),
+        )
+        .in_block(block)
     }
 
     /// A model loaded with [`Residency::Disk`](crate::Residency::Disk) drops
@@ -183,6 +205,32 @@ impl QuantizableModel for LlamaModel {
     fn release_block(&mut self, block: usize) -> Result<()> {
         self.release_layer(block);
         Ok(())
+    }
+
+    /// A streamed block hands over its copy: the 180 MB of a 7B down
+    /// projection are not held twice while it is solved.
+    fn take_linear_weight(&mut self, block: usize, layer: &str) -> Result<Array2<f32>> {
+        let w = self.linear_weight(block, layer)?;
+        self.drop_streamed_linears(block, &[layer])?;
+        Ok(w)
+    }
+
+    /// Stage `k` reads only group `k - 1`'s projections (the norms and the
+    /// carry do the rest), so once it ran the group's weights can go;
+    /// except gate and up when stage 4 computes the MLP's product again
+    /// (`MlpCarry::Recompute`).
+    fn stage_finished(&mut self, block: usize, stage: usize) -> Result<()> {
+        if stage == 3 && self.mlp_carry() == MlpCarry::Recompute {
+            return Ok(());
+        }
+        let Some(group) = stage
+            .checked_sub(1)
+            .and_then(|g| self.linear_groups(block).get(g).cloned())
+        else {
+            return Ok(());
+        };
+        let names: Vec<&str> = group.iter().map(|l| l.name.as_str()).collect();
+        self.drop_streamed_linears(block, &names)
     }
 
     fn gradients(&self) -> Option<&dyn GradientModel<Sample = TextSample, Hidden = Tensor>> {

@@ -4,10 +4,10 @@
 //! run one whole forward per stage.
 
 use candle_core::Tensor;
-use vlmq::{Error, QuantizableModel, Result, RowSink, StageCarry, StageOutput};
+use vlmq::{QuantizableModel, Result, RowSink, StageCarry, StageOutput};
 
 use crate::backend::llava::Kind;
-use crate::models::llama::stages::layer_stage;
+use crate::backend::text_stage::text_layer_stage;
 use crate::models::llava::model::LlavaModel;
 use crate::models::llava::sample::{VlmHidden, VlmSample};
 
@@ -27,17 +27,7 @@ impl LlavaModel {
                 let x: &Tensor = self.text_in(block, input, s)?;
                 let pos = self.lm.positional(s.tokens.len())?;
                 let l = self.lm.layer_weights(i)?;
-                let out = layer_stage(self.lm.config(), &l, stage, x, &pos, carry, sink).map_err(
-                    |e| Error::Backend {
-                        block,
-                        layer: None,
-                        reason: e.to_string(),
-                    },
-                )?;
-                Ok(match out {
-                    StageOutput::Carry(c) => StageOutput::Carry(c),
-                    StageOutput::Output(y) => StageOutput::Output(VlmHidden::Text(y)),
-                })
+                text_layer_stage(self.lm.config(), &l, block, stage, x, &pos, carry, sink)
             }
             Kind::Vision(_) | Kind::Projector => {
                 if stage < self.linear_groups(block).len() {

@@ -24,9 +24,9 @@ use vlmq::{
 };
 
 use crate::backend::llava::stream_error;
+use crate::backend::text_stage::text_layer_stage;
 use crate::error::CandleResultExt;
 use crate::models::llama::forward::{Hooks, Positional};
-use crate::models::llama::stages::layer_stage;
 use crate::models::llama::weights::Linear;
 use crate::models::llava::sample::VlmHidden;
 use crate::models::qwen2_vl::vision::{merger_forward, patch_embed};
@@ -341,12 +341,7 @@ impl QuantizableModel for Qwen2VlModel {
             let x = self.text_in(block, input, s)?;
             let pos = self.sample_positional(s)?;
             let l = self.lm.layer_weights(i)?;
-            let out =
-                layer_stage(&self.cfg.text, &l, stage, x, &pos, carry, sink).in_block(block)?;
-            return Ok(match out {
-                StageOutput::Carry(c) => StageOutput::Carry(c),
-                StageOutput::Output(y) => StageOutput::Output(VlmHidden::Text(y)),
-            });
+            return text_layer_stage(&self.cfg.text, &l, block, stage, x, &pos, carry, sink);
         }
         if stage < self.linear_groups(block).len() {
             self.block_forward(block, input, s, Some(sink))?;

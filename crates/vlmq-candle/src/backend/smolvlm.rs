@@ -24,11 +24,11 @@ use vlmq::{
 };
 
 use crate::backend::llava::stream_error;
+use crate::backend::text_stage::text_layer_stage;
 use crate::error::CandleResultExt;
 use crate::models::clip::VISION_LINEAR_NAMES;
 use crate::models::idefics3::{connector_forward, CONNECTOR_LINEAR_NAMES};
 use crate::models::llama::forward::Hooks;
-use crate::models::llama::stages::layer_stage;
 use crate::models::llama::weights::Linear;
 use crate::models::llava::sample::{VlmHidden, VlmSample};
 use crate::models::siglip::{siglip_embed, siglip_layer_forward, siglip_post_norm};
@@ -336,18 +336,7 @@ impl QuantizableModel for SmolVlmModel {
                 let x = self.tokens_in(block, input, s)?;
                 let pos = self.lm.positional(s.tokens.len())?;
                 let l = self.lm.layer_weights(i)?;
-                let out =
-                    layer_stage(&self.cfg.text, &l, stage, x, &pos, carry, sink).map_err(|e| {
-                        Error::Backend {
-                            block,
-                            layer: None,
-                            reason: e.to_string(),
-                        }
-                    })?;
-                Ok(match out {
-                    StageOutput::Carry(c) => StageOutput::Carry(c),
-                    StageOutput::Output(y) => StageOutput::Output(VlmHidden::Text(y)),
-                })
+                text_layer_stage(&self.cfg.text, &l, block, stage, x, &pos, carry, sink)
             }
             Part::Vision(_) | Part::Connector => {
                 if stage < self.linear_groups(block).len() {

@@ -129,19 +129,18 @@ impl Recipe {
         if self.capture_tokens == 0 {
             return Err(bad("capture_tokens", &"must be at least 1"));
         }
-        let importance_bytes = self
-            .importance_memory_mb
-            .checked_mul(1 << 20)
-            .filter(|&b| b > 0)
-            .ok_or_else(|| {
+        let mib_budget = |field: &'static str, mib: usize| {
+            mib.checked_mul(1 << 20).filter(|&b| b > 0).ok_or_else(|| {
                 bad(
-                    "importance_memory_mb",
+                    field,
                     &format!(
-                        "{} MiB is not a usable budget (1 or more, in bytes below usize::MAX)",
-                        self.importance_memory_mb
+                        "{mib} MiB is not a usable budget (1 or more, in bytes below usize::MAX)"
                     ),
                 )
-            })?;
+            })
+        };
+        let capture_bytes = mib_budget("capture_memory_mb", self.capture_memory_mb)?;
+        let importance_bytes = mib_budget("importance_memory_mb", self.importance_memory_mb)?;
         let solver = GptqConfig::new(scheme)
             .with_damping(damping)
             .with_act_order(self.act_order)
@@ -154,6 +153,7 @@ impl Recipe {
         let mut pipeline = PipelineConfig::new(method, solver)
             .with_true_sequential(self.true_sequential)
             .with_capture_tokens(self.capture_tokens)
+            .with_capture_memory(capture_bytes)
             .with_importance_memory(importance_bytes)
             .with_gguf_type(gguf);
         for (key, layer) in &self.layers {

@@ -115,15 +115,17 @@ mod tests {
         assert!(err("static_groups = true").starts_with("r.toml: static_groups: "));
         assert!(err("capture_tokens = 0").starts_with("r.toml: capture_tokens: "));
         assert!(err("importance_memory_mb = 0").starts_with("r.toml: importance_memory_mb: "));
+        assert!(err("capture_memory_mb = 0").starts_with("r.toml: capture_memory_mb: "));
     }
 
     /// The memory knobs reach the pipeline's configuration.
     #[test]
     fn memory_budgets_reach_the_pipeline() {
-        let text = "capture_tokens = 1000\nimportance_memory_mb = 64\n";
+        let text = "capture_tokens = 1000\ncapture_memory_mb = 32\nimportance_memory_mb = 64\n";
         let r = Recipe::from_toml_str(text, Path::new("r.toml")).unwrap();
         let p = r.check(Path::new("r.toml")).unwrap().pipeline().clone();
         assert_eq!(p.capture_tokens(), 1000);
+        assert_eq!(p.capture_memory(), 32 << 20);
         assert_eq!(p.importance_memory(), 64 << 20);
         let d = Recipe::default().check(Path::new("r.toml")).unwrap();
         assert_eq!(
@@ -133,6 +135,10 @@ mod tests {
         assert_eq!(
             d.pipeline().capture_tokens(),
             vlmq::PipelineConfig::DEFAULT_CAPTURE_TOKENS
+        );
+        assert_eq!(
+            d.pipeline().capture_memory(),
+            vlmq::PipelineConfig::DEFAULT_CAPTURE_MEMORY
         );
     }
 }

@@ -28,6 +28,7 @@
 //! | `layers` | `{}` | per-layer grids (`bits`, `group_size`, `symmetric`); a GPTQ checkpoint holds one grid, so they must match the recipe's |
 //! | `blocks` | every block | a block-name prefix: only those blocks are quantized |
 //! | `capture_tokens` | 8192 | calibration tokens whose layer inputs are held at once while a block's statistics are gathered (memory, not results) |
+//! | `capture_memory_mb` | 128 | MiB of layer inputs held at once while a block's statistics are gathered: wide inputs are captured in fewer tokens (memory, not results) |
 //! | `importance_memory_mb` | 1024 | MiB of hidden states VLMQ's importance pass holds at once (memory and parallelism, not results) |
 //!
 //! ```
@@ -103,6 +104,11 @@ pub struct Recipe {
     /// ([`PipelineConfig::with_capture_tokens`](vlmq::PipelineConfig::with_capture_tokens));
     /// changes memory, not the result.
     pub capture_tokens: usize,
+    /// MiB of f32 layer inputs held at once while a block's statistics
+    /// are gathered
+    /// ([`PipelineConfig::with_capture_memory`](vlmq::PipelineConfig::with_capture_memory));
+    /// changes memory, not the result.
+    pub capture_memory_mb: usize,
     /// MiB of f32 hidden states the task-loss importance pass (VLMQ
     /// methods) holds at once
     /// ([`PipelineConfig::with_importance_memory`](vlmq::PipelineConfig::with_importance_memory)):
@@ -144,6 +150,7 @@ impl Default for Recipe {
             layers: BTreeMap::new(),
             blocks: None,
             capture_tokens: vlmq::PipelineConfig::DEFAULT_CAPTURE_TOKENS,
+            capture_memory_mb: vlmq::PipelineConfig::DEFAULT_CAPTURE_MEMORY >> 20,
             importance_memory_mb: vlmq::PipelineConfig::DEFAULT_IMPORTANCE_MEMORY >> 20,
         }
     }

@@ -4,11 +4,12 @@
 //! The forward pass can keep a [`Tape`] of its intermediates for the
 //! hand-written backward in [`crate::backend::llama_backward`].
 
-use candle_core::{DType, Tensor, D};
-use ndarray::Array2;
+use candle_core::{CpuStorage, DType, Tensor, D};
+use ndarray::{Array2, ArrayView2};
 use vlmq::RowSink;
 
 use crate::backend::linear_op::matmul_weight_t;
+use crate::backend::row_add::add_rows;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::weights::{LayerWeights, Linear, LINEAR_NAMES};
 
@@ -37,14 +38,21 @@ pub(crate) fn rms_norm(
 /// bits, and the backward pass skips the weight's gradient (a whole product
 /// per layer that nothing reads).
 pub(crate) fn linear(x: &Tensor, l: &Linear) -> candle_core::Result<Tensor> {
+    linear_plus(x, l, None)
+}
+
+/// `r + (x W^T + b)` on `[B, T, in]` (`r: [B, T, out]`, or none): the bias
+/// and the residual are added into the product's own memory where they can
+/// be ([`add_rows`]: the same bits as the candle ops).
+pub(crate) fn linear_plus(
+    x: &Tensor,
+    l: &Linear,
+    r: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     let (b, t, i) = x.dims3()?;
     let out = l.weight.dim(0)?;
-    let y = matmul_weight_t(&x.reshape((b * t, i))?, &l.weight)?;
-    let y = match &l.bias {
-        Some(bias) => y.broadcast_add(bias)?,
-        None => y,
-    };
-    y.reshape((b, t, out))
+    let y = matmul_weight_t(&x.reshape((b * t, i))?, &l.weight)?.reshape((b, t, out))?;
+    add_rows(y, l.bias.as_ref(), r)
 }
 
 /// Half-split rotary embedding of `x: [B, heads, T, hd]`.
@@ -63,6 +71,34 @@ pub(crate) fn rows(t: &Tensor) -> candle_core::Result<Array2<f32>> {
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let n = v.len() / f.max(1);
     Ok(Array2::from_shape_vec((n, f), v).expect("length is rows x features"))
+}
+
+/// Shows `sink` the rows `[B*T, features]` of `t: [B, T, features]` under
+/// each of `names`: straight from the tensor's memory when it is a
+/// contiguous f32 CPU tensor, else from a converted copy ([`rows`]).
+pub(crate) fn show_rows(
+    sink: &mut dyn RowSink,
+    names: impl Iterator<Item = &'static str>,
+    t: &Tensor,
+) -> candle_core::Result<()> {
+    let f = t.dim(D::Minus1)?.max(1);
+    let (storage, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        let view = ArrayView2::from_shape(((b - a) / f, f), &v[a..b])
+            .map_err(|e| candle_core::Error::Msg(format!("captured rows: {e}")))?;
+        for name in names {
+            sink.rows(name, view);
+        }
+        return Ok(());
+    }
+    drop(storage);
+    let r = rows(t)?;
+    for name in names {
+        sink.rows(name, r.view());
+    }
+    Ok(())
 }
 
 /// What a layer run shows.
@@ -84,13 +120,10 @@ impl Hooks<'_> {
     }
 
     pub(crate) fn show(&mut self, idx: &[usize], x: &Tensor) -> candle_core::Result<()> {
-        if let Some(sink) = self.capture.as_deref_mut() {
-            let r = rows(x)?;
-            for &i in idx {
-                sink.rows(LINEAR_NAMES[i], r.view());
-            }
+        match self.capture.as_deref_mut() {
+            Some(sink) => show_rows(sink, idx.iter().map(|&i| LINEAR_NAMES[i]), x),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub(crate) fn lin(
@@ -302,4 +335,57 @@ pub(crate) fn mlp_residual(
     hooks: &Hooks<'_>,
 ) -> candle_core::Result<Tensor> {
     mid + hooks.lin(6, a, l)?
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// Every name sees the tensor's rows, borrowed (contiguous f32) or
+    /// copied (a transposed view, bf16), with the same values.
+    #[test]
+    fn shown_rows_are_the_tensors_rows() {
+        let v: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let t = Tensor::from_vec(v, (2, 3, 4), &Device::Cpu).unwrap();
+        let want = t.reshape((6, 4)).unwrap().to_vec2::<f32>().unwrap();
+        let transposed = t.transpose(1, 2).unwrap().contiguous().unwrap();
+        let cases = [
+            (t.clone(), want.clone()),
+            // A contiguous part that starts inside the storage.
+            (t.narrow(0, 1, 1).unwrap(), want[3..].to_vec()),
+            (
+                t.narrow(1, 1, 2).unwrap(),
+                [1, 2, 4, 5].map(|r| want[r].clone()).to_vec(),
+            ),
+            (t.to_dtype(DType::BF16).unwrap(), want.clone()),
+            (transposed.transpose(1, 2).unwrap(), want.clone()),
+        ];
+        for (i, (t, want)) in cases.iter().enumerate() {
+            // Where the tensor's own f32 memory is contiguous, the sink sees it.
+            let own = match (&*t.storage_and_layout().0, t.layout().contiguous_offsets()) {
+                (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, _))) => {
+                    Some(v[a..].as_ptr() as usize)
+                }
+                _ => None,
+            };
+            let mut seen = Vec::new();
+            let mut ptrs = Vec::new();
+            let mut sink = |name: &str, r: ArrayView2<'_, f32>| {
+                ptrs.push(r.as_ptr() as usize);
+                let got: Vec<Vec<f32>> = r.outer_iter().map(|row| row.to_vec()).collect();
+                seen.push((name.to_string(), got));
+            };
+            show_rows(&mut sink, ["a", "b"].into_iter(), t).unwrap();
+            if let Some(own) = own {
+                assert_eq!(ptrs, [own, own], "case {i}: rows copied");
+            }
+            assert_eq!(seen.len(), 2, "case {i}");
+            for (name, (n, got)) in ["a", "b"].iter().zip(&seen) {
+                assert_eq!(n, name, "case {i}");
+                assert_eq!(got, want, "case {i}");
+            }
+        }
+    }
 }

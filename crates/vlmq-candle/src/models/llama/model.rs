@@ -142,6 +142,16 @@ impl LlamaModel {
         }
     }
 
+    /// Frees a streamed model's weights of the linears `names` of layer
+    /// `i` (see [`StreamedLayers::drop_linears`]); nothing for a resident
+    /// model, whose weights are the run's result.
+    pub(crate) fn drop_streamed_linears(&mut self, i: usize, names: &[&str]) -> Result<()> {
+        match &mut self.streamed {
+            Some(s) => s.drop_linears(i, names),
+            None => Ok(()),
+        }
+    }
+
     /// Drops a streamed model's copies of layer `i` (see
     /// [`StreamedLayers::release`]); nothing for a resident model.
     pub(crate) fn release_layer(&mut self, i: usize) {
@@ -288,15 +298,16 @@ impl LlamaModel {
 
     /// The LM head (the embedding when tied) in the compute dtype: a
     /// converted copy when it is stored in another dtype, read from the
-    /// checkpoint for a streamed model (not kept: each call reads it again).
-    fn head(&self) -> Result<Tensor> {
+    /// checkpoint for a streamed model (not kept between calls; calls
+    /// running at once share one copy).
+    fn head(&self) -> Result<Arc<Tensor>> {
         let held = self
             .weights
             .lm_head
             .as_ref()
             .or(self.weights.embed.as_ref());
         match (held, &self.streamed) {
-            (Some(h), _) => h.to_dtype(self.dtype).at_model(),
+            (Some(h), _) => h.to_dtype(self.dtype).map(Arc::new).at_model(),
             (None, Some(s)) => s.source().head(),
             (None, None) => Err(Error::MissingTensor { name: EMBED.into() }),
         }

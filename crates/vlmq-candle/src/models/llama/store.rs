@@ -5,10 +5,12 @@
 //! them and dropped with the tensors built from them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use vlmq::{Error, Result};
+
+use crate::error::CandleResultExt;
 
 use super::config::LlamaConfig;
 use super::weights::{assemble_layer, LayerWeights, TensorSource, EMBED, HEAD};
@@ -20,6 +22,9 @@ pub(crate) struct LayerSource {
     cfg: LlamaConfig,
     dtype: DType,
     source: Mutex<Box<dyn TensorSource + Send>>,
+    /// The head while some call uses it: calls running at once (the
+    /// samples of an importance chunk, one per core) share one copy.
+    head: Mutex<Weak<Tensor>>,
 }
 
 impl std::fmt::Debug for LayerSource {
@@ -41,6 +46,7 @@ impl LayerSource {
             cfg,
             dtype,
             source: Mutex::new(source),
+            head: Mutex::new(Weak::new()),
         }
     }
 
@@ -76,12 +82,22 @@ impl LayerSource {
     }
 
     /// The LM head (the embedding when tied) read whole and converted to
-    /// the compute dtype; the caller's copy is the only one.
-    pub(crate) fn head(&self) -> Result<candle_core::Tensor> {
+    /// the compute dtype, or the copy a call running at the same time
+    /// holds: it is freed when the last caller drops it, and read again by
+    /// the next call.
+    pub(crate) fn head(&self) -> Result<Arc<Tensor>> {
+        let mut shared = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = shared.upgrade() {
+            return Ok(h);
+        }
         let name = if self.cfg.tie_embeddings { EMBED } else { HEAD };
         let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
-        src.get(name, self.dtype)?
-            .ok_or_else(|| Error::MissingTensor { name: name.into() })
+        let h = Arc::new(
+            src.get(name, self.dtype)?
+                .ok_or_else(|| Error::MissingTensor { name: name.into() })?,
+        );
+        *shared = Arc::downgrade(&h);
+        Ok(h)
     }
 
     /// Layer `i` read from the source, shape-checked, in the compute dtype.
@@ -179,6 +195,23 @@ impl StreamedLayers {
         Ok(Arc::make_mut(l))
     }
 
+    /// Frees the weights of the linears `names` of layer `i`, which the run
+    /// will not use again (a true-sequential run past their stage). Each
+    /// becomes an empty `[0, in]` tensor, so any later use is a shape
+    /// error, never a silent result; the layer stays writable and is read
+    /// again from the source only if it was never replaced.
+    pub(crate) fn drop_linears(&mut self, i: usize, names: &[&str]) -> Result<()> {
+        let l = self.layer_mut(i)?;
+        for name in names {
+            if let Some(lin) = l.linear_mut(name) {
+                let inputs = lin.weight.dim(1).in_block(i)?;
+                lin.weight = Tensor::zeros((0, inputs), lin.weight.dtype(), lin.weight.device())
+                    .in_block(i)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Drops layer `i`'s copies. A layer whose weights were replaced cannot
     /// be read again (the source holds the old values); an untouched one is
     /// read again from the source when asked for.
@@ -201,5 +234,65 @@ impl StreamedLayers {
     /// The compute dtype of materialized layers.
     pub(crate) fn dtype(&self) -> DType {
         self.source.dtype
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::models::llama::config::Architecture;
+
+    /// A source whose every read of a tensor is counted.
+    struct Counted {
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl TensorSource for Counted {
+        fn get(&mut self, _name: &str, dtype: DType) -> Result<Option<Tensor>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Tensor::ones((8, 4), dtype, &Device::Cpu)
+                .map(Some)
+                .in_block(0)
+        }
+    }
+
+    /// Calls holding the head at once share one copy; once the last drops
+    /// it, nothing is kept and the next call reads it again.
+    #[test]
+    fn calls_at_once_share_one_head_and_none_is_kept() {
+        let cfg = LlamaConfig {
+            arch: Architecture::Llama,
+            vocab_size: 8,
+            hidden_size: 4,
+            intermediate_size: 8,
+            num_layers: 1,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 4,
+            rope_theta: 1e4,
+            rms_eps: 1e-5,
+            tie_embeddings: true,
+            qkv_bias: false,
+        };
+        let reads = Arc::new(AtomicUsize::new(0));
+        let source = LayerSource::new(
+            cfg,
+            DType::F32,
+            Box::new(Counted {
+                reads: reads.clone(),
+            }),
+        );
+        let a = source.head().unwrap();
+        let b = source.head().unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        drop((a, b));
+        assert!(source.head.lock().unwrap().upgrade().is_none());
+        let _c = source.head().unwrap();
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
     }
 }

@@ -44,7 +44,9 @@ impl Linear {
 
     /// Replaces the weight with `weight` (`[out, in]` in f32, converted to
     /// `dtype` on `device`) after checking its shape and that every value is
-    /// finite; errors name `layer` and `block`.
+    /// finite; errors name `layer` and `block`. A freed weight (an empty
+    /// `[0, in]` tensor, see `StreamedLayers::drop_linears`) takes any
+    /// number of rows of its width.
     pub(crate) fn replace_weight(
         &mut self,
         block: usize,
@@ -53,7 +55,10 @@ impl Linear {
         dtype: DType,
         device: &Device,
     ) -> Result<()> {
-        let want = self.weight.dims().to_vec();
+        let mut want = self.weight.dims().to_vec();
+        if want.first() == Some(&0) {
+            want[0] = weight.nrows();
+        }
         if weight.shape() != want.as_slice() {
             return Err(Error::shape(
                 format!("new weight of {layer}"),
