@@ -24,9 +24,9 @@
 use candle_core::{Tensor, D};
 
 use crate::backend::chain_rule::{attention_backward, input_grad, rotary_backward, BlockGradients};
-use crate::backend::linear_op::matmul_weight_t;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::forward::{layer_tape, rms_norm_keep, Positional};
+use crate::models::llama::head::Head;
 use crate::models::llama::weights::LayerWeights;
 
 /// Runs layer `l` forward on `x` keeping its tape, then back from
@@ -98,19 +98,20 @@ pub(crate) struct HeadLoss {
 /// Final RMSNorm (`norm`, `eps`) and head `head: [vocab, hidden]` on the rows
 /// `x: [rows, hidden]` predicting `next`, with the gradient of the loss
 /// averaged over `n` rows in all. One fused softmax and two products over the
-/// `[rows, vocab]` logits; the log-sum-exp comes from the largest
-/// probability (`lse = max z - ln max p`, with `max p >= 1 / vocab`), so no
-/// probability is taken the log of where it could underflow.
+/// `[rows, vocab]` logits, each a slice of the head at a time; the
+/// log-sum-exp comes from the largest probability (`lse = max z - ln max p`,
+/// with `max p >= 1 / vocab`), so no probability is taken the log of where
+/// it could underflow.
 pub(crate) fn head_loss_backward(
     x: &Tensor,
     norm: &Tensor,
     eps: f64,
-    head: &Tensor,
+    head: &Head,
     next: &[u32],
     n: usize,
 ) -> candle_core::Result<HeadLoss> {
     let (normed, r) = rms_norm_keep(x, norm, eps)?;
-    let logits = matmul_weight_t(&normed, head)?;
+    let logits = head.logits(&normed)?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?;
     let idx = Tensor::from_vec(next.to_vec(), next.len(), x.device())?;
     let picked = logits.gather(&idx.unsqueeze(1)?, 1)?.squeeze(1)?;
@@ -119,7 +120,7 @@ pub(crate) fn head_loss_backward(
         .to_dtype(candle_core::DType::F64)?
         .sum_all()?
         .to_scalar::<f64>()?;
-    let d_normed = ((probs.matmul(head)? - head.index_select(&idx, 0)?)? / n as f64)?;
+    let d_normed = ((head.times(&probs)? - head.rows(&idx)?)? / n as f64)?;
     let grad = rms_norm_backward(x, &r, norm, &d_normed)?;
     Ok(HeadLoss { loss_sum, grad })
 }

@@ -4,6 +4,7 @@
 
 pub(crate) mod config;
 pub(crate) mod forward;
+pub(crate) mod head;
 pub(crate) mod model;
 pub(crate) mod positional;
 pub(crate) mod stages;

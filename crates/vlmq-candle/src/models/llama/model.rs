@@ -5,11 +5,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use vlmq::{Error, Result};
 
-use crate::backend::linear_op::matmul_weight_t;
 use crate::backend::llama_backward::head_loss_backward;
 use crate::error::CandleResultExt;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::llama::forward::{layer_forward, rms_norm, Hooks, Positional};
+use crate::models::llama::head::Head;
 use crate::models::llama::positional::PositionalCache;
 use crate::models::llama::store::{LayerSource, StreamedLayers};
 use crate::models::llama::weights::{LayerWeights, ModelWeights, EMBED};
@@ -296,21 +296,22 @@ impl LlamaModel {
         layer_forward(&self.cfg, &l, x, pos, hooks).in_block(i)
     }
 
-    /// The LM head (the embedding when tied) in the compute dtype: a
-    /// converted copy when it is stored in another dtype, read from the
-    /// checkpoint for a streamed model (not kept between calls; calls
-    /// running at once share one copy).
-    fn head(&self) -> Result<Arc<Tensor>> {
+    /// The LM head (the embedding when tied) in the dtype it is stored in,
+    /// its slices converted to the compute dtype as they are used; read
+    /// from the checkpoint for a streamed model (not kept between calls;
+    /// calls running at once share one copy).
+    fn head(&self) -> Result<Head> {
         let held = self
             .weights
             .lm_head
             .as_ref()
             .or(self.weights.embed.as_ref());
-        match (held, &self.streamed) {
-            (Some(h), _) => h.to_dtype(self.dtype).map(Arc::new).at_model(),
-            (None, Some(s)) => s.source().head(),
-            (None, None) => Err(Error::MissingTensor { name: EMBED.into() }),
-        }
+        let stored = match (held, &self.streamed) {
+            (Some(h), _) => Arc::new(h.clone()),
+            (None, Some(s)) => s.source().head()?,
+            (None, None) => return Err(Error::MissingTensor { name: EMBED.into() }),
+        };
+        Ok(Head::new(stored, self.dtype))
     }
 
     /// Bytes of embedding and head held in memory between uses (0 for a
@@ -329,7 +330,8 @@ impl LlamaModel {
         let run = || -> candle_core::Result<Tensor> {
             let (b, t, d) = h.dims3()?;
             let n = rms_norm(h, &self.weights.norm, self.cfg.rms_eps, differentiable)?;
-            matmul_weight_t(&n.reshape((b * t, d))?, &head)?.reshape((b, t, self.cfg.vocab_size))
+            head.logits(&n.reshape((b * t, d))?)?
+                .reshape((b, t, self.cfg.vocab_size))
         };
         run().at_model()
     }

@@ -81,10 +81,10 @@ impl LayerSource {
             .ok_or_else(|| Error::MissingTensor { name: EMBED.into() })
     }
 
-    /// The LM head (the embedding when tied) read whole and converted to
-    /// the compute dtype, or the copy a call running at the same time
-    /// holds: it is freed when the last caller drops it, and read again by
-    /// the next call.
+    /// The LM head (the embedding when tied) read whole in the dtype it is
+    /// stored in (a quantized GGUF head decoded to f32), or the copy a call
+    /// running at the same time holds: it is freed when the last caller
+    /// drops it, and read again by the next call.
     pub(crate) fn head(&self) -> Result<Arc<Tensor>> {
         let mut shared = self.head.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = shared.upgrade() {
@@ -92,8 +92,9 @@ impl LayerSource {
         }
         let name = if self.cfg.tie_embeddings { EMBED } else { HEAD };
         let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        let stored = src.stored_dtype(name).unwrap_or(self.dtype);
         let h = Arc::new(
-            src.get(name, self.dtype)?
+            src.get(name, stored)?
                 .ok_or_else(|| Error::MissingTensor { name: name.into() })?,
         );
         *shared = Arc::downgrade(&h);
