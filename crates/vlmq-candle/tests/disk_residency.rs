@@ -254,6 +254,13 @@ fn a_streamed_block_hands_over_the_weight_it_solves() {
         disk.linear_weight(0, layer).unwrap().dim(),
         (0, want.ncols())
     );
+    // The freed layer holds no rows; the configuration still fixes them.
+    let short = want.slice(ndarray::s![1.., ..]);
+    let err = disk.set_linear_weight(0, layer, short).unwrap_err();
+    assert!(
+        matches!(&err, vlmq::Error::ShapeMismatch { what, .. } if what.contains(layer)),
+        "{err}"
+    );
     let solved = want.mapv(|v| (v * 8.0).round() / 8.0);
     disk.set_linear_weight(0, layer, solved.view()).unwrap();
     assert_eq!(disk.linear_weight(0, layer).unwrap(), solved);

@@ -252,8 +252,18 @@ impl QuantizableModel for LlamaModel {
     ) -> Result<()> {
         let dtype = self.dtype();
         let dev = self.device().clone();
+        // The configuration's shape, not the held tensor's: a streamed
+        // block's solved layers hold an empty `[0, in]` until replaced.
+        let want = expected_linear(self.config(), layer);
         let l = self.layer_weights_mut(block)?;
         let lin = l.linear_mut(layer).ok_or_else(|| unknown(block, layer))?;
+        if weight.shape() != want {
+            return Err(Error::shape(
+                format!("new weight of {layer} in block {block}"),
+                &want,
+                weight.shape(),
+            ));
+        }
         lin.replace_weight(block, layer, weight, dtype, &dev)
     }
 }
