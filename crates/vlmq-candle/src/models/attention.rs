@@ -118,17 +118,7 @@ mod tests {
     use crate::backend::chain_rule::pieced_attention_backward;
 
     fn values(shape: &[usize], seed: u64) -> Tensor {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::backend::fused::tests::values(shape, seed, 1.0)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
