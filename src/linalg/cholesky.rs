@@ -2,7 +2,7 @@
 
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
-use faer::{Mat, Par, Spec};
+use faer::{Mat, MatMut, Par, Spec};
 use ndarray::{Array2, ArrayView2};
 
 use crate::config::Damping;
@@ -137,8 +137,8 @@ fn factor_in_order(
 ) -> Result<InverseCholesky> {
     let scale = checked_scale(h, perm)?;
     let n = h.nrows();
-    let par = factor_par(n);
-    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(n, par, Spec::default()));
+    let mut llt = LowerFactor::new(n);
+    let par = llt.par;
     // The flipped matrix's diagonal before damping.
     let mut diag = vec![0f32; n];
     let mut a = Mat::<f32>::zeros(n, n);
@@ -148,14 +148,7 @@ fn factor_in_order(
         for (j, d) in diag.iter().enumerate() {
             a[(j, j)] = (f64::from(*d) + damp) as f32;
         }
-        let factored = cholesky_in_place(
-            a.as_mut(),
-            Default::default(),
-            par,
-            MemStack::new(&mut scratch),
-            Spec::default(),
-        );
-        if factored.is_err() {
+        if !llt.factor(a.as_mut()) {
             return false;
         }
         // L^-1 written straight into U through a view with both axes
@@ -227,6 +220,39 @@ pub(super) fn factor_par(n: usize) -> Par {
         Par::Seq
     } else {
         Par::rayon(threads)
+    }
+}
+
+/// faer's in-place LLT of an `n x n` f32 matrix, with its scratch and its
+/// parallelism ([`factor_par`]): one factorization for the borrowed and
+/// the owned inverse Cholesky.
+pub(super) struct LowerFactor {
+    /// The parallelism of the factorization (and of the triangular
+    /// inverse that follows it).
+    pub(super) par: Par,
+    scratch: MemBuffer,
+}
+
+impl LowerFactor {
+    /// Scratch for factoring `n x n` matrices.
+    pub(super) fn new(n: usize) -> Self {
+        let par = factor_par(n);
+        let scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(n, par, Spec::default()));
+        LowerFactor { par, scratch }
+    }
+
+    /// Overwrites the lower triangle of `a` with its Cholesky factor `L`
+    /// (`a = L L^T`, read from the lower triangle); false when `a` is not
+    /// numerically positive definite.
+    pub(super) fn factor(&mut self, a: MatMut<'_, f32>) -> bool {
+        cholesky_in_place(
+            a,
+            Default::default(),
+            self.par,
+            MemStack::new(&mut self.scratch),
+            Spec::default(),
+        )
+        .is_ok()
     }
 }
 

@@ -44,13 +44,11 @@
 //! factor is the same bits (tested below, on both sides of the parallel
 //! threshold).
 
-use faer::dyn_stack::{MemBuffer, MemStack};
-use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
-use faer::{MatMut, MatRef, Spec};
+use faer::{MatMut, MatRef};
 use ndarray::{s, Array2};
 use rayon::prelude::*;
 
-use super::cholesky::{checked_scale, damped_attempts, factor_par, InverseCholesky};
+use super::cholesky::{checked_scale, damped_attempts, InverseCholesky, LowerFactor};
 use crate::config::Damping;
 use crate::error::Result;
 
@@ -76,8 +74,8 @@ pub(crate) fn inverse_cholesky_upper_owned(
     // The diagonal before damping, and what a retry needs.
     let diag: Vec<f32> = (0..n).map(|j| buf[at(j + 1, j)]).collect();
     let retry = (damping.max_attempts() > 1).then(|| RetrySource::keep(&buf, n));
-    let par = factor_par(n);
-    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f32>(n, par, Spec::default()));
+    let mut llt = LowerFactor::new(n);
+    let par = llt.par;
     let damped = damped_attempts(n, scale, damping, |attempt, damp| {
         // Kept whenever a second attempt is allowed; without it, or when
         // the upper triangle did not survive (a factorization that
@@ -96,14 +94,7 @@ pub(crate) fn inverse_cholesky_upper_owned(
         // `1 + (n - 1) + (n - 1)(n + 1) = n (n + 1) - 1`. No other view of
         // `buf` is alive while it is used.
         let a = unsafe { MatMut::from_raw_parts_mut(ptr.add(1), n, n, 1, (n + 1) as isize) };
-        let factored = cholesky_in_place(
-            a,
-            Default::default(),
-            par,
-            MemStack::new(&mut scratch),
-            Spec::default(),
-        );
-        if factored.is_err() {
+        if !llt.factor(a) {
             return false;
         }
         copy_factor_row_major(&mut buf, n);
