@@ -184,6 +184,7 @@ fn chunk_saliency<M: GradientModel + ?Sized>(
                 .collect(),
         )?;
         inputs.push(std::mem::replace(&mut hidden, next));
+        super::trim::return_free_pages();
         progress.step(b, name, false, chunk.clone())?;
     }
     let mut grads: Vec<Option<M::Hidden>> = in_order(
@@ -204,6 +205,7 @@ fn chunk_saliency<M: GradientModel + ?Sized>(
             .collect(),
     )?;
     drop(hidden);
+    super::trim::return_free_pages();
     let any_targets = grads.iter().any(Option::is_some);
     let mut groups = vec![Vec::new(); nb];
     let mut blocks = vec![Vec::new(); nb];
@@ -228,6 +230,7 @@ fn chunk_saliency<M: GradientModel + ?Sized>(
         }
         groups[b] = per_group;
         blocks[b] = per_block;
+        super::trim::return_free_pages();
         progress.step(b, name, true, chunk.clone())?;
     }
     Ok((SaliencyMaps::from_parts(groups, blocks), any_targets))

@@ -1,9 +1,12 @@
-//! Handing the allocator's free pages back to the system between layers.
+//! Handing the allocator's free pages back to the system between layers,
+//! and between the steps of the task-loss importance pass.
 //!
-//! glibc keeps memory freed by a layer's solve (anything below its mmap
-//! threshold, which grows up to 32 MB as large blocks are freed) for later
-//! allocations, so the resident set after a layer stays near the layer's
-//! peak and the next layer's allocations may land on top of it.
+//! glibc keeps memory freed by a layer's solve or by a block's forward or
+//! backward over a chunk of samples (anything below its mmap threshold,
+//! which grows up to 32 MB as large blocks are freed: a 7B model's 8 MB
+//! hidden states and 22 MB MLP activations) for later allocations, so the
+//! resident set after a step stays near the step's peak and the next
+//! step's allocations may land on top of it.
 
 /// Asks the allocator to return the free pages it keeps to the system
 /// (glibc's `malloc_trim`); a no-op on other platforms.
