@@ -101,9 +101,9 @@ mod tests {
     }
 
     /// Over a vocabulary of several slices and a ragged last one, a bf16
-    /// head gives the products of its f32 conversion taken whole (the
-    /// slices change only the order of the sums over the vocabulary, so the
-    /// difference is a few roundings of the largest partial sum).
+    /// head gives the products of its f32 conversion taken whole, up to the
+    /// order of the sums (a few roundings of the largest one), and exactly
+    /// its rows.
     #[test]
     fn sliced_products_match_the_whole_head() {
         let (vocab, hidden, rows) = (2 * HEAD_SLICE + 37, 24, 5);
@@ -114,7 +114,11 @@ mod tests {
         let logits = head.logits(&x).unwrap();
         assert_eq!(logits.dims(), &[rows, vocab]);
         let want = x.matmul(&whole.t().unwrap()).unwrap();
-        assert_eq!(max_abs_diff(&logits, &want), 0.0);
+        // The matrix product may order a logit's sum over the hidden width
+        // differently for a slice than for the whole head: each of the 24
+        // terms is at most 0.5 * 0.5, so a few roundings of a sum below 6.
+        let bound = 8.0 * f32::EPSILON * (hidden as f32 * 0.25);
+        assert!(max_abs_diff(&logits, &want) <= bound);
         let p = tensor(rows, vocab, 3);
         let got = head.times(&p).unwrap();
         let want = p.matmul(&whole).unwrap();
